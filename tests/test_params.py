@@ -1,0 +1,121 @@
+"""params.yaml and dvc.yaml agree with the code, and bad params fail naming the key and line."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftpipe.errors import PipelineError
+from ftpipe.params import SECTIONS, TrainParams, load_section, load_stage_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dvc_stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def test_shipped_params_validate_for_every_stage():
+    for stage in SECTIONS:
+        load_stage_params(stage, ROOT / "params.yaml")
+
+
+def test_dvc_yaml_lists_exactly_the_keys_each_stage_reads():
+    stages = dvc_stages()
+    assert list(stages) == list(SECTIONS)
+    for stage, model in SECTIONS.items():
+        listed = set(stages[stage].get("params", []))
+        assert listed == {f"{stage}.{field}" for field in model.model_fields}, stage
+        assert stages[stage]["cmd"] == f"python -m stages.{stage}"
+        assert f"stages/{stage}.py" in stages[stage]["deps"]
+
+
+def test_params_yaml_spells_out_every_key():
+    # DVC refuses to track a params key that is missing from params.yaml.
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(params) == set(SECTIONS)
+    for stage, model in SECTIONS.items():
+        assert set(params[stage]) == set(model.model_fields), stage
+
+
+def ftpipe_imports(path: Path) -> set[str]:
+    """ftpipe modules a file imports, at any depth of the file (imports inside functions count)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "ftpipe":
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ftpipe."):
+            found.add(node.module.split(".")[1])
+    return found
+
+
+def test_dvc_deps_cover_the_shared_modules_each_stage_imports():
+    stages = dvc_stages()
+    for stage in SECTIONS:
+        closure, todo = set(), ftpipe_imports(ROOT / "stages" / f"{stage}.py")
+        while todo:
+            name = todo.pop()
+            if name not in closure:
+                closure.add(name)
+                todo |= ftpipe_imports(ROOT / "ftpipe" / f"{name}.py")
+        assert closure, stage
+        missing = {f"ftpipe/{name}.py" for name in closure} - set(stages[stage]["deps"])
+        assert not missing, (stage, missing)
+
+
+def test_flow_runs_the_dvc_stages_in_order():
+    from flows.pipeline import STAGES
+
+    assert list(STAGES) == list(dvc_stages())
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_file_line_and_key(tmp_path):
+    path = write(tmp_path, "train:\n  seed: 1\n  learning_rat: 0.1\n")
+    with pytest.raises(PipelineError) as err:
+        load_section("train", TrainParams, path)
+    assert str(err.value) == f"{path}:3: train.learning_rat: unknown key"
+
+
+def test_mistyped_value_names_key(tmp_path):
+    path = write(tmp_path, "train:\n  learning_rate: fast\n")
+    with pytest.raises(PipelineError, match=r"params.yaml:2: train.learning_rate: Input should be a valid number"):
+        load_section("train", TrainParams, path)
+
+
+def test_invalid_choice_names_key_and_value(tmp_path):
+    path = write(tmp_path, "train:\n  lr_scheduler: zigzag\n")
+    with pytest.raises(PipelineError, match=r":2: train.lr_scheduler: .*'zigzag'"):
+        load_section("train", TrainParams, path)
+
+
+def test_cross_field_check_names_the_field(tmp_path):
+    path = write(tmp_path, "prepare_base:\n  source: local\n  path: null\n")
+    with pytest.raises(PipelineError, match=r":3: prepare_base.path: required when source is 'local'"):
+        load_stage_params("prepare_base", path)
+
+
+def test_missing_section_and_file(tmp_path):
+    with pytest.raises(PipelineError, match="missing section 'evaluate'"):
+        load_stage_params("evaluate", write(tmp_path, "train: {}\n"))
+    with pytest.raises(PipelineError, match="file not found"):
+        load_stage_params("evaluate", tmp_path / "absent.yaml")
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    with pytest.raises(PipelineError, match=r"params.yaml:3: invalid YAML"):
+        load_stage_params("train", write(tmp_path, "train:\n  seed: 1\n   bad: [\n"))
+
+
+def test_yaml_float_without_dot_is_accepted(tmp_path):
+    # PyYAML reads 2e-4 as a string; it must still validate as a number.
+    params = load_section("train", TrainParams, write(tmp_path, "train:\n  learning_rate: 2e-4\n"))
+    assert params.learning_rate == pytest.approx(2e-4)

@@ -1,0 +1,133 @@
+"""End to end on the tiny model: dvc repro, caching, param-change reruns, MLflow registry, Prefect flow."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import dvc, set_param, stage, stage_env
+
+from flows.pipeline import STAGES, StageFailed, dvc_repro
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([a-z_]+)'", output))
+
+
+def lock_md5(proj, stage_name: str, path: str) -> str:
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())
+    return next(o["md5"] for o in lock["stages"][stage_name]["outs"] if o["path"] == path)
+
+
+def test_dvc_repro_end_to_end(project):
+    import mlflow
+
+    first = dvc(project, "repro")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert ran(first.stdout) == set(STAGES)
+
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    keys = {"bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "perplexity"}
+    assert set(metrics["base"]) == set(metrics["finetuned"]) == keys
+    generations = [json.loads(line) for line in (project / "reports" / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == metrics["examples"] > 0
+    assert {"prompt", "reference", "base", "finetuned"} <= set(generations[0])
+
+    # The registered version loads back by its models:/ URI, offline, and generates.
+    registration = json.loads((project / "reports" / "registration.json").read_text())
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns.db'}")
+    model = mlflow.pyfunc.load_model(registration["model_uri"])
+    outputs = model.predict(["say red blue number 3"])
+    assert len(outputs) == 1 and isinstance(outputs[0], str)
+
+    # Lineage tags: git commit and the dvc.lock hashes of data and base model.
+    client = mlflow.MlflowClient()
+    version = client.get_model_version(registration["model_name"], registration["version"])
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert version.tags["git_commit"].startswith(head)
+    assert version.tags["data_md5"] == lock_md5(project, "prepare_data", "data/prepared")
+    assert version.tags["base_model_md5"] == lock_md5(project, "prepare_base", "models/base")
+    assert version.tags["method"] == "lora" and version.tags["param.train.lora_r"] == "16"
+
+    # Base and fine-tuned are sibling runs under the pipeline run, with the same metric keys.
+    base_run = client.get_run(registration["base_run_id"])
+    tuned_run = client.get_run(registration["finetuned_run_id"])
+    assert base_run.data.tags["mlflow.parentRunId"] == registration["pipeline_run_id"]
+    assert tuned_run.data.tags["mlflow.parentRunId"] == registration["pipeline_run_id"]
+    assert keys <= set(base_run.data.metrics) and keys <= set(tuned_run.data.metrics)
+    assert base_run.data.metrics["rougeL"] == pytest.approx(metrics["base"]["rougeL"])
+    assert len(client.get_metric_history(tuned_run.info.run_id, "train_loss")) == 6
+
+    # Nothing changed: nothing reruns and the lock stays byte for byte.
+    lock = (project / "dvc.lock").read_text()
+    second = dvc(project, "repro")
+    assert second.returncode == 0 and ran(second.stdout) == set()
+    assert (project / "dvc.lock").read_text() == lock
+
+    # An evaluation param reruns only evaluate and register.
+    set_param(project, "evaluate", "max_new_tokens", 5)
+    third = dvc(project, "repro")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert ran(third.stdout) == {"evaluate", "register"}
+    assert json.loads((project / "reports" / "registration.json").read_text())["version"] == "2"
+
+
+def test_prefect_flow_leaves_the_same_lock_as_dvc_repro(project):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+
+    with prefect_test_harness():
+        result = pipeline(project_dir=project)
+    assert set(result["timings_s"]) == set(STAGES)
+    assert "| rougeL |" in result["table"] and result["registration"]["version"] == "1"
+    lock = (project / "dvc.lock").read_text()
+    status = dvc(project, "status")
+    assert status.returncode == 0 and "up to date" in status.stdout
+    again = dvc(project, "repro")
+    assert again.returncode == 0 and ran(again.stdout) == set()
+    assert (project / "dvc.lock").read_text() == lock
+
+
+def test_bad_param_stops_the_stage_with_one_line_and_no_output(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["prepare_data"]["sead"] = 1
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = stage(project, "prepare_data")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: params.yaml:{_line(project, 'sead')}: prepare_data.sead: unknown key"]
+    assert not (project / "data" / "prepared").exists()
+    # Through DVC, as the flow runs it: the stage's own line and exit code come back, so no retry.
+    with pytest.raises(StageFailed) as err:
+        dvc_repro("prepare_data", project)
+    assert err.value.returncode == 2 and "prepare_data.sead: unknown key" in str(err.value)
+
+
+def test_missing_data_file_and_missing_base_model(project):
+    set_param(project, "prepare_data", "path", "nowhere/raw.jsonl")
+    result = stage(project, "prepare_data")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: prepare_data.path: data file not found: nowhere/raw.jsonl"
+    set_param(project, "prepare_base", "path", "nowhere/model")
+    result = stage(project, "prepare_base")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: prepare_base.path: local model folder not found: nowhere/model"
+    assert not (project / "models").exists() and not (project / "data").exists()
+
+
+def test_stage_and_flow_modules_import_nothing_heavy():
+    code = ("import sys; import stages.prepare_base, stages.prepare_data, stages.train, stages.evaluate, "
+            "stages.register, ftpipe.metrics, ftpipe.models; "
+            "print(sorted(m for m in ('torch', 'transformers', 'mlflow', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=stage_env(), check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def _line(project, key: str) -> int:
+    lines = (project / "params.yaml").read_text().splitlines()
+    return next(i for i, line in enumerate(lines, start=1) if line.strip().startswith(f"{key}:"))
