@@ -106,6 +106,11 @@ def pipeline(project_dir: Path = Path(".")) -> dict[str, Any]:
     table = comparison_markdown(project_dir)
     registration = read_json(project_dir / "reports" / "registration.json")
     create_markdown_artifact(
+        key="data-report",
+        markdown=(project_dir / "reports" / "data_report.md").read_text(encoding="utf-8"),
+        description="Cleaning rules, near-duplicate clusters and train/eval leak checks",
+    )
+    create_markdown_artifact(
         key="base-vs-finetuned",
         markdown=f"# Base vs fine-tuned\n\n{table}\nRegistered: `{registration['model_uri']}`\n",
         description="Test-split metrics of the base and fine-tuned models",

@@ -68,11 +68,36 @@ class PrepareDataParams(_Section):
     seed: int = 42
     val_fraction: float = Field(0.05, gt=0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    # Cleaning rules, applied in this order; each is counted in the report with examples.
+    normalize_unicode: bool = True
+    """NFC, so visually equal strings compare equal."""
+    strip_control: bool = True
+    collapse_whitespace: bool = True
+    strip_markup: bool = False
+    """Remove HTML/XML tags and unescape entities."""
+    scrub_pii: bool = False
+    """Replace e-mail addresses and phone numbers with <EMAIL> / <PHONE>."""
+    max_record_chars: int = Field(100_000, ge=1)
+    """A longer record is rejected as bad input (file and line named), not silently kept."""
+    min_tokens: int = Field(1, ge=0)
+    """Drop rows whose response has fewer tokens (base model tokenizer)."""
+    max_tokens: int = Field(256, ge=8)
+    """Drop rows whose whole chat-formatted conversation is longer: training would truncate them."""
+    near_dup_threshold: float = Field(0.8, gt=0, le=1)
+    """Jaccard similarity of word unigram+bigram sets at or above which two rows are near-duplicates."""
+    ngram_leak: int = Field(13, ge=4)
+    """A shared run of this many words between an eval row and a training row is a leak."""
+    leak_action: Literal["fail", "warn", "drop"] = "fail"
+    """fail: stop with the offending pairs; warn: report them; drop: remove the leaking training rows."""
+    external_eval: list[str] = Field(default_factory=list)
+    """Evaluation files (same format and fields as the data) that must not leak into training."""
 
     @model_validator(mode="after")
     def _check(self) -> PrepareDataParams:
         if self.source != "embedded" and not self.path:
             raise FieldProblem("path", f"required when source is '{self.source}'")
+        if self.min_tokens >= self.max_tokens:
+            raise FieldProblem("min_tokens", "must be below max_tokens")
         if self.val_fraction + self.test_fraction >= 0.9:
             raise FieldProblem("test_fraction", "val_fraction + test_fraction must leave >= 10% to train")
         return self

@@ -1,13 +1,17 @@
-"""Load raw examples, clean them, split train/val/test by prompt group, and check the splits for overlap.
+"""Load raw examples, clean them, deduplicate, split so that no near-duplicates straddle splits, and
+check every evaluation split (and any external evaluation file) against train for leaks.
 
-Reads params.yaml `prepare_data`; writes data/prepared/{train,val,test}.jsonl and reports/data.json.
+Reads params.yaml `prepare_data` and the base model's tokenizer (length filters in its tokens);
+writes data/prepared/{train,val,test}.jsonl, reports/data.json (DVC metrics: rows per rule,
+clusters, leaks by kind) and reports/data_report.md (the same with examples).
 Run: python -m stages.prepare_data
 """
 
 from __future__ import annotations
 
 import random
-from collections import Counter, defaultdict
+import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -16,104 +20,256 @@ from ftpipe.io import atomic_dir, dumps_jsonl, write_json, write_text
 from ftpipe.params import PrepareDataParams, load_section
 
 OUT_DIR = Path("data/prepared")
-REPORT = Path("reports/data.json")
+REPORTS = Path("reports")
+BASE_DIR = Path("models/base")
 SPLITS = ("train", "val", "test")
+TEXT_RULES = ("normalize_unicode", "strip_control", "strip_markup", "collapse_whitespace")
+EXAMPLES = 3  # examples kept per rule for the markdown report
 
 
-def clean(records: list[dict[str, Any]], system_prompt: str | None) -> tuple[list[dict[str, Any]], Counter]:
-    """Strip text, drop rows with an empty turn, drop exact duplicates (first one kept)."""
-    kept, dropped, seen = [], Counter(), set()
+class Tally:
+    """Rows changed or dropped by each rule, with a few examples of each."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[str, int]] = defaultdict(dict)
+        self.examples: dict[str, list[str]] = defaultdict(list)
+
+    def add(self, rule: str, what: str, example: str, n: int = 1) -> None:
+        self.counts[rule][what] = self.counts[rule].get(what, 0) + n
+        if len(self.examples[rule]) < EXAMPLES:
+            self.examples[rule].append(example[:160])
+
+    def dropped(self, rule: str) -> int:
+        return self.counts.get(rule, {}).get("dropped", 0)
+
+
+def clean(records: list[dict[str, Any]], params: PrepareDataParams, tally: Tally) -> list[dict[str, Any]]:
+    """Apply the text rules, scrub PII, prepend the system prompt, drop rows with an empty turn."""
+    from ftpipe import cleaning
+
+    rules = [(name, getattr(cleaning, name)) for name in TEXT_RULES if getattr(params, name)]
+    kept = []
     for record in records:
-        messages = [{"role": m["role"], "content": m["content"].strip()} for m in record["messages"]]
+        messages = []
+        for m in record["messages"]:
+            text = m["content"]
+            for name, rule in rules:
+                new = rule(text)
+                if new != text:
+                    tally.add(name, "changed", f"{text!r} -> {new!r}")
+                text = new
+            text = text.strip()
+            if params.scrub_pii:
+                new, emails, phones = cleaning.scrub_pii(text)
+                if emails or phones:
+                    tally.add("scrub_pii", "changed", f"{text!r} -> {new!r}")
+                text = new
+            messages.append({"role": m["role"], "content": text})
         if any(not m["content"] for m in messages):
-            dropped["empty"] += 1
+            tally.add("empty", "dropped", f"{record['origin']}: {record['messages']!r}")
             continue
-        key = _conversation_key(messages)
-        if key in seen:
-            dropped["duplicate"] += 1
-            continue
-        seen.add(key)
-        if system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system_prompt}, *messages]
+        if params.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": params.system_prompt}, *messages]
         kept.append({"messages": messages, "origin": record["origin"]})
-    return kept, dropped
+    return kept
 
 
-def split(records: list[dict[str, Any]], *, seed: int, val_fraction: float, test_fraction: float) -> dict[str, list]:
-    """Deterministic split in which all rows sharing a prompt land in the same split, so an
-    evaluation prompt is never also a training prompt with another answer."""
-    groups: dict[tuple, list] = defaultdict(list)
+def length_filter(records: list[dict[str, Any]], params: PrepareDataParams, tokenizer, tally: Tally) -> list:
+    """Drop rows too short (response tokens) or too long (whole conversation) in the base model's tokens.
+
+    Contents are tokenized in one batch and the template's own tokens counted once per sequence of
+    roles (a chat template puts contents verbatim between fixed markers); rendering each row
+    through Jinja instead would cost as much as everything else in this stage.
+    """
+    from ftpipe.chat import render
+
+    contents = [m["content"] for r in records for m in r["messages"]]
+    lengths = iter([len(ids) for ids in tokenizer(contents, add_special_tokens=False)["input_ids"]])
+    overhead: dict[tuple, int] = {}
+    kept = []
     for record in records:
-        groups[_prompt_key(record["messages"])].append(record)
-    keys = sorted(groups)
-    random.Random(seed).shuffle(keys)
-    targets = {"test": test_fraction * len(records), "val": val_fraction * len(records)}
+        sizes = [next(lengths) for _ in record["messages"]]
+        roles = tuple(m["role"] for m in record["messages"])
+        if roles not in overhead:
+            empty = render(tokenizer, [{"role": r, "content": ""} for r in roles], generation_prompt=False)
+            overhead[roles] = len(tokenizer(empty, add_special_tokens=False)["input_ids"])
+        total = sum(sizes) + overhead[roles]
+        if sizes[-1] < params.min_tokens:
+            tally.add("too_short", "dropped", f"{sizes[-1]} tokens: {record['messages'][-1]['content']!r}")
+        elif total > params.max_tokens:
+            tally.add("too_long", "dropped", f"{total} tokens ({record['origin']}): {record['messages'][-1]['content']!r}")
+        else:
+            kept.append(record)
+    return kept
+
+
+def deduplicate(records: list[dict[str, Any]], near, tally: Tally) -> tuple[list, int]:
+    """Drop exact and normalized duplicates, then keep the first row of each near-duplicate cluster."""
+    from ftpipe.cleaning import norm_key
+    from ftpipe.leaks import text_of
+
+    seen_exact, seen_norm, unique = set(), set(), []
+    for record in records:
+        text = text_of(record)
+        key = norm_key(text)
+        if text in seen_exact:
+            tally.add("duplicate_exact", "dropped", text)
+        elif key in seen_norm:
+            tally.add("duplicate_normalized", "dropped", text)
+        else:
+            unique.append(record)
+        seen_exact.add(text)
+        seen_norm.add(key)
+    labels = _clusters([text_of(r) for r in unique], near)
+    kept, first = [], {}
+    for record, label in zip(unique, labels):
+        if label in first:
+            tally.add("near_duplicate", "dropped", f"{text_of(record)!r} ~ {text_of(first[label])!r}")
+        else:
+            first[label] = record
+            kept.append(record)
+    return kept, len(first)
+
+
+def _clusters(texts: list[str], near, links=()) -> list[int]:
+    """Cluster label per text: texts joined by confirmed near-duplicate pairs or by `links`."""
+    parent = list(range(len(texts)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    position: dict[str, list[int]] = defaultdict(list)
+    for i, text in enumerate(texts):
+        position[text].append(i)
+    pairs = [(i, j) for i, hits in enumerate(near.near(texts)) for h in hits for j in position.get(h, ())]
+    for a, b in [*pairs, *links]:
+        parent[find(a)] = find(b)
+    return [find(i) for i in range(len(texts))]
+
+
+def split(records: list[dict[str, Any]], params: PrepareDataParams, near) -> tuple[dict[str, list], int]:
+    """Deterministic split by groups: rows that share a normalized prompt, have near-duplicate
+    prompts, or share a long n-gram always land in the same split."""
+    from ftpipe.cleaning import ngrams, norm_key
+    from ftpipe.leaks import prompt_of, text_of
+
+    links, owner = [], {}
+    for i, record in enumerate(records):
+        for key in [("p", norm_key(prompt_of(record)))] + [("g", g) for g in ngrams(text_of(record), params.ngram_leak)]:
+            if key in owner:
+                links.append((i, owner[key]))
+            else:
+                owner[key] = i
+    labels = _clusters([prompt_of(r) for r in records], near, links)
+    groups: dict[int, list] = defaultdict(list)
+    for record, label in zip(records, labels):
+        groups[label].append(record)
+    order = sorted(groups, key=lambda g: min(norm_key(text_of(r)) for r in groups[g]))
+    random.Random(params.seed).shuffle(order)
+    targets = {"test": params.test_fraction * len(records), "val": params.val_fraction * len(records)}
     out: dict[str, list] = {name: [] for name in SPLITS}
-    for key in keys:
+    for label in order:
         name = next((n for n in ("test", "val") if len(out[n]) < targets[n]), "train")
-        out[name].extend(groups[key])
-    return out
+        out[name].extend(groups[label])
+    for name in SPLITS:
+        out[name] = [{"id": f"{name}-{i:06d}", **r} for i, r in enumerate(out[name])]
+    return out, len(groups)
 
 
-def overlaps(splits: dict[str, list]) -> list[str]:
-    """Exact prompt or conversation shared between any two splits, one line per finding."""
-    found = []
-    for i, a in enumerate(SPLITS):
-        for b in SPLITS[i + 1:]:
-            for kind, key in (("prompt", _prompt_key), ("conversation", _conversation_key)):
-                shared = {key(r["messages"]) for r in splits[a]} & {key(r["messages"]) for r in splits[b]}
-                if shared:
-                    example = " | ".join(text for _, text in sorted(shared)[0])[:80]
-                    found.append(f"{len(shared)} {kind}(s) in both {a} and {b}, e.g. {example!r}")
-    return found
+def gate(splits: dict[str, list], externals: dict[str, list], params: PrepareDataParams, near) -> tuple[list, int]:
+    """Check val, test and external evaluation sets against train; apply `leak_action`."""
+    from ftpipe.leaks import find_leaks
+
+    evals = {"val": splits["val"], "test": splits["test"], **externals}
+    leaks = find_leaks(splits["train"], evals, threshold=params.near_dup_threshold, ngram=params.ngram_leak,
+                           near=near)
+    found, dropped = list(leaks), 0
+    if leaks and params.leak_action == "fail":
+        for leak in leaks[:20]:
+            print(f"leak {leak.short()}", file=sys.stderr)
+        raise PipelineError(f"prepare_data: {len(leaks)} evaluation row(s) leak from train, e.g. {leaks[0].short()} "
+                            "(prepare_data.leak_action: fail; use warn or drop to go on)")
+    if leaks and params.leak_action == "warn":
+        print(f"warning: {len(leaks)} evaluation row(s) leak from train, e.g. {leaks[0].short()}", file=sys.stderr)
+    while leaks and params.leak_action == "drop":
+        bad = {leak.train_id for leak in leaks}
+        splits["train"] = [r for r in splits["train"] if r["id"] not in bad]
+        dropped += len(bad)
+        leaks = find_leaks(splits["train"], evals, threshold=params.near_dup_threshold, ngram=params.ngram_leak,
+                           near=near)
+    return found, dropped
 
 
-def run(*, params: PrepareDataParams, out_dir: Path, report_path: Path) -> dict[str, Any]:
+def run(*, params: PrepareDataParams, out_dir: Path, reports_dir: Path, tokenizer=None) -> dict[str, Any]:
+    from ftpipe.cleaning import NearDuplicates
+    from ftpipe.leaks import count_by_kind
+    from ftpipe.reports import data_report
     from ftpipe.sources import load_records
 
-    records, dropped, source = load_records(params)
-    rows_in = len(records) + sum(dropped.values())
-    kept, cleaned = clean(records, params.system_prompt)
-    dropped = {**dropped, **cleaned}
+    records, malformed, source = load_records(params)
+    for record in records:
+        size = sum(len(m["content"]) for m in record["messages"])
+        if size > params.max_record_chars:
+            raise PipelineError(f"{record['origin']}: record of {size:,} characters exceeds "
+                                f"prepare_data.max_record_chars ({params.max_record_chars:,})")
+    externals = {}
+    for path in params.external_eval:
+        rows, _, _ = load_records(params.model_copy(update={"source": "file", "path": path}))
+        externals[f"external:{Path(path).name}"] = [{"id": f"{i:06d}", **r} for i, r in enumerate(rows)]
+
+    tally = Tally()
+    if malformed.get("malformed"):
+        tally.add("malformed", "dropped", "entries that are not a list of text turns", malformed["malformed"])
+    rows_in = len(records) + tally.dropped("malformed")
+    kept = clean(records, params, tally)
+    if tokenizer is not None:
+        kept = length_filter(kept, params, tokenizer, tally)
+    near = NearDuplicates(params.near_dup_threshold)  # one index shared by dedup, split and leak checks
+    kept, clusters = deduplicate(kept, near, tally)
     if not kept:
-        reasons = ", ".join(f"{k}={v}" for k, v in dropped.items() if v) or "no rows"
+        reasons = ", ".join(f"{rule}={c['dropped']}" for rule, c in tally.counts.items() if c.get("dropped")) or "no rows"
         raise PipelineError(f"{source}: no usable rows after cleaning (rows in: {rows_in}; dropped: {reasons})")
-    splits = split(kept, seed=params.seed, val_fraction=params.val_fraction, test_fraction=params.test_fraction)
+    splits, groups = split(kept, params, near)
     empty = [name for name in SPLITS if not splits[name]]
     if empty:
         raise PipelineError(f"{source}: {len(kept)} usable rows are too few to fill the {', '.join(empty)} split(s)")
-    leaks = overlaps(splits)
-    if leaks:
-        raise PipelineError(f"prepare_data: overlap between splits: {'; '.join(leaks)}")
+    leaks, dropped_for_leaks = gate(splits, externals, params, near)
 
     report = {
         "source": source,
         "rows_in": rows_in,
-        "dropped": {k: dropped.get(k, 0) for k in ("malformed", "empty", "duplicate")},
-        "rows_out": len(kept),
+        "rules": {rule: dict(counts) for rule, counts in tally.counts.items()},
+        "rows_out": sum(len(splits[n]) for n in SPLITS),
+        "near_duplicate_clusters": clusters,
+        "split_groups": groups,
         "splits": {name: len(splits[name]) for name in SPLITS},
-        "overlap": 0,
+        "leaks": {**count_by_kind(leaks), "total": len(leaks)},
+        "leak_action": params.leak_action,
+        "train_rows_dropped_for_leaks": dropped_for_leaks,
+        "token_filters": tokenizer is not None,
     }
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
-            rows = [{"id": f"{name}-{i:06d}", **r} for i, r in enumerate(splits[name])]
-            write_text(tmp / f"{name}.jsonl", dumps_jsonl(rows))
-        write_json(report_path, report)
+            write_text(tmp / f"{name}.jsonl", dumps_jsonl(splits[name]))
+        write_json(reports_dir / "data.json", report)
+        write_text(reports_dir / "data_report.md", data_report(report, tally.examples, leaks))
     return report
 
 
-def _prompt_key(messages: list[dict[str, str]]) -> tuple:
-    return tuple((m["role"], m["content"]) for m in messages[:-1])
-
-
-def _conversation_key(messages: list[dict[str, str]]) -> tuple:
-    return tuple((m["role"], m["content"]) for m in messages)
-
-
 def main() -> None:
+    from ftpipe.models import load_tokenizer
+
     params = load_section("prepare_data", PrepareDataParams)
-    report = run(params=params, out_dir=OUT_DIR, report_path=REPORT)
-    print(f"prepare_data: {report['rows_in']} rows in, {report['rows_out']} kept, splits {report['splits']}")
+    if not (BASE_DIR / "tokenizer_config.json").is_file():
+        raise PipelineError(f"{BASE_DIR}: base model not prepared; its tokenizer sets the length filters "
+                            "(run `dvc repro prepare_base`)")
+    tokenizer = load_tokenizer(BASE_DIR)
+    report = run(params=params, out_dir=OUT_DIR, reports_dir=REPORTS, tokenizer=tokenizer)
+    print(f"prepare_data: {report['rows_in']} rows in, {report['rows_out']} kept, splits {report['splits']}, "
+          f"leaks {report['leaks']['total']}")
 
 
 if __name__ == "__main__":

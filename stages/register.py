@@ -70,7 +70,11 @@ def run(
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as parent:
         mlflow.log_params(flatten(all_params))
         mlflow.set_tags({"role": "pipeline", **lineage})
-        for name in ("data.json", "train.json", "metrics.json", "comparison.md", "loss.png"):
+        data = read_json(reports_dir / "data.json")
+        mlflow.log_metrics({"data_rows_in": data["rows_in"], "data_rows_out": data["rows_out"],
+                            "data_leaks": data["leaks"]["total"],
+                            **{f"data_rows_{name}": n for name, n in data["splits"].items()}})
+        for name in ("data.json", "data_report.md", "train.json", "metrics.json", "comparison.md", "loss.png"):
             if (reports_dir / name).is_file():
                 mlflow.log_artifact(str(reports_dir / name), artifact_path="reports")
         mlflow.log_table({k: [g[k] for g in generations] for k in generations[0]}, "generations.json")

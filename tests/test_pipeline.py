@@ -61,6 +61,10 @@ def test_dvc_repro_end_to_end(project):
     assert keys <= set(base_run.data.metrics) and keys <= set(tuned_run.data.metrics)
     assert base_run.data.metrics["rougeL"] == pytest.approx(metrics["base"]["rougeL"])
     assert len(client.get_metric_history(tuned_run.info.run_id, "train_loss")) == 6
+    pipeline_run = client.get_run(registration["pipeline_run_id"])
+    assert pipeline_run.data.metrics["data_leaks"] == 0 and pipeline_run.data.params["train.method"] == "lora"
+    logged = {a.path for a in client.list_artifacts(registration["pipeline_run_id"], "reports")}
+    assert {"reports/data_report.md", "reports/data.json", "reports/comparison.md", "reports/loss.png"} <= logged
 
     # Nothing changed: nothing reruns and the lock stays byte for byte.
     lock = (project / "dvc.lock").read_text()
@@ -103,21 +107,29 @@ def test_bad_param_stops_the_stage_with_one_line_and_no_output(project):
         f"error: params.yaml:{_line(project, 'sead')}: prepare_data.sead: unknown key"]
     assert not (project / "data" / "prepared").exists()
     # Through DVC, as the flow runs it: the stage's own line and exit code come back, so no retry.
+    set_param(project, "prepare_base", "trust_remote_code", "sometimes")
     with pytest.raises(StageFailed) as err:
-        dvc_repro("prepare_data", project)
-    assert err.value.returncode == 2 and "prepare_data.sead: unknown key" in str(err.value)
+        dvc_repro("prepare_base", project)
+    assert err.value.returncode == 2 and "prepare_base.trust_remote_code: Input should be a valid boolean" in str(err.value)
+    assert not (project / "models").exists()
 
 
 def test_missing_data_file_and_missing_base_model(project):
+    assert stage(project, "prepare_data").stderr.strip().splitlines()[-1] == (
+        "error: models/base: base model not prepared; its tokenizer sets the length filters "
+        "(run `dvc repro prepare_base`)")
+    assert stage(project, "prepare_base").returncode == 0
+    manifest = (project / "models" / "base" / "manifest.json").read_text()
     set_param(project, "prepare_data", "path", "nowhere/raw.jsonl")
     result = stage(project, "prepare_data")
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: prepare_data.path: data file not found: nowhere/raw.jsonl"
+    assert result.stderr.strip().splitlines()[-1] == "error: prepare_data.path: data file not found: nowhere/raw.jsonl"
+    assert not (project / "data").exists()
     set_param(project, "prepare_base", "path", "nowhere/model")
     result = stage(project, "prepare_base")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: prepare_base.path: local model folder not found: nowhere/model"
-    assert not (project / "models").exists() and not (project / "data").exists()
+    assert (project / "models" / "base" / "manifest.json").read_text() == manifest  # the old output is untouched
 
 
 def test_stage_and_flow_modules_import_nothing_heavy():

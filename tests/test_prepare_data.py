@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from conftest import qa_rows, write_jsonl
 
+from ftpipe.cleaning import NearDuplicates
 from ftpipe.errors import PipelineError
 from ftpipe.io import read_jsonl
 from ftpipe.params import PrepareDataParams
-from stages.prepare_data import SPLITS, clean, overlaps, run, split
+from stages.prepare_data import SPLITS, Tally, clean, deduplicate, run, split
 
 
 def params(path: Path | None = None, **kw) -> PrepareDataParams:
@@ -25,49 +26,80 @@ def conv(prompt: str, response: str) -> dict:
             "origin": "test"}
 
 
-def do_run(tmp_path: Path, p: PrepareDataParams) -> dict:
-    return run(params=p, out_dir=tmp_path / "prepared", report_path=tmp_path / "reports" / "data.json")
+def do_run(tmp_path: Path, p: PrepareDataParams, tokenizer=None) -> dict:
+    return run(params=p, out_dir=tmp_path / "prepared", reports_dir=tmp_path / "reports", tokenizer=tokenizer)
 
 
-def test_clean_strips_drops_empty_and_exact_duplicates():
-    records = [conv(" hi ", "hello "), conv("hi", "hello"), conv("", "x"), conv("q", "  "), conv("hi", "other")]
-    kept, dropped = clean(records, system_prompt=None)
+def test_clean_strips_and_drops_empty_then_dedup_counts_each_kind():
+    records = [conv(" hi ", "hello "), conv("hi", "hello"), conv("", "x"), conv("q", "  "), conv("HI!", "Hello."),
+               conv("hi", "other")]
+    tally = Tally()
+    kept = clean(records, params(), tally)
+    kept, clusters = deduplicate(kept, NearDuplicates(0.8), tally)
     assert [r["messages"][1]["content"] for r in kept] == ["hello", "other"]
-    assert dropped == {"duplicate": 1, "empty": 2}
+    assert tally.counts["empty"] == {"dropped": 2}
+    assert tally.counts["duplicate_exact"] == {"dropped": 1}
+    assert tally.counts["duplicate_normalized"] == {"dropped": 1}
+    assert clusters == 2
 
 
-def test_system_prompt_is_prepended():
-    kept, _ = clean([conv("a", "b")], system_prompt="Be brief.")
-    assert kept[0]["messages"][0] == {"role": "system", "content": "Be brief."}
+def test_text_rules_each_counted_with_examples():
+    records = [conv("cafe\u0301  menu\x07", "<b>bold</b> &amp; mail me at a.b@example.com or +44 20 7946 0958")]
+    tally = Tally()
+    p = params(strip_markup=True, scrub_pii=True)
+    (out,) = clean(records, p, tally)
+    assert out["messages"][0]["content"] == "caf\u00e9 menu"
+    assert out["messages"][1]["content"] == "bold & mail me at <EMAIL> or <PHONE>"
+    for rule in ("normalize_unicode", "strip_control", "strip_markup", "scrub_pii"):
+        assert tally.counts[rule] == {"changed": 1}, rule
+        assert tally.examples[rule]
+    assert tally.counts["collapse_whitespace"] == {"changed": 2}  # counted per turn: both turns changed
+    # Off by default: markup and PII stay.
+    (plain,) = clean(records, params(), Tally())
+    assert "<b>" in plain["messages"][1]["content"] and "@example.com" in plain["messages"][1]["content"]
 
 
-def test_split_is_deterministic_and_keeps_prompt_groups_together():
+def test_near_duplicates_keep_one_per_cluster():
+    base = "how do i reset my password on the company laptop when it is locked"
+    records = [conv(base, "call it support"), conv(base.replace("company", "office"), "call it support"),
+               conv("what is the tallest mountain in the whole wide world today", "everest")]
+    tally = Tally()
+    kept, clusters = deduplicate(records, NearDuplicates(0.8), tally)
+    assert clusters == 2 and len(kept) == 2 and tally.counts["near_duplicate"] == {"dropped": 1}
+
+
+def test_split_is_deterministic_and_keeps_groups_together():
     records = [conv(f"prompt {i % 40}", f"answer {i}") for i in range(200)]
-    a = split(records, seed=3, val_fraction=0.1, test_fraction=0.2)
-    b = split(records, seed=3, val_fraction=0.1, test_fraction=0.2)
-    assert a == b
-    assert split(records, seed=4, val_fraction=0.1, test_fraction=0.2) != a
+    a, groups = split(records, params(val_fraction=0.1, test_fraction=0.2), NearDuplicates(0.8))
+    b, _ = split(records, params(val_fraction=0.1, test_fraction=0.2), NearDuplicates(0.8))
+    assert a == b and groups == 40
+    assert split(records, params(seed=4, val_fraction=0.1, test_fraction=0.2), NearDuplicates(0.8))[0] != a
     prompts = {name: {r["messages"][0]["content"] for r in a[name]} for name in SPLITS}
     assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["val"]
     assert sum(len(a[n]) for n in SPLITS) == 200
-    assert overlaps(a) == []
-
-
-def test_overlap_check_finds_shared_prompts_and_conversations():
-    splits = {"train": [conv("a", "1"), conv("b", "2")], "val": [conv("c", "3")], "test": [conv("a", "1")]}
-    found = overlaps(splits)
-    assert any("prompt(s) in both train and test" in f for f in found)
-    assert any("conversation(s) in both train and test" in f for f in found)
 
 
 def test_jsonl_run_writes_splits_and_report(tmp_path, tiny_data):
     report = do_run(tmp_path, params(tiny_data, val_fraction=0.1, test_fraction=0.1))
-    assert report["rows_in"] == 91 and report["dropped"] == {"malformed": 0, "empty": 1, "duplicate": 10}
+    assert report["rows_in"] == 91
+    assert report["rules"]["empty"] == {"dropped": 1} and report["rules"]["duplicate_exact"] == {"dropped": 10}
     assert report["rows_out"] == 80 and sum(report["splits"].values()) == 80
+    assert report["leaks"]["total"] == 0
     rows = {name: read_jsonl(tmp_path / "prepared" / f"{name}.jsonl") for name in SPLITS}
     assert {name: len(r) for name, r in rows.items()} == report["splits"]
     assert rows["test"][0]["messages"][-1]["role"] == "assistant" and rows["test"][0]["id"].startswith("test-")
     assert json.loads((tmp_path / "reports" / "data.json").read_text()) == report
+    assert "| duplicate_exact | 10 | dropped |" in (tmp_path / "reports" / "data_report.md").read_text()
+
+
+def test_length_filters_use_the_base_tokenizer(tmp_path, tiny_model_dir):
+    from ftpipe.models import load_tokenizer
+
+    rows = qa_rows(30) + [{"prompt": "long one", "response": " ".join(["word"] * 300)}]
+    path = write_jsonl(tmp_path / "raw.jsonl", rows)
+    report = do_run(tmp_path, params(path, max_tokens=64, min_tokens=2), tokenizer=load_tokenizer(tiny_model_dir))
+    assert report["rules"]["too_long"] == {"dropped": 1} and report["token_filters"] is True
+    assert report["rows_out"] == 30 - report["rules"].get("too_short", {}).get("dropped", 0)
 
 
 def test_csv_parquet_and_saved_dataset_sources(tmp_path):
@@ -107,6 +139,12 @@ def test_messages_field(tmp_path):
         (b'["a", "b"]\n', r"raw.jsonl:1: expected a JSON object"),
         (b'{"prompt": " ", "response": "b"}\n{"prompt": "", "response": "c"}\n',
          r"raw.jsonl: no usable rows after cleaning \(rows in: 2; dropped: empty=2\)"),
+        (b'{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": "b"}\n{"prompt": "A!", "response": "b"}\n',
+         r"raw.jsonl: no usable rows after cleaning|too few to fill"),
+        (b'{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": "' + b"x" * 1_048_576 + b'"}\n',
+         r"raw.jsonl:2: record of 1,048,577 characters exceeds prepare_data.max_record_chars \(100,000\)"),
+        (b'{"question": "a", "response": "b"}\n', r"raw.jsonl:1: missing field 'prompt' \(fields: question, response\)"),
+        (b'{"prompt": ["a"], "response": "b"}\n', r"raw.jsonl:1: field 'prompt' must be a string, got list"),
     ],
 )
 def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, content, message):
@@ -137,5 +175,7 @@ def test_embedded_chatterbot_corpus(tmp_path):
     report = do_run(tmp_path, params())
     # 2,306 utterance/reply pairs plus one malformed trivia entry; only 1,176 pairs are distinct.
     assert report["rows_in"] == 2307
-    assert report["dropped"] == {"malformed": 1, "empty": 0, "duplicate": 1130}
-    assert report["rows_out"] == 1176
+    assert report["rules"]["malformed"] == {"dropped": 1}
+    assert report["rules"]["duplicate_exact"] == {"dropped": 2306 - 1176}
+    assert report["rows_out"] <= 1176 - report["rules"]["near_duplicate"]["dropped"]
+    assert report["leaks"]["total"] == 0

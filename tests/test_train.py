@@ -17,7 +17,7 @@ def inputs(tmp_path, tiny_model_dir, tiny_data):
     cfg = tiny_params(tiny_model_dir, tiny_data)
     base, data = tmp_path / "base", tmp_path / "prepared"
     prepare_base.run(params=prepare_base.PrepareBaseParams(**cfg["prepare_base"]), out_dir=base)
-    prepare_data.run(params=PrepareDataParams(**cfg["prepare_data"]), out_dir=data, report_path=tmp_path / "d.json")
+    prepare_data.run(params=PrepareDataParams(**cfg["prepare_data"]), out_dir=data, reports_dir=tmp_path / "r0")
     return cfg, base, data
 
 

@@ -1,0 +1,94 @@
+"""Train/eval leak checks: exact, normalized, near-duplicate and long n-gram overlap.
+
+Each evaluation row is checked against the whole training split. Kinds, strongest first:
+- exact_prompt / exact_pair: identical prompt, or identical prompt and response;
+- normalized_prompt / normalized_pair: equal once case, punctuation and whitespace are ignored;
+- near_prompt / near_pair: MinHash-confirmed Jaccard >= threshold (one-word edits, reorderings);
+- ngram: a shared run of `n` words (13 by default, as in the decontamination of GPT-3's benchmarks),
+  which catches a training document quoted inside a longer evaluation text, or the reverse.
+A row is reported once, under the strongest kind that matched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ftpipe.cleaning import NearDuplicates, ngrams, norm_key
+
+KINDS = ("exact_pair", "exact_prompt", "normalized_pair", "normalized_prompt", "near_pair", "near_prompt", "ngram")
+
+
+def prompt_of(record: dict[str, Any]) -> str:
+    return "\n".join(m["content"] for m in record["messages"][:-1])
+
+
+def text_of(record: dict[str, Any]) -> str:
+    return "\n".join(m["content"] for m in record["messages"])
+
+
+@dataclass(frozen=True)
+class Leak:
+    kind: str
+    eval_set: str
+    eval_id: str
+    train_id: str
+    eval_text: str
+    train_text: str
+
+    def short(self) -> str:
+        return f"{self.kind}: {self.eval_set}/{self.eval_id} ~ train/{self.train_id} {self.eval_text[:60]!r}"
+
+
+def find_leaks(train: list[dict[str, Any]], eval_sets: dict[str, list[dict[str, Any]]], *, threshold: float,
+               ngram: int, near: NearDuplicates | None = None) -> list[Leak]:
+    """Every evaluation row (of each named set) that leaks from `train`, under its strongest kind.
+
+    `near` is the near-duplicate index to share with deduplication and splitting (built here if None).
+    """
+    if not train:
+        return []
+    near = near or NearDuplicates(threshold)
+    by_id = {r["id"]: r for r in train}
+    tables = {
+        "exact_pair": {text_of(r): r["id"] for r in train},
+        "exact_prompt": {prompt_of(r): r["id"] for r in train},
+        "normalized_pair": {norm_key(text_of(r)): r["id"] for r in train},
+        "normalized_prompt": {norm_key(prompt_of(r)): r["id"] for r in train},
+    }
+    near.near(list(tables["exact_pair"]) + list(tables["exact_prompt"]))  # index the training texts
+    grams: dict[int, str] = {}
+    for r in train:
+        for g in ngrams(text_of(r), ngram):
+            grams.setdefault(g, r["id"])
+
+    leaks = []
+    for name, rows in eval_sets.items():
+        texts, prompts = [text_of(r) for r in rows], [prompt_of(r) for r in rows]
+        near_texts, near_prompts = near.near(texts), near.near(prompts)
+        for record, text, prompt, hits_text, hits_prompt in zip(rows, texts, prompts, near_texts, near_prompts):
+            found = _strongest(tables, grams, ngram, text, prompt, hits_text, hits_prompt)
+            if found:
+                kind, train_id = found
+                leaks.append(Leak(kind, name, record["id"], train_id, text, text_of(by_id[train_id])))
+    return leaks
+
+
+def _strongest(tables, grams, ngram, text, prompt, hits_text, hits_prompt) -> tuple[str, str] | None:
+    for kind, key in (("exact_pair", text), ("exact_prompt", prompt),
+                      ("normalized_pair", norm_key(text)), ("normalized_prompt", norm_key(prompt))):
+        if key in tables[kind]:
+            return kind, tables[kind][key]
+    for kind, hits, table in (("near_pair", hits_text, tables["exact_pair"]),
+                              ("near_prompt", hits_prompt, tables["exact_prompt"])):
+        ids = sorted(table[h] for h in hits if h in table)
+        if ids:
+            return kind, ids[0]
+    for g in ngrams(text, ngram):
+        if g in grams:
+            return "ngram", grams[g]
+    return None
+
+
+def count_by_kind(leaks: list[Leak]) -> dict[str, int]:
+    return {kind: sum(1 for leak in leaks if leak.kind == kind) for kind in KINDS}

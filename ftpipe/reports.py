@@ -1,0 +1,38 @@
+"""Human-readable markdown reports written next to the JSON metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def data_report(report: dict[str, Any], examples: dict[str, list[str]], leaks: list) -> str:
+    """Cleaning and leak-check report: rows per rule with examples, clusters, splits, leaks."""
+    lines = [f"# Data report: {report['source']}", "",
+             f"{report['rows_in']:,} rows in, {report['rows_out']:,} out; "
+             f"{report['near_duplicate_clusters']:,} near-duplicate clusters kept one row each; "
+             f"{report['split_groups']:,} split groups.", "",
+             "| rule | count | action (changed: turns, dropped: rows) |", "|---|---:|---|"]
+    for rule, counts in report["rules"].items():
+        for action, n in counts.items():
+            lines.append(f"| {rule} | {n:,} | {action} |")
+    lines += ["", "| split | rows |", "|---|---:|"]
+    lines += [f"| {name} | {n:,} |" for name, n in report["splits"].items()]
+    total = report["leaks"]["total"]
+    lines += ["", f"## Leak checks: {total} leak(s), action `{report['leak_action']}`", ""]
+    lines += [f"- {kind}: {n}" for kind, n in report["leaks"].items() if kind != "total"]
+    if report["train_rows_dropped_for_leaks"]:
+        lines.append(f"- training rows dropped: {report['train_rows_dropped_for_leaks']}")
+    if leaks:
+        lines += ["", "| kind | eval row | train row |", "|---|---|---|"]
+        lines += [f"| {x.kind} | {x.eval_set}/{x.eval_id}: {_cell(x.eval_text)} | {x.train_id}: {_cell(x.train_text)} |"
+                  for x in leaks[:20]]
+    lines += ["", "## Examples per rule", ""]
+    for rule, texts in examples.items():
+        lines.append(f"**{rule}**")
+        lines += [f"- {_cell(t)}" for t in texts]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text[:100].replace("|", "\\|").replace("\n", " ⏎ ")
