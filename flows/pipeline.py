@@ -112,7 +112,9 @@ def pipeline(project_dir: Path = Path(".")) -> dict[str, Any]:
     )
     create_markdown_artifact(
         key="base-vs-finetuned",
-        markdown=f"# Base vs fine-tuned\n\n{table}\nRegistered: `{registration['model_uri']}`\n",
+        markdown=(f"# Base vs fine-tuned\n\n{table}\nRegistered: `{registration['model_uri']}` "
+                  f"({', '.join(registration['aliases'])})\n\n"
+                  + "".join(f"- {reason}\n" for reason in registration["promotion"]["reasons"])),
         description="Test-split metrics of the base and fine-tuned models",
     )
     return {"timings_s": timings, "registration": registration, "table": table}
@@ -137,7 +139,10 @@ def print_summary(result: dict[str, Any], project_dir: Path) -> None:
                       f"[{'green' if better else 'red'}]{t - b:+.4f}[/]")
     console = Console()
     console.print(table)
-    console.print(f"Registered {result['registration']['model_uri']}; stage times (s): "
+    registration = result["registration"]
+    console.print(f"Registered {registration['model_uri']} as {' and '.join(registration['aliases'])}: "
+                  + "; ".join(registration["promotion"]["reasons"]), soft_wrap=True)
+    console.print("Stage times (s): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in result["timings_s"].items()))
     console.print(f"Open the MLflow UI on the results:\n  {ui_command(project_dir)}", soft_wrap=True)
 

@@ -53,7 +53,7 @@ def scrub_pii(text: str) -> tuple[str, int, int]:
     return text, emails, phones
 
 
-@functools.lru_cache(maxsize=1 << 18)
+@functools.lru_cache(maxsize=1 << 20)
 def words(text: str) -> tuple[str, ...]:
     """Case-folded word tokens, punctuation dropped: the unit of every similarity check.
 
@@ -95,7 +95,8 @@ class NearDuplicates:
         self._lsh = MinHashLSH(threshold=max(0.2, threshold * LSH_SLACK), num_perm=NUM_PERM, weights=(0.3, 0.7))
         self._memo: dict[str, tuple[set[str], object]] = {}
 
-    def _index(self, texts: list[str]) -> None:
+    def index(self, texts: list[str]) -> None:
+        """Sketch and index texts not seen before."""
         from datasketch import LeanMinHash, MinHash
 
         missing = [t for t in dict.fromkeys(texts) if t not in self._memo]
@@ -109,7 +110,7 @@ class NearDuplicates:
                 session.insert(text, signature, check_duplication=False)
 
     def near(self, texts: list[str]) -> list[list[str]]:
-        self._index(texts)
+        self.index(texts)
         out = []
         for text in texts:
             shingle_set, signature = self._memo[text]

@@ -56,7 +56,7 @@ def find_leaks(train: list[dict[str, Any]], eval_sets: dict[str, list[dict[str, 
         "normalized_pair": {norm_key(text_of(r)): r["id"] for r in train},
         "normalized_prompt": {norm_key(prompt_of(r)): r["id"] for r in train},
     }
-    near.near(list(tables["exact_pair"]) + list(tables["exact_prompt"]))  # index the training texts
+    near.index(list(tables["exact_pair"]) + list(tables["exact_prompt"]))
     grams: dict[int, str] = {}
     for r in train:
         for g in ngrams(text_of(r), ngram):

@@ -147,6 +147,10 @@ class RegisterParams(_Section):
 
     experiment: str = Field("finetune-pipeline", min_length=1)
     model_name: str = Field("smollm2-chatterbot", min_length=1)
+    primary_metric: Literal["bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "perplexity"] = "rougeL"
+    """The promotion gate's metric (perplexity: lower is better)."""
+    min_improvement: float = Field(0.0, ge=0)
+    """How much the challenger must beat the base model and the champion by to become champion."""
 
 
 # stage name -> (params.yaml section, its model)

@@ -8,9 +8,8 @@ from typing import Any
 def data_report(report: dict[str, Any], examples: dict[str, list[str]], leaks: list) -> str:
     """Cleaning and leak-check report: rows per rule with examples, clusters, splits, leaks."""
     lines = [f"# Data report: {report['source']}", "",
-             f"{report['rows_in']:,} rows in, {report['rows_out']:,} out; "
-             f"{report['near_duplicate_clusters']:,} near-duplicate clusters kept one row each; "
-             f"{report['split_groups']:,} split groups.", "",
+             f"{report['rows_in']:,} rows in, {report['rows_out']:,} out (one row kept per near-duplicate "
+             f"cluster); {report['split_groups']:,} split groups, none of which straddles train/val/test.", "",
              "| rule | count | action (changed: turns, dropped: rows) |", "|---|---:|---|"]
     for rule, counts in report["rules"].items():
         for action, n in counts.items():

@@ -84,7 +84,12 @@ def length_filter(records: list[dict[str, Any]], params: PrepareDataParams, toke
     from ftpipe.chat import render
 
     contents = [m["content"] for r in records for m in r["messages"]]
-    lengths = iter([len(ids) for ids in tokenizer(contents, add_special_tokens=False)["input_ids"]])
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the Rust tokenizer directly: half the time of the Python wrapper
+        counts = [len(e.ids) for e in backend.encode_batch(contents, add_special_tokens=False)]
+    else:
+        counts = [len(ids) for ids in tokenizer(contents, add_special_tokens=False)["input_ids"]]
+    lengths = iter(counts)
     overhead: dict[tuple, int] = {}
     kept = []
     for record in records:

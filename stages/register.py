@@ -4,7 +4,8 @@ One parent run per pipeline run holds the params, reports, loss curve and the pe
 generations table; under it a `base` and a `finetuned` run carry the same metric keys, so
 selecting both and pressing Compare lines them up. The merged fine-tuned model is logged and
 registered as a new version of `register.model_name`, tagged with git commit, dvc.lock hashes of
-data and base model, method and params.
+data and base model, method and params. The new version becomes `challenger`; `champion` moves to
+it only if the promotion gate (ftpipe/promotion.py) passes, and the decision's reasons are logged.
 Reads params.yaml (all sections), dvc.lock, models/, reports/; writes reports/registration.json.
 Run: python -m stages.register
 """
@@ -59,6 +60,7 @@ def run(
 
     metrics = read_json(reports_dir / "metrics.json")
     train = read_json(reports_dir / "train.json")
+    data = read_json(reports_dir / "data.json")
     generations = read_jsonl(reports_dir / "generations.jsonl")
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -70,7 +72,6 @@ def run(
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as parent:
         mlflow.log_params(flatten(all_params))
         mlflow.set_tags({"role": "pipeline", **lineage})
-        data = read_json(reports_dir / "data.json")
         mlflow.log_metrics({"data_rows_in": data["rows_in"], "data_rows_out": data["rows_out"],
                             "data_leaks": data["leaks"]["total"],
                             **{f"data_rows_{name}": n for name, n in data["splits"].items()}})
@@ -109,6 +110,8 @@ def run(
         client.set_model_version_tag(params.model_name, version, key, str(value))
     client.update_model_version(params.model_name, version,
                                 description=f"{lineage['method']} fine-tune; metrics in run {tuned_run.info.run_id}")
+    decision = _promote(client, params, version, metrics, data["leaks"]["total"])
+    client.set_tag(parent.info.run_id, "promotion", decision.summary())
     return {
         "model_name": params.model_name,
         "version": version,
@@ -118,7 +121,31 @@ def run(
         "base_run_id": base_run.info.run_id,
         "finetuned_run_id": tuned_run.info.run_id,
         "tracking_uri": redact(tracking_uri),
+        "aliases": ["challenger", "champion"] if decision.promote else ["challenger"],
+        "promotion": {"promote": decision.promote, "reasons": decision.reasons},
     }
+
+
+def _promote(client, params: RegisterParams, version: str, metrics: dict[str, Any], leaks: int):
+    """Make the new version the challenger; move `champion` to it only if the gate passes."""
+    from mlflow.exceptions import MlflowException
+
+    from ftpipe.promotion import decide
+
+    try:
+        current = client.get_model_version_by_alias(params.model_name, "champion")
+        champion = client.get_run(current.run_id).data.metrics
+        champion_version = current.version
+    except MlflowException:  # no champion yet
+        champion, champion_version = None, None
+    decision = decide(metric=params.primary_metric, min_improvement=params.min_improvement,
+                      challenger=metrics["finetuned"], base=metrics["base"], champion=champion,
+                      champion_version=champion_version, leaks=leaks)
+    client.set_registered_model_alias(params.model_name, "challenger", version)
+    if decision.promote:
+        client.set_registered_model_alias(params.model_name, "champion", version)
+    client.set_model_version_tag(params.model_name, version, "promotion", decision.summary())
+    return decision
 
 
 def _curve(path: Path) -> list[tuple[int, float]]:

@@ -66,6 +66,12 @@ def test_dvc_repro_end_to_end(project):
     logged = {a.path for a in client.list_artifacts(registration["pipeline_run_id"], "reports")}
     assert {"reports/data_report.md", "reports/data.json", "reports/comparison.md", "reports/loss.png"} <= logged
 
+    # The first version becomes challenger, and champion only where it beat the base model.
+    beat_base = metrics["finetuned"]["rougeL"] > metrics["base"]["rougeL"]
+    assert registration["aliases"] == (["challenger", "champion"] if beat_base else ["challenger"])
+    assert str(client.get_model_version_by_alias("tiny-model", "challenger").version) == "1"
+    assert version.tags["promotion"].startswith("promoted" if beat_base else "kept as challenger")
+
     # Nothing changed: nothing reruns and the lock stays byte for byte.
     lock = (project / "dvc.lock").read_text()
     second = dvc(project, "repro")
@@ -78,6 +84,20 @@ def test_dvc_repro_end_to_end(project):
     assert third.returncode == 0, third.stderr[-3000:]
     assert ran(third.stdout) == {"evaluate", "register"}
     assert json.loads((project / "reports" / "registration.json").read_text())["version"] == "2"
+
+    # The gate both ways, through the register stage: a better challenger is promoted and
+    # `models:/NAME@champion` loads it; a worse one stays challenger and says why.
+    for score, promoted, version_number in ((0.9, True, "3"), (0.5, False, "4")):
+        tweaked = json.loads((project / "reports" / "metrics.json").read_text())
+        tweaked["base"]["rougeL"], tweaked["finetuned"]["rougeL"] = 0.1, score
+        (project / "reports" / "metrics.json").write_text(json.dumps(tweaked))
+        assert stage(project, "register").returncode == 0
+        result = json.loads((project / "reports" / "registration.json").read_text())
+        assert result["version"] == version_number and result["promotion"]["promote"] is promoted
+    assert "rougeL 0.5000 vs champion v3 0.9000 (-0.4000, needs > 0 and >= 0): fail" in result["promotion"]["reasons"]
+    assert str(client.get_model_version_by_alias("tiny-model", "champion").version) == "3"
+    assert str(client.get_model_version_by_alias("tiny-model", "challenger").version) == "4"
+    assert len(mlflow.pyfunc.load_model("models:/tiny-model@champion").predict(["say red"])) == 1
 
 
 def test_prefect_flow_leaves_the_same_lock_as_dvc_repro(project):

@@ -1,0 +1,34 @@
+"""The promotion gate: a better challenger is promoted, a worse one is not, with its reasons."""
+
+from __future__ import annotations
+
+from ftpipe.promotion import decide
+
+BASE = {"rougeL": 0.10, "perplexity": 13.0}
+
+
+def test_first_challenger_that_beats_base_is_promoted():
+    decision = decide(metric="rougeL", min_improvement=0.01, challenger={"rougeL": 0.15}, base=BASE,
+                      champion=None, champion_version=None, leaks=0)
+    assert decision.promote
+    assert decision.reasons[0].startswith("rougeL 0.1500 vs base 0.1000 (+0.0500") and "no champion yet" in decision.reasons
+
+
+def test_challenger_worse_than_champion_stays_challenger_with_reasons():
+    decision = decide(metric="rougeL", min_improvement=0.0, challenger={"rougeL": 0.14}, base=BASE,
+                      champion={"rougeL": 0.15}, champion_version="3", leaks=0)
+    assert not decision.promote
+    assert "rougeL 0.1400 vs champion v3 0.1500 (-0.0100, needs > 0 and >= 0): fail" in decision.reasons
+    assert decision.summary().startswith("kept as challenger: ")
+
+
+def test_min_improvement_and_lower_is_better_perplexity():
+    kwargs = {"metric": "perplexity", "base": BASE, "champion": {"perplexity": 8.0}, "champion_version": "1", "leaks": 0}
+    assert decide(min_improvement=0.5, challenger={"perplexity": 7.0}, **kwargs).promote
+    assert not decide(min_improvement=1.5, challenger={"perplexity": 7.0}, **kwargs).promote
+
+
+def test_leaks_block_promotion():
+    decision = decide(metric="rougeL", min_improvement=0.0, challenger={"rougeL": 0.5}, base=BASE,
+                      champion=None, champion_version=None, leaks=2)
+    assert not decision.promote and "data leak check found 2 leak(s): fail" in decision.reasons
