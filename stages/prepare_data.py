@@ -242,6 +242,8 @@ def run(*, params: PrepareDataParams, out_dir: Path, reports_dir: Path, tokenize
     if empty:
         raise PipelineError(f"{source}: {len(kept)} usable rows are too few to fill the {', '.join(empty)} split(s)")
     leaks, dropped_for_leaks = gate(splits, externals, params, near)
+    if not splits["train"]:
+        raise PipelineError(f"{source}: dropping leaking rows left no training rows (prepare_data.leak_action: drop)")
 
     report = {
         "source": source,

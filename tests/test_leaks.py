@@ -93,3 +93,11 @@ def test_warn_keeps_and_drop_removes_the_leaking_training_rows(tmp_path, data_wi
     assert reports["drop"]["splits"]["train"] == reports["warn"]["splits"]["train"] - 1
     text = (tmp_path / "r-drop" / "data_report.md").read_text()
     assert "| exact_pair | external:benchmark.jsonl/000000" in text
+
+
+def test_drop_that_empties_train_fails_cleanly(tmp_path, data_with_external):
+    data, _ = data_with_external
+    params = PrepareDataParams(source="file", path=str(data), external_eval=[str(data)], leak_action="drop")
+    with pytest.raises(PipelineError, match=r"dropping leaking rows left no training rows"):
+        run(params=params, out_dir=tmp_path / "prepared", reports_dir=tmp_path / "reports")
+    assert not (tmp_path / "prepared").exists()
