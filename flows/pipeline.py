@@ -126,7 +126,7 @@ def print_summary(result: dict[str, Any], project_dir: Path) -> None:
 
     from ftpipe.io import read_json
     from ftpipe.tracking import ui_command
-    from stages.evaluate import METRIC_KEYS
+    from ftpipe.metrics import LOWER_IS_BETTER, METRIC_KEYS, gain
 
     metrics = read_json(project_dir / "reports" / "metrics.json")
     table = Table(title=f"Base vs fine-tuned on {metrics['examples']} test examples")
@@ -134,8 +134,8 @@ def print_summary(result: dict[str, Any], project_dir: Path) -> None:
         table.add_column(column, justify="left" if column == "metric" else "right")
     for key in METRIC_KEYS:
         b, t = metrics["base"][key], metrics["finetuned"][key]
-        better = (t < b) if key == "perplexity" else (t > b)
-        table.add_row(key + (" (lower is better)" if key == "perplexity" else ""), f"{b:.4f}", f"{t:.4f}",
+        better = gain(key, t, b) > 0
+        table.add_row(key + (" (lower is better)" if key in LOWER_IS_BETTER else ""), f"{b:.4f}", f"{t:.4f}",
                       f"[{'green' if better else 'red'}]{t - b:+.4f}[/]")
     console = Console()
     console.print(table)

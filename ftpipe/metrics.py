@@ -15,6 +15,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+METRIC_KEYS = ("bleu", *ROUGE_KEYS, "perplexity")
+LOWER_IS_BETTER = {"perplexity"}
+
+
+def gain(metric: str, new: float, old: float) -> float:
+    """How much better `new` is than `old` (positive: better), whichever way the metric points."""
+    return old - new if metric in LOWER_IS_BETTER else new - old
 
 
 def bleu(predictions: list[str], references: list[str]) -> tuple[float, str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-LOWER_IS_BETTER = {"perplexity"}
+from ftpipe.metrics import gain
 
 
 @dataclass
@@ -19,10 +19,6 @@ class Decision:
 
     def summary(self) -> str:
         return ("promoted to champion: " if self.promote else "kept as challenger: ") + "; ".join(self.reasons)
-
-
-def _gain(metric: str, new: float, old: float) -> float:
-    return old - new if metric in LOWER_IS_BETTER else new - old
 
 
 def decide(
@@ -40,11 +36,11 @@ def decide(
         if other is None:
             reasons.append("no champion yet")
             continue
-        gain = _gain(metric, challenger[metric], other[metric])
-        passed = gain >= min_improvement and gain > 0
+        delta = gain(metric, challenger[metric], other[metric])
+        passed = delta >= min_improvement and delta > 0
         ok &= passed
         reasons.append(f"{metric} {challenger[metric]:.4f} vs {name} {other[metric]:.4f} "
-                       f"({gain:+.4f}, needs > 0 and >= {min_improvement:g}): {'pass' if passed else 'fail'}")
+                       f"({delta:+.4f}, needs > 0 and >= {min_improvement:g}): {'pass' if passed else 'fail'}")
     if leaks:
         ok = False
         reasons.append(f"data leak check found {leaks} leak(s): fail")

@@ -20,7 +20,6 @@ BASE_DIR = Path("models/base")
 ADAPTER_DIR = Path("models/adapter")
 TEST_FILE = Path("data/prepared/test.jsonl")
 REPORTS = Path("reports")
-METRIC_KEYS = ("bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "perplexity")
 CANDIDATES = ("base", "finetuned")
 
 
@@ -66,7 +65,7 @@ def run(*, params: EvaluateParams, base_dir: Path, adapter_dir: Path, test_file:
         "examples": len(rows),
         "base": base_scores,
         "finetuned": tuned_scores,
-        "delta": {k: tuned_scores[k] - base_scores[k] for k in METRIC_KEYS},
+        "delta": {k: tuned_scores[k] - base_scores[k] for k in metrics.METRIC_KEYS},
         "bleu_signature": signature,
         # The resolved settings travel with the numbers (and make register rerun when they change).
         "settings": {"decoding": "greedy", **params.model_dump(exclude={"threads"})},
@@ -84,10 +83,12 @@ def run(*, params: EvaluateParams, base_dir: Path, adapter_dir: Path, test_file:
 
 def comparison_table(result: dict[str, Any]) -> str:
     """Markdown table of base vs fine-tuned; perplexity is better when lower."""
+    from ftpipe.metrics import METRIC_KEYS, gain
+
     lines = ["| metric | base | fine-tuned | change |", "|---|---:|---:|---:|"]
     for key in METRIC_KEYS:
         b, t = result["base"][key], result["finetuned"][key]
-        better = (t < b) if key == "perplexity" else (t > b)
+        better = gain(key, t, b) > 0
         lines.append(f"| {key} | {b:.4g} | {t:.4g} | {t - b:+.4g} {'better' if better else 'worse'} |")
     return "\n".join(lines) + f"\n\n{result['examples']} test examples; BLEU {result['bleu_signature']}\n"
 

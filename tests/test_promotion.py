@@ -32,3 +32,12 @@ def test_leaks_block_promotion():
     decision = decide(metric="rougeL", min_improvement=0.0, challenger={"rougeL": 0.5}, base=BASE,
                       champion=None, champion_version=None, leaks=2)
     assert not decision.promote and "data leak check found 2 leak(s): fail" in decision.reasons
+
+
+def test_gate_metric_choices_are_the_evaluated_metrics():
+    import typing
+
+    from ftpipe.metrics import METRIC_KEYS
+    from ftpipe.params import RegisterParams
+
+    assert typing.get_args(RegisterParams.model_fields["primary_metric"].annotation) == METRIC_KEYS
