@@ -100,15 +100,19 @@ def test_dvc_repro_end_to_end(project):
     assert len(mlflow.pyfunc.load_model("models:/tiny-model@champion").predict(["say red"])) == 1
 
 
-def test_prefect_flow_leaves_the_same_lock_as_dvc_repro(project):
+def test_prefect_flow_leaves_the_same_lock_as_dvc_repro(project, capsys):
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.pipeline import pipeline
+    from flows.pipeline import pipeline, print_summary
 
     with prefect_test_harness():
         result = pipeline(project_dir=project)
     assert set(result["timings_s"]) == set(STAGES)
     assert "| rougeL |" in result["table"] and result["registration"]["version"] == "1"
+    print_summary(result, project)
+    printed = capsys.readouterr().out
+    assert "perplexity (lower is better)" in printed and "Registered models:/tiny-model/1 as challenger" in printed
+    assert f"--backend-store-uri sqlite:///{project / 'mlruns.db'} --host 127.0.0.1" in printed
     lock = (project / "dvc.lock").read_text()
     status = dvc(project, "status")
     assert status.returncode == 0 and "up to date" in status.stdout
