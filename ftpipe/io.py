@@ -21,7 +21,8 @@ def _tmp_sibling(target: Path) -> Path:
     return target.parent / f".{target.name}.tmp-{os.getpid()}"
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Remove a file, link or folder tree if it exists."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
@@ -34,14 +35,14 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(target)
-    _remove(tmp)
+    remove_path(tmp)
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
-        _remove(tmp)
+        remove_path(tmp)
         raise
-    _remove(target)
+    remove_path(target)
     os.replace(tmp, target)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.errors import PipelineError, run_cli
-from ftpipe.io import atomic_dir, read_json, read_jsonl, write_json, write_text
+from ftpipe.io import atomic_dir, read_json, read_jsonl, remove_path, write_json, write_text
 from ftpipe.params import TrainParams, load_section
 
 BASE_DIR = Path("models/base")
@@ -157,7 +157,7 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
             "dropped_too_long": {"train": train_long, "val": val_long},
         }
         model.save_pretrained(tmp)  # adapter only, as safetensors
-        _remove_tree(tmp / "trainer")
+        remove_path(tmp / "trainer")
         write_json(tmp / "train_config.json", {
             "params": params.model_dump(),
             "base_model": read_json(base_dir / "manifest.json"),
@@ -173,12 +173,6 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
 
 def _csv(curve: list[tuple[int, float]]) -> str:
     return "step,loss\n" + "".join(f"{step},{loss:.6f}\n" for step, loss in curve)
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def main() -> None:
