@@ -126,15 +126,14 @@ def print_summary(result: dict[str, Any], project_dir: Path) -> None:
 
     from ftpipe.io import read_json
     from ftpipe.tracking import ui_command
-    from ftpipe.metrics import LOWER_IS_BETTER, METRIC_KEYS, gain
+    from ftpipe.metrics import LOWER_IS_BETTER
+    from stages.evaluate import comparison_rows
 
     metrics = read_json(project_dir / "reports" / "metrics.json")
     table = Table(title=f"Base vs fine-tuned on {metrics['examples']} test examples")
     for column in ("metric", "base", "fine-tuned", "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    for key in METRIC_KEYS:
-        b, t = metrics["base"][key], metrics["finetuned"][key]
-        better = gain(key, t, b) > 0
+    for key, b, t, better in comparison_rows(metrics):
         table.add_row(key + (" (lower is better)" if key in LOWER_IS_BETTER else ""), f"{b:.4f}", f"{t:.4f}",
                       f"[{'green' if better else 'red'}]{t - b:+.4f}[/]")
     console = Console()

@@ -20,7 +20,6 @@ BASE_DIR = Path("models/base")
 ADAPTER_DIR = Path("models/adapter")
 TEST_FILE = Path("data/prepared/test.jsonl")
 REPORTS = Path("reports")
-CANDIDATES = ("base", "finetuned")
 
 
 def _evaluate_model(model, tokenizer, rows, params: EvaluateParams, name: str) -> tuple[dict[str, Any], list[str]]:
@@ -81,14 +80,21 @@ def run(*, params: EvaluateParams, base_dir: Path, adapter_dir: Path, test_file:
     return result
 
 
-def comparison_table(result: dict[str, Any]) -> str:
-    """Markdown table of base vs fine-tuned; perplexity is better when lower."""
+def comparison_rows(result: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
+    """(metric, base, fine-tuned, fine-tuned is better) per metric; perplexity is better when lower."""
     from ftpipe.metrics import METRIC_KEYS, gain
 
-    lines = ["| metric | base | fine-tuned | change |", "|---|---:|---:|---:|"]
+    rows = []
     for key in METRIC_KEYS:
         b, t = result["base"][key], result["finetuned"][key]
-        better = gain(key, t, b) > 0
+        rows.append((key, b, t, gain(key, t, b) > 0))
+    return rows
+
+
+def comparison_table(result: dict[str, Any]) -> str:
+    """Markdown table of base vs fine-tuned."""
+    lines = ["| metric | base | fine-tuned | change |", "|---|---:|---:|---:|"]
+    for key, b, t, better in comparison_rows(result):
         lines.append(f"| {key} | {b:.4g} | {t:.4g} | {t - b:+.4g} {'better' if better else 'worse'} |")
     return "\n".join(lines) + f"\n\n{result['examples']} test examples; BLEU {result['bleu_signature']}\n"
 

@@ -189,8 +189,12 @@ def gate(splits: dict[str, list], externals: dict[str, list], params: PrepareDat
     from ftpipe.leaks import find_leaks
 
     evals = {"val": splits["val"], "test": splits["test"], **externals}
-    leaks = find_leaks(splits["train"], evals, threshold=params.near_dup_threshold, ngram=params.ngram_leak,
-                           near=near)
+
+    def check() -> list:
+        return find_leaks(splits["train"], evals, threshold=params.near_dup_threshold, ngram=params.ngram_leak,
+                          near=near)
+
+    leaks = check()
     found, dropped = list(leaks), 0
     if leaks and params.leak_action == "fail":
         for leak in leaks[:20]:
@@ -203,8 +207,7 @@ def gate(splits: dict[str, list], externals: dict[str, list], params: PrepareDat
         bad = {leak.train_id for leak in leaks}
         splits["train"] = [r for r in splits["train"] if r["id"] not in bad]
         dropped += len(bad)
-        leaks = find_leaks(splits["train"], evals, threshold=params.near_dup_threshold, ngram=params.ngram_leak,
-                           near=near)
+        leaks = check()
     return found, dropped
 
 
