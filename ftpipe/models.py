@@ -90,6 +90,15 @@ def load_tokenizer(
     return tokenizer
 
 
+def load_finetuned(base_dir: Path, adapter_dir: Path) -> PreTrainedModel:
+    """The fine-tuned model ready for inference (evaluate, register): the train stage's output
+    in `adapter_dir` applied to the base model and merged, so generation runs at base speed."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(base_dir), Path(adapter_dir).resolve())
+    return model.merge_and_unload().eval()
+
+
 def _resolved(source: str | Path) -> str | Path:
     """An existing folder as an absolute path, so it is never mistaken for a Hub id (and MLflow
     does not look it up on the Hub when logging the model)."""

@@ -31,16 +31,6 @@ def _requirements() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name)}" for name in MODEL_REQUIREMENTS]
 
 
-def _merged_model(base_dir: Path, adapter_dir: Path):
-    from peft import PeftModel
-
-    from ftpipe import models
-
-    tokenizer = models.load_tokenizer(base_dir)
-    model = PeftModel.from_pretrained(models.load_model(base_dir), adapter_dir).merge_and_unload().eval()
-    return model, tokenizer
-
-
 def run(
     *,
     params: RegisterParams,
@@ -55,6 +45,7 @@ def run(
     import mlflow
     from mlflow import MlflowClient
 
+    from ftpipe import models
     from ftpipe.chat import render
     from ftpipe.tracking import flatten, redact
 
@@ -93,7 +84,7 @@ def run(
                 mlflow.log_metric("train_loss", loss, step=step)
             for step, loss in _curve(reports_dir / "val_loss.csv"):
                 mlflow.log_metric("val_loss", loss, step=step)
-            model, tokenizer = _merged_model(base_dir, adapter_dir)
+            model, tokenizer = models.load_finetuned(base_dir, adapter_dir), models.load_tokenizer(base_dir)
             template = render(tokenizer, [{"role": "user", "content": "{prompt}"}], generation_prompt=True)
             info = mlflow.transformers.log_model(
                 transformers_model={"model": model, "tokenizer": tokenizer},
