@@ -1,9 +1,10 @@
-"""Text metrics by their reference libraries, batched greedy generation and response perplexity.
+"""Text metrics by their reference libraries, batched greedy generation and perplexities.
 
 BLEU: sacrebleu corpus BLEU (0-100). ROUGE: Google's rouge-score F1 (0-1), mean over examples,
 no bootstrap; rougeLsum splits sentences on newlines, as rouge-score does. Perplexity: exp of
-the token-weighted mean NLL over reference response tokens (the assistant turn and its
-end-of-turn marker), given the prompt.
+the token-weighted mean NLL over the reference response tokens (the final assistant turn and its
+end-of-turn marker), given the prompt. General perplexity: the strided sliding-window perplexity
+of a long text ("Perplexity of fixed-length models" in the transformers docs), the forgetting check.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ if TYPE_CHECKING:
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 METRIC_KEYS = ("bleu", *ROUGE_KEYS, "perplexity")
-LOWER_IS_BETTER = {"perplexity"}
+# The forgetting check: perplexity on general text the model was not fine-tuned on.
+GENERAL_KEY = "general_perplexity"
+CANDIDATE_KEYS = (*METRIC_KEYS, GENERAL_KEY)
+LOWER_IS_BETTER = {"perplexity", GENERAL_KEY}
 
 
 def gain(metric: str, new: float, old: float) -> float:
@@ -86,12 +90,16 @@ def response_perplexity(
     *,
     batch_size: int,
 ) -> float:
-    """exp(sum of NLL over assistant tokens / number of assistant tokens)."""
+    """exp(sum of NLL over reference tokens / number of reference tokens).
+
+    The reference is each conversation's final assistant turn; earlier assistant turns (of the
+    conversation itself or of few-shot examples) are context, so every candidate scores the same tokens.
+    """
     import torch
 
-    from ftpipe.chat import IGNORE_INDEX, encode
+    from ftpipe.chat import IGNORE_INDEX
 
-    items = [encode(tokenizer, messages) for messages in conversations]
+    items = [_reference_labels(tokenizer, messages) for messages in conversations]
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
@@ -102,14 +110,79 @@ def response_perplexity(
         mask = (torch.arange(width)[None, :] < torch.tensor([len(x["input_ids"]) for x in batch])[:, None]).long()
         with torch.inference_mode():
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        shift_logits, shift_labels = logits[:, :-1].cpu(), labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        )
-        total_nll += nll.item()
-        total_tokens += int((shift_labels != IGNORE_INDEX).sum())
+        nll, count = _nll_sum(logits.cpu(), labels)
+        total_nll, total_tokens = total_nll + nll, total_tokens + count
     return math.exp(total_nll / total_tokens)
+
+
+def _reference_labels(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> dict[str, list[int]]:
+    """chat.encode's input_ids, with labels kept only on the final assistant turn."""
+    from ftpipe.chat import IGNORE_INDEX, encode, render
+
+    item = encode(tokenizer, messages)
+    # encode tokenizes turn by turn, so the final turn's tokens are the last `n` of input_ids.
+    answer = render(tokenizer, messages, generation_prompt=False)[len(render(tokenizer, messages[:-1],
+                                                                            generation_prompt=True)):]
+    n = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    return {"input_ids": item["input_ids"], "labels": [IGNORE_INDEX] * (len(item["labels"]) - n) + item["labels"][-n:]}
+
+
+def _nll_sum(logits, labels) -> tuple[float, int]:
+    """(summed NLL, number of scored tokens) of next-token predictions; labels not shifted yet."""
+    import torch
+
+    from ftpipe.chat import IGNORE_INDEX
+
+    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+    return nll.item(), int((shift_labels != IGNORE_INDEX).sum())
+
+
+def sliding_window_perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    *,
+    max_length: int,
+    stride: int,
+    progress: str | None = None,
+) -> tuple[float, int]:
+    """(perplexity, number of tokens) of a long text under a fixed context window.
+
+    The strided loop of the transformers guide "Perplexity of fixed-length models": a window of
+    `max_length` tokens starts every `stride` tokens and scores only the tokens no earlier window
+    scored, so each token is predicted once, with at least `max_length - stride` tokens of context
+    once past the first window. The mean is over the tokens actually scored (the guide's
+    `num_valid_tokens - batch_size` count is exact only for the first window).
+    """
+    import torch
+    from tqdm import tqdm
+
+    from ftpipe.chat import IGNORE_INDEX
+
+    if not 0 < stride <= max_length:
+        raise ValueError(f"stride {stride} must be in 1..max_length ({max_length}), or tokens go unscored")
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    seq_len = ids.shape[1]
+    if seq_len < 2:
+        raise ValueError("general text: needs at least two tokens")
+    total_nll, total_tokens, scored_until = 0.0, 0, 0
+    starts = range(0, seq_len, stride)
+    for begin in tqdm(starts, desc=progress, disable=progress is None):
+        end = min(begin + max_length, seq_len)
+        window = ids[:, begin:end]
+        labels = window.clone()
+        labels[:, : scored_until - begin] = IGNORE_INDEX  # already scored by an earlier window
+        with torch.inference_mode():
+            logits = model(input_ids=window.to(model.device)).logits.float().cpu()
+        nll, count = _nll_sum(logits, labels)
+        total_nll, total_tokens, scored_until = total_nll + nll, total_tokens + count, end
+        if end == seq_len:
+            break
+    return math.exp(total_nll / total_tokens), seq_len
 
 
 def score(

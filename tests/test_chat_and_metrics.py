@@ -58,29 +58,88 @@ def test_bleu_equals_sacrebleu():
 def test_rouge_equals_rouge_score_mean_f1(stemmer):
     from rouge_score import rouge_scorer
 
-    preds = ["the cats were running\nfast", "hello there", ""]
-    refs = ["the cat runs fast", "hello\nthere friend", "something"]
+    preds = ["the cats were running\nfast", "hello there", "", "fast runs\nthe cat"]
+    refs = ["the cat runs fast", "hello\nthere friend", "something", "the cat runs fast"]
     got = metrics.rouge(preds, refs, stemmer=stemmer)
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=stemmer)
     for key in metrics.ROUGE_KEYS:
         expected = sum(scorer.score(r, p)[key].fmeasure for p, r in zip(preds, refs)) / len(preds)
         assert got[key] == pytest.approx(expected), key
     assert metrics.rouge(preds, refs, stemmer=True)["rouge1"] != metrics.rouge(preds, refs, stemmer=False)["rouge1"]
+    # Lsum splits sentences on newlines (so it differs from L here), and the mean is deterministic.
+    assert got["rougeLsum"] != got["rougeL"]
+    assert metrics.rouge(preds, refs, stemmer=stemmer) == got
 
 
-def test_response_perplexity_is_token_weighted_over_responses(model, tokenizer):
+def test_response_perplexity_scores_only_the_final_turn_token_weighted(model, tokenizer):
     import torch
 
+    from stages.evaluate import with_shots
+
+    def reference(conversations):  # one at a time: prompt and reference tokenized apart, the model's own loss
+        nll, count = 0.0, 0
+        for messages in conversations:
+            prompt = tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"]
+            full = render(tokenizer, messages, generation_prompt=False)
+            answer = tokenizer(full[len(prompt_text(tokenizer, messages)):], add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                loss = model(input_ids=torch.tensor([prompt + answer]),
+                             labels=torch.tensor([[IGNORE_INDEX] * len(prompt) + answer])).loss
+            nll, count = nll + loss.item() * len(answer), count + len(answer)
+        return math.exp(nll / count)
+
     conversations = [CONVERSATION[1:3], CONVERSATION]
-    nll, count = 0.0, 0
-    for messages in conversations:  # one at a time through the model's own loss (a mean over labels)
-        item = encode(tokenizer, messages)
-        n = sum(lab != IGNORE_INDEX for lab in item["labels"][1:])
-        with torch.no_grad():
-            loss = model(input_ids=torch.tensor([item["input_ids"]]), labels=torch.tensor([item["labels"]])).loss
-        nll, count = nll + loss.item() * n, count + n
     got = metrics.response_perplexity(model, tokenizer, conversations, batch_size=2)
-    assert got == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert got == pytest.approx(reference(conversations), rel=1e-4)
+    # Few-shot turns are context: only each conversation's own final answer is scored.
+    shots = [{"messages": [{"role": "user", "content": "say one"}, {"role": "assistant", "content": "one"}]}]
+    shot = [with_shots(c, shots) for c in conversations]
+    assert metrics.response_perplexity(model, tokenizer, shot, batch_size=1) == pytest.approx(reference(shot), rel=1e-4)
+
+
+def documented_sliding_window_ppl(model, tokenizer, text, max_length, stride):
+    """The loop of the transformers guide "Perplexity of fixed-length models", as written there,
+    except the token count: it counts the labels the loss really averaged over (the guide's
+    `num_valid_tokens - batch_size` undercounts every window after the first by one)."""
+    import torch
+
+    encodings = tokenizer(text, return_tensors="pt")
+    seq_len = encodings.input_ids.size(1)
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc
+        input_ids = encodings.input_ids[:, begin_loc:end_loc]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            neg_log_likelihood = model(input_ids, labels=target_ids).loss
+        num_loss_tokens = (target_ids[:, 1:] != -100).sum().item()
+        nll_sum += neg_log_likelihood * num_loss_tokens
+        n_tokens += num_loss_tokens
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    return torch.exp(nll_sum / n_tokens).item()
+
+
+@pytest.mark.parametrize(("max_length", "stride"), [(32, 16), (32, 32), (40, 7), (500, 100)])
+def test_sliding_window_perplexity_equals_the_documented_loop(model, tokenizer, max_length, stride):
+    import torch
+
+    text = " ".join(f"say {w} number {i}" for i, w in enumerate("red green blue cat dog bird hello world".split() * 4))
+    got, tokens = metrics.sliding_window_perplexity(model, tokenizer, text, max_length=max_length, stride=stride)
+    assert tokens == len(tokenizer(text)["input_ids"]) > 100
+    assert got == pytest.approx(documented_sliding_window_ppl(model, tokenizer, text, max_length, stride), rel=1e-4)
+    if max_length >= tokens:  # one window: the plain definition over the whole text
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            assert got == pytest.approx(math.exp(model(ids, labels=ids).loss.item()), rel=1e-4)
+
+
+def test_sliding_window_rejects_a_stride_that_skips_tokens(model, tokenizer):
+    with pytest.raises(ValueError, match="stride 9 must be in 1..max_length"):
+        metrics.sliding_window_perplexity(model, tokenizer, "say red blue", max_length=8, stride=9)
 
 
 def test_batched_generation_equals_one_at_a_time(model, tokenizer):
