@@ -131,14 +131,37 @@ class TrainParams(_Section):
 
 
 class EvaluateParams(_Section):
-    """Base vs fine-tuned on the test split: BLEU, ROUGE and perplexity of the references."""
+    """Base zero-shot, base few-shot and fine-tuned on the test split (BLEU, ROUGE, perplexity of
+    the references), and the forgetting check: perplexity of general text, base vs fine-tuned."""
 
     max_examples: int = Field(0, ge=0)
     """0: the whole test split; otherwise its first N rows (the split is already shuffled)."""
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(16, ge=1)
     rouge_stemmer: bool = True
+    """Porter-stem words before ROUGE matching (rouge-score's use_stemmer)."""
+    few_shot_k: int = Field(3, ge=1)
+    """Training examples shown to the base model as earlier user/assistant turns (few-shot baseline)."""
+    few_shot_seed: int = 42
+    """Seed of the deterministic choice of the few-shot examples from data/prepared/train.jsonl."""
+    general_text: str = Field("ftpipe/assets/general_english.txt", min_length=1)
+    """UTF-8 text file of general prose, not in the training data, for the forgetting check."""
+    general_max_length: int = Field(1024, ge=2)
+    """Window of the sliding-window perplexity, in tokens (at most the model's context)."""
+    general_stride: int = Field(512, ge=1)
+    """Tokens between window starts; each token after the first window sees at least
+    general_max_length - general_stride tokens of context."""
+    overfit_margin: float = Field(0.05, ge=0)
+    """Report "possible overfitting" when the final validation loss exceeds its best by more than
+    this fraction of the best."""
     threads: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_window(self) -> EvaluateParams:
+        if self.general_stride > self.general_max_length:
+            raise FieldProblem("general_stride", f"must be <= general_max_length ({self.general_max_length}), "
+                                                 "or tokens between windows go unscored")
+        return self
 
 
 class RegisterParams(_Section):
@@ -151,6 +174,9 @@ class RegisterParams(_Section):
     """The promotion gate's metric (perplexity: lower is better)."""
     min_improvement: float = Field(0.0, ge=0)
     """How much the challenger must beat the base model and the champion by to become champion."""
+    max_forgetting: float | None = Field(0.1, ge=0)
+    """Largest allowed relative rise of general_perplexity of the challenger over the base model
+    (0.1: at most 10% higher); null turns the forgetting check off."""
 
 
 # stage name -> (params.yaml section, its model)

@@ -1,76 +1,140 @@
-"""Base vs fine-tuned on the test split: BLEU, ROUGE-1/2/L/Lsum and perplexity of the references.
+"""Base zero-shot, base few-shot and fine-tuned on the test split, plus forgetting and overfitting checks.
 
-Both models get the same chat-formatted prompts and the same greedy generation settings.
-Reads params.yaml `evaluate`, models/base/, models/adapter/, data/prepared/test.jsonl; writes
-reports/metrics.json (DVC metrics, base and fine-tuned side by side), reports/generations.jsonl
-(prompt, reference and both outputs per example) and reports/comparison.md.
+The three candidates get the same test prompts and the same greedy batched generation settings;
+the few-shot one sees `few_shot_k` training examples (a seeded draw) as earlier chat turns. Each
+gets BLEU, ROUGE-1/2/L/Lsum and the perplexity of the references. Forgetting: the sliding-window
+perplexity of general text (`general_text`, not in the training data) under the base and the
+fine-tuned weights. Overfitting: the validation losses of reports/train.json.
+Reads params.yaml `evaluate`, models/base/, models/adapter/, data/prepared/{train,test}.jsonl,
+reports/train.json and the general text; writes reports/metrics.json (DVC metrics, one block per
+candidate with the same keys), reports/generations.jsonl (prompt, reference, every candidate's
+output and its ROUGE-L per example) and reports/comparison.md.
 Run: python -m stages.evaluate
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
 from ftpipe.errors import PipelineError, run_cli
-from ftpipe.io import dumps_jsonl, read_jsonl, write_json, write_text
+from ftpipe.io import dumps_jsonl, read_json, read_jsonl, write_json, write_text
 from ftpipe.params import EvaluateParams, load_section
 
 BASE_DIR = Path("models/base")
 ADAPTER_DIR = Path("models/adapter")
-TEST_FILE = Path("data/prepared/test.jsonl")
+DATA_DIR = Path("data/prepared")
 REPORTS = Path("reports")
+CANDIDATES = {"base": "base", "fewshot": "base few-shot", "finetuned": "fine-tuned"}  # key -> label
 
 
-def _evaluate_model(model, tokenizer, rows, params: EvaluateParams, name: str) -> tuple[dict[str, Any], list[str]]:
+def pick_shots(train_rows: list[dict[str, Any]], *, k: int, seed: int) -> list[dict[str, Any]]:
+    """k training rows, the same ones for every test prompt and every run with this seed."""
+    if k > len(train_rows):
+        raise PipelineError(f"evaluate.few_shot_k: {k} exceeds the {len(train_rows)} training rows")
+    return random.Random(seed).sample(train_rows, k)
+
+
+def with_shots(messages: list[dict[str, str]], shots: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The conversation with the shots' user/assistant turns before its own (after its system message)."""
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    turns = [m for shot in shots for m in shot["messages"] if m["role"] != "system"]
+    return head + turns + messages[len(head):]
+
+
+def _candidate(model, tokenizer, conversations, params: EvaluateParams, name: str) -> tuple[dict[str, Any], list[str]]:
+    """Scores and outputs of one model on the test conversations (each ending in its reference)."""
     from ftpipe import metrics
-    from ftpipe.chat import prompt_text, reference_of
+    from ftpipe.chat import prompt_text
 
-    prompts = [prompt_text(tokenizer, r["messages"]) for r in rows]
-    references = [reference_of(r) for r in rows]
+    prompts = [prompt_text(tokenizer, c) for c in conversations]
+    references = [c[-1]["content"] for c in conversations]
     outputs = metrics.generate(model, tokenizer, prompts, max_new_tokens=params.max_new_tokens,
                                batch_size=params.batch_size, progress=f"generate ({name})")
-    ppl = metrics.response_perplexity(model, tokenizer, [r["messages"] for r in rows], batch_size=params.batch_size)
+    ppl = metrics.response_perplexity(model, tokenizer, conversations, batch_size=params.batch_size)
     return metrics.score(outputs, references, stemmer=params.rouge_stemmer, perplexity=ppl), outputs
 
 
-def run(*, params: EvaluateParams, base_dir: Path, adapter_dir: Path, test_file: Path, reports_dir: Path) -> dict[str, Any]:
+def _general_perplexity(model, tokenizer, text: str, params: EvaluateParams, name: str) -> tuple[float, int]:
+    from ftpipe import metrics
+
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and params.general_max_length > context:
+        raise PipelineError(f"evaluate.general_max_length: {params.general_max_length} exceeds the model's "
+                            f"context of {context} tokens")
+    return metrics.sliding_window_perplexity(model, tokenizer, text, max_length=params.general_max_length,
+                                             stride=params.general_stride, progress=f"general text ({name})")
+
+
+def training_check(train: dict[str, Any], *, margin: float) -> dict[str, Any]:
+    """Validation-loss facts of reports/train.json and whether they suggest overfitting."""
+    keys = ("train_loss_final", "val_loss_final", "val_loss_best", "best_step", "train_val_gap", "steps")
+    facts = {k: train[k] for k in keys if train.get(k) is not None}
+    if "val_loss_final" in facts and "val_loss_best" in facts:
+        facts["val_loss_above_best"] = facts["val_loss_final"] - facts["val_loss_best"]
+        facts["possible_overfitting"] = facts["val_loss_above_best"] > margin * facts["val_loss_best"]
+    return facts
+
+
+def run(*, params: EvaluateParams, base_dir: Path, adapter_dir: Path, data_dir: Path, train_report: Path,
+        general_text: Path, reports_dir: Path) -> dict[str, Any]:
     from ftpipe import metrics, models
-    from ftpipe.chat import prompt_text, reference_of
+    from ftpipe.chat import prompt_text
 
     models.set_threads(params.threads)
-    rows = read_jsonl(test_file)
+    rows = read_jsonl(data_dir / "test.jsonl")
     if params.max_examples:
         rows = rows[: params.max_examples]
     if not rows:
-        raise PipelineError(f"{test_file}: no test rows to evaluate")
+        raise PipelineError(f"{data_dir / 'test.jsonl'}: no test rows to evaluate")
     if not (adapter_dir / "adapter_config.json").is_file():
         raise PipelineError(f"{adapter_dir}: no adapter found (run the train stage first)")
+    if not general_text.is_file():
+        raise PipelineError(f"evaluate.general_text: file not found: {general_text}")
+    text = general_text.read_text(encoding="utf-8")
+    if len(text.split()) < 2:
+        raise PipelineError(f"evaluate.general_text: {general_text} holds no text")
+    shots = pick_shots(read_jsonl(data_dir / "train.jsonl"), k=params.few_shot_k, seed=params.few_shot_seed)
+    training = training_check(read_json(train_report) if train_report.is_file() else {}, margin=params.overfit_margin)
     tokenizer = models.load_tokenizer(base_dir)
+    conversations = [r["messages"] for r in rows]
 
+    scores, outputs, general = {}, {}, {}
     base = models.load_model(base_dir)
-    base_scores, base_out = _evaluate_model(base, tokenizer, rows, params, "base")
+    scores["base"], outputs["base"] = _candidate(base, tokenizer, conversations, params, "base")
+    scores["fewshot"], outputs["fewshot"] = _candidate(
+        base, tokenizer, [with_shots(c, shots) for c in conversations], params, "base few-shot")
+    general["base"], general_tokens = _general_perplexity(base, tokenizer, text, params, "base")
     del base
     tuned = models.load_finetuned(base_dir, adapter_dir)
-    tuned_scores, tuned_out = _evaluate_model(tuned, tokenizer, rows, params, "fine-tuned")
+    scores["finetuned"], outputs["finetuned"] = _candidate(tuned, tokenizer, conversations, params, "fine-tuned")
+    general["finetuned"], _ = _general_perplexity(tuned, tokenizer, text, params, "fine-tuned")
+    general["fewshot"] = general["base"]  # the same weights: prompting does not change them
+    for name in CANDIDATES:
+        scores[name][metrics.GENERAL_KEY] = general[name]
 
-    references = [reference_of(r) for r in rows]
-    _, signature = metrics.bleu(tuned_out, references)
-    per_base = metrics.rouge_per_example(base_out, references, stemmer=params.rouge_stemmer)
-    per_tuned = metrics.rouge_per_example(tuned_out, references, stemmer=params.rouge_stemmer)
+    references = [c[-1]["content"] for c in conversations]
+    _, signature = metrics.bleu(outputs["finetuned"], references)
     result = {
         "examples": len(rows),
-        "base": base_scores,
-        "finetuned": tuned_scores,
-        "delta": {k: tuned_scores[k] - base_scores[k] for k in metrics.METRIC_KEYS},
+        **scores,
+        "delta": {k: scores["finetuned"][k] - scores["base"][k] for k in metrics.CANDIDATE_KEYS},
+        "forgetting": general["finetuned"] / general["base"] - 1,
+        "training": training,
+        "few_shot_ids": [s["id"] for s in shots],
+        "general_text": {"path": str(general_text), "tokens": general_tokens},
         "bleu_signature": signature,
         # The resolved settings travel with the numbers (and make register rerun when they change).
         "settings": {"decoding": "greedy", **params.model_dump(exclude={"threads"})},
     }
+    per_example = {name: metrics.rouge_per_example(outputs[name], references, stemmer=params.rouge_stemmer)
+                   for name in CANDIDATES}
     generations = [
-        {"id": r["id"], "prompt": prompt_text(tokenizer, r["messages"]), "reference": ref, "base": b, "finetuned": t,
-         "rougeL_base": pb["rougeL"], "rougeL_finetuned": pt["rougeL"]}
-        for r, ref, b, t, pb, pt in zip(rows, references, base_out, tuned_out, per_base, per_tuned)
+        {"id": r["id"], "prompt": prompt_text(tokenizer, r["messages"]), "reference": references[i],
+         **{name: outputs[name][i] for name in CANDIDATES},
+         **{f"rougeL_{name}": per_example[name][i]["rougeL"] for name in CANDIDATES}}
+        for i, r in enumerate(rows)
     ]
     write_text(reports_dir / "generations.jsonl", dumps_jsonl(generations))
     write_text(reports_dir / "comparison.md", comparison_table(result))
@@ -79,27 +143,46 @@ def run(*, params: EvaluateParams, base_dir: Path, adapter_dir: Path, test_file:
 
 
 def comparison_rows(result: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
-    """(metric, base, fine-tuned, fine-tuned is better) per metric; perplexity is better when lower."""
-    from ftpipe.metrics import METRIC_KEYS, gain
+    """(metric, base, fine-tuned, fine-tuned is better) per metric; perplexities are better when lower."""
+    from ftpipe.metrics import CANDIDATE_KEYS, gain
 
     rows = []
-    for key in METRIC_KEYS:
-        b, t = result["base"][key], result["finetuned"][key]
-        rows.append((key, b, t, gain(key, t, b) > 0))
+    for key in CANDIDATE_KEYS:
+        if key in result["base"] and key in result["finetuned"]:
+            b, t = result["base"][key], result["finetuned"][key]
+            rows.append((key, b, t, gain(key, t, b) > 0))
     return rows
 
 
 def comparison_table(result: dict[str, Any]) -> str:
-    """Markdown table of base vs fine-tuned."""
-    lines = ["| metric | base | fine-tuned | change |", "|---|---:|---:|---:|"]
+    """Markdown: the three candidates side by side, then the forgetting and overfitting checks."""
+    lines = ["| metric | base | base few-shot | fine-tuned | fine-tuned vs base |", "|---|---:|---:|---:|---:|"]
     for key, b, t, better in comparison_rows(result):
-        lines.append(f"| {key} | {b:.4g} | {t:.4g} | {t - b:+.4g} {'better' if better else 'worse'} |")
-    return "\n".join(lines) + f"\n\n{result['examples']} test examples; BLEU {result['bleu_signature']}\n"
+        fewshot = result.get("fewshot", {}).get(key)
+        lines.append(f"| {key} | {b:.4g} | {'' if fewshot is None else f'{fewshot:.4g}'} | {t:.4g} "
+                     f"| {t - b:+.4g} {'better' if better else 'worse'} |")
+    text = "\n".join(lines) + f"\n\n{result['examples']} test examples; BLEU {result['bleu_signature']}\n"
+    if "forgetting" in result:
+        text += (f"\nForgetting: general-text perplexity {result['forgetting']:+.1%} after fine-tuning "
+                 f"({result['general_text']['tokens']} tokens of {result['general_text']['path']}; "
+                 "the few-shot baseline shares the base weights).\n")
+    if result.get("few_shot_ids"):
+        text += f"\nFew-shot examples (training rows): {', '.join(map(str, result['few_shot_ids']))}\n"
+    training = result.get("training") or {}
+    if "val_loss_final" in training:
+        text += (f"\nTraining: final validation loss {training['val_loss_final']:.4g}, best "
+                 f"{training['val_loss_best']:.4g} at step {training.get('best_step', '?')} of "
+                 f"{training.get('steps', '?')}; train-validation gap {training.get('train_val_gap', float('nan')):.4g}.")
+        text += (" **Possible overfitting**: the final validation loss is above its best by "
+                 f"{training['val_loss_above_best']:.4g}.\n" if training["possible_overfitting"] else
+                 " No sign of overfitting.\n")
+    return text
 
 
 def main() -> None:
     params = load_section("evaluate", EvaluateParams)
-    result = run(params=params, base_dir=BASE_DIR, adapter_dir=ADAPTER_DIR, test_file=TEST_FILE, reports_dir=REPORTS)
+    result = run(params=params, base_dir=BASE_DIR, adapter_dir=ADAPTER_DIR, data_dir=DATA_DIR,
+                 train_report=REPORTS / "train.json", general_text=Path(params.general_text), reports_dir=REPORTS)
     print(comparison_table(result))
 
 

@@ -1,11 +1,13 @@
 """Log the pipeline run to MLflow and register the fine-tuned model with its lineage.
 
 One parent run per pipeline run holds the params, reports, loss curve and the per-example
-generations table; under it a `base` and a `finetuned` run carry the same metric keys, so
-selecting both and pressing Compare lines them up. The merged fine-tuned model is logged and
-registered as a new version of `register.model_name`, tagged with git commit, dvc.lock hashes of
-data and base model, method and params. The new version becomes `challenger`; `champion` moves to
-it only if the promotion gate (ftpipe/promotion.py) passes, and the decision's reasons are logged.
+generations table (prompt, reference, each candidate's output and ROUGE-L); under it a `base`, a
+`fewshot` and a `finetuned` run carry the same metric keys, so selecting them and pressing Compare
+lines them up. The fine-tuned run also carries the training losses, the best validation step and
+the overfitting verdict. The merged fine-tuned model is logged and registered as a new version of
+`register.model_name`, tagged with git commit, dvc.lock hashes of data and base model, method and
+params. The new version becomes `challenger`; `champion` moves to it only if the promotion gate
+(ftpipe/promotion.py: metric, forgetting and leak checks) passes, and the decision's reasons are logged.
 Reads params.yaml (all sections), dvc.lock, models/, reports/; writes reports/registration.json.
 Run: python -m stages.register
 """
@@ -71,15 +73,24 @@ def run(
                 mlflow.log_artifact(str(reports_dir / name), artifact_path="reports")
         mlflow.log_table({k: [g[k] for g in generations] for k in generations[0]}, "generations.json")
 
-        with mlflow.start_run(experiment_id=experiment_id, run_name="base", nested=True) as base_run:
-            mlflow.set_tags({"role": "candidate", "candidate": "base", **lineage})
-            mlflow.log_metrics(metrics["base"])
+        runs = {}
+        for name in ("base", "fewshot"):
+            with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True) as child:
+                mlflow.set_tags({"role": "candidate", "candidate": name, **lineage})
+                mlflow.log_metrics(metrics[name])
+                runs[name] = child.info.run_id
 
         with mlflow.start_run(experiment_id=experiment_id, run_name="finetuned", nested=True) as tuned_run:
             mlflow.set_tags({"role": "candidate", "candidate": "finetuned", **lineage})
             mlflow.log_metrics(metrics["finetuned"])
+            runs["finetuned"] = tuned_run.info.run_id
             mlflow.log_metrics({k: v for k, v in train.items()
-                                if k in ("val_loss_final", "val_loss_best", "train_loss_final", "train_val_gap")})
+                                if k in ("val_loss_final", "val_loss_best", "train_loss_final", "train_val_gap",
+                                         "best_step")})
+            training = metrics.get("training", {})
+            if "possible_overfitting" in training:
+                mlflow.log_metrics({"val_loss_above_best": training["val_loss_above_best"],
+                                    "possible_overfitting": float(training["possible_overfitting"])})
             for step, loss in _curve(reports_dir / "train_loss.csv"):
                 mlflow.log_metric("train_loss", loss, step=step)
             for step, loss in _curve(reports_dir / "val_loss.csv"):
@@ -109,8 +120,9 @@ def run(
         "model_uri": f"models:/{params.model_name}/{version}",
         "experiment": params.experiment,
         "pipeline_run_id": parent.info.run_id,
-        "base_run_id": base_run.info.run_id,
-        "finetuned_run_id": tuned_run.info.run_id,
+        "base_run_id": runs["base"],
+        "fewshot_run_id": runs["fewshot"],
+        "finetuned_run_id": runs["finetuned"],
         "tracking_uri": redact(tracking_uri),
         "aliases": ["challenger", "champion"] if decision.promote else ["challenger"],
         "promotion": {"promote": decision.promote, "reasons": decision.reasons},
@@ -131,7 +143,7 @@ def _promote(client, params: RegisterParams, version: str, metrics: dict[str, An
         champion, champion_version = None, None
     decision = decide(metric=params.primary_metric, min_improvement=params.min_improvement,
                       challenger=metrics["finetuned"], base=metrics["base"], champion=champion,
-                      champion_version=champion_version, leaks=leaks)
+                      champion_version=champion_version, leaks=leaks, max_forgetting=params.max_forgetting)
     client.set_registered_model_alias(params.model_name, "challenger", version)
     if decision.promote:
         client.set_registered_model_alias(params.model_name, "champion", version)

@@ -83,7 +83,8 @@ def tiny_params(model_dir: Path, data_file: Path) -> dict:
     params["prepare_data"].update(source="file", path=str(data_file), val_fraction=0.1, test_fraction=0.1)
     params["train"].update(max_steps=6, batch_size=4, eval_steps=3, logging_steps=1, learning_rate=5e-3,
                            max_length=64)
-    params["evaluate"].update(max_new_tokens=8, batch_size=4)
+    # The tiny model's context is 256 tokens.
+    params["evaluate"].update(max_new_tokens=8, batch_size=4, general_max_length=256, general_stride=128)
     params["register"].update(experiment="tiny-test", model_name="tiny-model")
     return params
 

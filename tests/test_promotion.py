@@ -41,3 +41,17 @@ def test_gate_metric_choices_are_the_evaluated_metrics():
     from ftpipe.params import RegisterParams
 
     assert typing.get_args(RegisterParams.model_fields["primary_metric"].annotation) == METRIC_KEYS
+
+
+def test_forgetting_check_both_ways_with_its_reason():
+    base = {"rougeL": 0.10, "general_perplexity": 20.0}
+    kwargs = {"metric": "rougeL", "min_improvement": 0.0, "base": base, "champion": None, "champion_version": None,
+              "leaks": 0, "max_forgetting": 0.1}
+    kept = decide(challenger={"rougeL": 0.3, "general_perplexity": 21.0}, **kwargs)
+    assert kept.promote
+    assert "general_perplexity 21.0000 vs base 20.0000 (+5.0%, allowed <= +10.0%): pass" in kept.reasons
+    forgot = decide(challenger={"rougeL": 0.3, "general_perplexity": 23.0}, **kwargs)
+    assert not forgot.promote  # better on the metric, but it forgot general language
+    assert "general_perplexity 23.0000 vs base 20.0000 (+15.0%, allowed <= +10.0%): fail" in forgot.reasons
+    assert not decide(challenger={"rougeL": 0.3}, **kwargs).promote  # not measured: no promotion on trust
+    assert decide(**{**kwargs, "max_forgetting": None}, challenger={"rougeL": 0.3, "general_perplexity": 99.0}).promote
