@@ -31,11 +31,19 @@ def test_dvc_repro_end_to_end(project):
     assert ran(first.stdout) == set(STAGES)
 
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
-    keys = {"bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "perplexity"}
-    assert set(metrics["base"]) == set(metrics["finetuned"]) == keys
+    keys = {"bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "perplexity", "general_perplexity"}
+    assert set(metrics["base"]) == set(metrics["fewshot"]) == set(metrics["finetuned"]) == keys
+    assert metrics["fewshot"]["general_perplexity"] == metrics["base"]["general_perplexity"]
+    assert metrics["fewshot"]["perplexity"] != metrics["base"]["perplexity"]  # the shots change the context
+    assert len(metrics["few_shot_ids"]) == 3 and metrics["general_text"]["tokens"] > 256
+    assert metrics["training"]["best_step"] > 0 and "possible_overfitting" in metrics["training"]
     generations = [json.loads(line) for line in (project / "reports" / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == metrics["examples"] > 0
-    assert {"prompt", "reference", "base", "finetuned"} <= set(generations[0])
+    assert {"prompt", "reference", "base", "fewshot", "finetuned", "rougeL_base", "rougeL_fewshot",
+            "rougeL_finetuned"} <= set(generations[0])
+    comparison = (project / "reports" / "comparison.md").read_text()
+    assert "| base few-shot |" in comparison and "| general_perplexity |" in comparison
+    assert "Forgetting: general-text perplexity" in comparison and "train-validation gap" in comparison
 
     # The registered version loads back by its models:/ URI, offline, and generates.
     registration = json.loads((project / "reports" / "registration.json").read_text())
@@ -53,21 +61,27 @@ def test_dvc_repro_end_to_end(project):
     assert version.tags["base_model_md5"] == lock_md5(project, "prepare_base", "models/base")
     assert version.tags["method"] == "lora" and version.tags["param.train.lora_r"] == "16"
 
-    # Base and fine-tuned are sibling runs under the pipeline run, with the same metric keys.
-    base_run = client.get_run(registration["base_run_id"])
-    tuned_run = client.get_run(registration["finetuned_run_id"])
-    assert base_run.data.tags["mlflow.parentRunId"] == registration["pipeline_run_id"]
-    assert tuned_run.data.tags["mlflow.parentRunId"] == registration["pipeline_run_id"]
-    assert keys <= set(base_run.data.metrics) and keys <= set(tuned_run.data.metrics)
-    assert base_run.data.metrics["rougeL"] == pytest.approx(metrics["base"]["rougeL"])
+    # Base, few-shot and fine-tuned are sibling runs under the pipeline run, with the same metric keys.
+    runs = {name: client.get_run(registration[f"{name}_run_id"]) for name in ("base", "fewshot", "finetuned")}
+    for name, run in runs.items():
+        assert run.data.tags["mlflow.parentRunId"] == registration["pipeline_run_id"]
+        assert keys <= set(run.data.metrics)
+        assert run.data.metrics["rougeL"] == pytest.approx(metrics[name]["rougeL"])
+    tuned_run = runs["finetuned"]
+    assert tuned_run.data.metrics["best_step"] == metrics["training"]["best_step"]
+    assert {"train_val_gap", "possible_overfitting"} <= set(tuned_run.data.metrics)
     assert len(client.get_metric_history(tuned_run.info.run_id, "train_loss")) == 6
     pipeline_run = client.get_run(registration["pipeline_run_id"])
     assert pipeline_run.data.metrics["data_leaks"] == 0 and pipeline_run.data.params["train.method"] == "lora"
     logged = {a.path for a in client.list_artifacts(registration["pipeline_run_id"], "reports")}
     assert {"reports/data_report.md", "reports/data.json", "reports/comparison.md", "reports/loss.png"} <= logged
+    table = client.load_table(pipeline_run.info.experiment_id, "generations.json", run_ids=[pipeline_run.info.run_id])
+    assert len(table) == metrics["examples"] and "rougeL_fewshot" in table.columns
 
-    # The first version becomes challenger, and champion only where it beat the base model.
-    beat_base = metrics["finetuned"]["rougeL"] > metrics["base"]["rougeL"]
+    # The first version becomes challenger, and champion only where it beat the base model
+    # without forgetting (general-text perplexity at most 10% above the base model's).
+    beat_base = (metrics["finetuned"]["rougeL"] > metrics["base"]["rougeL"]
+                 and metrics["forgetting"] <= 0.1)
     assert registration["aliases"] == (["challenger", "champion"] if beat_base else ["challenger"])
     assert str(client.get_model_version_by_alias("tiny-model", "challenger").version) == "1"
     assert version.tags["promotion"].startswith("promoted" if beat_base else "kept as challenger")
@@ -86,17 +100,25 @@ def test_dvc_repro_end_to_end(project):
     assert json.loads((project / "reports" / "registration.json").read_text())["version"] == "2"
 
     # The gate both ways, through the register stage: a better challenger is promoted and
-    # `models:/NAME@champion` loads it; a worse one stays challenger and says why.
-    for score, promoted, version_number in ((0.9, True, "3"), (0.5, False, "4")):
+    # `models:/NAME@champion` loads it; a worse one, or a better one that forgot general
+    # language, stays challenger and says why (in the version's tag too).
+    for score, general, promoted, version_number in ((0.9, 20.0, True, "3"), (0.5, 20.0, False, "4"),
+                                                     (0.95, 30.0, False, "5")):
         tweaked = json.loads((project / "reports" / "metrics.json").read_text())
         tweaked["base"]["rougeL"], tweaked["finetuned"]["rougeL"] = 0.1, score
+        tweaked["base"]["general_perplexity"], tweaked["finetuned"]["general_perplexity"] = 20.0, general
         (project / "reports" / "metrics.json").write_text(json.dumps(tweaked))
         assert stage(project, "register").returncode == 0
         result = json.loads((project / "reports" / "registration.json").read_text())
         assert result["version"] == version_number and result["promotion"]["promote"] is promoted
-    assert "rougeL 0.5000 vs champion v3 0.9000 (-0.4000, needs > 0 and >= 0): fail" in result["promotion"]["reasons"]
+        if version_number == "4":
+            assert ("rougeL 0.5000 vs champion v3 0.9000 (-0.4000, needs > 0 and >= 0): fail"
+                    in result["promotion"]["reasons"])
+    assert "general_perplexity 30.0000 vs base 20.0000 (+50.0%, allowed <= +10.0%): fail" in result["promotion"]["reasons"]
+    tag = client.get_model_version("tiny-model", "5").tags["promotion"]
+    assert tag.startswith("kept as challenger: ") and "+50.0%, allowed <= +10.0%): fail" in tag
     assert str(client.get_model_version_by_alias("tiny-model", "champion").version) == "3"
-    assert str(client.get_model_version_by_alias("tiny-model", "challenger").version) == "4"
+    assert str(client.get_model_version_by_alias("tiny-model", "challenger").version) == "5"
     assert len(mlflow.pyfunc.load_model("models:/tiny-model@champion").predict(["say red"])) == 1
 
 
