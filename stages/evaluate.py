@@ -160,7 +160,7 @@ def comparison_table(result: dict[str, Any]) -> str:
     for key, b, t, better in comparison_rows(result):
         fewshot = result.get("fewshot", {}).get(key)
         lines.append(f"| {key} | {b:.4g} | {'' if fewshot is None else f'{fewshot:.4g}'} | {t:.4g} "
-                     f"| {t - b:+.4g} {'better' if better else 'worse'} |")
+                     f"| {t - b:+.4g} {'better' if better else 'same' if t == b else 'worse'} |")
     text = "\n".join(lines) + f"\n\n{result['examples']} test examples; BLEU {result['bleu_signature']}\n"
     if "forgetting" in result:
         text += (f"\nForgetting: general-text perplexity {result['forgetting']:+.1%} after fine-tuning "
@@ -170,12 +170,15 @@ def comparison_table(result: dict[str, Any]) -> str:
         text += f"\nFew-shot examples (training rows): {', '.join(map(str, result['few_shot_ids']))}\n"
     training = result.get("training") or {}
     if "val_loss_final" in training:
+        gap = training.get("train_val_gap")
         text += (f"\nTraining: final validation loss {training['val_loss_final']:.4g}, best "
                  f"{training['val_loss_best']:.4g} at step {training.get('best_step', '?')} of "
-                 f"{training.get('steps', '?')}; train-validation gap {training.get('train_val_gap', float('nan')):.4g}.")
+                 f"{training.get('steps', '?')}; train-validation gap {'?' if gap is None else f'{gap:.4g}'}.")
+        margin = result.get("settings", {}).get("overfit_margin")
         text += (" **Possible overfitting**: the final validation loss is above its best by "
-                 f"{training['val_loss_above_best']:.4g}.\n" if training["possible_overfitting"] else
-                 " No sign of overfitting.\n")
+                 f"{training['val_loss_above_best']:.4g}"
+                 + (f" (more than {margin:.0%} of it).\n" if margin is not None else ".\n")
+                 if training["possible_overfitting"] else " No sign of overfitting.\n")
     return text
 
 
