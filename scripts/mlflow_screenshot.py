@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -53,22 +54,24 @@ def mlflow_server(tracking_uri: str, artifacts_uri: str) -> Iterator[str]:
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", tracking_uri, "--default-artifact-root", artifacts_uri,
            "--artifacts-destination", artifacts_uri]
-    # Own process group: the server forks uvicorn workers, and all of them must go at the end.
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(server, url)
-        yield url
-    finally:
-        _stop(server)
+    # The log goes to a file, not a pipe: nobody reads it while the page runs, and a full pipe would
+    # block the server. Own process group: the server forks uvicorn workers, and all must go at the end.
+    with tempfile.TemporaryFile("w+") as log:
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        try:
+            _wait_healthy(server, url, log)
+            yield url
+        finally:
+            _stop(server)
 
 
-def _wait_healthy(server: subprocess.Popen, url: str) -> None:
+def _wait_healthy(server: subprocess.Popen, url: str, log) -> None:
     deadline = time.monotonic() + SERVER_START_S
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            tail = " | ".join(server.stderr.read().strip().splitlines()[-3:])
+            log.seek(0)
+            tail = (log.read().strip().splitlines() or ["no output"])[-1]
             raise PipelineError(f"mlflow server exited with code {server.returncode}: {tail}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
@@ -88,8 +91,6 @@ def _stop(server: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
-    if server.stderr:
-        server.stderr.close()
 
 
 def latest_candidates(tracking_uri: str, experiment: str) -> tuple[str, list[Any]]:

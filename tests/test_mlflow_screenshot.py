@@ -10,7 +10,7 @@ import pytest
 from conftest import dvc, stage
 
 from ftpipe.errors import PipelineError
-from scripts.mlflow_screenshot import latest_candidates, run
+from scripts.mlflow_screenshot import latest_candidates, mlflow_server, run
 
 
 def _log_pipeline(experiment_id: str, candidates: list[str]) -> dict[str, str]:
@@ -44,6 +44,20 @@ def test_picks_the_newest_pipeline_runs_candidates_in_order(tmp_path):
         latest_candidates(uri, "exp")
     with pytest.raises(PipelineError, match="no MLflow experiment named 'nope'"):
         latest_candidates(uri, "nope")
+
+
+def test_the_server_stops_on_error_and_a_failed_start_says_why(tmp_path):
+    uri, artifacts = f"sqlite:///{tmp_path / 'mlruns.db'}", (tmp_path / "mlartifacts").as_uri()
+    with pytest.raises(RuntimeError, match="page failed"):
+        with mlflow_server(uri, artifacts) as url:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                assert response.status == 200
+            raise RuntimeError("page failed")
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/health", timeout=5)
+    with pytest.raises(PipelineError, match="mlflow server exited with code 1: .*unsupported URI 'bogus://db'"):
+        with mlflow_server("bogus://db", artifacts):
+            pass
 
 
 @pytest.mark.slow
