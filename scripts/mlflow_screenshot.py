@@ -124,7 +124,7 @@ def compare_url(base_url: str, experiment_id: str, run_ids: list[str]) -> str:
 
 
 def screenshot(url: str, out: Path, *, width: int, height: int) -> str:
-    """Open `url` in headless Chromium, wait for the metrics table, save a full-page PNG; returns the page text."""
+    """Open `url` in headless Chromium, wait for the metrics table, save a PNG of the view; returns the page text."""
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).is_file():
