@@ -102,6 +102,8 @@ def response_perplexity(
         mask = (torch.arange(width)[None, :] < torch.tensor([len(x["input_ids"]) for x in batch])[:, None]).long()
         with torch.inference_mode():
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        # Prompt/p-tuning models return logits for their virtual tokens first: keep the input's.
+        logits = logits[:, -width:]
         shift_logits, shift_labels = logits[:, :-1].cpu(), labels[:, 1:]
         nll = torch.nn.functional.cross_entropy(
             shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),

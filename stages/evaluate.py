@@ -44,8 +44,8 @@ def run(*, params: EvaluateParams, base_dir: Path, adapter_dir: Path, test_file:
         rows = rows[: params.max_examples]
     if not rows:
         raise PipelineError(f"{test_file}: no test rows to evaluate")
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise PipelineError(f"{adapter_dir}: no adapter found (run the train stage first)")
+    if not models.has_finetuned(adapter_dir):
+        raise PipelineError(f"{adapter_dir}: no fine-tuned model found (run the train stage first)")
     tokenizer = models.load_tokenizer(base_dir)
 
     base = models.load_model(base_dir)
