@@ -5,6 +5,8 @@ Chat template applied, loss on assistant tokens only, seed fixed, validation los
 adapter (or, for full, the model) and its resolved config to models/adapter/, a standalone merged
 model to models/adapter/merged/ where the method can be merged, per-step losses to reports/{train,val}_loss.csv
 (DVC plots), a loss-curve PNG and summary metrics to reports/train.json.
+Checkpoints go every `save_steps` to checkpoints/train/<hash of params, base and data>/, outside
+DVC's outs; a rerun after an interruption resumes from the newest one, and success removes them.
 Run: python -m stages.train
 """
 

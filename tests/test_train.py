@@ -58,7 +58,7 @@ def test_lora_training_writes_every_declared_output(tmp_path, inputs):
     assert len((reports / "val_loss.csv").read_text().splitlines()) == 3  # header + steps 3 and 6
     assert (reports / "loss.png").stat().st_size > 1000
     assert json.loads((reports / "train.json").read_text()) == summary
-    assert not (tmp_path / "checkpoints").exists()
+    assert not list((tmp_path / "checkpoints").glob("*"))  # removed once the run succeeded
 
 
 @pytest.mark.parametrize("method", [m for m in METHOD_OPTIONS if m != "full"])
@@ -180,7 +180,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, inputs):
     _, out, _, summary = run_train(tmp_path, inputs, early_stopping_patience=1, eval_steps=1, save_steps=1,
                                    learning_rate=5.0, max_steps=20, warmup_ratio=0.0)
     assert summary["early_stopped"] and summary["steps"] < 20
-    assert not (tmp_path / "checkpoints").exists()
+    assert not list((tmp_path / "checkpoints").glob("*"))  # removed once the run succeeded
 
 
 def test_loss_only_counts_response_tokens(tiny_model_dir):
@@ -208,8 +208,8 @@ def test_unknown_target_module_fails_naming_the_key(tmp_path, inputs):
 def test_killed_run_resumes_from_its_last_checkpoint(project):
     for name in ("prepare_base", "prepare_data"):
         assert stage(project, name).returncode == 0
-    steps = 150
-    for key, value in {"max_steps": steps, "save_steps": 10, "eval_steps": 50, "logging_steps": 10}.items():
+    steps = 40
+    for key, value in {"max_steps": steps, "save_steps": 5, "eval_steps": 20, "logging_steps": 5}.items():
         set_param(project, "train", key, value)
     proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=project, env=stage_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -225,9 +225,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(project):
     assert rerun.returncode == 0, rerun.stderr
     assert "train: resuming from checkpoints/train/" in rerun.stdout
     summary = json.loads((project / "reports" / "train.json").read_text())
-    assert summary["steps"] == steps and 10 <= summary["resumed_from_step"] < steps
-    # The loss log continues from the checkpoint: one row every 10 steps, none missing or repeated.
+    assert summary["steps"] == steps and 5 <= summary["resumed_from_step"] < steps
+    # The loss log continues from the checkpoint: one row every 5 steps, none missing or repeated.
     logged = [int(line.split(",")[0]) for line in (project / "reports" / "train_loss.csv").read_text().splitlines()[1:]]
-    assert logged == list(range(10, steps + 1, 10))
+    assert logged == list(range(5, steps + 1, 5))
     assert (project / "models" / "adapter" / "merged" / "model.safetensors").is_file()
     assert not any((project / "checkpoints" / "train").iterdir())
