@@ -109,8 +109,9 @@ def test_full_with_frozen_embeddings_and_first_block(tmp_path, inputs):
     from safetensors.torch import load_file
 
     _, base, _ = inputs
+    # With gradient checkpointing too: frozen embeddings must not cut the gradient to block 1.
     params, out, _, summary = run_train(tmp_path, inputs, method="full", freeze_embeddings=True, freeze_layers=1,
-                                        layer_lr_divisor=2.6)
+                                        layer_lr_divisor=2.6, gradient_checkpointing=True)
     before, after = load_file(base / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
     frozen = [k for k in before if k.startswith(("model.embed_tokens", "model.layers.0."))]
     trained = [k for k in before if k.startswith("model.layers.1.")]
