@@ -7,7 +7,6 @@ discriminative (per-block) learning rates, all through the Trainer's optimizer a
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +16,6 @@ from ftpipe.params import PROMPT_METHODS, TrainParams
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-log = logging.getLogger(__name__)
 DEFAULT_VIRTUAL_TOKENS = 20  # peft's examples and the prompt-tuning paper's mid-range setting
 
 
@@ -137,8 +135,8 @@ def unfreezing_callback(model, params: TrainParams):
             for i, layer in enumerate(layers[fixed:], start=fixed):
                 layer.requires_grad_(i >= open_from)
             if not params.freeze_embeddings:
-                # Embeddings sit below block 0: they open once every block is open.
-                model.get_input_embeddings().weight.requires_grad_(open_from == fixed and stage >= len(layers) - fixed)
+                # Embeddings sit below block 0: they open one stage after the lowest block.
+                model.get_input_embeddings().weight.requires_grad_(stage >= len(layers) - fixed)
 
     return GradualUnfreezing()
 

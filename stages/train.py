@@ -207,7 +207,7 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
             "steps": steps,
             "epochs": round(trainer.state.epoch, 3),
             "resumed_from_step": resumed_step,
-            "early_stopped": bool(params.early_stopping_patience) and trainer.state.global_step < trainer.state.max_steps,
+            "early_stopped": bool(params.early_stopping_patience) and steps < trainer.state.max_steps,
             "train_loss_final": train_curve[-1][1] if train_curve else None,
             "val_loss_final": final_val,
             "val_loss_best": best_val,
