@@ -152,9 +152,9 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
             per_device_train_batch_size=params.batch_size,
             per_device_eval_batch_size=params.batch_size,
             gradient_accumulation_steps=params.grad_accum,
-            gradient_checkpointing=params.gradient_checkpointing,
+            activation_checkpointing=params.gradient_checkpointing,
             # Non-reentrant checkpointing works when the inputs' embeddings are frozen (peft, freezing).
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            activation_checkpointing_kwargs={"use_reentrant": False},
             learning_rate=params.learning_rate,
             num_train_epochs=params.epochs,
             max_steps=params.max_steps,
