@@ -110,6 +110,8 @@ def response_perplexity(
         mask = (torch.arange(width)[None, :] < torch.tensor([len(x["input_ids"]) for x in batch])[:, None]).long()
         with torch.inference_mode():
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        # Prompt/p-tuning models return logits for their virtual tokens first: keep the input's.
+        logits = logits[:, -width:]
         nll, count = _nll_sum(logits.cpu(), labels)
         total_nll, total_tokens = total_nll + nll, total_tokens + count
     return math.exp(total_nll / total_tokens)
@@ -177,7 +179,8 @@ def sliding_window_perplexity(
         labels = window.clone()
         labels[:, : scored_until - begin] = IGNORE_INDEX  # already scored by an earlier window
         with torch.inference_mode():
-            logits = model(input_ids=window.to(model.device)).logits.float().cpu()
+            # [-width:] drops the logits of prompt/p-tuning virtual tokens, if any.
+            logits = model(input_ids=window.to(model.device)).logits[:, -window.shape[1]:].float().cpu()
         nll, count = _nll_sum(logits, labels)
         total_nll, total_tokens, scored_until = total_nll + nll, total_tokens + count, end
         if end == seq_len:

@@ -90,12 +90,33 @@ def load_tokenizer(
     return tokenizer
 
 
+MERGED = "merged"  # sub-folder of the train output holding the standalone (merged or fully tuned) model
+
+
+def has_finetuned(adapter_dir: Path) -> bool:
+    """Whether `adapter_dir` holds a train stage result (a peft adapter or a standalone model)."""
+    adapter_dir = Path(adapter_dir)
+    return (adapter_dir / "adapter_config.json").is_file() or (adapter_dir / MERGED / "config.json").is_file()
+
+
 def load_finetuned(base_dir: Path, adapter_dir: Path) -> PreTrainedModel:
-    """The fine-tuned model ready for inference (evaluate, register): the train stage's output
-    in `adapter_dir` applied to the base model and merged, so generation runs at base speed."""
+    """The fine-tuned model ready for inference (evaluate, register), for every train method.
+
+    The standalone model in `adapter_dir/merged` when the train stage wrote one (full fine-tuning,
+    and merged LoRA/QLoRA/DoRA/IA3); otherwise the adapter applied to the base model, merged when
+    peft can merge it. Prompt-learning adapters (prefix/prompt/p-tuning) stay a PeftModel: their
+    virtual tokens exist only inside peft's forward and generate.
+    """
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_model(base_dir), Path(adapter_dir).resolve())
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / MERGED / "config.json").is_file():
+        return load_model(adapter_dir / MERGED)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise PipelineError(f"{adapter_dir}: no fine-tuned model found (run the train stage first)")
+    model = PeftModel.from_pretrained(load_model(base_dir), adapter_dir.resolve())
+    if model.peft_config[model.active_adapter].is_prompt_learning:
+        return model.eval()
     return model.merge_and_unload().eval()
 
 

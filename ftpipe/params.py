@@ -103,10 +103,19 @@ class PrepareDataParams(_Section):
         return self
 
 
-class TrainParams(_Section):
-    """Supervised fine-tuning with a LoRA adapter; loss on assistant tokens only."""
+METHODS = ("full", "lora", "qlora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning")
+LORA_METHODS = ("lora", "qlora", "dora")
+PROMPT_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
+"""Virtual tokens added inside peft's forward: they cannot be merged into the weights."""
 
-    method: Literal["lora"] = "lora"
+
+class TrainParams(_Section):
+    """Supervised fine-tuning (full or a peft method); loss on assistant tokens only."""
+
+    method: Literal["full", "lora", "qlora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning"] = "lora"
+    """full: every weight (see the freeze_* keys); lora/dora: low-rank adapters (DoRA adds a learned
+    magnitude); qlora: LoRA on a bitsandbytes-quantized base; ia3: learned activation scales;
+    prefix_tuning / prompt_tuning / p_tuning: learned virtual tokens (need peft at inference)."""
     seed: int = 42
     epochs: float = Field(2.0, gt=0)
     max_steps: int = Field(-1, ge=-1)
@@ -119,15 +128,78 @@ class TrainParams(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(256, ge=16)
     lora_r: int = Field(16, ge=1)
+    """LoRA rank (lora, qlora, dora; ignored by the other methods)."""
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    """Modules that get LoRA/DoRA adapters."""
+    quantization: Literal["int8", "nf4", "nf4_dq", "fp4", "fp4_dq"] | None = None
+    """qlora only (required there): the base's bitsandbytes variant (ftpipe.quantization.VARIANTS)."""
+    ia3_target_modules: list[str] | None = None
+    """ia3 only: modules whose activations get a learned scale; null: peft's default for the architecture."""
+    ia3_feedforward_modules: list[str] | None = None
+    """ia3 only: the subset of ia3_target_modules scaled at their input (feed-forward layers)."""
+    num_virtual_tokens: int | None = Field(None, ge=1)
+    """prefix_tuning / prompt_tuning / p_tuning only: learned virtual tokens; null: 20."""
+    encoder_hidden_size: int | None = Field(None, ge=1)
+    """p_tuning only: hidden size of the prompt encoder MLP; null: the model's hidden size."""
+    freeze_embeddings: bool = False
+    """full only: keep the token embeddings fixed (with tied weights this fixes the output head too)."""
+    freeze_layers: int = Field(0, ge=0)
+    """full only: keep the first N decoder blocks fixed for the whole run."""
+    gradual_unfreezing: bool = False
+    """full only, ULMFiT: start with only the top block trainable and unfreeze one more block
+    downwards every `unfreeze_every_steps` steps (or every epoch)."""
+    unfreeze_every_steps: int = Field(0, ge=0)
+    """gradual_unfreezing: optimizer steps between unfreezing two blocks; 0: once per epoch."""
+    layer_lr_divisor: float = Field(1.0, ge=1)
+    """full only, ULMFiT discriminative rates: each block gets the learning rate of the block above
+    divided by this (2.6 in ULMFiT; embeddings below block 0); 1: one rate for all."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
     eval_steps: int = Field(25, ge=1)
     logging_steps: int = Field(5, ge=1)
+    early_stopping_patience: int = Field(0, ge=0)
+    """Stop after this many evaluations without a lower validation loss, and keep the best
+    checkpoint's weights; 0: off. Needs save_steps to be a multiple of eval_steps."""
+    save_steps: int = Field(50, ge=0)
+    """Checkpoint every N steps under checkpoints/train/ so an interrupted run resumes; 0: never."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast where the CPU/GPU supports it (about 4x faster matmuls on AVX-512 bf16)."""
     threads: int = Field(0, ge=0)
     """CPU threads for torch; 0 keeps torch's default (one per physical core)."""
+    merge: bool = True
+    """Also write models/adapter/merged: a standalone model (no peft needed) for serving.
+    Always done for full; impossible for the prompt-learning methods (set false there)."""
+
+    @model_validator(mode="after")
+    def _check_method_options(self) -> TrainParams:
+        method = self.method
+        if method == "qlora" and self.quantization is None:
+            raise FieldProblem("quantization", "required for method 'qlora' (a variant such as nf4_dq)")
+        if self.quantization is not None and method != "qlora":
+            raise FieldProblem("quantization", f"only used by method 'qlora', not '{method}' (set it to null)")
+        only = {
+            "ia3_target_modules": ("ia3",), "ia3_feedforward_modules": ("ia3",),
+            "num_virtual_tokens": PROMPT_METHODS, "encoder_hidden_size": ("p_tuning",),
+            "freeze_embeddings": ("full",), "freeze_layers": ("full",), "gradual_unfreezing": ("full",),
+            "layer_lr_divisor": ("full",),
+        }
+        for key, methods in only.items():
+            if method not in methods and getattr(self, key) != TrainParams.model_fields[key].default:
+                raise FieldProblem(key, f"not used by method '{method}' (only {', '.join(methods)})")
+        if self.unfreeze_every_steps and not self.gradual_unfreezing:
+            raise FieldProblem("unfreeze_every_steps", "only used with gradual_unfreezing: true")
+        if self.ia3_feedforward_modules and not set(self.ia3_feedforward_modules) <= set(self.ia3_target_modules or []):
+            raise FieldProblem("ia3_feedforward_modules", "must be a subset of ia3_target_modules")
+        if self.merge and method in PROMPT_METHODS:
+            raise FieldProblem("merge", f"'{method}' cannot be merged: its virtual tokens need peft at inference "
+                                        "(set merge: false)")
+        if self.early_stopping_patience:
+            if not self.save_steps or self.save_steps % self.eval_steps:
+                raise FieldProblem("save_steps", "early stopping keeps the best checkpoint: save_steps must be a "
+                                                 f"multiple of eval_steps ({self.eval_steps})")
+        return self
 
 
 class EvaluateParams(_Section):

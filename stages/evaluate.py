@@ -88,8 +88,8 @@ def run(*, params: EvaluateParams, base_dir: Path, adapter_dir: Path, data_dir: 
         rows = rows[: params.max_examples]
     if not rows:
         raise PipelineError(f"{data_dir / 'test.jsonl'}: no test rows to evaluate")
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise PipelineError(f"{adapter_dir}: no adapter found (run the train stage first)")
+    if not models.has_finetuned(adapter_dir):
+        raise PipelineError(f"{adapter_dir}: no fine-tuned model found (run the train stage first)")
     if not general_text.is_file():
         raise PipelineError(f"evaluate.general_text: file not found: {general_text}")
     text = general_text.read_text(encoding="utf-8")

@@ -1,14 +1,19 @@
-"""Supervised fine-tuning of the base model with a LoRA adapter (transformers Trainer + peft).
+"""Supervised fine-tuning of the base model: full, or a peft method (transformers Trainer + peft).
 
 Chat template applied, loss on assistant tokens only, seed fixed, validation loss every
 `eval_steps`. Reads params.yaml `train`, models/base/, data/prepared/{train,val}.jsonl; writes the
-adapter and its resolved config to models/adapter/, per-step losses to reports/{train,val}_loss.csv
+adapter (or, for full, the model) and its resolved config to models/adapter/, a standalone merged
+model to models/adapter/merged/ where the method can be merged, per-step losses to reports/{train,val}_loss.csv
 (DVC plots), a loss-curve PNG and summary metrics to reports/train.json.
+Checkpoints go every `save_steps` to checkpoints/train/<hash of params, base and data>/, outside
+DVC's outs; a rerun after an interruption resumes from the newest one, and success removes them.
 Run: python -m stages.train
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,8 @@ BASE_DIR = Path("models/base")
 DATA_DIR = Path("data/prepared")
 OUT_DIR = Path("models/adapter")
 REPORTS = Path("reports")
+# Not a DVC out: DVC deletes a stage's outs before rerunning it, and these must survive a kill.
+CHECKPOINTS = Path("checkpoints/train")
 
 
 def encode_rows(tokenizer, rows: list[dict[str, Any]], max_length: int) -> tuple[list[dict], int]:
@@ -58,78 +65,132 @@ def response_only_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
     return loss / count
 
 
-def _trainer_class(bf16: bool):
+def _trainer_class(params: TrainParams, bf16: bool):
     import torch
     from transformers import Trainer
 
-    class ResponseOnlyTrainer(Trainer):
+    from ftpipe import methods
+
+    response_only = methods.response_only_ok(params.method)
+
+    class FineTuneTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not response_only:  # the model's own forward and loss (autocast by the Trainer)
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             # Autocast here: the loss bypasses model.forward, where Trainer would apply it.
             device = "cuda" if torch.cuda.is_available() else "cpu"
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 loss = response_only_loss(model, inputs, num_items_in_batch)
             return (loss, {"loss": loss}) if return_outputs else loss
 
-    return ResponseOnlyTrainer
+        def create_optimizer(self, model=None):
+            if params.method != "full" or self.optimizer is not None:
+                return super().create_optimizer(model)
+            # full: per-block learning rates, and every block that gradual unfreezing may open.
+            optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+            decay = set(self.get_decay_parameter_names(self.model))
+            self.optimizer = optimizer_cls(methods.param_groups(self.model, params, decay), **kwargs)
+            return self.optimizer
+
+    return FineTuneTrainer
 
 
-def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, reports_dir: Path) -> dict[str, Any]:
+def checkpoint_key(params: TrainParams, base_dir: Path, data_dir: Path) -> str:
+    """Hash of everything a checkpoint depends on, so a stale one is never resumed."""
+    from ftpipe.models import sha256_of
+
+    inputs = {
+        "params": params.model_dump(),
+        "base": read_json(base_dir / "manifest.json"),
+        "data": {name: sha256_of(data_dir / name) for name in ("train.jsonl", "val.jsonl")},
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a folder
+    without it was cut off mid-save (kill -9) and is skipped."""
+    done = [c for c in folder.glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+    return max(done, key=lambda c: int(c.name.split("-")[1]), default=None)
+
+
+def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, reports_dir: Path,
+        checkpoint_root: Path = CHECKPOINTS) -> dict[str, Any]:
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
+    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, TrainingArguments, set_seed
 
-    from ftpipe import models
+    from ftpipe import methods, models
     from ftpipe.plots import plot_losses
 
     models.set_threads(params.threads)
     set_seed(params.seed)
     tokenizer = models.load_tokenizer(base_dir)
-    model = models.load_model(base_dir)
     train_rows, val_rows = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "val.jsonl")
     train_set, train_long = encode_rows(tokenizer, train_rows, params.max_length)
     val_set, val_long = encode_rows(tokenizer, val_rows, params.max_length)
     if not train_set or not val_set:
         raise PipelineError(f"train.max_length: {params.max_length} tokens leaves no train or val rows")
 
-    lora = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
-                      target_modules=list(params.target_modules), task_type="CAUSAL_LM")
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as exc:
-        raise PipelineError(f"train.target_modules: {str(exc).splitlines()[0]}") from None
-    total, trainable = models.count_parameters(model)
+    cuda = torch.cuda.is_available()
     bf16 = params.precision == "bf16" or (params.precision == "auto" and models.bf16_supported())
+    model = methods.build(params, base_dir, bf16=bf16)
+    total, trainable = models.count_parameters(model)
+    optim = "adamw_torch"
+    if params.method == "qlora":
+        # Paged optimizer states spill to CPU memory under GPU memory pressure: a CUDA-only feature.
+        optim = "paged_adamw_8bit" if cuda else "adamw_torch"
+        print(f"train: qlora optimizer {optim}" + ("" if cuda else " (no CUDA: paged 8-bit AdamW needs a GPU)"))
+    checkpoints = checkpoint_root / checkpoint_key(params, base_dir, data_dir)
+    resume = last_checkpoint(checkpoints) if checkpoints.is_dir() else None
+    resumed_step = int(resume.name.split("-")[1]) if resume else 0
+    if resume:
+        print(f"train: resuming from {resume} (step {resumed_step})")
 
     with atomic_dir(out_dir) as tmp:
         args = TrainingArguments(
-            output_dir=str(tmp / "trainer"),
+            output_dir=str(checkpoints),
             per_device_train_batch_size=params.batch_size,
             per_device_eval_batch_size=params.batch_size,
             gradient_accumulation_steps=params.grad_accum,
+            activation_checkpointing=params.gradient_checkpointing,
+            # Non-reentrant checkpointing works when the inputs' embeddings are frozen (peft, freezing).
+            activation_checkpointing_kwargs={"use_reentrant": False},
             learning_rate=params.learning_rate,
             num_train_epochs=params.epochs,
             max_steps=params.max_steps,
             lr_scheduler_type=params.lr_scheduler,
             warmup_steps=params.warmup_ratio,  # a float below 1 is a ratio of the total steps
             weight_decay=params.weight_decay,
+            optim=optim,
+            bf16=bf16 and not methods.response_only_ok(params.method),  # else autocast in compute_loss
             logging_steps=params.logging_steps,
             eval_strategy="steps",
             eval_steps=params.eval_steps,
-            save_strategy="no",
+            save_strategy="steps" if params.save_steps else "no",
+            save_steps=params.save_steps or 500,
+            save_total_limit=1,  # plus the best one when early stopping keeps it
+            load_best_model_at_end=bool(params.early_stopping_patience),
+            metric_for_best_model="eval_loss",
+            greater_is_better=False,
             report_to="none",
             seed=params.seed,
             data_seed=params.seed,
-            use_cpu=not torch.cuda.is_available(),
+            use_cpu=not cuda,
             # Batches of similar length waste less compute on padding.
             train_sampling_strategy="group_by_length",
             remove_unused_columns=False,
             prediction_loss_only=True,
         )
+        callbacks = []
+        if params.early_stopping_patience:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.early_stopping_patience))
+        if params.gradual_unfreezing:
+            callbacks.append(methods.unfreezing_callback(model, params))
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-        trainer = _trainer_class(bf16)(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                                   data_collator=collator)
+        trainer = _trainer_class(params, bf16)(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
+                                               data_collator=collator, callbacks=callbacks)
         started = time.perf_counter()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         runtime = time.perf_counter() - started
         if trainer.state.global_step % params.eval_steps:  # the last step was not evaluated yet
             trainer.evaluate()
@@ -138,11 +199,15 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
         val_curve = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
         final_val = val_curve[-1][1]
         best_step, best_val = min(val_curve, key=lambda sv: sv[1])
-        tokens = sum(len(x["input_ids"]) for x in train_set) * trainer.state.epoch
+        steps = trainer.state.global_step
+        # Only the steps run by this process count towards its speed (a resumed run did fewer).
+        tokens = sum(len(x["input_ids"]) for x in train_set) * trainer.state.epoch * (steps - resumed_step) / steps
         summary = {
             "method": params.method,
-            "steps": trainer.state.global_step,
+            "steps": steps,
             "epochs": round(trainer.state.epoch, 3),
+            "resumed_from_step": resumed_step,
+            "early_stopped": bool(params.early_stopping_patience) and steps < trainer.state.max_steps,
             "train_loss_final": train_curve[-1][1] if train_curve else None,
             "val_loss_final": final_val,
             "val_loss_best": best_val,
@@ -151,13 +216,20 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
             "runtime_s": round(runtime, 1),
             "tokens_per_s": round(tokens / runtime, 1),
             "precision": "bf16" if bf16 else "fp32",
+            "optimizer": optim,
             "parameters": total,
             "trainable_parameters": trainable,
             "rows": {"train": len(train_set), "val": len(val_set)},
             "dropped_too_long": {"train": train_long, "val": val_long},
         }
-        model.save_pretrained(tmp)  # adapter only, as safetensors
-        remove_path(tmp / "trainer")
+        if params.method == "full":
+            methods.save_merged(model, params, base_dir=base_dir, adapter_dir=tmp, tokenizer=tokenizer,
+                                out_dir=tmp / models.MERGED)
+        else:
+            model.save_pretrained(tmp)  # adapter only, as safetensors
+            if params.merge:
+                methods.save_merged(model, params, base_dir=base_dir, adapter_dir=tmp, tokenizer=tokenizer,
+                                    out_dir=tmp / models.MERGED)
         write_json(tmp / "train_config.json", {
             "params": params.model_dump(),
             "base_model": read_json(base_dir / "manifest.json"),
@@ -168,6 +240,7 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
         write_text(reports_dir / "val_loss.csv", _csv(val_curve))
         plot_losses(train_curve, val_curve, reports_dir / "loss.png")
         write_json(reports_dir / "train.json", summary)
+    remove_path(checkpoints)  # the run is complete: nothing left to resume
     return summary
 
 

@@ -1,36 +1,56 @@
-"""train: a few LoRA steps on the tiny model change the adapter and write every declared output."""
+"""train: every method trains on the tiny model (its trainable weights change, frozen ones do not),
+merges into a plain transformers model where it can, rejects invalid combinations at params time,
+and resumes from its last checkpoint after a kill -9."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
-from conftest import tiny_params
+from conftest import set_param, stage, stage_env, tiny_params
 
 from ftpipe.errors import PipelineError
-from ftpipe.params import PrepareDataParams, TrainParams
+from ftpipe.params import PrepareDataParams, TrainParams, load_section
 from stages import prepare_base, prepare_data, train
 
+METHOD_OPTIONS = {
+    "full": {},
+    "lora": {},
+    # nf4 needs in_features >= 64 (the bitsandbytes CPU block size); the tiny model is 32 wide.
+    "qlora": {"quantization": "int8"},
+    "dora": {},
+    "ia3": {},
+    "prefix_tuning": {"num_virtual_tokens": 4, "merge": False},
+    "prompt_tuning": {"num_virtual_tokens": 4, "merge": False},
+    "p_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 16, "merge": False},
+}
 
-@pytest.fixture
-def inputs(tmp_path, tiny_model_dir, tiny_data):
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_model_dir, tiny_data):
+    tmp = tmp_path_factory.mktemp("train-inputs")
     cfg = tiny_params(tiny_model_dir, tiny_data)
-    base, data = tmp_path / "base", tmp_path / "prepared"
+    base, data = tmp / "base", tmp / "prepared"
     prepare_base.run(params=prepare_base.PrepareBaseParams(**cfg["prepare_base"]), out_dir=base)
-    prepare_data.run(params=PrepareDataParams(**cfg["prepare_data"]), out_dir=data, reports_dir=tmp_path / "r0")
+    prepare_data.run(params=PrepareDataParams(**cfg["prepare_data"]), out_dir=data, reports_dir=tmp / "r0")
     return cfg, base, data
 
 
-def test_lora_training_changes_adapter_weights(tmp_path, inputs):
-    from safetensors.torch import load_file
-
+def run_train(tmp_path, inputs, **overrides):
     cfg, base, data = inputs
-    params = TrainParams(**cfg["train"])
+    params = TrainParams(**{**cfg["train"], "save_steps": 0, **overrides})
     out, reports = tmp_path / "adapter", tmp_path / "reports"
-    summary = train.run(params=params, base_dir=base, data_dir=data, out_dir=out, reports_dir=reports)
-    weights = load_file(out / "adapter_model.safetensors")
-    lora_b = [w for name, w in weights.items() if "lora_B" in name]
-    assert lora_b and all(w.abs().sum() > 0 for w in lora_b)  # peft initialises B to zeros
+    summary = train.run(params=params, base_dir=base, data_dir=data, out_dir=out, reports_dir=reports,
+                        checkpoint_root=tmp_path / "checkpoints")
+    return params, out, reports, summary
+
+
+def test_lora_training_writes_every_declared_output(tmp_path, inputs):
+    params, out, reports, summary = run_train(tmp_path, inputs)
     assert summary["steps"] == 6 and 0 < summary["trainable_parameters"] < summary["parameters"]
     config = json.loads((out / "train_config.json").read_text())
     assert config["params"] == params.model_dump() and config["base_model"]["source"]["kind"] == "local"
@@ -38,7 +58,130 @@ def test_lora_training_changes_adapter_weights(tmp_path, inputs):
     assert len((reports / "val_loss.csv").read_text().splitlines()) == 3  # header + steps 3 and 6
     assert (reports / "loss.png").stat().st_size > 1000
     assert json.loads((reports / "train.json").read_text()) == summary
-    assert not (out / "trainer").exists()
+    assert not list((tmp_path / "checkpoints").glob("*"))  # removed once the run succeeded
+
+
+@pytest.mark.parametrize("method", [m for m in METHOD_OPTIONS if m != "full"])
+def test_peft_method_trains_its_adapter_and_loads_for_inference(tmp_path, inputs, method):
+    import torch
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from ftpipe import methods, metrics, models
+    from ftpipe.chat import encode
+
+    _, base, _ = inputs
+    params, out, _, summary = run_train(tmp_path, inputs, method=method, **METHOD_OPTIONS[method])
+    set_seed(params.seed)  # the same seed as train.run: the adapter as it was before training
+    initial = get_peft_model_state_dict(methods.build(params, base, bf16=False))
+    trained = load_file(out / "adapter_model.safetensors")
+    assert trained.keys() == initial.keys() and summary["trainable_parameters"] > 0
+    unchanged = [k for k, w in trained.items() if torch.equal(w, initial[k].to(w.dtype))]
+    assert not unchanged, f"{method}: trainable weights did not change: {unchanged}"
+
+    tokenizer = models.load_tokenizer(base)
+    finetuned = models.load_finetuned(base, out)
+    item = encode(tokenizer, [{"role": "user", "content": "say red"}, {"role": "assistant", "content": "red cat"}])
+    ids = torch.tensor([item["input_ids"]])
+    if params.merge:
+        # The merged folder is a plain transformers model and scores exactly like base + adapter.
+        assert not (out / "merged" / "adapter_config.json").exists()
+        assert (out / "merged" / "chat_template.jinja").is_file()
+        plain = AutoModelForCausalLM.from_pretrained(out / "merged")
+        with_adapter = PeftModel.from_pretrained(models.load_model(base), out).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(plain(ids).logits, with_adapter(ids).logits, rtol=1e-4, atol=1e-4)
+    else:
+        assert isinstance(finetuned, PeftModel) and not (out / "merged").exists()
+    # evaluate's two uses of the model work whatever the method: scoring and generation.
+    chat = [{"role": "user", "content": "say red"}, {"role": "assistant", "content": "red cat"}]
+    assert metrics.response_perplexity(finetuned, tokenizer, [chat], batch_size=2) > 0
+    with torch.no_grad():
+        generated = finetuned.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                                       do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated[0, : ids.shape[1]].equal(ids[0])  # evaluate cuts the prompt off by its length
+    assert len(metrics.generate(finetuned, tokenizer, ["<|im_start|>user\nsay red<|im_end|>\n"],
+                                max_new_tokens=3, batch_size=1)) == 1
+
+
+def test_full_with_frozen_embeddings_and_first_block(tmp_path, inputs):
+    from safetensors.torch import load_file
+
+    _, base, _ = inputs
+    # With gradient checkpointing too: frozen embeddings must not cut the gradient to block 1.
+    params, out, _, summary = run_train(tmp_path, inputs, method="full", freeze_embeddings=True, freeze_layers=1,
+                                        layer_lr_divisor=2.6, gradient_checkpointing=True)
+    before, after = load_file(base / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
+    frozen = [k for k in before if k.startswith(("model.embed_tokens", "model.layers.0."))]
+    trained = [k for k in before if k.startswith("model.layers.1.")]
+    assert frozen and all(before[k].equal(after[k]) for k in frozen)
+    assert trained and not any(before[k].equal(after[k]) for k in trained)
+    assert summary["trainable_parameters"] == sum(before[k].numel() for k in before if k not in frozen)
+
+
+def test_gradual_unfreezing_opens_the_lower_block_only_later(tmp_path, inputs):
+    from safetensors.torch import load_file
+
+    _, base, _ = inputs
+    # 2 blocks, one more unfrozen every 4 steps: block 1 trains from step 0, block 0 from step 4 on.
+    _, out, _, _ = run_train(tmp_path, inputs, method="full", gradual_unfreezing=True, unfreeze_every_steps=4,
+                             max_steps=3)
+    before, after = load_file(base / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
+    assert all(before[k].equal(after[k]) for k in before if k.startswith(("model.layers.0.", "model.embed")))
+    assert not any(before[k].equal(after[k]) for k in before if k.startswith("model.layers.1."))
+
+
+def test_unfreezing_schedule_and_layer_learning_rates(inputs):
+    from types import SimpleNamespace
+
+    from ftpipe import methods, models
+
+    cfg, base, _ = inputs
+    params = TrainParams(**{**cfg["train"], "method": "full", "gradual_unfreezing": True, "unfreeze_every_steps": 2,
+                            "layer_lr_divisor": 2.0, "learning_rate": 0.1})
+    model = models.load_model(base)
+    callback = methods.unfreezing_callback(model, params)
+    open_blocks = []
+    for step in range(7):
+        callback.on_step_begin(None, SimpleNamespace(global_step=step, epoch=0), None)
+        open_blocks.append([layer.self_attn.q_proj.weight.requires_grad for layer in model.model.layers]
+                           + [model.get_input_embeddings().weight.requires_grad])
+    # blocks [0, 1] + embeddings: top block, then both, then the embeddings too
+    assert open_blocks == [[False, True, False]] * 2 + [[True, True, False]] * 2 + [[True, True, True]] * 3
+    rates = {round(g["lr"], 6) for g in methods.param_groups(model, params, set())}
+    assert rates == {0.1, 0.05, 0.025}  # block 1 and the final norm, block 0, embeddings
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    ({"method": "qlora"}, "quantization"),
+    ({"method": "lora", "quantization": "nf4"}, "quantization"),
+    ({"method": "qlora", "quantization": "int3"}, "quantization"),
+    ({"method": "lora", "freeze_layers": 1}, "freeze_layers"),
+    ({"method": "dora", "layer_lr_divisor": 2.6}, "layer_lr_divisor"),
+    ({"method": "lora", "num_virtual_tokens": 8}, "num_virtual_tokens"),
+    ({"method": "prompt_tuning", "encoder_hidden_size": 8, "merge": False}, "encoder_hidden_size"),
+    ({"method": "prefix_tuning"}, "merge"),
+    ({"method": "full", "unfreeze_every_steps": 5}, "unfreeze_every_steps"),
+    ({"method": "ia3", "ia3_target_modules": ["k_proj"], "ia3_feedforward_modules": ["down_proj"]},
+     "ia3_feedforward_modules"),
+    ({"early_stopping_patience": 2, "eval_steps": 25, "save_steps": 30}, "save_steps"),
+])
+def test_invalid_combination_fails_at_params_time_naming_the_key(tmp_path, overrides, key):
+    import yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"train": overrides}))
+    with pytest.raises(PipelineError, match=rf"params.yaml:\d+: train\.{key}: "):
+        load_section("train", TrainParams, path)
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path, inputs):
+    # A huge learning rate makes validation loss worse after the first evaluation.
+    _, out, _, summary = run_train(tmp_path, inputs, early_stopping_patience=1, eval_steps=1, save_steps=1,
+                                   learning_rate=5.0, max_steps=20, warmup_ratio=0.0)
+    assert summary["early_stopped"] and summary["steps"] < 20
+    assert not list((tmp_path / "checkpoints").glob("*"))  # removed once the run succeeded
 
 
 def test_loss_only_counts_response_tokens(tiny_model_dir):
@@ -58,8 +201,34 @@ def test_loss_only_counts_response_tokens(tiny_model_dir):
 
 
 def test_unknown_target_module_fails_naming_the_key(tmp_path, inputs):
-    cfg, base, data = inputs
-    params = TrainParams(**{**cfg["train"], "target_modules": ["no_such_proj"]})
     with pytest.raises(PipelineError, match=r"train.target_modules: "):
-        train.run(params=params, base_dir=base, data_dir=data, out_dir=tmp_path / "adapter", reports_dir=tmp_path / "r")
+        run_train(tmp_path, inputs, target_modules=["no_such_proj"])
     assert not (tmp_path / "adapter").exists()
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(project):
+    for name in ("prepare_base", "prepare_data"):
+        assert stage(project, name).returncode == 0
+    steps = 40
+    for key, value in {"max_steps": steps, "save_steps": 5, "eval_steps": 20, "logging_steps": 5}.items():
+        set_param(project, "train", key, value)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=project, env=stage_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(project.glob("checkpoints/train/*/checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (project / "models" / "adapter").exists()  # nothing half-written
+
+    rerun = stage(project, "train")
+    assert rerun.returncode == 0, rerun.stderr
+    assert "train: resuming from checkpoints/train/" in rerun.stdout
+    summary = json.loads((project / "reports" / "train.json").read_text())
+    assert summary["steps"] == steps and 5 <= summary["resumed_from_step"] < steps
+    # The loss log continues from the checkpoint: one row every 5 steps, none missing or repeated.
+    logged = [int(line.split(",")[0]) for line in (project / "reports" / "train_loss.csv").read_text().splitlines()[1:]]
+    assert logged == list(range(5, steps + 1, 5))
+    assert (project / "models" / "adapter" / "merged" / "model.safetensors").is_file()
+    assert not any((project / "checkpoints" / "train").iterdir())

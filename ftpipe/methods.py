@@ -1,0 +1,157 @@
+"""Fine-tuning methods: what is trainable for each `train.method`, and how its result is merged.
+
+peft builds every adapter (LoRA, DoRA, IA3, prefix/prompt/p-tuning); `full` trains the model's own
+weights, optionally with frozen embeddings and lower blocks, ULMFiT gradual unfreezing and
+discriminative (per-block) learning rates, all through the Trainer's optimizer and a callback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ftpipe.errors import PipelineError
+from ftpipe.params import PROMPT_METHODS, TrainParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+DEFAULT_VIRTUAL_TOKENS = 20  # peft's examples and the prompt-tuning paper's mid-range setting
+
+
+def response_only_ok(method: str) -> bool:
+    """Prompt-learning methods add virtual tokens inside peft's forward, which the decoder-only
+    shortcut of the response-only loss would skip: they use the model's own forward and loss."""
+    return method not in PROMPT_METHODS
+
+
+def peft_config(params: TrainParams, model: PreTrainedModel):
+    """The peft config for a method (None for full)."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    method, tokens = params.method, params.num_virtual_tokens or DEFAULT_VIRTUAL_TOKENS
+    if method in ("lora", "qlora", "dora"):
+        return LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
+                          target_modules=list(params.target_modules), use_dora=method == "dora", task_type="CAUSAL_LM")
+    if method == "ia3":
+        return IA3Config(target_modules=params.ia3_target_modules, feedforward_modules=params.ia3_feedforward_modules,
+                         task_type="CAUSAL_LM")
+    if method == "prefix_tuning":
+        return PrefixTuningConfig(num_virtual_tokens=tokens, task_type="CAUSAL_LM")
+    if method == "prompt_tuning":
+        return PromptTuningConfig(num_virtual_tokens=tokens, task_type="CAUSAL_LM")
+    if method == "p_tuning":
+        return PromptEncoderConfig(num_virtual_tokens=tokens, task_type="CAUSAL_LM",
+                                   encoder_hidden_size=params.encoder_hidden_size or model.config.hidden_size)
+    return None
+
+
+def build(params: TrainParams, base_dir: Path, *, bf16: bool) -> PreTrainedModel:
+    """The base model prepared for training with `params.method`."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from ftpipe import models
+
+    if params.method == "qlora":
+        from ftpipe.quantization import load_quantized
+
+        model = load_quantized(base_dir, params.quantization, bf16=bf16)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model = models.load_model(base_dir)
+    if params.method == "full":
+        freeze_fixed(model, params)
+        return model
+    key = "ia3_target_modules" if params.method == "ia3" else "target_modules"
+    try:
+        return get_peft_model(model, peft_config(params, model))
+    except ValueError as exc:
+        raise PipelineError(f"train.{key}: {str(exc).splitlines()[0]}") from None
+
+
+def blocks(model) -> list:
+    return list(model.get_decoder().layers)
+
+
+def freeze_fixed(model, params: TrainParams) -> None:
+    """full: freeze the embeddings and the first `freeze_layers` blocks for the whole run."""
+    layers = blocks(model)
+    if params.freeze_layers >= len(layers):
+        raise PipelineError(f"train.freeze_layers: {params.freeze_layers} leaves none of the model's "
+                            f"{len(layers)} blocks to train")
+    if params.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    for layer in layers[: params.freeze_layers]:
+        layer.requires_grad_(False)
+
+
+def param_groups(model, params: TrainParams, decay_names: set[str]) -> list[dict[str, Any]]:
+    """full: optimizer groups with ULMFiT discriminative rates (lr / divisor**depth below the top).
+
+    Every parameter that may become trainable is included now, even if gradual unfreezing has it
+    frozen at first: a frozen parameter has no gradient, so AdamW leaves it alone until then.
+    """
+    layers = blocks(model)
+    depth_of: dict[int, int] = {}
+    for i, layer in enumerate(layers):
+        for p in layer.parameters():
+            depth_of[id(p)] = len(layers) - 1 - i
+    embedding = model.get_input_embeddings().weight
+    depth_of[id(embedding)] = len(layers)  # below block 0 (with tied weights the head shares it)
+    fixed = {id(p) for layer in layers[: params.freeze_layers] for p in layer.parameters()}
+    if params.freeze_embeddings:
+        fixed.add(id(embedding))
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if id(p) in fixed:
+            continue
+        depth, decay = depth_of.get(id(p), 0), name in decay_names  # final norm / untied head: top rate
+        group = groups.setdefault((depth, decay), {
+            "params": [], "lr": params.learning_rate / params.layer_lr_divisor**depth,
+            "weight_decay": params.weight_decay if decay else 0.0})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def unfreezing_callback(model, params: TrainParams):
+    """ULMFiT gradual unfreezing as a TrainerCallback. It derives the trainable blocks from the
+    global step (or epoch) alone, so a resumed run continues with exactly the same set."""
+    from transformers import TrainerCallback
+
+    layers, fixed = blocks(model), params.freeze_layers
+    every = params.unfreeze_every_steps
+
+    class GradualUnfreezing(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._apply(state)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._apply(state)
+
+        def _apply(self, state) -> None:
+            stage = state.global_step // every if every else int(state.epoch or 0)
+            open_from = max(fixed, len(layers) - 1 - stage)  # index of the lowest trainable block
+            for i, layer in enumerate(layers[fixed:], start=fixed):
+                layer.requires_grad_(i >= open_from)
+            if not params.freeze_embeddings:
+                # Embeddings sit below block 0: they open one stage after the lowest block.
+                model.get_input_embeddings().weight.requires_grad_(stage >= len(layers) - fixed)
+
+    return GradualUnfreezing()
+
+
+def save_merged(model, params: TrainParams, *, base_dir: Path, adapter_dir: Path, tokenizer, out_dir: Path) -> None:
+    """A standalone model folder (safetensors + tokenizer + chat template) that loads with plain
+    AutoModelForCausalLM. peft adapters are merged into the fp32 base (for qlora too, so serving
+    needs neither peft nor bitsandbytes)."""
+    from ftpipe import models
+
+    if params.method in PROMPT_METHODS:
+        raise PipelineError(f"train.merge: '{params.method}' cannot be merged (its virtual tokens need peft)")
+    if params.method != "full":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(models.load_model(base_dir), Path(adapter_dir).resolve()).merge_and_unload()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
