@@ -61,16 +61,17 @@ def find_leaks(train: list[dict[str, Any]], eval_sets: dict[str, list[dict[str, 
         for g in ngrams(text_of(r), ngram):
             grams.setdefault(g, r["id"])
 
+    # All evaluation sets in one near-duplicate search: each search costs a pass over all of train.
+    named = [(name, r) for name, rows in eval_sets.items() for r in rows]
+    texts, prompts = [text_of(r) for _, r in named], [prompt_of(r) for _, r in named]
+    near_texts = _near_ids(near, texts, tables["exact_pair"])
+    near_prompts = _near_ids(near, prompts, tables["exact_prompt"])
     leaks = []
-    for name, rows in eval_sets.items():
-        texts, prompts = [text_of(r) for r in rows], [prompt_of(r) for r in rows]
-        near_texts = _near_ids(near, texts, tables["exact_pair"])
-        near_prompts = _near_ids(near, prompts, tables["exact_prompt"])
-        for record, text, prompt, hits_text, hits_prompt in zip(rows, texts, prompts, near_texts, near_prompts):
-            found = _strongest(tables, grams, ngram, text, prompt, hits_text, hits_prompt)
-            if found:
-                kind, train_id = found
-                leaks.append(Leak(kind, name, record["id"], train_id, text, text_of(by_id[train_id])))
+    for (name, record), text, prompt, hits_text, hits_prompt in zip(named, texts, prompts, near_texts, near_prompts):
+        found = _strongest(tables, grams, ngram, text, prompt, hits_text, hits_prompt)
+        if found:
+            kind, train_id = found
+            leaks.append(Leak(kind, name, record["id"], train_id, text, text_of(by_id[train_id])))
     return leaks
 
 
