@@ -56,22 +56,29 @@ def find_leaks(train: list[dict[str, Any]], eval_sets: dict[str, list[dict[str, 
         "normalized_pair": {norm_key(text_of(r)): r["id"] for r in train},
         "normalized_prompt": {norm_key(prompt_of(r)): r["id"] for r in train},
     }
-    near.index(list(tables["exact_pair"]) + list(tables["exact_prompt"]))
     grams: dict[int, str] = {}
     for r in train:
         for g in ngrams(text_of(r), ngram):
             grams.setdefault(g, r["id"])
 
+    # All evaluation sets in one near-duplicate search: each search costs a pass over all of train.
+    named = [(name, r) for name, rows in eval_sets.items() for r in rows]
+    texts, prompts = [text_of(r) for _, r in named], [prompt_of(r) for _, r in named]
+    near_texts = _near_ids(near, texts, tables["exact_pair"])
+    near_prompts = _near_ids(near, prompts, tables["exact_prompt"])
     leaks = []
-    for name, rows in eval_sets.items():
-        texts, prompts = [text_of(r) for r in rows], [prompt_of(r) for r in rows]
-        near_texts, near_prompts = near.near(texts), near.near(prompts)
-        for record, text, prompt, hits_text, hits_prompt in zip(rows, texts, prompts, near_texts, near_prompts):
-            found = _strongest(tables, grams, ngram, text, prompt, hits_text, hits_prompt)
-            if found:
-                kind, train_id = found
-                leaks.append(Leak(kind, name, record["id"], train_id, text, text_of(by_id[train_id])))
+    for (name, record), text, prompt, hits_text, hits_prompt in zip(named, texts, prompts, near_texts, near_prompts):
+        found = _strongest(tables, grams, ngram, text, prompt, hits_text, hits_prompt)
+        if found:
+            kind, train_id = found
+            leaks.append(Leak(kind, name, record["id"], train_id, text, text_of(by_id[train_id])))
     return leaks
+
+
+def _near_ids(near: NearDuplicates, queries: list[str], table: dict[str, str]) -> list[list[str]]:
+    """Per query, the train ids whose text (the table's keys) is a near-duplicate of it."""
+    ids = list(table.values())
+    return [[ids[j] for j in hits] for hits in near.matches(queries, list(table))]
 
 
 def _strongest(tables, grams, ngram, text, prompt, hits_text, hits_prompt) -> tuple[str, str] | None:
@@ -79,11 +86,9 @@ def _strongest(tables, grams, ngram, text, prompt, hits_text, hits_prompt) -> tu
                       ("normalized_pair", norm_key(text)), ("normalized_prompt", norm_key(prompt))):
         if key in tables[kind]:
             return kind, tables[kind][key]
-    for kind, hits, table in (("near_pair", hits_text, tables["exact_pair"]),
-                              ("near_prompt", hits_prompt, tables["exact_prompt"])):
-        ids = sorted(table[h] for h in hits if h in table)
-        if ids:
-            return kind, ids[0]
+    for kind, hits in (("near_pair", hits_text), ("near_prompt", hits_prompt)):
+        if hits:
+            return kind, min(hits)
     for g in ngrams(text, ngram):
         if g in grams:
             return "ngram", grams[g]

@@ -146,11 +146,7 @@ def _clusters(texts: list[str], near, links=()) -> list[int]:
             i = parent[i]
         return i
 
-    position: dict[str, list[int]] = defaultdict(list)
-    for i, text in enumerate(texts):
-        position[text].append(i)
-    pairs = [(i, j) for i, hits in enumerate(near.near(texts)) for h in hits for j in position.get(h, ())]
-    for a, b in [*pairs, *links]:
+    for a, b in [*near.pairs(texts), *links]:
         parent[find(a)] = find(b)
     return [find(i) for i in range(len(texts))]
 
@@ -163,11 +159,10 @@ def split(records: list[dict[str, Any]], params: PrepareDataParams, near) -> tup
 
     links, owner = [], {}
     for i, record in enumerate(records):
-        for key in [("p", norm_key(prompt_of(record)))] + [("g", g) for g in ngrams(text_of(record), params.ngram_leak)]:
-            if key in owner:
-                links.append((i, owner[key]))
-            else:
-                owner[key] = i
+        for key in ngrams(text_of(record), params.ngram_leak) | {norm_key(prompt_of(record))}:
+            j = owner.setdefault(key, i)  # n-gram hashes are ints and prompts str: never equal
+            if j != i:
+                links.append((i, j))
     labels = _clusters([prompt_of(r) for r in records], near, links)
     groups: dict[int, list] = defaultdict(list)
     for record, label in zip(records, labels):
