@@ -100,6 +100,11 @@ def dvc_status(project_dir: Path) -> dict[str, list[str]]:
         raise PipelineError(f"dvc status failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     stale: dict[str, list[str]] = {}
     for stage, entries in json.loads(proc.stdout or "{}").items():
+        if stage.endswith(".dvc"):
+            # A `dvc add`-ed file changed since its last `dvc add`: prepare_data's data/raw dep
+            # already reports the change; the .dvc file is the user's to update.
+            get_run_logger().warning("%s is out of date: run `dvc add` on its file to version the new data", stage)
+            continue
         for entry in entries:
             if isinstance(entry, str):  # e.g. "changed command"
                 stale.setdefault(stage, []).append(entry)
@@ -125,14 +130,14 @@ def registry_state(project_dir: Path) -> dict[str, Any]:
     latest = max(versions, key=lambda v: int(v.version), default=None)
     state: dict[str, Any] = {"model_name": name, "latest": None, "champion": None}
     if latest is not None:
-        state["latest"] = {"version": latest.version, "tags": {k: latest.tags.get(k) for k in LINEAGE_KEYS}}
+        state["latest"] = {"version": str(latest.version), "tags": {k: latest.tags.get(k) for k in LINEAGE_KEYS}}
     try:
         champion = client.get_model_version_by_alias(name, "champion")
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(exc).lower():
             raise
     else:
-        state["champion"] = {"version": champion.version, "metrics": client.get_run(champion.run_id).data.metrics}
+        state["champion"] = {"version": str(champion.version), "metrics": client.get_run(champion.run_id).data.metrics}
     return state
 
 
