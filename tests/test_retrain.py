@@ -107,8 +107,8 @@ def test_three_triggers_no_change_better_data_worse_model(project, harness):
     assert "champion v2 (before)" in report and ": fail" in report
 
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns.db'}")
-    assert client.get_model_version_by_alias("tiny-model", "champion").version == "2"
-    assert client.get_model_version_by_alias("tiny-model", "challenger").version == "3"
+    assert client.get_model_version_by_alias("tiny-model", "champion").version == 2
+    assert client.get_model_version_by_alias("tiny-model", "challenger").version == 3
     assert client.get_model_version("tiny-model", "3").tags["param.train.learning_rate"] == "1e-09"
 
 
