@@ -251,6 +251,16 @@ class RegisterParams(_Section):
     (0.1: at most 10% higher); null turns the forgetting check off."""
 
 
+class RetrainParams(_Section):
+    """The scheduled retraining flow (flows/retrain.py). Not a DVC stage: changing it reruns nothing."""
+
+    cron: str = Field("0 3 * * *", min_length=1)
+    """When `python -m flows.retrain --serve` runs the flow (cron syntax, server time zone); --cron overrides."""
+
+
+# Sections read by flows rather than stages.
+FLOW_SECTIONS: dict[str, type[_Section]] = {"retrain": RetrainParams}
+
 # stage name -> (params.yaml section, its model)
 SECTIONS: dict[str, type[_Section]] = {
     "prepare_base": PrepareBaseParams,

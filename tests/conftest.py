@@ -97,6 +97,8 @@ def project(tmp_path, tiny_model_dir, tiny_data, monkeypatch) -> Path:
     for name in ("ftpipe", "stages", "flows"):
         shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
+    (proj / "data" / "raw").mkdir(parents=True)  # prepare_data's landing-folder dep
+    (proj / "data" / "raw" / ".gitkeep").touch()
     (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir, tiny_data), sort_keys=False))
     (proj / ".gitignore").write_text("mlruns.db\nmlartifacts/\n")
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]

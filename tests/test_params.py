@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ftpipe.errors import PipelineError
-from ftpipe.params import SECTIONS, TrainParams, load_section, load_stage_params
+from ftpipe.params import FLOW_SECTIONS, SECTIONS, TrainParams, load_section, load_stage_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +21,8 @@ def dvc_stages() -> dict:
 def test_shipped_params_validate_for_every_stage():
     for stage in SECTIONS:
         load_stage_params(stage, ROOT / "params.yaml")
+    for section, model in FLOW_SECTIONS.items():
+        load_section(section, model, ROOT / "params.yaml")
 
 
 def test_dvc_yaml_lists_exactly_the_keys_each_stage_reads():
@@ -36,8 +38,8 @@ def test_dvc_yaml_lists_exactly_the_keys_each_stage_reads():
 def test_params_yaml_spells_out_every_key():
     # DVC refuses to track a params key that is missing from params.yaml.
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert set(params) == set(SECTIONS)
-    for stage, model in SECTIONS.items():
+    assert set(params) == set(SECTIONS) | set(FLOW_SECTIONS)
+    for stage, model in {**SECTIONS, **FLOW_SECTIONS}.items():
         assert set(params[stage]) == set(model.model_fields), stage
 
 

@@ -170,7 +170,7 @@ def test_missing_data_file_and_missing_base_model(project):
     result = stage(project, "prepare_data")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "error: prepare_data.path: data file not found: nowhere/raw.jsonl"
-    assert not (project / "data").exists()
+    assert not (project / "data" / "prepared").exists()
     set_param(project, "prepare_base", "path", "nowhere/model")
     result = stage(project, "prepare_base")
     assert result.returncode == 2

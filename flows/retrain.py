@@ -1,0 +1,284 @@
+"""Scheduled retraining: rerun the pipeline only when its inputs changed, then gate and report.
+
+Change is read from hashes DVC already records, two ways: `dvc status` (raw data under data/raw/,
+params, code or base model differ from dvc.lock), and dvc.lock against the lineage tags of the
+latest registered version (the last run never reached the registry). Nothing changed: a "no
+change" report and no training. Changed: the pipeline's stages through DVC (unchanged ones are
+skipped), the new version registered as challenger, the promotion gate, a markdown report.
+One retraining at a time per project: an fcntl lock in .dvc/tmp/ (released by the kernel if the
+holder dies), plus `limit=1` on the served deployment.
+Run once:  python -m flows.retrain [--project-dir DIR] [--data-path data/raw/train.jsonl] [--wait S]
+Serve:     python -m flows.retrain --serve [--cron "0 3 * * *"]   (default cron: params.yaml retrain.cron)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows.pipeline import IO_BOUND, STAGES, StageFailed, _stage_env, _stage_task
+
+RAW_DIR = Path("data/raw")  # a dep of prepare_data in dvc.yaml: DVC hashes whatever lands here
+LOCK_FILE = Path(".dvc/tmp/retrain.lock")  # .dvc/tmp is DVC's own git-ignored scratch folder
+LINEAGE_KEYS = ("data_md5", "base_model_md5", "adapter_md5")
+BUSY_EXIT = 75  # EX_TEMPFAIL: another retraining runs; try again later
+
+
+class ProjectBusy(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def project_lock(project_dir: Path, wait_s: float = 0) -> Iterator[None]:
+    """Hold the project's retraining lock, waiting up to `wait_s` for it; ProjectBusy if still held."""
+    path = Path(project_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+", encoding="utf-8") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    raise ProjectBusy(f"another retraining of {project_dir} is running ({holder}); "
+                                      f"nothing was touched, try again when it ends") from None
+                time.sleep(0.5)
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} since {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def use_data_path(project_dir: Path, data_path: str) -> bool:
+    """Point prepare_data at `data_path` (a file under data/raw/); True if params.yaml changed."""
+    from dvc.utils.serialize import modify_yaml
+
+    from ftpipe.errors import PipelineError
+
+    relative = Path(data_path)
+    if relative.is_absolute():
+        with contextlib.suppress(ValueError):
+            relative = relative.relative_to(project_dir)
+    if relative.is_absolute() or RAW_DIR not in relative.parents:
+        raise PipelineError(f"data path {data_path}: put the data under {RAW_DIR}/, where DVC hashes it")
+    if not (project_dir / relative).is_file():
+        raise PipelineError(f"data path {data_path}: file not found")
+    with modify_yaml(project_dir / "params.yaml") as params:  # ruamel: keeps the file's comments
+        section = params["prepare_data"]
+        if section.get("source") == "file" and section.get("path") == str(relative):
+            return False
+        section["source"], section["path"] = "file", str(relative)
+    return True
+
+
+def dvc_status(project_dir: Path) -> dict[str, list[str]]:
+    """{stage: [what changed]} for every stage whose deps, params or outs differ from dvc.lock."""
+    from ftpipe.errors import PipelineError
+
+    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project_dir,
+                          env=_stage_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PipelineError(f"dvc status failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    stale: dict[str, list[str]] = {}
+    for stage, entries in json.loads(proc.stdout or "{}").items():
+        if stage.endswith(".dvc"):
+            # A `dvc add`-ed file changed since its last `dvc add`: prepare_data's data/raw dep
+            # already reports the change; the .dvc file is the user's to update.
+            get_run_logger().warning("%s is out of date: run `dvc add` on its file to version the new data", stage)
+            continue
+        for entry in entries:
+            if isinstance(entry, str):  # e.g. "changed command"
+                stale.setdefault(stage, []).append(entry)
+                continue
+            for kind, changes in entry.items():
+                for path, what in changes.items():
+                    detail = ", ".join(f"{k} {v}" for k, v in what.items()) if isinstance(what, dict) else what
+                    stale.setdefault(stage, []).append(f"{kind}: {path} {detail}")
+    return stale
+
+
+def registry_state(project_dir: Path) -> dict[str, Any]:
+    """The latest registered version's lineage tags and the champion's version and metrics."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from ftpipe import tracking
+    from ftpipe.params import RegisterParams, load_section
+
+    name = load_section("register", RegisterParams, project_dir / "params.yaml").model_name
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(project_dir))
+    versions = client.search_model_versions(f"name = '{name}'")
+    latest = max(versions, key=lambda v: int(v.version), default=None)
+    state: dict[str, Any] = {"model_name": name, "latest": None, "champion": None}
+    if latest is not None:
+        state["latest"] = {"version": str(latest.version), "tags": {k: latest.tags.get(k) for k in LINEAGE_KEYS}}
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(exc).lower():
+            raise
+    else:
+        state["champion"] = {"version": str(champion.version), "metrics": client.get_run(champion.run_id).data.metrics}
+    return state
+
+
+def _retry_unless_input_error(task, task_run, state) -> bool:
+    from ftpipe.errors import PipelineError
+
+    try:
+        state.result()
+    except PipelineError:
+        return False
+    except Exception:  # MLflow unreachable, a timeout: worth another try
+        return True
+    return False
+
+
+@task(retries=3, retry_delay_seconds=[5, 20, 60], retry_jitter_factor=0.2,
+      retry_condition_fn=_retry_unless_input_error)
+def detect_changes(project_dir: Path) -> dict[str, Any]:
+    """What changed since the latest registered version (an empty `reasons` list: nothing)."""
+    from ftpipe import tracking
+
+    stale = dvc_status(project_dir)
+    registry = registry_state(project_dir)
+    reasons = [f"{stage}: {what}" for stage, items in stale.items() for what in items]
+    latest = registry["latest"]
+    if latest is None:
+        reasons.append(f"no registered version of {registry['model_name']} yet")
+    elif not stale:
+        lock = tracking.lineage(project_dir, method="")
+        reasons += [f"dvc.lock {key} {lock[key]} differs from v{latest['version']}'s {latest['tags'][key]}"
+                    for key in LINEAGE_KEYS if lock[key] != latest["tags"][key]]
+    get_run_logger().info("changes: %s", "; ".join(reasons) or "none")
+    return {"reasons": reasons, **registry}
+
+
+def _killed(task, task_run, state) -> bool:
+    """Retry a compute stage only when a signal ended it (OOM killer, preemption): train resumes
+    from its checkpoints; a stage that failed by itself would fail again."""
+    try:
+        state.result()
+    except StageFailed as exc:
+        return exc.returncode < 0 or exc.returncode in (137, 143)  # DVC or the shell report 128 + signal
+    except Exception:
+        return False
+    return False
+
+
+def stage_task(stage: str):
+    if stage in IO_BOUND:
+        return _stage_task(stage)
+    return _stage_task(stage).with_options(retries=1, retry_delay_seconds=10, retry_condition_fn=_killed)
+
+
+@flow(name="scheduled-retrain", log_prints=True)
+def retrain(project_dir: Path = Path("."), data_path: str | None = None, lock_wait_s: float = 0) -> dict[str, Any]:
+    """Retrain, register and gate when the data, params or base model changed; else report no change."""
+    from prefect.artifacts import create_markdown_artifact
+
+    project_dir = Path(project_dir).resolve()
+    try:
+        with project_lock(project_dir, lock_wait_s):
+            return _retrain_locked(project_dir, data_path)
+    except ProjectBusy as exc:
+        get_run_logger().warning(str(exc))
+        create_markdown_artifact(key="retrain-report", markdown=f"# Retraining skipped\n\n{exc}.\n",
+                                 description="Scheduled retraining: what happened and why")
+        return {"status": "busy", "message": str(exc)}
+
+
+def _retrain_locked(project_dir: Path, data_path: str | None) -> dict[str, Any]:
+    from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+
+    from flows.retrain_report import retrain_report, unchanged_report
+
+    logger = get_run_logger()
+    if data_path and use_data_path(project_dir, data_path):
+        logger.info("params.yaml: prepare_data now reads %s", data_path)
+    change = detect_changes(project_dir)
+    if not change["reasons"]:
+        markdown = unchanged_report(change)
+        create_markdown_artifact(key="retrain-report", markdown=markdown,
+                                 description="Scheduled retraining: what happened and why")
+        return {"status": "unchanged", "report": markdown, "latest_version": change["latest"]["version"]}
+    progress = create_progress_artifact(0.0, key="retrain-progress", description="pipeline stages done")
+    timings: dict[str, float] = {}
+    for done, stage in enumerate(STAGES, start=1):
+        timings[stage] = stage_task(stage)(stage, project_dir)
+        update_progress_artifact(progress, 100.0 * done / len(STAGES), description=f"{stage} done")
+    markdown, registration = retrain_report(project_dir, change, timings)
+    create_markdown_artifact(key="retrain-report", markdown=markdown,
+                             description="Scheduled retraining: what happened and why")
+    create_markdown_artifact(key="data-report", description="Cleaning rules and train/eval leak checks",
+                             markdown=(project_dir / "reports" / "data_report.md").read_text(encoding="utf-8"))
+    status = "promoted" if registration["promotion"]["promote"] else "challenger"
+    logger.info("%s: %s", registration["model_uri"], status)
+    return {"status": status, "report": markdown, "registration": registration, "timings_s": timings}
+
+
+def serve(*, project_dir: Path, cron: str | None, data_path: str | None) -> None:
+    """Serve `retrain` as a deployment on a cron schedule until interrupted."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    from ftpipe.errors import PipelineError
+    from ftpipe.params import RetrainParams, load_section
+
+    project_dir = project_dir.resolve()
+    cron = cron or load_section("retrain", RetrainParams, project_dir / "params.yaml").cron
+    try:
+        CronSchedule(cron=cron)
+    except ValidationError:
+        raise PipelineError(f"cron '{cron}': not a valid cron expression") from None
+    retrain.serve(name="scheduled-retrain", cron=cron, limit=1,  # one run at a time on this runner
+                  parameters={"project_dir": str(project_dir), "data_path": data_path})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ftpipe.errors import PipelineError
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project-dir", type=Path, default=Path("."))
+    parser.add_argument("--data-path", help=f"training data file under {RAW_DIR}/ (sets prepare_data.path)")
+    parser.add_argument("--wait", type=float, default=0, metavar="S",
+                        help="seconds to wait for a running retraining (default: exit at once)")
+    parser.add_argument("--serve", action="store_true", help="serve as a deployment on a cron schedule")
+    parser.add_argument("--cron", help="cron schedule for --serve (default: params.yaml retrain.cron)")
+    args = parser.parse_args(argv)
+    try:
+        if args.serve:
+            serve(project_dir=args.project_dir, cron=args.cron, data_path=args.data_path)
+            return 0
+        result = retrain(project_dir=args.project_dir, data_path=args.data_path, lock_wait_s=args.wait)
+    except (PipelineError, StageFailed) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return getattr(exc, "returncode", 2) or 1
+    if result["status"] == "busy":
+        print(f"busy: {result['message']}", file=sys.stderr)
+        return BUSY_EXIT
+    print(result["report"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

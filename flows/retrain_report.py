@@ -1,0 +1,55 @@
+"""The retraining flow's markdown report: why it ran, the data, base vs champion vs challenger, the decision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def unchanged_report(change: dict[str, Any]) -> str:
+    latest = change["latest"]
+    tags = ", ".join(f"{key} `{value}`" for key, value in latest["tags"].items())
+    champion = change["champion"]
+    return (f"# No change: no training\n\nNothing changed since {change['model_name']} "
+            f"v{latest['version']} ({tags}): `dvc status` is clean and dvc.lock matches its lineage tags.\n\n"
+            f"Champion: {'v' + champion['version'] if champion else 'none'}.\n")
+
+
+def retrain_report(project_dir: Path, change: dict[str, Any], timings: dict[str, float]) -> tuple[str, dict]:
+    """(markdown, registration) after a pipeline run."""
+    from ftpipe.io import read_json
+    from ftpipe.metrics import LOWER_IS_BETTER, METRIC_KEYS
+
+    reports = project_dir / "reports"
+    registration = read_json(reports / "registration.json")
+    metrics = read_json(reports / "metrics.json")
+    data = read_json(reports / "data.json")
+    promoted = registration["promotion"]["promote"]
+    version = registration["version"]
+    title = f"v{version} promoted to champion" if promoted else f"v{version} kept as challenger"
+    champion = change["champion"]
+    lines = [f"# Retraining: {registration['model_name']} {title}", "", "## Why it ran", ""]
+    lines += [f"- {reason}" for reason in change["reasons"]]
+    splits = ", ".join(f"{name} {n}" for name, n in data["splits"].items())
+    dropped = ", ".join(f"{rule} {c['dropped']}" for rule, c in data["rules"].items() if c.get("dropped")) or "none"
+    lines += ["", "## Data", "",
+              f"- source `{data['source']}`: {data['rows_in']} rows in, {data['rows_out']} out ({splits})",
+              f"- dropped by cleaning: {dropped}",
+              f"- leak check: {data['leaks']['total']} leak(s), action `{data['leak_action']}`"
+              f" (full report: the `data-report` artifact)", ""]
+    header = ["metric", "base", f"champion v{champion['version']} (before)" if champion else "champion (none)",
+              f"challenger v{version}"]
+    lines += [f"## Metrics ({metrics['examples']} test examples)", "",
+              "| " + " | ".join(header) + " |", "|---|---:|---:|---:|"]
+    for key in METRIC_KEYS:
+        previous = champion["metrics"].get(key) if champion else None
+        lines.append(f"| {key}{' (lower is better)' if key in LOWER_IS_BETTER else ''} | "
+                     f"{metrics['base'][key]:.4f} | {'-' if previous is None else f'{previous:.4f}'} | "
+                     f"{metrics['finetuned'][key]:.4f} |")
+    lines += ["", "The champion's figures are those logged when it was registered (its own test split).", "",
+              "## Decision", "", f"**{title}** (`{registration['model_uri']}`, aliases "
+              f"{', '.join(registration['aliases'])}):", ""]
+    lines += [f"- {reason}" for reason in registration["promotion"]["reasons"]]
+    lines += ["", "## Stage times", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in timings.items()]
+    return "\n".join(lines) + "\n", registration

@@ -1,0 +1,265 @@
+"""The retraining flow on the tiny model: no change, better data, a worse model, one run at a time, retries,
+and a deployment served on a schedule by a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import qa_rows, set_param, stage_env, write_jsonl
+
+from flows.retrain import BUSY_EXIT, STAGES
+
+DATA = "data/raw/train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):  # a loaded CI machine needs more than 30 s
+        yield
+
+
+def commit(project: Path, message: str) -> None:
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run(git + ["add", "-A"], cwd=project, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", message], cwd=project, check=True)
+
+
+def landed(project: Path, rows: list[dict]) -> Path:
+    """Training data in the landing folder, trained by epochs so that more data means more steps.
+    The gate compares perplexity: the tiny model's 8-token greedy answers score ROUGE 0 before and
+    after a few dozen steps, while perplexity falls with every step."""
+    write_jsonl(project / DATA, rows)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(max_steps=-1, epochs=1, learning_rate=1e-2, eval_steps=8)
+    params["register"].update(primary_metric="perplexity")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit(project, "data in data/raw")
+    return project
+
+
+def append(path: Path, rows: list[dict]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def latest_artifact(key: str) -> str:
+    import asyncio
+
+    from prefect import get_client
+
+    async def read() -> str:
+        # A raw request: with fastapi 0.154 the server rejects the explicit nulls that
+        # PrefectClient.read_artifacts sends for the filters it leaves unset (HTTP 422).
+        async with get_client() as client:
+            response = await client._client.post("/artifacts/filter", json={
+                "artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1})
+            return response.json()[0]["data"]
+
+    return asyncio.run(read())
+
+
+def test_three_triggers_no_change_better_data_worse_model(project, harness):
+    import mlflow
+
+    from flows.retrain import retrain
+
+    landed(project, qa_rows(16))
+    first = retrain(project_dir=project, data_path=DATA)
+    assert first["status"] in ("promoted", "challenger") and first["registration"]["version"] == "1"
+    assert "no registered version of tiny-model yet" in first["report"]
+
+    # 1. Nothing changed: no stage runs, the report says why.
+    lock = (project / "dvc.lock").read_text()
+    unchanged = retrain(project_dir=project, data_path=DATA)
+    assert unchanged["status"] == "unchanged" and unchanged["latest_version"] == "1"
+    assert (project / "dvc.lock").read_text() == lock
+    assert "# No change: no training" in latest_artifact("retrain-report")
+
+    # 2. More data appended to the file: DVC sees data/raw change; the new version beats v1 and the base.
+    append(project / DATA, qa_rows(64, offset=16))
+    better = retrain(project_dir=project, data_path=DATA)
+    report = latest_artifact("retrain-report")
+    assert better["status"] == "promoted", report
+    assert "prepare_data: changed deps: data/raw modified" in report
+    assert "# Retraining: tiny-model v2 promoted to champion" in report
+    assert "| metric | base | champion v1 (before) | challenger v2 |" in report
+    assert set(better["timings_s"]) == set(STAGES)
+
+    # 3. A learning rate too small to move the adapter: the model stays the base model, so it cannot
+    #    beat the base or the champion, and stays challenger.
+    set_param(project, "train", "learning_rate", 1e-9)
+    worse = retrain(project_dir=project)
+    report = latest_artifact("retrain-report")
+    assert worse["status"] == "challenger", report
+    assert "params.yaml train.learning_rate modified" in report
+    assert "# Retraining: tiny-model v3 kept as challenger" in report
+    assert "champion v2 (before)" in report and ": fail" in report
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns.db'}")
+    assert client.get_model_version_by_alias("tiny-model", "champion").version == 2
+    assert client.get_model_version_by_alias("tiny-model", "challenger").version == 3
+    assert client.get_model_version("tiny-model", "3").tags["param.train.learning_rate"] == "1e-09"
+
+
+def test_second_trigger_while_one_runs_exits_and_touches_nothing(project, harness):
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.retrain import retrain
+
+    landed(project, qa_rows(24))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from flows.retrain import project_lock\n"
+         "with project_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)", str(project)],
+        cwd=project, env=stage_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        result = retrain(project_dir=project, lock_wait_s=1)
+        assert result["status"] == "busy" and time.monotonic() - started >= 1
+        assert f"(pid {holder.pid} since" in result["message"]
+        assert "# Retraining skipped" in latest_artifact("retrain-report")
+        cli = subprocess.run([sys.executable, "-m", "flows.retrain", "--project-dir", str(project)], cwd=project,
+                             env={**stage_env(), "PREFECT_API_URL": PREFECT_API_URL.value()},
+                             capture_output=True, text=True, timeout=120)
+        assert cli.returncode == BUSY_EXIT and "busy: another retraining of" in cli.stderr
+        assert not (project / "dvc.lock").exists() and not (project / "models" / "base").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"server exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer in {timeout_s:.0f} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Interrupt a server started in its own session, then kill its process group if it lingers."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_unreachable_mlflow_server_is_retried_with_backoff(project, harness, monkeypatch, tmp_path):
+    """The tracking server is down when the flow starts and comes up after the first failed attempt."""
+    import mlflow
+
+    import flows.retrain as retrain_module
+
+    port = free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail at once: the flow does the backoff
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    landed(project, qa_rows(16))
+    servers, attempts = [], []
+    real = retrain_module.registry_state
+
+    def registry_state(project_dir):
+        attempts.append(time.monotonic())
+        try:
+            return real(project_dir)
+        except Exception:
+            if not servers:
+                servers.append(subprocess.Popen(
+                    [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                     "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1"],
+                    env=stage_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            raise
+
+    monkeypatch.setattr(retrain_module, "registry_state", registry_state)
+    try:
+        result = retrain_module.retrain(project_dir=project)
+        versions = mlflow.MlflowClient(f"http://127.0.0.1:{port}").search_model_versions("name = 'tiny-model'")
+    finally:
+        for server in servers:
+            stop(server)
+    assert servers and len(attempts) >= 2 and attempts[1] - attempts[0] >= 4  # retry_delay_seconds[0] = 5
+    assert result["registration"]["version"] == "1"
+    assert [str(v.version) for v in versions] == ["1"]
+    assert result["registration"]["tracking_uri"] == f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.slow
+def test_served_deployment_runs_on_its_cron_schedule(project, tmp_path):
+    """A real Prefect server, the deployment served with a cron schedule, one scheduled run completed."""
+    import urllib.request
+
+    landed(project, qa_rows(16))
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**stage_env(), "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_RUNNER_POLL_FREQUENCY": "5"}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    served = None
+    try:
+        wait_http(f"{api}/health", 120, server)
+        served = subprocess.Popen([sys.executable, "-m", "flows.retrain", "--serve", "--cron", "* * * * *",
+                                   "--project-dir", str(project)], cwd=project, env=env, start_new_session=True,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        query = json.dumps({"flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}},
+                            "sort": "START_TIME_DESC", "limit": 5}).encode()
+        deadline, runs = time.monotonic() + 540, []
+        while time.monotonic() < deadline and not runs:
+            assert served.poll() is None, f"serve exited with {served.returncode}"
+            time.sleep(5)
+            request = urllib.request.Request(f"{api}/flow_runs/filter", data=query,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                runs = json.loads(response.read())
+        assert runs, "no scheduled run finished in 9 minutes"
+        assert runs[0]["state_type"] == "COMPLETED" and runs[0]["deployment_id"]
+        assert runs[0]["auto_scheduled"] is True
+        assert json.loads((project / "reports" / "registration.json").read_text())["version"] == "1"
+    finally:
+        if served is not None:
+            stop(served)
+        stop(server)
+
+
+def test_data_path_must_land_in_data_raw_and_bad_cron_is_refused(project, capsys):
+    from ftpipe.errors import PipelineError
+
+    from flows.retrain import main, use_data_path
+
+    with pytest.raises(PipelineError, match="put the data under data/raw/, where DVC hashes it"):
+        use_data_path(project, "elsewhere/train.jsonl")
+    landed(project, qa_rows(4))
+    assert use_data_path(project, DATA) is True
+    assert use_data_path(project, str(project / DATA)) is False  # the same file, absolute: no change
+    params = yaml.safe_load((project / "params.yaml").read_text())["prepare_data"]
+    assert (params["source"], params["path"]) == ("file", DATA)
+    assert main(["--serve", "--cron", "every day", "--project-dir", str(project)]) == 2
+    assert capsys.readouterr().err.strip() == "error: cron 'every day': not a valid cron expression"
