@@ -31,6 +31,7 @@ METHODS = ("full", "lora", "qlora", "dora", "ia3", "prefix_tuning", "prompt_tuni
 BASELINE = "baseline"
 BASE_DIR, DATA_DIR = Path("models/base"), Path("data/prepared")
 RESULT = "BENCH_RESULT "  # prefix of the child's one result line on stdout
+FOOTPRINT = "footprint:"  # child name prefix: load the base weights as this variant and report their bytes
 
 
 def train_params(method: str, steps: int):
@@ -105,6 +106,13 @@ def run_baseline(steps: int) -> dict[str, Any]:
 
 
 def child(name: str, steps: int) -> None:
+    if name.startswith(FOOTPRINT):
+        from ftpipe import models, quantization
+
+        variant = name[len(FOOTPRINT):]
+        model = models.load_model(BASE_DIR) if variant == "fp32" else quantization.load_quantized(BASE_DIR, variant)
+        print(RESULT + json.dumps(model.get_memory_footprint()), flush=True)
+        return
     result = run_baseline(steps) if name == BASELINE else run_method(name, steps)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(RESULT + json.dumps(result), flush=True)
@@ -153,17 +161,13 @@ def table(results: dict[str, dict[str, Any] | str], steps: int) -> str:
 
 def footprint() -> str:
     """4-bit (NF4 + double quantization) base weights against fp32, each loaded in a fresh process."""
-    code = ("import sys, json; from pathlib import Path; from ftpipe import models, quantization as q; "
-            "m = models.load_model(Path(sys.argv[1])) if sys.argv[2] == 'fp32' else q.load_quantized(Path(sys.argv[1]), sys.argv[2]); "
-            "print(json.dumps(m.get_memory_footprint())))")
     sizes = {}
     for variant in ("fp32", "nf4_dq"):
-        out = subprocess.run([sys.executable, "-c", code, str(BASE_DIR), variant], stdout=subprocess.PIPE,
-                             text=True, check=True).stdout
-        sizes[variant] = json.loads(out.strip().splitlines()[-1])
-    share = sizes["nf4_dq"] / sizes["fp32"]
+        proc = subprocess.run([sys.executable, "-m", "bench.bench_methods", "--child", FOOTPRINT + variant],
+                              stdout=subprocess.PIPE, text=True, check=True)
+        sizes[variant] = json.loads(proc.stdout.splitlines()[-1][len(RESULT):])
     return (f"base weights: fp32 {sizes['fp32'] / 2**20:.0f} MiB, nf4_dq {sizes['nf4_dq'] / 2**20:.0f} MiB "
-            f"= {share:.1%} of fp32 (target <= 35 %)\n")
+            f"= {sizes['nf4_dq'] / sizes['fp32']:.1%} of fp32 (target <= 35 %)\n")
 
 
 def main() -> None:
