@@ -103,6 +103,33 @@ class PrepareDataParams(_Section):
         return self
 
 
+QuantVariant = Literal["int8", "nf4", "nf4_dq", "fp4", "fp4_dq"]
+"""bitsandbytes variants (ftpipe/quantization.py): LLM.int8, or 4-bit NF4/FP4, `_dq` with double quantization."""
+
+
+class QuantizeParams(_Section):
+    """The base model quantized with bitsandbytes, each variant against the fp32 base: memory,
+    size on disk, perplexity on validation responses, greedy-output agreement, load and generation time."""
+
+    variants: list[QuantVariant] = Field(default_factory=lambda: ["int8", "nf4", "nf4_dq", "fp4", "fp4_dq"],
+                                         min_length=1)
+    max_rows: int = Field(32, ge=1)
+    """Validation rows whose reference responses are scored for perplexity (the split is shuffled)."""
+    prompts: int = Field(8, ge=1)
+    """Validation prompts answered greedily by fp32 and each variant, to measure agreement."""
+    max_new_tokens: int = Field(24, ge=1)
+    batch_size: int = Field(8, ge=1)
+    threads: int = Field(0, ge=0)
+    """CPU threads for torch; 0 keeps torch's default (one per physical core)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantizeParams:
+        repeated = sorted({v for v in self.variants if self.variants.count(v) > 1})
+        if repeated:
+            raise FieldProblem("variants", f"lists {', '.join(map(repr, repeated))} more than once")
+        return self
+
+
 class TrainParams(_Section):
     """Supervised fine-tuning with a LoRA adapter; loss on assistant tokens only."""
 
@@ -157,6 +184,7 @@ class RegisterParams(_Section):
 SECTIONS: dict[str, type[_Section]] = {
     "prepare_base": PrepareBaseParams,
     "prepare_data": PrepareDataParams,
+    "quantize": QuantizeParams,
     "train": TrainParams,
     "evaluate": EvaluateParams,
     "register": RegisterParams,
