@@ -113,11 +113,11 @@ class QuantizeParams(_Section):
 
     variants: list[QuantVariant] = Field(default_factory=lambda: ["int8", "nf4", "nf4_dq", "fp4", "fp4_dq"],
                                          min_length=1)
-    max_rows: int = Field(32, ge=1)
+    max_rows: int = Field(16, ge=1)
     """Validation rows whose reference responses are scored for perplexity (the split is shuffled)."""
-    prompts: int = Field(8, ge=1)
+    prompts: int = Field(4, ge=1)
     """Validation prompts answered greedily by fp32 and each variant, to measure agreement."""
-    max_new_tokens: int = Field(24, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
     batch_size: int = Field(8, ge=1)
     threads: int = Field(0, ge=0)
     """CPU threads for torch; 0 keeps torch's default (one per physical core)."""

@@ -97,6 +97,7 @@ def run(*, params: QuantizeParams, base_dir: Path, val_file: Path, reports_dir: 
                 f.stat().st_size for f in Path(base_dir).glob("*.safetensors")), None
         else:
             entry["disk_bytes"], entry["not_serializable"] = saved_bytes(model)
+        entry["total_s"] = time.perf_counter() - started  # load, generate, perplexity and the trial save
         entries[name] = entry
         del model
         gc.collect()
