@@ -20,7 +20,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-STAGES = ("prepare_base", "prepare_data", "train", "evaluate", "register")
+STAGES = ("prepare_base", "prepare_data", "quantize", "train", "evaluate", "register")
 # Hub downloads and the MLflow server can fail transiently; compute stages fail for real.
 IO_BOUND = {"prepare_base": 2, "register": 3}
 USER_ERROR = 2  # exit code of a stage that rejected its input: retrying cannot help

@@ -103,6 +103,33 @@ class PrepareDataParams(_Section):
         return self
 
 
+QuantVariant = Literal["int8", "nf4", "nf4_dq", "fp4", "fp4_dq"]
+"""bitsandbytes variants (ftpipe/quantization.py): LLM.int8, or 4-bit NF4/FP4, `_dq` with double quantization."""
+
+
+class QuantizeParams(_Section):
+    """The base model quantized with bitsandbytes, each variant against the fp32 base: memory,
+    size on disk, perplexity on validation responses, greedy-output agreement, load and generation time."""
+
+    variants: list[QuantVariant] = Field(default_factory=lambda: ["int8", "nf4", "nf4_dq", "fp4", "fp4_dq"],
+                                         min_length=1)
+    max_rows: int = Field(16, ge=1)
+    """Validation rows whose reference responses are scored for perplexity (the split is shuffled)."""
+    prompts: int = Field(4, ge=1)
+    """Validation prompts answered greedily by fp32 and each variant, to measure agreement."""
+    max_new_tokens: int = Field(16, ge=1)
+    batch_size: int = Field(8, ge=1)
+    threads: int = Field(0, ge=0)
+    """CPU threads for torch; 0 keeps torch's default (one per physical core)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantizeParams:
+        repeated = sorted({v for v in self.variants if self.variants.count(v) > 1})
+        if repeated:
+            raise FieldProblem("variants", f"lists {', '.join(map(repr, repeated))} more than once")
+        return self
+
+
 METHODS = ("full", "lora", "qlora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning")
 LORA_METHODS = ("lora", "qlora", "dora")
 PROMPT_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
@@ -133,7 +160,7 @@ class TrainParams(_Section):
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
     """Modules that get LoRA/DoRA adapters."""
-    quantization: Literal["int8", "nf4", "nf4_dq", "fp4", "fp4_dq"] | None = None
+    quantization: QuantVariant | None = None
     """qlora only (required there): the base's bitsandbytes variant (ftpipe.quantization.VARIANTS)."""
     ia3_target_modules: list[str] | None = None
     """ia3 only: modules whose activations get a learned scale; null: peft's default for the architecture."""
@@ -265,6 +292,7 @@ FLOW_SECTIONS: dict[str, type[_Section]] = {"retrain": RetrainParams}
 SECTIONS: dict[str, type[_Section]] = {
     "prepare_base": PrepareBaseParams,
     "prepare_data": PrepareDataParams,
+    "quantize": QuantizeParams,
     "train": TrainParams,
     "evaluate": EvaluateParams,
     "register": RegisterParams,

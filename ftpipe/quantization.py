@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ftpipe.errors import PipelineError
+
 VARIANTS = ("int8", "nf4", "nf4_dq", "fp4", "fp4_dq")
 
 
@@ -28,13 +30,24 @@ def bnb_config(variant: str, *, bf16: bool = False):
     )
 
 
+def device() -> str:
+    """Where quantized models run (and where their fp32 reference should run to compare fairly)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_quantized(base_dir: Path, variant: str, *, bf16: bool = False):
     """The base model from its safetensors folder, quantized on load."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return AutoModelForCausalLM.from_pretrained(
-        Path(base_dir).resolve(), quantization_config=bnb_config(variant, bf16=bf16), device_map=device,
-        use_safetensors=True, trust_remote_code=False, dtype=torch.float32,
-    ).eval()
+    config = bnb_config(variant, bf16=bf16)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            Path(base_dir).resolve(), quantization_config=config, device_map=device(),
+            use_safetensors=True, trust_remote_code=False, dtype=torch.float32,
+        )
+    except OSError as exc:
+        raise PipelineError(f"{base_dir}: cannot load model ({str(exc).strip().splitlines()[0]})") from None
+    return model.eval()

@@ -68,7 +68,12 @@ def run(
         mlflow.log_metrics({"data_rows_in": data["rows_in"], "data_rows_out": data["rows_out"],
                             "data_leaks": data["leaks"]["total"],
                             **{f"data_rows_{name}": n for name, n in data["splits"].items()}})
-        for name in ("data.json", "data_report.md", "train.json", "metrics.json", "comparison.md", "loss.png"):
+        if (reports_dir / "quantize.json").is_file():
+            quant = read_json(reports_dir / "quantize.json")["variants"]
+            mlflow.log_metrics({f"quant_{name}_{key}": v[key] for name, v in quant.items()
+                                for key in ("footprint_ratio", "perplexity_ratio", "token_agreement")})
+        for name in ("data.json", "data_report.md", "quantize.json", "quantize.md", "train.json", "metrics.json",
+                     "comparison.md", "loss.png"):
             if (reports_dir / name).is_file():
                 mlflow.log_artifact(str(reports_dir / name), artifact_path="reports")
         mlflow.log_table({k: [g[k] for g in generations] for k in generations[0]}, "generations.json")

@@ -81,6 +81,8 @@ def tiny_params(model_dir: Path, data_file: Path) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["prepare_base"].update(source="local", path=str(model_dir))
     params["prepare_data"].update(source="file", path=str(data_file), val_fraction=0.1, test_fraction=0.1)
+    # int8 only: bitsandbytes' CPU 4-bit kernel needs wider layers (test_quantize builds a wider model).
+    params["quantize"].update(variants=["int8"], max_rows=8, prompts=4, max_new_tokens=8, batch_size=4)
     params["train"].update(max_steps=6, batch_size=4, eval_steps=3, logging_steps=1, learning_rate=5e-3,
                            max_length=64)
     # The tiny model's context is 256 tokens.

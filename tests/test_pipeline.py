@@ -74,7 +74,12 @@ def test_dvc_repro_end_to_end(project):
     pipeline_run = client.get_run(registration["pipeline_run_id"])
     assert pipeline_run.data.metrics["data_leaks"] == 0 and pipeline_run.data.params["train.method"] == "lora"
     logged = {a.path for a in client.list_artifacts(registration["pipeline_run_id"], "reports")}
-    assert {"reports/data_report.md", "reports/data.json", "reports/comparison.md", "reports/loss.png"} <= logged
+    assert {"reports/data_report.md", "reports/data.json", "reports/comparison.md", "reports/loss.png",
+            "reports/quantize.json", "reports/quantize.md"} <= logged
+    quant = json.loads((project / "reports" / "quantize.json").read_text())
+    assert list(quant["variants"]) == ["int8"] and quant["variants"]["int8"]["footprint_ratio"] < 1
+    assert pipeline_run.data.metrics["quant_int8_footprint_ratio"] == pytest.approx(
+        quant["variants"]["int8"]["footprint_ratio"])
     table = client.load_table(pipeline_run.info.experiment_id, "generations.json", run_ids=[pipeline_run.info.run_id])
     assert len(table) == metrics["examples"] and "rougeL_fewshot" in table.columns
 
@@ -91,6 +96,13 @@ def test_dvc_repro_end_to_end(project):
     second = dvc(project, "repro")
     assert second.returncode == 0 and ran(second.stdout) == set()
     assert (project / "dvc.lock").read_text() == lock
+
+    # A quantize param reruns quantize, not the stages beside it (train, evaluate).
+    set_param(project, "quantize", "prompts", 3)
+    quantized = dvc(project, "repro", "quantize")
+    assert quantized.returncode == 0, quantized.stderr[-3000:]
+    assert ran(quantized.stdout) == {"quantize"}
+    assert json.loads((project / "reports" / "quantize.json").read_text())["prompts"] == 3
 
     # An evaluation param reruns only evaluate and register.
     set_param(project, "evaluate", "max_new_tokens", 5)
@@ -180,7 +192,7 @@ def test_missing_data_file_and_missing_base_model(project):
 
 def test_stage_and_flow_modules_import_nothing_heavy():
     code = ("import sys; import stages.prepare_base, stages.prepare_data, stages.train, stages.evaluate, "
-            "stages.register, ftpipe.metrics, ftpipe.models; "
+            "stages.register, stages.quantize, ftpipe.metrics, ftpipe.models, ftpipe.quantization; "
             "print(sorted(m for m in ('torch', 'transformers', 'mlflow', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=stage_env(), check=True)
     assert out.stdout.strip() == "[]"

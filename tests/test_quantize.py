@@ -1,0 +1,101 @@
+"""quantize: every bitsandbytes variant of the tiny model measured against fp32, and its params checks."""
+
+from __future__ import annotations
+
+import json
+import math
+import typing
+
+import pytest
+from conftest import qa_rows, write_jsonl
+
+from ftpipe.errors import PipelineError
+from ftpipe.params import QuantizeParams, QuantVariant, load_section
+from ftpipe.quantization import VARIANTS
+from stages import quantize
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model at 64 wide: bitsandbytes' CPU 4-bit kernel packs weights in blocks of 64
+    input features and 32 output features, which the fixture's 32-wide layers (16-wide k/v) are not."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("wide-model")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def val_file(tmp_path):
+    rows = [{"id": f"val-{i}", "messages": [{"role": "user", "content": r["prompt"]},
+                                            {"role": "assistant", "content": r["response"]}]}
+            for i, r in enumerate(qa_rows(6))]
+    return write_jsonl(tmp_path / "val.jsonl", rows)
+
+
+def test_report_has_every_variant_and_4bit_is_smaller(tmp_path, wide_model_dir):
+    params = QuantizeParams(max_rows=4, prompts=3, max_new_tokens=6, batch_size=2)
+    reports = tmp_path / "reports"
+    result = quantize.run(params=params, base_dir=wide_model_dir, val_file=val_file(tmp_path), reports_dir=reports)
+
+    assert json.loads((reports / "quantize.json").read_text()) == result
+    assert list(result["variants"]) == list(VARIANTS)
+    assert result["perplexity_rows"] == 4 and result["prompts"] == 3
+    fp32 = result["fp32"]
+    # The reference is the base folder's own safetensors file.
+    assert fp32["disk_bytes"] == (wide_model_dir / "model.safetensors").stat().st_size
+    for name, v in result["variants"].items():
+        assert v["footprint_ratio"] == pytest.approx(v["footprint_bytes"] / fp32["footprint_bytes"])
+        assert 0 < v["footprint_ratio"] < 1, name
+        assert math.isfinite(v["perplexity"]) and v["perplexity_ratio"] == pytest.approx(v["perplexity"] / fp32["perplexity"])
+        assert 0 <= v["exact_match"] <= 1 and 0 <= v["token_agreement"] <= 1
+        assert v["disk_bytes"] > 0 and "not_serializable" not in v  # bitsandbytes 0.50 saves every variant
+        assert v["load_s"] > 0 and v["generate_s"] > 0
+    # 4 bits per linear weight against 8: smaller than int8 too (the fp32 embedding is shared by all).
+    assert result["variants"]["nf4"]["footprint_bytes"] < result["variants"]["int8"]["footprint_bytes"]
+    table = (reports / "quantize.md").read_text()
+    assert table.splitlines()[2].startswith("| fp32 |")
+    assert all(f"| {name} |" in table for name in VARIANTS)
+    assert not list(tmp_path.glob("ftpipe-quantize-*"))  # no saved copy left behind
+
+
+def test_agreement_counts_exact_outputs_and_token_positions(tiny_model_dir):
+    from ftpipe.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    assert quantize.agreement(tokenizer, ["red cat", "blue dog"], ["red cat", "blue dog"]) == (1.0, 1.0)
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    exact, tokens = quantize.agreement(tokenizer, ["red cat", "blue dog"], ["red cat", "green"])
+    assert exact == 0.5
+    mismatched = max(len(ids("blue dog")), len(ids("green")))
+    assert tokens == pytest.approx(len(ids("red cat")) / (len(ids("red cat")) + mismatched))
+
+
+def test_unserializable_variant_is_reported_not_raised():
+    class Unsaveable:
+        def save_pretrained(self, folder):
+            raise ValueError("this model is quantized and is not serializable\nmore detail")
+
+    assert quantize.saved_bytes(Unsaveable()) == (None, "ValueError: this model is quantized and is not serializable")
+
+
+def test_params_variant_names_match_the_quantization_module():
+    assert typing.get_args(QuantVariant) == VARIANTS
+
+
+def test_unknown_variant_fails_naming_the_key(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("quantize:\n  max_rows: 4\n  variants: [nf4, nf3]\n")
+    with pytest.raises(PipelineError, match=r"params.yaml:3: quantize\.variants\.1: Input should be .*'nf3'"):
+        load_section("quantize", QuantizeParams, path)
+    path.write_text("quantize:\n  variants: [nf4, int8, nf4]\n")
+    with pytest.raises(PipelineError, match=r"params.yaml:2: quantize\.variants: lists 'nf4' more than once"):
+        load_section("quantize", QuantizeParams, path)
+    path.write_text("quantize:\n  variants: []\n")
+    with pytest.raises(PipelineError, match=r"params.yaml:2: quantize\.variants: List should have at least 1 item"):
+        load_section("quantize", QuantizeParams, path)
