@@ -134,7 +134,8 @@ def screenshot(url: str, out: Path, *, width: int, height: int) -> str:
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
             page.set_default_timeout(PAGE_TIMEOUT_MS)
-            page.goto(url, wait_until="networkidle")
+            # Not "networkidle": the UI keeps polling; the metric names below are what we wait for.
+            page.goto(url, wait_until="load")
             for metric in METRICS_SHOWN:
                 # exact: "rougeL" must not be satisfied by "rougeLsum"
                 page.get_by_text(metric, exact=True).first.wait_for(state="visible")

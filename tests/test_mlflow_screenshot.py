@@ -69,12 +69,13 @@ def test_screenshot_of_the_compare_view_after_a_pipeline_run(project, tmp_path):
     out = tmp_path / "shots" / "compare.png"
     result = run(project_dir=project, out=out, experiment=registration["experiment"])
 
-    assert result["runs"] == {"base": registration["base_run_id"], "finetuned": registration["finetuned_run_id"]}
+    assert result["runs"] == {"base": registration["base_run_id"], "fewshot": registration["fewshot_run_id"],
+                              "finetuned": registration["finetuned_run_id"]}
     png = out.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 30_000  # a blank 1600x1200 page compresses far smaller
     assert struct.unpack(">II", png[16:24]) == (1600, 1200)
     text = result["text"]
-    for shown in ("bleu", "rougeL", "perplexity", "base", "finetuned", *result["runs"].values()):
+    for shown in ("bleu", "rougeL", "perplexity", "base", "fewshot", "finetuned", *result["runs"].values()):
         assert shown in text
     assert result["metrics_shown"] == ["bleu", "rougeL", "perplexity"]
     assert not list(out.parent.glob(".*.tmp.png"))
