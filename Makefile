@@ -1,10 +1,13 @@
 # `make run`: set up, then run the whole pipeline on the embedded default (SmolLM2 + chatterbot-corpus).
-# `make test`: set up, then run the test suite. Set-up is a virtual environment in .venv with pinned
+# `make test`: set up (plus Debian's chromium for the browser test, if missing), then run the test suite. Set-up is a virtual environment in .venv with pinned
 # packages, redone only when pyproject.toml or requirements.lock change.
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+# The MLflow screenshot test drives Debian's chromium through playwright, which must not download a browser.
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: run test setup lock
 
@@ -21,8 +24,12 @@ $(STAMP): pyproject.toml requirements.lock
 run: $(STAMP)
 	$(BIN)/python -m flows.pipeline
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -ra
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
 
 # Refresh requirements.lock from the current environment after changing a pin in pyproject.toml.
 lock: $(STAMP)
