@@ -1,6 +1,7 @@
 # `make run`: set up, then run the whole pipeline on the embedded default (SmolLM2 + chatterbot-corpus).
-# `make test`: set up (plus Debian's chromium for the browser test, if missing), then run the test suite. Set-up is a virtual environment in .venv with pinned
-# packages, redone only when pyproject.toml or requirements.lock change.
+# `make test`: set up (plus Debian's chromium for the browser test, if missing), then run the tests.
+# Set-up is a virtual environment in .venv with pinned packages, redone only when pyproject.toml or
+# requirements.lock change.
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
