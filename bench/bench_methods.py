@@ -34,13 +34,22 @@ RESULT = "BENCH_RESULT "  # prefix of the child's one result line on stdout
 FOOTPRINT = "footprint:"  # child name prefix: load the base weights as this variant and report their bytes
 
 
+# What each method needs beyond params.yaml's train section to be a valid, sensible run.
+METHOD_SETTINGS = {
+    "full": {"learning_rate": 2e-5},  # the adapters' 1e-3 makes full fine-tuning diverge
+    "qlora": {"quantization": "nf4_dq"},
+    **{m: {"merge": False} for m in ("prefix_tuning", "prompt_tuning", "p_tuning")},  # cannot be merged
+}
+
+
 def train_params(method: str, steps: int):
     """params.yaml's train section for `method`, stopping after `steps` and evaluating once, after
     the timed training (an evaluation inside it would count as training time)."""
     from ftpipe.params import TrainParams, load_section
 
     base = load_section("train", TrainParams).model_dump()
-    return TrainParams(**{**base, "method": method, "max_steps": steps, "eval_steps": steps + 1})
+    return TrainParams(**{**base, **METHOD_SETTINGS.get(method, {}), "method": method, "max_steps": steps,
+                          "eval_steps": steps + 1})
 
 
 def count_real_tokens() -> list[int]:
