@@ -40,9 +40,10 @@ def _stage_env() -> dict[str, str]:
     return env
 
 
-def dvc_repro(stage: str, project_dir: Path) -> None:
-    """Run one DVC stage, streaming its output; raise StageFailed with its last error line."""
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+def dvc_repro(stage: str, project_dir: Path, force: bool = False) -> None:
+    """Run one DVC stage (`force`: even if DVC finds it up to date), streaming its output; raise
+    StageFailed with its last error line."""
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
     proc = subprocess.Popen(command, cwd=project_dir, env=_stage_env(), stderr=subprocess.PIPE)
     tail = b""
     for chunk in iter(lambda: proc.stderr.read1(4096), b""):
@@ -70,10 +71,10 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
 
 
 @task(task_run_name="dvc repro {stage}")
-def run_stage(stage: str, project_dir: Path) -> float:
+def run_stage(stage: str, project_dir: Path, force: bool = False) -> float:
     logger = get_run_logger()
     started = time.perf_counter()
-    dvc_repro(stage, project_dir)
+    dvc_repro(stage, project_dir, force)
     elapsed = time.perf_counter() - started
     logger.info("stage %s done in %.1f s", stage, elapsed)
     return elapsed

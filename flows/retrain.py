@@ -74,7 +74,7 @@ def use_data_path(project_dir: Path, data_path: str) -> bool:
 
     from ftpipe.errors import PipelineError
 
-    relative = Path(data_path)
+    relative = Path(os.path.normpath(data_path))  # data/raw/../x is not under data/raw
     if relative.is_absolute():
         with contextlib.suppress(ValueError):
             relative = relative.relative_to(project_dir)
@@ -170,7 +170,7 @@ def detect_changes(project_dir: Path) -> dict[str, Any]:
         reasons += [f"dvc.lock {key} {lock[key]} differs from v{latest['version']}'s {latest['tags'][key]}"
                     for key in LINEAGE_KEYS if lock[key] != latest["tags"][key]]
     get_run_logger().info("changes: %s", "; ".join(reasons) or "none")
-    return {"reasons": reasons, **registry}
+    return {"reasons": reasons, "stale": bool(stale), **registry}
 
 
 def _killed(task, task_run, state) -> bool:
@@ -224,7 +224,10 @@ def _retrain_locked(project_dir: Path, data_path: str | None) -> dict[str, Any]:
     progress = create_progress_artifact(0.0, key="retrain-progress", description="pipeline stages done")
     timings: dict[str, float] = {}
     for done, stage in enumerate(STAGES, start=1):
-        timings[stage] = stage_task(stage)(stage, project_dir)
+        # Outputs up to date but the registry behind them (a new MLflow store, a version registered
+        # by an experiment): DVC would skip register, so it is forced to register these outputs.
+        force = stage == "register" and not change["stale"]
+        timings[stage] = stage_task(stage)(stage, project_dir, force=force)
         update_progress_artifact(progress, 100.0 * done / len(STAGES), description=f"{stage} done")
     markdown, registration = retrain_report(project_dir, change, timings)
     create_markdown_artifact(key="retrain-report", markdown=markdown,

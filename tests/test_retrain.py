@@ -69,7 +69,7 @@ def latest_artifact(key: str) -> str:
     return asyncio.run(read())
 
 
-def test_three_triggers_no_change_better_data_worse_model(project, harness):
+def test_three_triggers_no_change_better_data_worse_model(project, harness, monkeypatch):
     import mlflow
 
     from flows.retrain import retrain
@@ -110,6 +110,18 @@ def test_three_triggers_no_change_better_data_worse_model(project, harness):
     assert client.get_model_version_by_alias("tiny-model", "champion").version == 2
     assert client.get_model_version_by_alias("tiny-model", "challenger").version == 3
     assert client.get_model_version("tiny-model", "3").tags["param.train.learning_rate"] == "1e-09"
+
+    # 4. Outputs up to date but a registry that has never seen them (a new MLflow store): nothing is
+    #    retrained, but register is forced, so the new store gets them as its version 1.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'other.db'}")
+    from ftpipe.tracking import dvc_lock_hashes
+
+    trained = dvc_lock_hashes(project)["train:models/adapter"]
+    moved = retrain(project_dir=project)
+    assert moved["registration"]["version"] == "1", moved["report"]
+    assert "no registered version of tiny-model yet" in moved["report"]
+    assert mlflow.MlflowClient(f"sqlite:///{project / 'other.db'}").get_registered_model("tiny-model")
+    assert dvc_lock_hashes(project)["train:models/adapter"] == trained  # nothing retrained
 
 
 def test_second_trigger_while_one_runs_exits_and_touches_nothing(project, harness):
@@ -256,6 +268,8 @@ def test_data_path_must_land_in_data_raw_and_bad_cron_is_refused(project, capsys
 
     with pytest.raises(PipelineError, match="put the data under data/raw/, where DVC hashes it"):
         use_data_path(project, "elsewhere/train.jsonl")
+    with pytest.raises(PipelineError, match="put the data under data/raw/"):
+        use_data_path(project, "data/raw/../../elsewhere.jsonl")
     landed(project, qa_rows(4))
     assert use_data_path(project, DATA) is True
     assert use_data_path(project, str(project / DATA)) is False  # the same file, absolute: no change
