@@ -1,18 +1,24 @@
-"""Benchmark: every training method against a plain transformers LoRA baseline, same data and steps.
+"""Benchmark: every training method against plain LoRA baselines, same model, data and steps.
 
 Each run trains the base model (models/base) on data/prepared for N optimizer steps in its own
 process, so peak memory is that run's alone, and reports trainable parameters, real (non-padding)
-tokens per second of training, peak resident memory and the validation loss after N steps, each
-with its ratio to the baseline. The methods run through `stages.train.run` with params.yaml's
+tokens per second of training (steady state: timed from the end of the first WARMUP_STEPS steps to
+the end of the last, evaluation excluded), peak resident memory and the validation loss after N
+steps, each with its ratio to the baseline. The methods run through `stages.train.run` with params.yaml's
 `train` section (method, max_steps and eval_steps overridden); a method that TrainParams does not
-accept is skipped with a note. The baseline is what a default set-up does: a transformers
-`Trainer` with the same LoRA adapter in fp32, random batches padded to the longest row, and the
-model's own loss (vocabulary logits at every position). Target: LoRA >= 6x the baseline's real
-tokens/s on 2 CPU cores. `--footprint` adds the 4-bit (NF4, double quantization) base weight
-footprint against fp32 (target <= 35 %).
+accept is skipped with a note.
+Two baselines, both the same LoRA adapter (rank, alpha, dropout, modules, learning rate) on the
+same token ids, batch size and steps, in fp32 with random batches padded to the longest row:
+`baseline` is a default TRL `SFTTrainer` (its defaults: gradient checkpointing, loss and token
+metrics over every position); `baseline-trainer` is a transformers `Trainer` with the model's own
+loss on assistant tokens (vocabulary logits still at every position). Ratios are against the first
+one measured. Validation loss is the same for all rows: mean assistant-token cross-entropy on
+data/prepared/val.jsonl. Target: LoRA >= 6x the TRL baseline's real tokens/s on 2 CPU cores.
+`--footprint` adds the 4-bit (NF4, double quantization) base weight footprint against fp32
+(target <= 35 %).
 Needs `python -m stages.prepare_base` and `python -m stages.prepare_data` first.
-Run: .venv/bin/python -m bench.bench_methods [--steps 30] [--methods lora,qlora] [--footprint]
-     [--write bench/results_methods.md]
+Run: .venv/bin/python -m bench.bench_methods [--steps 30] [--methods lora,qlora] [--baselines baseline]
+     [--repeat 3] [--footprint] [--write bench/results_methods.md]
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 METHODS = ("full", "lora", "qlora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning")
-BASELINE = "baseline"
+BASELINE, TRAINER_BASELINE = "baseline", "baseline-trainer"
+BASELINES = (BASELINE, TRAINER_BASELINE)
 BASE_DIR, DATA_DIR = Path("models/base"), Path("data/prepared")
+WARMUP_STEPS = 3  # untimed steps at the start of every run
 RESULT = "BENCH_RESULT "  # prefix of the child's one result line on stdout
 FOOTPRINT = "footprint:"  # child name prefix: load the base weights as this variant and report their bytes
 
@@ -38,80 +46,123 @@ FOOTPRINT = "footprint:"  # child name prefix: load the base weights as this var
 METHOD_SETTINGS = {
     "full": {"learning_rate": 2e-5},  # the adapters' 1e-3 makes full fine-tuning diverge
     "qlora": {"quantization": "nf4_dq"},
-    **{m: {"merge": False} for m in ("prefix_tuning", "prompt_tuning", "p_tuning")},  # cannot be merged
 }
 
 
 def train_params(method: str, steps: int):
-    """params.yaml's train section for `method`, stopping after `steps` and evaluating once, after
-    the timed training (an evaluation inside it would count as training time)."""
+    """params.yaml's train section for `method`, stopping after `steps` and evaluating once, at the
+    end (stages.train leaves evaluation and checkpointing out of its training time)."""
     from ftpipe.params import TrainParams, load_section
 
     base = load_section("train", TrainParams).model_dump()
-    return TrainParams(**{**base, **METHOD_SETTINGS.get(method, {}), "method": method, "max_steps": steps,
-                          "eval_steps": steps + 1})
+    # No merged copy: it is not training, and loading a second model would set the peak memory.
+    return TrainParams(**{**base, "merge": False, **METHOD_SETTINGS.get(method, {}), "method": method,
+                          "max_steps": steps, "eval_steps": steps + 1})
 
 
-def count_real_tokens() -> list[int]:
-    """Count the non-padding tokens of every training batch, whatever Trainer subclass runs it."""
-    from transformers import Trainer
+class StepMeter:
+    """Real (non-padding) tokens and wall time at the end of every optimizer step, whatever Trainer
+    subclass runs it (Trainer, TRL's SFTTrainer, stages.train's), so all rows are timed alike."""
 
-    seen = [0]
-    training_step = Trainer.training_step
+    def __init__(self) -> None:
+        from transformers import Trainer
+        from transformers.trainer_callback import CallbackHandler
 
-    def counting_step(self, model, inputs, *args, **kwargs):
-        mask = inputs.get("attention_mask")
-        seen[0] += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-        return training_step(self, model, inputs, *args, **kwargs)
+        self.tokens, self.marks = 0, []  # marks: (seconds, tokens so far) after each step
+        training_step, step_end = Trainer.training_step, CallbackHandler.on_step_end
+        meter = self
 
-    Trainer.training_step = counting_step
-    return seen
+        def counting_step(trainer, model, inputs, *args, **kwargs):
+            mask = inputs.get("attention_mask")
+            meter.tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            return training_step(trainer, model, inputs, *args, **kwargs)
+
+        def marking_step_end(handler, *args, **kwargs):
+            meter.marks.append((time.perf_counter(), meter.tokens))
+            return step_end(handler, *args, **kwargs)
+
+        Trainer.training_step, CallbackHandler.on_step_end = counting_step, marking_step_end
+
+    def result(self) -> dict[str, Any]:
+        """Steady-state throughput: from the end of the warm-up steps to the end of the last step
+        (the first steps also pay for set-up: optimizer state, kernel selection, allocations)."""
+        if len(self.marks) <= WARMUP_STEPS:
+            raise SystemExit(f"only {len(self.marks)} steps ran: need more than the {WARMUP_STEPS} warm-up steps")
+        (t0, n0), (t1, n1) = self.marks[WARMUP_STEPS - 1], self.marks[-1]
+        return {"tokens": n1 - n0, "train_s": round(t1 - t0, 2), "timed_steps": len(self.marks) - WARMUP_STEPS}
 
 
 def run_method(method: str, steps: int) -> dict[str, Any]:
     from stages import train
 
-    seen = count_real_tokens()
+    meter = StepMeter()
     with tempfile.TemporaryDirectory() as tmp:
         summary = train.run(params=train_params(method, steps), base_dir=BASE_DIR, data_dir=DATA_DIR,
                             out_dir=Path(tmp) / "adapter", reports_dir=Path(tmp) / "reports")
-    return {"trainable": summary["trainable_parameters"], "tokens": seen[0], "train_s": summary["runtime_s"],
+    return {"trainable": summary["trainable_parameters"], **meter.result(),
             "val_loss": summary["val_loss_final"], "steps": summary["steps"], "precision": summary["precision"]}
 
 
-def run_baseline(steps: int) -> dict[str, Any]:
-    """Default transformers LoRA fine-tuning: fp32, random batches padded to the longest, full logits."""
+def lora_baseline_model(params):
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
+    from ftpipe import models
+
+    return get_peft_model(models.load_model(BASE_DIR), LoraConfig(
+        r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
+        target_modules=list(params.target_modules), task_type="CAUSAL_LM"))
+
+
+def val_loss(model, tokenizer, val_set, params, tmp: str) -> float:
+    """Mean assistant-token loss on the validation rows, the way stages.train evaluates."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=params.batch_size, report_to="none",
+                             use_cpu=True, remove_unused_columns=False, prediction_loss_only=True)
+    trainer = Trainer(model=model, args=args, eval_dataset=val_set,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    return trainer.evaluate()["eval_loss"]
+
+
+def run_baseline(name: str, steps: int) -> dict[str, Any]:
+    """A default LoRA fine-tuning set-up (TRL SFTTrainer, or transformers Trainer): fp32, random
+    batches padded to the longest row, vocabulary logits at every position."""
+    from transformers import set_seed
 
     from ftpipe import models
     from ftpipe.io import read_jsonl
     from stages.train import encode_rows
 
     params = train_params("lora", steps)
-    seen = count_real_tokens()
+    meter = StepMeter()
     set_seed(params.seed)
     tokenizer = models.load_tokenizer(BASE_DIR)
     train_set, _ = encode_rows(tokenizer, read_jsonl(DATA_DIR / "train.jsonl"), params.max_length)
     val_set, _ = encode_rows(tokenizer, read_jsonl(DATA_DIR / "val.jsonl"), params.max_length)
-    model = get_peft_model(models.load_model(BASE_DIR), LoraConfig(
-        r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
-        target_modules=list(params.target_modules), task_type="CAUSAL_LM"))
+    model = lora_baseline_model(params)
+    common = dict(per_device_train_batch_size=params.batch_size, learning_rate=params.learning_rate, max_steps=steps,
+                  lr_scheduler_type=params.lr_scheduler, warmup_steps=params.warmup_ratio,
+                  weight_decay=params.weight_decay, save_strategy="no", report_to="none", seed=params.seed,
+                  data_seed=params.seed, use_cpu=True)
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=params.batch_size, per_device_eval_batch_size=params.batch_size,
-            learning_rate=params.learning_rate, max_steps=steps, lr_scheduler_type=params.lr_scheduler,
-            warmup_steps=params.warmup_ratio, weight_decay=params.weight_decay, logging_steps=params.logging_steps,
-            save_strategy="no", report_to="none", seed=params.seed, data_seed=params.seed, use_cpu=True,
-            remove_unused_columns=False, prediction_loss_only=True)
-        trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
-        started = time.perf_counter()
+        if name == BASELINE:
+            from datasets import Dataset
+            from trl import SFTConfig, SFTTrainer
+
+            # Token ids only: TRL's default for a dataset without labels is a loss at every position.
+            data = Dataset.from_list([{"input_ids": row["input_ids"]} for row in train_set])
+            trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=tmp, bf16=False, **common),
+                                 train_dataset=data, processing_class=tokenizer)
+        else:
+            from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+            args = TrainingArguments(output_dir=tmp, remove_unused_columns=False, **common)
+            trainer = Trainer(model=model, args=args, train_dataset=train_set,
+                              data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
         trainer.train()
-        train_s = time.perf_counter() - started
-        val_loss = trainer.evaluate()["eval_loss"]
-    return {"trainable": models.count_parameters(model)[1], "tokens": seen[0], "train_s": round(train_s, 1),
-            "val_loss": val_loss, "steps": trainer.state.global_step, "precision": "fp32"}
+        loss = val_loss(model, tokenizer, val_set, params, tmp)
+    return {"trainable": models.count_parameters(model)[1], **meter.result(),
+            "val_loss": loss, "steps": trainer.state.global_step, "precision": "fp32"}
 
 
 def child(name: str, steps: int) -> None:
@@ -122,7 +173,7 @@ def child(name: str, steps: int) -> None:
         model = models.load_model(BASE_DIR) if variant == "fp32" else quantization.load_quantized(BASE_DIR, variant)
         print(RESULT + json.dumps(model.get_memory_footprint()), flush=True)
         return
-    result = run_baseline(steps) if name == BASELINE else run_method(name, steps)
+    result = run_baseline(name, steps) if name in BASELINES else run_method(name, steps)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(RESULT + json.dumps(result), flush=True)
 
@@ -139,6 +190,23 @@ def measure(name: str, steps: int) -> dict[str, Any] | str:
     return result
 
 
+def measure_repeated(name: str, steps: int, repeat: int) -> dict[str, Any] | str:
+    """`repeat` runs; the one with the median tokens/s, with the range of all (a shared 2-core
+    machine varies by 15 % or more from run to run)."""
+    runs = []
+    for i in range(repeat):
+        result = measure(name, steps)
+        if isinstance(result, str):
+            return result
+        runs.append(result)
+        if repeat > 1:
+            print(f"   run {i + 1}/{repeat}: {result['tokens_per_s']:.1f} real tokens/s", flush=True)
+    runs.sort(key=lambda r: r["tokens_per_s"])
+    median = dict(runs[len(runs) // 2])
+    median["range"] = (runs[0]["tokens_per_s"], runs[-1]["tokens_per_s"])
+    return median
+
+
 def rejected(method: str, steps: int) -> str | None:
     """Why the current TrainParams refuses `method`, or None when it accepts it."""
     from pydantic import ValidationError
@@ -150,8 +218,12 @@ def rejected(method: str, steps: int) -> str | None:
     return None
 
 
+LABELS = {BASELINE: "baseline (TRL SFTTrainer defaults, fp32)",
+          TRAINER_BASELINE: "baseline-trainer (transformers Trainer, fp32, full logits)"}
+
+
 def table(results: dict[str, dict[str, Any] | str], steps: int) -> str:
-    base = results.get(BASELINE)
+    base = next((r for name, r in results.items() if name in BASELINES and isinstance(r, dict)), None)
     lines = [f"| method ({steps} steps) | trainable params | real tokens/s | x | peak RSS MB | x | val loss | x |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
@@ -162,8 +234,9 @@ def table(results: dict[str, dict[str, Any] | str], steps: int) -> str:
         def ratio(key: str) -> str:
             return f"{r[key] / base[key]:.2f}" if isinstance(base, dict) else "-"
 
-        label = f"{name} (transformers Trainer, fp32, padded, full logits)" if name == BASELINE else name
-        lines.append(f"| {label} | {r['trainable']:,} | {r['tokens_per_s']:.1f} | {ratio('tokens_per_s')} | "
+        label = LABELS.get(name, f"{name} ({r['precision']})")
+        spread = f" ({r['range'][0]:.0f}-{r['range'][1]:.0f})" if r["range"][0] != r["range"][1] else ""
+        lines.append(f"| {label} | {r['trainable']:,} | {r['tokens_per_s']:.1f}{spread} | {ratio('tokens_per_s')} | "
                      f"{r['peak_rss_mb']:.0f} | {ratio('peak_rss_mb')} | {r['val_loss']:.4f} | {ratio('val_loss')} |")
     return "\n".join(lines) + "\n"
 
@@ -183,25 +256,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, in this order")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the (slow) plain baseline")
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help="comma-separated baselines to measure first (empty: none); ratios are against the first")
     parser.add_argument("--footprint", action="store_true", help="also measure the 4-bit weight footprint")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per row; the table shows the median and range")
     parser.add_argument("--write", type=Path, help="also write the markdown table to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.steps <= WARMUP_STEPS:
+        parser.error(f"--steps must be more than the {WARMUP_STEPS} untimed warm-up steps")
     if args.child:
         return child(args.child, args.steps)
     if not (BASE_DIR / "config.json").is_file() or not (DATA_DIR / "train.jsonl").is_file():
         sys.exit("run `python -m stages.prepare_base` and `python -m stages.prepare_data` first")
 
     results: dict[str, dict[str, Any] | str] = {}
-    for name in ([] if args.no_baseline else [BASELINE]) + args.methods.split(","):
-        why = None if name == BASELINE else rejected(name, args.steps)
+    baselines = [b for b in args.baselines.split(",") if b]
+    if set(baselines) - set(BASELINES):
+        sys.exit(f"--baselines: unknown {sorted(set(baselines) - set(BASELINES))}; choose from {', '.join(BASELINES)}")
+    for name in baselines + [m for m in args.methods.split(",") if m]:
+        why = None if name in BASELINES else rejected(name, args.steps)
         if why:
             print(f"skip {name}: TrainParams rejects it ({why})", flush=True)
             results[name] = f"skipped: not accepted by TrainParams ({why})"
             continue
         print(f"-- {name}: {args.steps} steps", flush=True)
-        results[name] = measure(name, args.steps)
+        results[name] = measure_repeated(name, args.steps, args.repeat)
         if isinstance(results[name], dict):
             print(f"   {results[name]['tokens_per_s']:.1f} real tokens/s, {results[name]['peak_rss_mb']:.0f} MB peak, "
                   f"val loss {results[name]['val_loss']:.4f}", flush=True)

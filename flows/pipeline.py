@@ -32,7 +32,7 @@ class StageFailed(RuntimeError):
         self.stage, self.returncode = stage, returncode
 
 
-def _stage_env() -> dict[str, str]:
+def stage_env() -> dict[str, str]:
     # dvc.yaml says `python -m stages.X`: make `python` the interpreter running this flow.
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -44,7 +44,7 @@ def dvc_repro(stage: str, project_dir: Path, force: bool = False) -> None:
     """Run one DVC stage (`force`: even if DVC finds it up to date), streaming its output; raise
     StageFailed with its last error line."""
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
-    proc = subprocess.Popen(command, cwd=project_dir, env=_stage_env(), stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, cwd=project_dir, env=stage_env(), stderr=subprocess.PIPE)
     tail = b""
     for chunk in iter(lambda: proc.stderr.read1(4096), b""):
         sys.stderr.buffer.write(chunk)
@@ -80,7 +80,7 @@ def run_stage(stage: str, project_dir: Path, force: bool = False) -> float:
     return elapsed
 
 
-def _stage_task(stage: str):
+def stage_task(stage: str):
     retries = IO_BOUND.get(stage, 0)
     if not retries:
         return run_stage
@@ -103,7 +103,7 @@ def pipeline(project_dir: Path = Path(".")) -> dict[str, Any]:
     from ftpipe.io import read_json
 
     project_dir = Path(project_dir).resolve()
-    timings = {stage: _stage_task(stage)(stage, project_dir) for stage in STAGES}
+    timings = {stage: stage_task(stage)(stage, project_dir) for stage in STAGES}
     table = comparison_markdown(project_dir)
     registration = read_json(project_dir / "reports" / "registration.json")
     create_markdown_artifact(
@@ -126,8 +126,8 @@ def print_summary(result: dict[str, Any], project_dir: Path) -> None:
     from rich.table import Table
 
     from ftpipe.io import read_json
-    from ftpipe.tracking import ui_command
     from ftpipe.metrics import LOWER_IS_BETTER
+    from ftpipe.tracking import ui_command
     from stages.evaluate import comparison_rows
 
     metrics = read_json(project_dir / "reports" / "metrics.json")

@@ -28,7 +28,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.pipeline import IO_BOUND, STAGES, StageFailed, _stage_env, _stage_task
+from flows import pipeline
+from flows.pipeline import IO_BOUND, STAGES, StageFailed, stage_env
 
 RAW_DIR = Path("data/raw")  # a dep of prepare_data in dvc.yaml: DVC hashes whatever lands here
 LOCK_FILE = Path(".dvc/tmp/retrain.lock")  # .dvc/tmp is DVC's own git-ignored scratch folder
@@ -95,7 +96,7 @@ def dvc_status(project_dir: Path) -> dict[str, list[str]]:
     from ftpipe.errors import PipelineError
 
     proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project_dir,
-                          env=_stage_env(), capture_output=True, text=True)
+                          env=stage_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise PipelineError(f"dvc status failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     stale: dict[str, list[str]] = {}
@@ -187,8 +188,8 @@ def _killed(task, task_run, state) -> bool:
 
 def stage_task(stage: str):
     if stage in IO_BOUND:
-        return _stage_task(stage)
-    return _stage_task(stage).with_options(retries=1, retry_delay_seconds=10, retry_condition_fn=_killed)
+        return pipeline.stage_task(stage)
+    return pipeline.stage_task(stage).with_options(retries=1, retry_delay_seconds=10, retry_condition_fn=_killed)
 
 
 @flow(name="scheduled-retrain", log_prints=True)
@@ -208,7 +209,11 @@ def retrain(project_dir: Path = Path("."), data_path: str | None = None, lock_wa
 
 
 def _retrain_locked(project_dir: Path, data_path: str | None) -> dict[str, Any]:
-    from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+    from prefect.artifacts import (
+        create_markdown_artifact,
+        create_progress_artifact,
+        update_progress_artifact,
+    )
 
     from flows.retrain_report import retrain_report, unchanged_report
 

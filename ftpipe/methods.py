@@ -46,8 +46,19 @@ def peft_config(params: TrainParams, model: PreTrainedModel):
     return None
 
 
-def build(params: TrainParams, base_dir: Path, *, bf16: bool) -> PreTrainedModel:
-    """The base model prepared for training with `params.method`."""
+EAGER_MAX_LENGTH = 512  # eager keeps (batch x heads x length^2) attention weights for the backward pass
+
+
+def attention_kernel(params: TrainParams, *, cuda: bool) -> str:
+    """The attn_implementation to train with: `train.attention`, or for auto eager on CPU when rows
+    are short (torch's fused attention backward is slow there) and sdpa otherwise."""
+    if params.attention != "auto":
+        return params.attention
+    return "eager" if not cuda and params.max_length <= EAGER_MAX_LENGTH else "sdpa"
+
+
+def build(params: TrainParams, base_dir: Path, *, bf16: bool, attention: str = "sdpa") -> PreTrainedModel:
+    """The base model prepared for training with `params.method`, with the given attention kernel."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from ftpipe import models
@@ -55,11 +66,11 @@ def build(params: TrainParams, base_dir: Path, *, bf16: bool) -> PreTrainedModel
     if params.method == "qlora":
         from ftpipe.quantization import load_quantized
 
-        model = load_quantized(base_dir, params.quantization, bf16=bf16)
+        model = load_quantized(base_dir, params.quantization, bf16=bf16, attn_implementation=attention)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model = models.load_model(base_dir)
+        model = models.load_model(base_dir, attn_implementation=attention)
     if params.method == "full":
         freeze_fixed(model, params)
         return model

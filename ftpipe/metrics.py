@@ -165,8 +165,9 @@ def sliding_window_perplexity(
 
     from ftpipe.chat import IGNORE_INDEX
 
-    if not 0 < stride <= max_length:
-        raise ValueError(f"stride {stride} must be in 1..max_length ({max_length}), or tokens go unscored")
+    if not 0 < stride < max_length:
+        # stride == max_length leaves each window's first token without a prediction.
+        raise ValueError(f"stride {stride} must be in 1..max_length - 1 ({max_length - 1}), or tokens go unscored")
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     seq_len = ids.shape[1]
     if seq_len < 2:

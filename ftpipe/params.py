@@ -157,7 +157,9 @@ class TrainParams(_Section):
     lora_r: int = Field(16, ge=1)
     """LoRA rank (lora, qlora, dora; ignored by the other methods)."""
     lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter input. Off by default: on CPU it costs about 10-20 % of LoRA's
+    throughput (a random mask per adapted module and step), and one epoch does not overfit here."""
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
     """Modules that get LoRA/DoRA adapters."""
     quantization: QuantVariant | None = None
@@ -195,6 +197,10 @@ class TrainParams(_Section):
     """auto: bf16 autocast where the CPU/GPU supports it (about 4x faster matmuls on AVX-512 bf16)."""
     threads: int = Field(0, ge=0)
     """CPU threads for torch; 0 keeps torch's default (one per physical core)."""
+    attention: Literal["auto", "eager", "sdpa"] = "auto"
+    """Attention kernel for training. auto: eager on CPU with max_length <= 512, where torch's fused
+    (flash) attention backward is slow on short chat rows (measured: LoRA on SmolLM2 trains about
+    1.2-1.5x faster with eager); sdpa on CUDA and for longer rows (eager's memory grows with length^2)."""
     merge: bool = True
     """Also write models/adapter/merged: a standalone model (no peft needed) for serving.
     Always done for full; impossible for the prompt-learning methods (set false there)."""
@@ -257,9 +263,9 @@ class EvaluateParams(_Section):
 
     @model_validator(mode="after")
     def _check_window(self) -> EvaluateParams:
-        if self.general_stride > self.general_max_length:
-            raise FieldProblem("general_stride", f"must be <= general_max_length ({self.general_max_length}), "
-                                                 "or tokens between windows go unscored")
+        if self.general_stride >= self.general_max_length:
+            raise FieldProblem("general_stride", f"must be < general_max_length ({self.general_max_length}), "
+                                                 "or tokens at window starts go unscored")
         return self
 
 

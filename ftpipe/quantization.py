@@ -37,7 +37,7 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_quantized(base_dir: Path, variant: str, *, bf16: bool = False):
+def load_quantized(base_dir: Path, variant: str, *, bf16: bool = False, attn_implementation: str | None = None):
     """The base model from its safetensors folder, quantized on load."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -46,7 +46,7 @@ def load_quantized(base_dir: Path, variant: str, *, bf16: bool = False):
     try:
         model = AutoModelForCausalLM.from_pretrained(
             Path(base_dir).resolve(), quantization_config=config, device_map=device(),
-            use_safetensors=True, trust_remote_code=False, dtype=torch.float32,
+            use_safetensors=True, trust_remote_code=False, dtype=torch.float32, attn_implementation=attn_implementation,
         )
     except OSError as exc:
         raise PipelineError(f"{base_dir}: cannot load model ({str(exc).strip().splitlines()[0]})") from None

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +26,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ftpipe.errors import PipelineError, run_cli
+from ftpipe.processes import stop_group
 
 CHROMIUM = "/usr/bin/chromium"
 # Headless and offline: no GPU, no QUIC, no update/sync/background traffic from the browser itself.
@@ -63,7 +62,7 @@ def mlflow_server(tracking_uri: str, artifacts_uri: str) -> Iterator[str]:
             _wait_healthy(server, url, log)
             yield url
         finally:
-            _stop(server)
+            stop_group(server)
 
 
 def _wait_healthy(server: subprocess.Popen, url: str, log) -> None:
@@ -81,16 +80,6 @@ def _wait_healthy(server: subprocess.Popen, url: str, log) -> None:
             pass
         time.sleep(0.5)
     raise PipelineError(f"mlflow server did not answer on {url} within {SERVER_START_S} s")
-
-
-def _stop(server: subprocess.Popen) -> None:
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def latest_candidates(tracking_uri: str, experiment: str) -> tuple[str, list[Any]]:

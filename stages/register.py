@@ -29,8 +29,11 @@ ADAPTER_DIR = Path("models/adapter")
 MODEL_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
 
 
-def _requirements() -> list[str]:
-    return [f"{name}=={importlib.metadata.version(name)}" for name in MODEL_REQUIREMENTS]
+def _requirements(model) -> list[str]:
+    """Pinned packages the logged model needs; peft too when it is a PeftModel (prompt-learning
+    methods, whose virtual tokens cannot be merged into the weights)."""
+    names = MODEL_REQUIREMENTS + (("peft",) if hasattr(model, "peft_config") else ())
+    return [f"{name}=={importlib.metadata.version(name)}" for name in names]
 
 
 def run(
@@ -108,7 +111,7 @@ def run(
                 task="text-generation",
                 prompt_template=template,
                 model_config={"max_new_tokens": 64, "do_sample": False},
-                pip_requirements=_requirements(),
+                pip_requirements=_requirements(model),
                 registered_model_name=params.model_name,
             )
 

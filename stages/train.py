@@ -94,6 +94,23 @@ def _trainer_class(params: TrainParams, bf16: bool):
     response_only = methods.response_only_ok(params.method)
 
     class FineTuneTrainer(Trainer):
+        # Seconds spent evaluating and checkpointing inside train(), so throughput counts training only.
+        side_seconds = 0.0
+
+        def evaluate(self, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                self.side_seconds += time.perf_counter() - started
+
+        def _save_checkpoint(self, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return super()._save_checkpoint(*args, **kwargs)
+            finally:
+                self.side_seconds += time.perf_counter() - started
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not response_only:  # the model's own forward and loss (autocast by the Trainer)
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -153,7 +170,8 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
 
     cuda = torch.cuda.is_available()
     bf16 = params.precision == "bf16" or (params.precision == "auto" and models.bf16_supported())
-    model = methods.build(params, base_dir, bf16=bf16)
+    attention = methods.attention_kernel(params, cuda=cuda)
+    model = methods.build(params, base_dir, bf16=bf16, attention=attention)
     if bf16 and params.method in BF16_STORAGE_METHODS:
         frozen_weights_to_bf16(model)
     total, trainable = models.count_parameters(model)
@@ -214,14 +232,18 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         runtime = time.perf_counter() - started
-        if trainer.state.global_step % params.eval_steps:  # the last step was not evaluated yet
-            trainer.evaluate()
+        train_s = max(runtime - trainer.side_seconds, 1e-9)
+        steps = trainer.state.global_step
+        if not any(h.get("step") == steps and "eval_loss" in h for h in trainer.state.log_history):
+            trainer.evaluate()  # the Trainer evaluates the last step itself; this covers a run that did not
         history = trainer.state.log_history
         train_curve = [(h["step"], h["loss"]) for h in history if "loss" in h]
         val_curve = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-        final_val = val_curve[-1][1]
         best_step, best_val = min(val_curve, key=lambda sv: sv[1])
-        steps = trainer.state.global_step
+        # With early stopping the Trainer reloads the best checkpoint: that is the model written here.
+        kept_best = args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None
+        kept_step, final_val = (best_step, best_val) if kept_best else val_curve[-1]
+        kept_train = [loss for step, loss in train_curve if step <= kept_step]
         # Only the steps run by this process count towards its speed (a resumed run did fewer).
         tokens = sum(len(x["input_ids"]) for x in train_set) * trainer.state.epoch * (steps - resumed_step) / steps
         summary = {
@@ -231,13 +253,17 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
             "resumed_from_step": resumed_step,
             "early_stopped": bool(params.early_stopping_patience) and steps < trainer.state.max_steps,
             "train_loss_final": train_curve[-1][1] if train_curve else None,
-            "val_loss_final": final_val,
+            "val_loss_final": final_val,  # of the model written (the best checkpoint after early stopping)
+            "val_loss_last_eval": val_curve[-1][1],
             "val_loss_best": best_val,
             "best_step": best_step,
-            "train_val_gap": (final_val - train_curve[-1][1]) if train_curve else None,
+            "kept_step": kept_step,
+            "train_val_gap": (final_val - kept_train[-1]) if kept_train else None,
             "runtime_s": round(runtime, 1),
-            "tokens_per_s": round(tokens / runtime, 1),
+            "train_s": round(train_s, 1),  # runtime less evaluation and checkpointing
+            "tokens_per_s": round(tokens / train_s, 1),
             "precision": "bf16" if bf16 else "fp32",
+            "attention": attention,
             "optimizer": optim,
             "parameters": total,
             "trainable_parameters": trainable,

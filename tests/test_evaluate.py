@@ -68,10 +68,10 @@ def test_shipped_general_text_is_the_default_and_not_in_the_training_corpus():
     assert re.search(r'ftpipe = \[[^\]]*"assets/\*\.txt"', (ROOT / "pyproject.toml").read_text())
 
 
-def test_a_stride_longer_than_the_window_is_refused_naming_its_line(tmp_path):
+def test_a_stride_as_long_as_the_window_is_refused_naming_its_line(tmp_path):
     from ftpipe.params import load_stage_params
 
     path = tmp_path / "params.yaml"
-    path.write_text("evaluate:\n  general_max_length: 64\n  general_stride: 65\n")
-    with pytest.raises(PipelineError, match=r":3: evaluate.general_stride: must be <= general_max_length \(64\)"):
+    path.write_text("evaluate:\n  general_max_length: 64\n  general_stride: 64\n")
+    with pytest.raises(PipelineError, match=r":3: evaluate.general_stride: must be < general_max_length \(64\)"):
         load_stage_params("evaluate", path)

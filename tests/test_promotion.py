@@ -55,3 +55,16 @@ def test_forgetting_check_both_ways_with_its_reason():
     assert "general_perplexity 23.0000 vs base 20.0000 (+15.0%, allowed <= +10.0%): fail" in forgot.reasons
     assert not decide(challenger={"rougeL": 0.3}, **kwargs).promote  # not measured: no promotion on trust
     assert decide(**{**kwargs, "max_forgetting": None}, challenger={"rougeL": 0.3, "general_perplexity": 99.0}).promote
+
+
+def test_registered_model_requirements_include_peft_only_for_a_peft_model(tiny_model_dir):
+    from peft import PromptTuningConfig, get_peft_model
+
+    from ftpipe import models
+    from stages.register import _requirements
+
+    model = models.load_model(tiny_model_dir)
+    plain = _requirements(model)
+    assert any(r.startswith("torch==") for r in plain) and not any(r.startswith("peft==") for r in plain)
+    prompt_tuned = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
+    assert sorted(_requirements(prompt_tuned)) == sorted(plain + [f"peft=={__import__('peft').__version__}"])

@@ -4,7 +4,6 @@ and a deployment served on a schedule by a real Prefect server."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ import yaml
 from conftest import qa_rows, set_param, stage_env, write_jsonl
 
 from flows.retrain import BUSY_EXIT, STAGES
+from ftpipe.processes import stop_group
 
 DATA = "data/raw/train.jsonl"
 
@@ -171,17 +171,6 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen) -> None:
     raise AssertionError(f"{url} did not answer in {timeout_s:.0f} s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Interrupt a server started in its own session, then kill its process group if it lingers."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def test_unreachable_mlflow_server_is_retried_with_backoff(project, harness, monkeypatch, tmp_path):
     """The tracking server is down when the flow starts and comes up after the first failed attempt."""
     import mlflow
@@ -214,7 +203,7 @@ def test_unreachable_mlflow_server_is_retried_with_backoff(project, harness, mon
         versions = mlflow.MlflowClient(f"http://127.0.0.1:{port}").search_model_versions("name = 'tiny-model'")
     finally:
         for server in servers:
-            stop(server)
+            stop_group(server, signal.SIGINT, timeout=20)
     assert servers and len(attempts) >= 2 and attempts[1] - attempts[0] >= 4  # retry_delay_seconds[0] = 5
     assert result["registration"]["version"] == "1"
     assert [str(v.version) for v in versions] == ["1"]
@@ -257,14 +246,13 @@ def test_served_deployment_runs_on_its_cron_schedule(project, tmp_path):
         assert json.loads((project / "reports" / "registration.json").read_text())["version"] == "1"
     finally:
         if served is not None:
-            stop(served)
-        stop(server)
+            stop_group(served, signal.SIGINT, timeout=20)
+        stop_group(server, signal.SIGINT, timeout=20)
 
 
 def test_data_path_must_land_in_data_raw_and_bad_cron_is_refused(project, capsys):
-    from ftpipe.errors import PipelineError
-
     from flows.retrain import main, use_data_path
+    from ftpipe.errors import PipelineError
 
     with pytest.raises(PipelineError, match="put the data under data/raw/, where DVC hashes it"):
         use_data_path(project, "elsewhere/train.jsonl")

@@ -59,6 +59,38 @@ def test_lora_training_writes_every_declared_output(tmp_path, inputs):
     assert (reports / "loss.png").stat().st_size > 1000
     assert json.loads((reports / "train.json").read_text()) == summary
     assert not list((tmp_path / "checkpoints").glob("*"))  # removed once the run succeeded
+    assert summary["attention"] == "eager"  # auto on CPU
+    assert 0 < summary["train_s"] <= summary["runtime_s"]  # evaluation time is not training time
+
+
+def test_attention_kernel_choice_and_same_loss(tiny_model_dir, inputs):
+    """auto: eager on CPU, sdpa on CUDA; both kernels give the model the same training loss."""
+    import torch
+
+    from ftpipe import methods, models
+    from ftpipe.chat import encode
+
+    cfg = inputs[0]["train"]
+    assert methods.attention_kernel(TrainParams(**cfg), cuda=False) == "eager"
+    assert methods.attention_kernel(TrainParams(**cfg), cuda=True) == "sdpa"
+    assert methods.attention_kernel(TrainParams(**{**cfg, "max_length": 1024}), cuda=False) == "sdpa"  # memory
+    assert methods.attention_kernel(TrainParams(**{**cfg, "attention": "sdpa"}), cuda=False) == "sdpa"
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    rows = [encode(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+            for q, a in (("say red", "red cat"), ("a much longer question about blue things", "blue"))]
+    width = max(len(r["input_ids"]) for r in rows)  # right padding, masked: the kernels must agree on it
+    batch = {
+        "input_ids": torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows]),
+        "labels": torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r["labels"]) + [0] * (width - len(r["labels"])) for r in rows]),
+    }
+    losses = {}
+    for kernel in ("eager", "sdpa"):
+        model = models.load_model(tiny_model_dir, attn_implementation=kernel)
+        assert model.config._attn_implementation == kernel
+        with torch.no_grad():
+            losses[kernel] = train.response_only_loss(model, batch).item()
+    assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-5)
 
 
 @pytest.mark.parametrize("method", [m for m in METHOD_OPTIONS if m != "full"])
@@ -181,6 +213,12 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, inputs):
     _, out, _, summary = run_train(tmp_path, inputs, early_stopping_patience=1, eval_steps=1, save_steps=1,
                                    learning_rate=5.0, max_steps=20, warmup_ratio=0.0)
     assert summary["early_stopped"] and summary["steps"] < 20
+    # The written model is the best checkpoint, so its loss is the best one, not the last evaluation's.
+    assert summary["kept_step"] == summary["best_step"] < summary["steps"]
+    assert summary["val_loss_final"] == summary["val_loss_best"] < summary["val_loss_last_eval"]
+    curve = (tmp_path / "reports" / "val_loss.csv").read_text().splitlines()[1:]
+    val_steps = [int(line.split(",")[0]) for line in curve]
+    assert len(val_steps) == len(set(val_steps))  # every step evaluated once
     assert not list((tmp_path / "checkpoints").glob("*"))  # removed once the run succeeded
 
 
