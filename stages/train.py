@@ -241,8 +241,9 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
         val_curve = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
         best_step, best_val = min(val_curve, key=lambda sv: sv[1])
         # With early stopping the Trainer reloads the best checkpoint: that is the model written here.
-        kept_best = args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None
-        kept_step, final_val = (best_step, best_val) if kept_best else val_curve[-1]
+        best_checkpoint = trainer.state.best_model_checkpoint if args.load_best_model_at_end else None
+        kept_step = int(Path(best_checkpoint).name.split("-")[1]) if best_checkpoint else steps
+        final_val = dict(val_curve)[kept_step]
         kept_train = [loss for step, loss in train_curve if step <= kept_step]
         # Only the steps run by this process count towards its speed (a resumed run did fewer).
         tokens = sum(len(x["input_ids"]) for x in train_set) * trainer.state.epoch * (steps - resumed_step) / steps
