@@ -1,10 +1,12 @@
 """Benchmark: every training method against plain LoRA baselines, same model, data and steps.
 
 Each run trains the base model (models/base) on data/prepared for N optimizer steps in its own
-process, so peak memory is that run's alone, and reports trainable parameters, real (non-padding)
-tokens per second of training (steady state: timed from the end of the first WARMUP_STEPS steps to
-the end of the last, evaluation excluded), peak resident memory and the validation loss after N
-steps, each with its ratio to the baseline. The methods run through `stages.train.run` with params.yaml's
+process, so peak memory is that run's alone, and reports trainable parameters, real tokens per
+second of training (the rows' own tokens, padding not counted; a packed batch counts each row's
+tokens, its share of the shared prefix included, as the same rows unpacked would; steady state:
+timed from the end of the first WARMUP_STEPS steps to the end of the last, evaluation excluded),
+peak resident memory and the validation loss after N steps, each with its ratio to the baseline
+(for speed with --repeat, the median of the ratios within a round). The methods run through `stages.train.run` with params.yaml's
 `train` section (method, max_steps and eval_steps overridden); a method that TrainParams does not
 accept is skipped with a note.
 Two baselines, both the same LoRA adapter (rank, alpha, dropout, modules, learning rate) on the
@@ -33,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-METHODS = ("full", "lora", "qlora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning")
+METHODS = ("full", "lora", "lora_unpacked", "qlora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning")
 BASELINE, TRAINER_BASELINE = "baseline", "baseline-trainer"
 BASELINES = (BASELINE, TRAINER_BASELINE)
 BASE_DIR, DATA_DIR = Path("models/base"), Path("data/prepared")
@@ -46,6 +48,8 @@ FOOTPRINT = "footprint:"  # child name prefix: load the base weights as this var
 METHOD_SETTINGS = {
     "full": {"learning_rate": 2e-5},  # the adapters' 1e-3 makes full fine-tuning diverge
     "qlora": {"quantization": "nf4_dq"},
+    # LoRA on padded rows (packing off): what packing and the shared prefix are worth.
+    "lora_unpacked": {"method": "lora", "packing": False},
 }
 
 
@@ -56,7 +60,7 @@ def train_params(method: str, steps: int):
 
     base = load_section("train", TrainParams).model_dump()
     # No merged copy: it is not training, and loading a second model would set the peak memory.
-    return TrainParams(**{**base, "merge": False, **METHOD_SETTINGS.get(method, {}), "method": method,
+    return TrainParams(**{**base, "merge": False, "method": method, **METHOD_SETTINGS.get(method, {}),
                           "max_steps": steps, "eval_steps": steps + 1})
 
 
@@ -74,7 +78,10 @@ class StepMeter:
 
         def counting_step(trainer, model, inputs, *args, **kwargs):
             mask = inputs.get("attention_mask")
-            meter.tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            if "real_tokens" in inputs:  # packed rows: their own tokens (ftpipe.packing.PackedCollator)
+                meter.tokens += int(inputs["real_tokens"])
+            else:
+                meter.tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
             return training_step(trainer, model, inputs, *args, **kwargs)
 
         def marking_step_end(handler, *args, **kwargs):
@@ -190,20 +197,16 @@ def measure(name: str, steps: int) -> dict[str, Any] | str:
     return result
 
 
-def measure_repeated(name: str, steps: int, repeat: int) -> dict[str, Any] | str:
-    """`repeat` runs; the one with the median tokens/s, with the range of all (a shared 2-core
-    machine varies by 15 % or more from run to run)."""
-    runs = []
-    for i in range(repeat):
-        result = measure(name, steps)
-        if isinstance(result, str):
-            return result
-        runs.append(result)
-        if repeat > 1:
-            print(f"   run {i + 1}/{repeat}: {result['tokens_per_s']:.1f} real tokens/s", flush=True)
-    runs.sort(key=lambda r: r["tokens_per_s"])
-    median = dict(runs[len(runs) // 2])
-    median["range"] = (runs[0]["tokens_per_s"], runs[-1]["tokens_per_s"])
+def summarize(runs: list[dict[str, Any]], baseline_runs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The run with the median tokens/s, the range of all, and the median of the paired speed ratios
+    (run i against the baseline's run i of the same round, so slow spells of a shared machine,
+    which vary runs by 15 % or more, hit both sides of a ratio)."""
+    ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
+    median = dict(ordered[len(ordered) // 2])
+    median["range"] = (ordered[0]["tokens_per_s"], ordered[-1]["tokens_per_s"])
+    if baseline_runs:
+        ratios = sorted(r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(runs, baseline_runs))
+        median["paired_speed_ratio"] = ratios[len(ratios) // 2]
     return median
 
 
@@ -232,6 +235,8 @@ def table(results: dict[str, dict[str, Any] | str], steps: int) -> str:
             continue
 
         def ratio(key: str) -> str:
+            if key == "tokens_per_s" and "paired_speed_ratio" in r:
+                return f"{r['paired_speed_ratio']:.2f}"
             return f"{r[key] / base[key]:.2f}" if isinstance(base, dict) else "-"
 
         label = LABELS.get(name, f"{name} ({r['precision']})")
@@ -259,7 +264,9 @@ def main() -> None:
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help="comma-separated baselines to measure first (empty: none); ratios are against the first")
     parser.add_argument("--footprint", action="store_true", help="also measure the 4-bit weight footprint")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per row; the table shows the median and range")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of one run per row; the table shows the median, the range and the median "
+                             "paired ratio to the baseline's run of the same round")
     parser.add_argument("--write", type=Path, help="also write the markdown table to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -272,21 +279,36 @@ def main() -> None:
     if not (BASE_DIR / "config.json").is_file() or not (DATA_DIR / "train.jsonl").is_file():
         sys.exit("run `python -m stages.prepare_base` and `python -m stages.prepare_data` first")
 
-    results: dict[str, dict[str, Any] | str] = {}
     baselines = [b for b in args.baselines.split(",") if b]
     if set(baselines) - set(BASELINES):
         sys.exit(f"--baselines: unknown {sorted(set(baselines) - set(BASELINES))}; choose from {', '.join(BASELINES)}")
+    results: dict[str, dict[str, Any] | str] = {}
+    names = []
     for name in baselines + [m for m in args.methods.split(",") if m]:
         why = None if name in BASELINES else rejected(name, args.steps)
         if why:
             print(f"skip {name}: TrainParams rejects it ({why})", flush=True)
             results[name] = f"skipped: not accepted by TrainParams ({why})"
-            continue
-        print(f"-- {name}: {args.steps} steps", flush=True)
-        results[name] = measure_repeated(name, args.steps, args.repeat)
-        if isinstance(results[name], dict):
-            print(f"   {results[name]['tokens_per_s']:.1f} real tokens/s, {results[name]['peak_rss_mb']:.0f} MB peak, "
-                  f"val loss {results[name]['val_loss']:.4f}", flush=True)
+        else:
+            names.append(name)
+    # Rounds of one run per row (not all runs of one row, then the next): a slow spell of the
+    # machine then lands on every row of a round, and the paired ratios cancel it.
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for round_ in range(1, args.repeat + 1):
+        for name in [n for n in names if not isinstance(results.get(n), str)]:
+            print(f"-- {name}: {args.steps} steps" + (f", round {round_}/{args.repeat}" if args.repeat > 1 else ""),
+                  flush=True)
+            result = measure(name, args.steps)
+            if isinstance(result, str):
+                results[name] = result
+                continue
+            runs[name].append(result)
+            print(f"   {result['tokens_per_s']:.1f} real tokens/s, {result['peak_rss_mb']:.0f} MB peak, "
+                  f"val loss {result['val_loss']:.4f}", flush=True)
+    reference = next((n for n in names if n in BASELINES and n not in results), None)
+    for name in names:
+        if name not in results:
+            results[name] = summarize(runs[name], runs[reference] if reference and name != reference else None)
     report = table(results, args.steps)
     if args.footprint:
         report += "\n" + footprint()

@@ -25,6 +25,12 @@ def response_only_ok(method: str) -> bool:
     return method not in PROMPT_METHODS
 
 
+def packs(params: TrainParams) -> bool:
+    """Whether training batches are packed: `train.packing`, where auto means every method that
+    trains through the response-only loss (ftpipe.packing's attention mask is applied there)."""
+    return response_only_ok(params.method) if params.packing == "auto" else params.packing
+
+
 def peft_config(params: TrainParams, model: PreTrainedModel):
     """The peft config for a method (None for full)."""
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig

@@ -197,6 +197,12 @@ class TrainParams(_Section):
     """auto: bf16 autocast where the CPU/GPU supports it (about 4x faster matmuls on AVX-512 bf16)."""
     threads: int = Field(0, ge=0)
     """CPU threads for torch; 0 keeps torch's default (one per physical core)."""
+    packing: bool | Literal["auto"] = "auto"
+    """Pack each training batch's rows into sequences (ftpipe.packing): no padding, the token prefix
+    the rows share (a system prompt) computed once per sequence, each row attending to that prefix
+    and its own tokens only, so loss, gradients and steps are those of unpacked training, faster.
+    auto: on for every method but the prompt-learning ones (their virtual tokens are added inside
+    peft's forward, outside the packed attention mask)."""
     attention: Literal["auto", "eager", "sdpa"] = "auto"
     """Attention kernel for training. auto: eager on CPU with max_length <= 512, where torch's fused
     (flash) attention backward is slow on short chat rows (measured: LoRA on SmolLM2 trains about
@@ -225,6 +231,9 @@ class TrainParams(_Section):
             raise FieldProblem("unfreeze_every_steps", "only used with gradual_unfreezing: true")
         if self.ia3_feedforward_modules and not set(self.ia3_feedforward_modules) <= set(self.ia3_target_modules or []):
             raise FieldProblem("ia3_feedforward_modules", "must be a subset of ia3_target_modules")
+        if self.packing is True and method in PROMPT_METHODS:
+            raise FieldProblem("packing", f"'{method}' adds virtual tokens inside peft's forward, outside the "
+                                          "attention mask that keeps packed rows apart (set packing: auto or false)")
         if self.merge and method in PROMPT_METHODS:
             raise FieldProblem("merge", f"'{method}' cannot be merged: its virtual tokens need peft at inference "
                                         "(set merge: false)")

@@ -28,6 +28,9 @@ OUT_DIR = Path("models/adapter")
 REPORTS = Path("reports")
 # Not a DVC out: DVC deletes a stage's outs before rerunning it, and these must survive a kill.
 CHECKPOINTS = Path("checkpoints/train")
+# Packed sequences hold at most this many times max_length tokens: a default batch of 8 short chat
+# rows fits in one, and eager attention's (length x length) scores stay small.
+PACK_LENGTH_FACTOR = 2
 
 
 def encode_rows(tokenizer, rows: list[dict[str, Any]], max_length: int) -> tuple[list[dict], int]:
@@ -53,10 +56,17 @@ def response_only_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
     """
     import torch
 
+    from ftpipe import packing
     from ftpipe.chat import IGNORE_INDEX
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+    if "segments" in inputs:  # packed rows (ftpipe.packing): each sees its own tokens and the shared prefix
+        kernel = base.config._attn_implementation
+        mask = {"attention_mask": packing.attention_mask(inputs["segments"], kernel=kernel),
+                "position_ids": inputs["position_ids"]}
+    else:
+        mask = {"attention_mask": inputs["attention_mask"]}
+    hidden = base.get_decoder()(input_ids=inputs["input_ids"], use_cache=False, **mask).last_hidden_state
     targets = inputs["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
@@ -96,6 +106,18 @@ def _trainer_class(params: TrainParams, bf16: bool):
     class FineTuneTrainer(Trainer):
         # Seconds spent evaluating and checkpointing inside train(), so throughput counts training only.
         side_seconds = 0.0
+        # Collates training batches when set (packing); evaluation keeps data_collator's padded rows,
+        # so validation loss is computed the same way with or without packing.
+        train_collator = None
+
+        def get_train_dataloader(self):
+            if self.train_collator is None:
+                return super().get_train_dataloader()
+            padding, self.data_collator = self.data_collator, self.train_collator
+            try:
+                return super().get_train_dataloader()
+            finally:
+                self.data_collator = padding
 
         def evaluate(self, *args, **kwargs):
             started = time.perf_counter()
@@ -156,7 +178,8 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
     import torch
     from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, TrainingArguments, set_seed
 
-    from ftpipe import methods, models
+    from ftpipe import methods, models, packing
+    from ftpipe.chat import IGNORE_INDEX
     from ftpipe.plots import plot_losses
 
     models.set_threads(params.threads)
@@ -167,6 +190,8 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
     val_set, val_long = encode_rows(tokenizer, val_rows, params.max_length)
     if not train_set or not val_set:
         raise PipelineError(f"train.max_length: {params.max_length} tokens leaves no train or val rows")
+    row_tokens = sum(len(x["input_ids"]) for x in train_set)  # an epoch's tokens
+    packs = methods.packs(params)
 
     cuda = torch.cuda.is_available()
     bf16 = params.precision == "bf16" or (params.precision == "auto" and models.bf16_supported())
@@ -226,9 +251,11 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.early_stopping_patience))
         if params.gradual_unfreezing:
             callbacks.append(methods.unfreezing_callback(model, params))
-        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-        trainer = _trainer_class(params, bf16)(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                                               data_collator=collator, callbacks=callbacks)
+        trainer = _trainer_class(params, bf16)(
+            model=model, args=args, train_dataset=train_set, eval_dataset=val_set, callbacks=callbacks,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX))
+        if packs:
+            trainer.train_collator = packing.PackedCollator(tokenizer, PACK_LENGTH_FACTOR * params.max_length)
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         runtime = time.perf_counter() - started
@@ -246,7 +273,7 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
         final_val = dict(val_curve)[kept_step]
         kept_train = [loss for step, loss in train_curve if step <= kept_step]
         # Only the steps run by this process count towards its speed (a resumed run did fewer).
-        tokens = sum(len(x["input_ids"]) for x in train_set) * trainer.state.epoch * (steps - resumed_step) / steps
+        tokens = row_tokens * trainer.state.epoch * (steps - resumed_step) / steps
         summary = {
             "method": params.method,
             "steps": steps,
@@ -262,13 +289,16 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
             "train_val_gap": (final_val - kept_train[-1]) if kept_train else None,
             "runtime_s": round(runtime, 1),
             "train_s": round(train_s, 1),  # runtime less evaluation and checkpointing
-            "tokens_per_s": round(tokens / train_s, 1),
+            "tokens_per_s": round(tokens / train_s, 1),  # the rows' tokens, prefix included where packing shares it
             "precision": "bf16" if bf16 else "fp32",
             "attention": attention,
             "optimizer": optim,
             "parameters": total,
             "trainable_parameters": trainable,
             "rows": {"train": len(train_set), "val": len(val_set)},
+            "packing": packs,
+            # Tokens every training row starts with; a packed batch's rows may share more.
+            "shared_prefix_tokens": len(packing.shared_prefix(train_set)) if packs else 0,
             "dropped_too_long": {"train": train_long, "val": val_long},
         }
         if params.method == "full":

@@ -164,6 +164,30 @@ def test_gradual_unfreezing_opens_the_lower_block_only_later(tmp_path, inputs):
     assert not any(before[k].equal(after[k]) for k in before if k.startswith("model.layers.1."))
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_packed_training_follows_the_unpacked_run(tmp_path, inputs, method):
+    """Packing changes the speed only: the same batches, steps, losses and weights as padded rows."""
+    import torch
+    from safetensors.torch import load_file
+
+    options = {"learning_rate": 1e-3} if method == "full" else METHOD_OPTIONS[method]
+    runs = {packs: run_train(tmp_path / str(packs), inputs, method=method, packing=packs, **options)
+            for packs in (False, True)}
+    (_, _, apart_reports, apart), (_, out, packed_reports, packed) = runs[False], runs[True]
+    assert packed["packing"] and not apart["packing"] and packed["shared_prefix_tokens"] > 0
+    assert packed["steps"] == apart["steps"] == 6
+    for curve in ("train_loss.csv", "val_loss.csv"):
+        rows = [(apart_reports / curve).read_text().splitlines(), (packed_reports / curve).read_text().splitlines()]
+        assert [r.split(",")[0] for r in rows[0]] == [r.split(",")[0] for r in rows[1]]
+        for a, b in zip(rows[0][1:], rows[1][1:]):
+            assert float(b.split(",")[1]) == pytest.approx(float(a.split(",")[1]), rel=1e-3)
+    before, after = load_file(inputs[1] / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
+    assert any(not before[k].equal(after[k].to(before[k].dtype)) for k in before if ".layers." in k)
+    unpacked = load_file(runs[False][1] / "merged" / "model.safetensors")
+    for name, weight in after.items():
+        torch.testing.assert_close(weight, unpacked[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
 def test_unfreezing_schedule_and_layer_learning_rates(inputs):
     from types import SimpleNamespace
 
@@ -198,6 +222,7 @@ def test_unfreezing_schedule_and_layer_learning_rates(inputs):
     ({"method": "ia3", "ia3_target_modules": ["k_proj"], "ia3_feedforward_modules": ["down_proj"]},
      "ia3_feedforward_modules"),
     ({"early_stopping_patience": 2, "eval_steps": 25, "save_steps": 30}, "save_steps"),
+    ({"method": "p_tuning", "merge": False, "packing": True}, "packing"),
 ])
 def test_invalid_combination_fails_at_params_time_naming_the_key(tmp_path, overrides, key):
     import yaml
