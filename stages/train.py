@@ -28,9 +28,10 @@ OUT_DIR = Path("models/adapter")
 REPORTS = Path("reports")
 # Not a DVC out: DVC deletes a stage's outs before rerunning it, and these must survive a kill.
 CHECKPOINTS = Path("checkpoints/train")
-# Packed sequences hold at most this many times max_length tokens: a default batch of 8 short chat
-# rows fits in one, and eager attention's (length x length) scores stay small.
-PACK_LENGTH_FACTOR = 2
+# Packed sequences hold at most max(max_length, PACK_LENGTH) tokens: a default batch of 8 chatterbot
+# rows (about 270 tokens packed) fits in one, and eager attention (auto up to max_length 512) keeps no
+# larger (length x length) scores than unpacked rows of 512 tokens would.
+PACK_LENGTH = 512
 
 
 def encode_rows(tokenizer, rows: list[dict[str, Any]], max_length: int) -> tuple[list[dict], int]:
@@ -255,7 +256,7 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
             model=model, args=args, train_dataset=train_set, eval_dataset=val_set, callbacks=callbacks,
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX))
         if packs:
-            trainer.train_collator = packing.PackedCollator(tokenizer, PACK_LENGTH_FACTOR * params.max_length)
+            trainer.train_collator = packing.PackedCollator(tokenizer, max(params.max_length, PACK_LENGTH))
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         runtime = time.perf_counter() - started

@@ -109,6 +109,7 @@ def test_peft_method_trains_its_adapter_and_loads_for_inference(tmp_path, inputs
     initial = get_peft_model_state_dict(methods.build(params, base, bf16=False))
     trained = load_file(out / "adapter_model.safetensors")
     assert trained.keys() == initial.keys() and summary["trainable_parameters"] > 0
+    assert summary["packing"] == methods.response_only_ok(method)  # packing: auto
     unchanged = [k for k, w in trained.items() if torch.equal(w, initial[k].to(w.dtype))]
     assert not unchanged, f"{method}: trainable weights did not change: {unchanged}"
 
