@@ -80,8 +80,25 @@ def _packed(prefix: list[int], rows: list[dict[str, Any]]) -> dict[str, Any]:
     return item
 
 
+def tightest_packing(rows: list[dict[str, Any]], max_length: int, prefix: list[int] | None = None,
+                     step: int = 8) -> list[dict[str, Any]]:
+    """pack_rows at the packing length, from the longest row up to max_length, whose sequences
+    padded to the longest take the fewest positions (ties: the narrower). A padded position costs
+    about what a real one does, and one wide sequence of a few long rows would pad its neighbours:
+    a batch of short rows packs into one sequence, a batch of long ones into sequences about as
+    long as its longest row."""
+    longest = max((len(row["input_ids"]) for row in rows), default=0)
+    lengths = sorted({*range(min(longest, max_length), max_length, step), max_length})
+
+    def positions(sequences: list[dict[str, Any]]) -> tuple[int, int]:
+        width = max(len(s["input_ids"]) for s in sequences)
+        return len(sequences) * width, width
+
+    return min((pack_rows(rows, length, prefix) for length in lengths), key=positions)
+
+
 class PackedCollator:
-    """Packs each batch's rows (best fit, into sequences of at most pack_length tokens) with the
+    """Packs each batch's rows (tightest_packing, sequences of at most pack_length tokens) with the
     prefix they share once per sequence, pads the sequences to the longest (padding a segment of its
     own, with no labels), and counts the rows' own tokens as real_tokens."""
 
@@ -91,7 +108,7 @@ class PackedCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        sequences = pack_rows(features, self.pack_length, shared_prefix(features))
+        sequences = tightest_packing(features, self.pack_length, shared_prefix(features))
         width = max(len(s["input_ids"]) for s in sequences)
         fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX, "segments": PADDING}
         batch = {key: torch.tensor([s[key] + [value] * (width - len(s[key])) for s in sequences])

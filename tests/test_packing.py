@@ -76,6 +76,26 @@ def test_pack_rows_places_every_row_once_within_the_limit(tokenizer, with_prefix
         packing.pack_rows(rows + [chat(tokenizer, "x", "y", system="another")], limit, packing.shared_prefix(rows))
 
 
+def test_tightest_packing_takes_the_fewest_padded_positions(tokenizer):
+    def padded(sequences):
+        return len(sequences) * max(len(s["input_ids"]) for s in sequences)
+
+    # Three rows, each longer than their shared prefix, and room for two per sequence: the widest
+    # limit would pad the third row's sequence to twice its length; one row per sequence pads nothing.
+    long = [chat(tokenizer, f"{word} " + "q " * 100, "a") for word in ("red", "blue", "green")]
+    prefix = packing.shared_prefix(long)
+    width = max(len(r["input_ids"]) for r in long)
+    assert width > 2 * len(prefix)
+    limit = 2 * width - len(prefix)
+    tight = packing.tightest_packing(long, limit, prefix)
+    assert padded(tight) < padded(packing.pack_rows(long, limit, prefix))
+    assert padded(tight) == min(padded(packing.pack_rows(long, n, prefix)) for n in range(width, limit + 1))
+    assert sorted(sum((unpack(s, len(prefix)) for s in tight), [])) == sorted(r["input_ids"] for r in long)
+    # Short rows all go into one sequence, their shared prefix once.
+    short = [chat(tokenizer, "q " * (n % 3 + 1), "a") for n in range(8)]
+    assert len(packing.tightest_packing(short, 512, packing.shared_prefix(short))) == 1
+
+
 def test_attention_mask_allows_own_row_and_prefix_only():
     import torch
 
