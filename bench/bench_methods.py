@@ -6,9 +6,9 @@ second of training (the rows' own tokens, padding not counted; a packed batch co
 tokens, its share of the shared prefix included, as the same rows unpacked would; steady state:
 timed from the end of the first WARMUP_STEPS steps to the end of the last, evaluation excluded),
 peak resident memory and the validation loss after N steps, each with its ratio to the baseline
-(for speed with --repeat, the median of the ratios within a round). The methods run through `stages.train.run` with params.yaml's
-`train` section (method, max_steps and eval_steps overridden); a method that TrainParams does not
-accept is skipped with a note.
+(for speed with --repeat, the median of the ratios within a round). The methods run through
+`stages.train.run` with params.yaml's `train` section (method, max_steps and eval_steps
+overridden); a method that TrainParams does not accept is skipped with a note.
 Two baselines, both the same LoRA adapter (rank, alpha, dropout, modules, learning rate) on the
 same token ids, batch size and steps, in fp32 with random batches padded to the longest row:
 `baseline` is a default TRL `SFTTrainer` (its defaults: gradient checkpointing, loss and token

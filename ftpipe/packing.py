@@ -45,6 +45,11 @@ def pack_rows(rows: list[dict[str, Any]], max_length: int, prefix: list[int] | N
     per row) and real_tokens, the number of tokens its rows have unpacked (prefix included).
     """
     prefix = list(prefix or [])
+    return [_packed(prefix, rows_in) for rows_in in _best_fit(rows, max_length, prefix)]
+
+
+def _best_fit(rows: list[dict[str, Any]], max_length: int, prefix: list[int]) -> list[list[dict[str, Any]]]:
+    """The rows of each sequence of pack_rows, without building the sequences."""
     size = len(prefix)
     room = max_length - size
     bins: list[list[dict[str, Any]]] = []
@@ -63,7 +68,7 @@ def pack_rows(rows: list[dict[str, Any]], max_length: int, prefix: list[int] | N
             bins.append([])
         bins[index].append(row)
         bisect.insort(free, (left - need, index))
-    return [_packed(prefix, rows_in) for rows_in in bins]
+    return bins
 
 
 def _packed(prefix: list[int], rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -87,14 +92,16 @@ def tightest_packing(rows: list[dict[str, Any]], max_length: int, prefix: list[i
     about what a real one does, and one wide sequence of a few long rows would pad its neighbours:
     a batch of short rows packs into one sequence, a batch of long ones into sequences about as
     long as its longest row."""
+    prefix = list(prefix or [])
     longest = max((len(row["input_ids"]) for row in rows), default=0)
     lengths = sorted({*range(min(longest, max_length), max_length, step), max_length})
 
-    def positions(sequences: list[dict[str, Any]]) -> tuple[int, int]:
-        width = max(len(s["input_ids"]) for s in sequences)
-        return len(sequences) * width, width
+    def positions(bins: list[list[dict[str, Any]]]) -> tuple[int, int]:
+        width = len(prefix) + max(sum(len(row["input_ids"]) - len(prefix) for row in rows_in) for rows_in in bins)
+        return len(bins) * width, width
 
-    return min((pack_rows(rows, length, prefix) for length in lengths), key=positions)
+    best = min((_best_fit(rows, length, prefix) for length in lengths), key=positions)
+    return [_packed(prefix, rows_in) for rows_in in best]
 
 
 class PackedCollator:
