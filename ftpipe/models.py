@@ -58,6 +58,7 @@ def load_model(
 ) -> PreTrainedModel:
     """Load a causal LM from a local folder or Hub id, refusing pickle weights."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
@@ -69,8 +70,10 @@ def load_model(
             revision=revision,
             **kwargs,
         )
-    except OSError as exc:
-        raise PipelineError(f"{source}: cannot load model ({_first_line(exc)})") from None
+    except SafetensorError as exc:
+        raise PipelineError(f"{source}: safetensors weights truncated or corrupt ({_first_line(exc)})") from None
+    except (OSError, ValueError) as exc:  # missing/pickle-only weights, bad config, custom code
+        raise _load_error(source, "model", exc) from None
     return model.eval()
 
 
@@ -81,8 +84,8 @@ def load_tokenizer(
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(_resolved(source), trust_remote_code=trust_remote_code, revision=revision)
-    except OSError as exc:
-        raise PipelineError(f"{source}: cannot load tokenizer ({_first_line(exc)})") from None
+    except (OSError, ValueError) as exc:
+        raise _load_error(source, "tokenizer", exc) from None
     if tokenizer.chat_template is None:
         raise PipelineError(f"{source}: tokenizer has no chat template")
     if tokenizer.pad_token is None:
@@ -118,6 +121,23 @@ def load_finetuned(base_dir: Path, adapter_dir: Path) -> PreTrainedModel:
     if model.peft_config[model.active_adapter].is_prompt_learning:
         return model.eval()
     return model.merge_and_unload().eval()
+
+
+# Files any tokenizer backend reads its vocabulary from; tokenizer_config.json alone is not enough.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "*.tiktoken")
+
+
+def _load_error(source: str | Path, what: str, exc: Exception) -> PipelineError:
+    """One line for a failed from_pretrained: transformers' own messages span lines and, for a
+    folder without tokenizer files, wrongly blame a missing sentencepiece."""
+    if "trust_remote_code=True" in str(exc):
+        return PipelineError(f"{source}: the {what} needs its own code (an auto_map to Python files), which is not run "
+                             "by default; `prepare_base.trust_remote_code: true` would allow it")
+    folder = Path(source)
+    if what == "tokenizer" and folder.is_dir() and not any(any(folder.glob(name)) for name in TOKENIZER_FILES):
+        return PipelineError(f"{source}: tokenizer files missing (no tokenizer.json, tokenizer.model or vocab file)")
+    return PipelineError(f"{source}: cannot load {what} ({_first_line(exc)})")
 
 
 def _resolved(source: str | Path) -> str | Path:

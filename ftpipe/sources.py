@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,35 @@ from ftpipe.params import PrepareDataParams
 
 ROLES = {"system", "user", "assistant"}
 CSV_FIELD_LIMIT = 16 * 1024 * 1024  # csv's default 128 KiB cell limit is too small for long documents
+# Keys shown in a "missing field" error: a non-data file read as CSV has its first line as keys,
+# and that line must not be echoed (a passwd entry, a secret).
+FIELD_NAME = re.compile(r"[A-Za-z_][\w .-]{0,63}")
+FIELDS_SHOWN = 20
+RAW_DIR = Path("data/raw")
+RAW_HINT = "put the data under data/raw/, where DVC hashes it (so a change reruns the pipeline)"
+
+
+def check_data_location(params: PrepareDataParams, project_dir: Path) -> None:
+    """Refuse data files (symlinks followed) outside data/raw/: DVC hashes only that folder, so data
+    elsewhere could change without rerunning the pipeline, or be any file the user can read."""
+    places = [(f"prepare_data.external_eval[{i}]", path, False) for i, path in enumerate(params.external_eval)]
+    if params.source == "file":
+        places.insert(0, ("prepare_data.path", params.path, False))
+    elif params.source == "hf_dataset":
+        places.insert(0, ("prepare_data.path", params.path, True))
+    raw = (project_dir / RAW_DIR).resolve()
+    for key, given, hub_allowed in places:
+        path = project_dir / given
+        if not path.exists():
+            # A missing file gets the loader's "not found"; a Hub dataset name is remote, unless it
+            # looks like a local path.
+            parents = [project_dir / parent for parent in Path(given).parents if parent != Path(".")]
+            local = given.startswith((".", "/")) or any(parent.exists() for parent in parents)
+            if not hub_allowed or not local:
+                continue
+        resolved = path.resolve()
+        if not resolved.is_relative_to(raw):
+            raise PipelineError(f"{key}: {given} resolves to {resolved}, outside data/raw/: {RAW_HINT}")
 
 
 def load_records(params: PrepareDataParams) -> tuple[list[dict[str, Any]], dict[str, int], str]:
@@ -48,7 +78,7 @@ def _rows(params: PrepareDataParams) -> tuple[Iterator[tuple[str, dict[str, Any]
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     csv.field_size_limit(CSV_FIELD_LIMIT)
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(handle)
             for row in reader:
                 yield f"{path}:{reader.line_num}", row
@@ -112,7 +142,10 @@ def to_messages(row: dict[str, Any], params: PrepareDataParams, where: str) -> l
 
 def _field(row: dict[str, Any], name: str, where: str) -> Any:
     if name not in row:
-        raise PipelineError(f"{where}: missing field '{name}' (fields: {', '.join(map(str, row)) or 'none'})")
+        shown = [k for k in row if isinstance(k, str) and FIELD_NAME.fullmatch(k)][:FIELDS_SHOWN]
+        hidden = len(row) - len(shown)
+        listed = ", ".join(shown + ([f"{hidden} {'more ' if shown else ''}not shown"] if hidden else [])) or "none"
+        raise PipelineError(f"{where}: missing field '{name}' (fields: {listed})")
     return row[name]
 
 

@@ -266,8 +266,10 @@ def run(*, params: PrepareDataParams, out_dir: Path, reports_dir: Path, tokenize
 
 def main() -> None:
     from ftpipe.models import load_tokenizer
+    from ftpipe.sources import check_data_location
 
     params = load_section("prepare_data", PrepareDataParams)
+    check_data_location(params, Path("."))
     if not (BASE_DIR / "tokenizer_config.json").is_file():
         raise PipelineError(f"{BASE_DIR}: base model not prepared; its tokenizer sets the length filters "
                             "(run `dvc repro prepare_base`)")

@@ -91,17 +91,18 @@ def tiny_params(model_dir: Path, data_file: Path) -> dict:
     return params
 
 
-@pytest.fixture
-def project(tmp_path, tiny_model_dir, tiny_data, monkeypatch) -> Path:
-    """A git + DVC project holding this repo's pipeline code and params for the tiny model."""
-    proj = tmp_path / "project"
+def make_project(proj: Path, model_dir: Path, data_file: Path) -> Path:
+    """A git + DVC project in `proj` holding this repo's pipeline code and params for the tiny model."""
     proj.mkdir()
     for name in ("ftpipe", "stages", "flows"):
         shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
     (proj / "data" / "raw").mkdir(parents=True)  # prepare_data's landing-folder dep
     (proj / "data" / "raw" / ".gitkeep").touch()
-    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir, tiny_data), sort_keys=False))
+    # Data files live under data/raw/, the one place DVC hashes them (the stage refuses others).
+    shutil.copy(data_file, proj / "data" / "raw" / "tiny.jsonl")
+    params = tiny_params(model_dir, Path("data/raw/tiny.jsonl"))
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (proj / ".gitignore").write_text("mlruns.db\nmlartifacts/\n")
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
@@ -109,8 +110,32 @@ def project(tmp_path, tiny_model_dir, tiny_data, monkeypatch) -> Path:
     subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=proj, check=True)
     subprocess.run(git + ["add", "-A"], cwd=proj, check=True)
     subprocess.run(git + ["commit", "-q", "-m", "tiny project"], cwd=proj, check=True)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return proj
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model_dir, tiny_data, monkeypatch) -> Path:
+    """A git + DVC project holding this repo's pipeline code and params for the tiny model."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return make_project(tmp_path / "project", tiny_model_dir, tiny_data)
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
+    """The tiny project after one whole `dvc repro`, shared by the tests that start from a finished
+    run (each works on its own copy: see `finished_project`)."""
+    proj = make_project(tmp_path_factory.mktemp("built") / "project", tiny_model_dir, tiny_data)
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=proj, env=stage_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return proj
+
+
+@pytest.fixture
+def finished_project(built_project, tmp_path, monkeypatch) -> Path:
+    """A copy of `built_project` (MLflow store included) for a test to change as it likes."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return Path(shutil.copytree(built_project, tmp_path / "project", symlinks=True))
 
 
 def stage_env() -> dict[str, str]:

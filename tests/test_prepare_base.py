@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
+from conftest import set_param, stage
 
 from ftpipe.errors import PipelineError
 from ftpipe.models import sha256_of
@@ -67,3 +69,38 @@ def test_embedded_smollm2(tmp_path):
     prompt = prompt_text(tokenizer, [{"role": "user", "content": "What is the capital of France?"},
                                      {"role": "assistant", "content": ""}])
     assert "Paris" in generate(model, tokenizer, [prompt], max_new_tokens=12, batch_size=1)[0]
+
+
+def _break(folder, case: str) -> None:
+    if case == "truncated":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif case == "remote_code":
+        config = json.loads((folder / "config.json").read_text())
+        config.update(model_type="mystery", auto_map={"AutoConfig": "configuration_mystery.MysteryConfig",
+                                                      "AutoModelForCausalLM": "modeling_mystery.MysteryForCausalLM"})
+        (folder / "config.json").write_text(json.dumps(config))
+    else:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            (folder / name).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    ("case", "problem"),
+    [
+        ("truncated", r"safetensors weights truncated or corrupt \(.+\)"),
+        ("remote_code", r"the model needs its own code .*`prepare_base.trust_remote_code: true` would allow it"),
+        ("no_tokenizer", r"tokenizer files missing \(no tokenizer.json, tokenizer.model or vocab file\)"),
+    ],
+)
+def test_broken_model_folder_stops_the_stage_with_one_line(project, tmp_path, tiny_model_dir, case, problem):
+    folder = tmp_path / f"broken-{case}"
+    shutil.copytree(tiny_model_dir, folder)
+    _break(folder, case)
+    set_param(project, "prepare_base", "path", str(folder))
+    result = stage(project, "prepare_base")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr
+    assert len(errors) == 1 and re.fullmatch(rf"error: {re.escape(str(folder))}: {problem}", errors[0]), errors
+    assert "Traceback" not in result.stderr and "sentencepiece" not in errors[0]
+    assert not (project / "models").exists()

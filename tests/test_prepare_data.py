@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import qa_rows, write_jsonl
+from conftest import qa_rows, set_param, stage, write_jsonl
 
 from ftpipe.cleaning import NearDuplicates
 from ftpipe.errors import PipelineError
@@ -179,3 +179,73 @@ def test_embedded_chatterbot_corpus(tmp_path):
     assert report["rules"]["duplicate_exact"] == {"dropped": 2306 - 1176}
     assert report["rows_out"] <= 1176 - report["rules"]["near_duplicate"]["dropped"]
     assert report["leaks"]["total"] == 0
+
+
+def test_csv_with_utf8_bom_reads_its_first_header(tmp_path):
+    path = tmp_path / "excel.csv"
+    with path.open("w", newline="", encoding="utf-8-sig") as handle:  # Excel's "CSV UTF-8"
+        writer = csv.DictWriter(handle, fieldnames=["prompt", "response"])
+        writer.writeheader()
+        writer.writerows(qa_rows(30))
+    assert do_run(tmp_path, params(path))["rows_out"] == 30
+
+
+def test_missing_field_message_never_echoes_file_content(tmp_path):
+    passwd = tmp_path / "passwd.csv"
+    passwd.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n")
+    with pytest.raises(PipelineError, match=r"passwd.csv:2: missing field 'prompt' \(fields: 1 not shown\)$") as err:
+        do_run(tmp_path, params(passwd))
+    assert "root:" not in str(err.value) and "/bin/bash" not in str(err.value)
+    wide = tmp_path / "wide.csv"
+    wide.write_text(",".join([f"col{i}" for i in range(25)] + ["k=s3cr3t!"]) + "\n" + ",".join("x" * 26) + "\n")
+    with pytest.raises(PipelineError, match=r"\(fields: col0, col1, .*, col19, 6 more not shown\)$") as err:
+        do_run(tmp_path, params(wide))
+    assert "s3cr3t" not in str(err.value)
+
+
+def _raw_project(tmp_path: Path) -> Path:
+    proj = tmp_path / "proj"
+    (proj / "data" / "raw").mkdir(parents=True)
+    write_jsonl(proj / "data" / "raw" / "ok.jsonl", qa_rows(3))
+    return proj
+
+
+def test_data_outside_data_raw_is_refused(tmp_path):
+    from ftpipe.sources import check_data_location
+
+    proj = _raw_project(tmp_path)
+    outside = write_jsonl(tmp_path / "outside.jsonl", qa_rows(3))
+    hint = r", outside data/raw/: put the data under data/raw/, where DVC hashes it \(so a change reruns the pipeline\)$"
+    with pytest.raises(PipelineError, match=rf"^prepare_data.path: {outside} resolves to {outside}{hint}"):
+        check_data_location(params(outside), proj)
+    (proj / "data" / "raw" / "link.jsonl").symlink_to(outside)
+    with pytest.raises(PipelineError, match=rf"^prepare_data.path: data/raw/link.jsonl resolves to {outside}{hint}"):
+        check_data_location(params(Path("data/raw/link.jsonl")), proj)
+    with pytest.raises(PipelineError, match=rf"^prepare_data.external_eval\[1\]: \.\./outside.jsonl resolves to"):
+        check_data_location(params(Path("data/raw/ok.jsonl"), external_eval=["data/raw/ok.jsonl", "../outside.jsonl"]),
+                            proj)
+    with pytest.raises(PipelineError, match=r"^prepare_data.path: \./saved resolves to .*, outside data/raw/"):
+        check_data_location(params("./saved", source="hf_dataset"), proj)
+
+
+def test_data_under_data_raw_and_hub_names_pass(tmp_path):
+    from ftpipe.sources import check_data_location
+
+    proj = _raw_project(tmp_path)
+    check_data_location(params(Path("data/raw/ok.jsonl"), external_eval=["data/raw/ok.jsonl"]), proj)
+    check_data_location(params(proj / "data" / "raw" / "ok.jsonl"), proj)
+    check_data_location(params(Path("data/raw/saved"), source="hf_dataset"), proj)
+    check_data_location(params(Path("someone/some-dataset"), source="hf_dataset"), proj)
+    check_data_location(params(Path("data/raw/absent.jsonl")), proj)  # the loader says "not found"
+
+
+def test_stage_refuses_a_symlink_out_of_data_raw_without_showing_its_content(project):
+    (project / "data" / "raw" / "x.csv").symlink_to("/etc/passwd")
+    set_param(project, "prepare_data", "path", "data/raw/x.csv")
+    result = stage(project, "prepare_data")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: prepare_data.path: data/raw/x.csv resolves to {Path('/etc/passwd').resolve()}, outside data/raw/: "
+        "put the data under data/raw/, where DVC hashes it (so a change reruns the pipeline)"]
+    assert "root:" not in result.stdout + result.stderr
+    assert not (project / "data" / "prepared").exists()
