@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,14 @@ def frozen_weights_to_bf16(model) -> None:
             param.data = param.data.to(torch.bfloat16)
 
 
+class Diverged(PipelineError):
+    """A non-finite loss or gradient norm: nothing after it is worth training, resuming or writing."""
+
+    def __init__(self, what: str, value: float, step: int, learning_rate: float):
+        super().__init__(f"train: {what} is {value} at step {step} (learning_rate {learning_rate:g}): "
+                         "training diverged; lower train.learning_rate")
+
+
 def _trainer_class(params: TrainParams, bf16: bool):
     import torch
     from transformers import Trainer
@@ -138,12 +147,30 @@ def _trainer_class(params: TrainParams, bf16: bool):
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not response_only:  # the model's own forward and loss (autocast by the Trainer)
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            # Autocast here: the loss bypasses model.forward, where Trainer would apply it.
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                loss = response_only_loss(model, inputs, num_items_in_batch)
-            return (loss, {"loss": loss}) if return_outputs else loss
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            else:
+                # Autocast here: the loss bypasses model.forward, where Trainer would apply it.
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                    loss = response_only_loss(model, inputs, num_items_in_batch)
+                result = (loss, {"loss": loss}) if return_outputs else loss
+            # Every batch: the logged loss hides a non-finite one (logging_nan_inf_filter), whose own
+            # check already syncs on each training batch's loss, so this adds no sync in training.
+            # A training batch belongs to the step being taken, an evaluation batch to the last one.
+            loss = result[0] if return_outputs else result
+            if not torch.isfinite(loss.detach()).all():
+                what, step = ("loss", self.state.global_step + 1) if model.training else \
+                    ("validation loss", self.state.global_step)
+                raise Diverged(what, loss.item(), step, params.learning_rate)
+            return result
+
+        def log(self, logs, *args, **kwargs):
+            # The gradient norm is seen only here (every logging_steps); a non-finite one also turns
+            # the weights non-finite, so the next batch's loss check stops the run in any case.
+            for key, what in (("grad_norm", "gradient norm"), ("eval_loss", "validation loss")):
+                if key in logs and not math.isfinite(logs[key]):
+                    raise Diverged(what, logs[key], self.state.global_step, params.learning_rate)
+            return super().log(logs, *args, **kwargs)
 
         def create_optimizer(self, model=None):
             if params.method != "full" or self.optimizer is not None:
@@ -260,12 +287,16 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
         if packs:
             trainer.train_collator = packing.PackedCollator(tokenizer, max(params.max_length, PACK_LENGTH))
         started = time.perf_counter()
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        runtime = time.perf_counter() - started
+        try:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            runtime = time.perf_counter() - started
+            steps = trainer.state.global_step
+            if not any(h.get("step") == steps and "eval_loss" in h for h in trainer.state.log_history):
+                trainer.evaluate()  # the Trainer evaluates the last step itself; this covers a run that did not
+        except Diverged:
+            remove_path(checkpoints)  # a resumed rerun would diverge the same way (same seed and params)
+            raise
         train_s = max(runtime - trainer.side_seconds, 1e-9)
-        steps = trainer.state.global_step
-        if not any(h.get("step") == steps and "eval_loss" in h for h in trainer.state.log_history):
-            trainer.evaluate()  # the Trainer evaluates the last step itself; this covers a run that did not
         history = trainer.state.log_history
         train_curve = [(h["step"], h["loss"]) for h in history if "loss" in h]
         val_curve = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
