@@ -11,12 +11,22 @@ import os
 import subprocess
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from ftpipe import secrets
+
 DB_FILE = "mlruns.db"
 ARTIFACT_DIR = "mlartifacts"
+# Retries 2 with backoff factor 1 (sleeps 0 s, 2 s, plus up to 0.5 s jitter): a refused connection
+# fails in ~3 s; a silent host (3 tries x 10 s timeout) in ~33 s. The timeout also bounds the wait
+# for the server's answer to an artifact upload: raise MLFLOW_HTTP_REQUEST_TIMEOUT for a slow store.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 
 def tracking_uri(project_dir: Path) -> str:
@@ -28,13 +38,17 @@ def artifact_location(project_dir: Path) -> str:
 
 
 def redact(uri: str) -> str:
-    """The URI without any user:password part."""
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri
+    """The URI (or any text) with its credentials masked: ftpipe.secrets.redact."""
+    return secrets.redact(uri)
+
+
+def bound_http_retries() -> None:
+    """Default MLflow's HTTP retries and timeouts to fail in about 30 s when the server is down.
+    MLflow's own defaults (7 retries, backoff factor 2, 120 s timeout) take minutes to give up;
+    its HTTP layer is the one place that retries registry requests (the flows do not rerun
+    register), so it is bounded here. Values already in the environment win."""
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 def ui_command(project_dir: Path) -> str:

@@ -68,3 +68,14 @@ def test_registered_model_requirements_include_peft_only_for_a_peft_model(tiny_m
     assert any(r.startswith("torch==") for r in plain) and not any(r.startswith("peft==") for r in plain)
     prompt_tuned = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
     assert sorted(_requirements(prompt_tuned)) == sorted(plain + [f"peft=={__import__('peft').__version__}"])
+
+
+def test_a_side_without_the_primary_metric_cannot_be_compared_and_blocks_promotion():
+    decision = decide(metric="rougeL", min_improvement=0.0, challenger={"rougeL": 0.5}, base=BASE,
+                      champion={"bleu": 0.3}, champion_version="2", leaks=0)
+    assert not decision.promote
+    assert "champion v2 has no rougeL logged: cannot compare" in decision.reasons
+    assert decision.reasons[0].endswith(": pass")  # the base comparison still stands
+    unmeasured = decide(metric="bleu", min_improvement=0.0, challenger={"rougeL": 0.5}, base=BASE,
+                        champion=None, champion_version=None, leaks=0)
+    assert not unmeasured.promote and "challenger has no bleu logged: cannot compare" in unmeasured.reasons

@@ -1,0 +1,117 @@
+"""Reading the MLflow model registry, for the register stage and the retraining flow.
+
+Only "no such registered model or alias" means "no champion yet". Any other failure (the server
+down or failing, the champion's run deleted or garbage-collected) is a one-line PipelineError
+naming the server (credentials masked) and the model: a gate that cannot read the champion must
+stop, not promote past it. Requests go through MLflow's HTTP layer, whose retries are bounded by
+ftpipe.tracking.bound_http_retries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from ftpipe import tracking
+from ftpipe.errors import PipelineError
+from ftpipe.secrets import redact
+
+CHAMPION = "champion"
+REASON_CHARS = 200
+# The short cause inside MLflow's long "API request to <url> failed with exception ..." messages.
+_REASONS = (r"\[Errno -?\d+\] ([^'\"()\]]+)", r"(Read timed out|timed out)", r"(too many \d+ error responses)",
+            r"(error code \d+ != 200)")
+
+
+class RegistryUnreachable(PipelineError):
+    """The tracking server did not answer or failed (after MLflow's own HTTP retries). A caller
+    whose request is idempotent (a read) may retry later; the champion's run being gone is not this."""
+
+
+def connect(tracking_uri: str):
+    """An MlflowClient for `tracking_uri`, with MLflow's HTTP retries bounded."""
+    from mlflow import MlflowClient
+
+    tracking.bound_http_retries()
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def short_reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    for pattern in _REASONS:
+        if found := re.search(pattern, text):
+            return redact(found.group(1).strip())
+    return redact(text)[:REASON_CHARS] or type(exc).__name__
+
+
+def failure(tracking_uri: str, exc: BaseException, doing: str = "") -> str:
+    reason = f"{doing}: {short_reason(exc)}" if doing else short_reason(exc)
+    return f"MLflow tracking server {redact(tracking_uri)} unreachable or failing ({reason})"
+
+
+@contextlib.contextmanager
+def errors(tracking_uri: str, doing: str = "") -> Iterator[None]:
+    """Turn MLflow and HTTP failures inside the block into one PipelineError line naming the server."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, requests.exceptions.RequestException) as exc:
+        raise RegistryUnreachable(failure(tracking_uri, exc, doing)) from None  # its cause quotes the raw URI
+
+
+def _not_found(exc) -> bool:
+    """The registered model or its alias does not exist (the stores say the latter with
+    INVALID_PARAMETER_VALUE and "Registered model alias X not found.")."""
+    code = getattr(exc, "error_code", "")
+    return code == "RESOURCE_DOES_NOT_EXIST" or (
+        code == "INVALID_PARAMETER_VALUE" and re.search(r"alias \S+ not found", str(exc)) is not None)
+
+
+def champion(client, model_name: str) -> tuple[str, dict[str, float]] | None:
+    """(version, metrics of its run) of `model_name`@champion; None if the model or alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    uri = client.tracking_uri
+    with errors(uri, f"reading {model_name}@{CHAMPION}"):
+        try:
+            current = client.get_model_version_by_alias(model_name, CHAMPION)
+        except MlflowException as exc:
+            if _not_found(exc):
+                return None
+            raise
+    return str(current.version), _run_metrics(client, model_name, current)
+
+
+def _run_metrics(client, model_name: str, version) -> dict[str, float]:
+    """The champion's run metrics; a run that is gone stops the gate, which would compare against nothing."""
+    from mlflow.exceptions import MlflowException
+
+    where = (f"MLflow registry {redact(client.tracking_uri)}: {model_name} {CHAMPION} v{version.version}: "
+             f"its run {version.run_id or '(none)'}")
+    advice = "restore the run or move the alias by hand"
+    if not version.run_id:
+        raise PipelineError(f"{where} is not recorded, so its metrics cannot be compared; {advice}")
+    with errors(client.tracking_uri, f"reading the run of {model_name} v{version.version}"):
+        try:
+            run = client.get_run(version.run_id)
+        except MlflowException as exc:
+            if not _not_found(exc):
+                raise
+            raise PipelineError(f"{where} no longer exists (garbage-collected?); {advice}") from None
+    if run.info.lifecycle_stage != "active":
+        raise PipelineError(f"{where} is {run.info.lifecycle_stage}, so its metrics cannot be trusted; {advice}")
+    return dict(run.data.metrics)
+
+
+def latest_version(client, model_name: str, tag_keys: Iterable[str]) -> dict[str, Any] | None:
+    """{"version", "tags": {key: value or None}} of the highest version of `model_name`; None if none."""
+    with errors(client.tracking_uri, f"listing the versions of {model_name}"):
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    latest = max(versions, key=lambda v: int(v.version), default=None)
+    if latest is None:
+        return None
+    return {"version": str(latest.version), "tags": {key: latest.tags.get(key) for key in tag_keys}}

@@ -1,0 +1,271 @@
+"""The register stage against a registry it cannot fully trust: the champion's run gone, the server
+down, no champion alias, a champion without the gate's metric. Plus credential masking and the
+registry reader's "not found" versus "failed" on a fake client.
+
+The stage tests share one `dvc repro` (every stage but register) of the tiny project; each copies it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from conftest import ROOT, stage_env, tiny_params
+
+from ftpipe.errors import PipelineError
+
+MODEL = "tiny-model"
+
+
+# --- credential masking ----------------------------------------------------------------------------
+
+def test_redact_masks_url_credentials_secret_query_values_and_secret_env_values(monkeypatch):
+    from ftpipe.secrets import redact
+    from ftpipe.tracking import redact as tracking_redact
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2pw")
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "ghp_abc123")
+    monkeypatch.setenv("SOME_FLAG_TOKEN", "1")  # too short to be a secret: left alone
+    assert redact("http://alice:s3cret@host:5000/x") == "http://***@host:5000/x"
+    assert redact("failed: https://user@h/p and s3://k:v@bucket/a") == "failed: https://***@h/p and s3://***@bucket/a"
+    assert redact("http://h/?token=tok1&page=2&api_key=k9;sig=zz") == "http://h/?token=***&page=2&api_key=***;sig=***"
+    assert (redact("x?X-Amz-Signature=dead&X-Amz-Security-Token=beef")
+            == "x?X-Amz-Signature=***&X-Amz-Security-Token=***")
+    assert redact("login hunter2pw then ghp_abc123, flag 1") == "login *** then ***, flag 1"
+    assert redact("http://a:hunter2pw@h") == "http://***@h"
+    assert redact("git@github.com:org/repo and plain text") == "git@github.com:org/repo and plain text"
+    assert tracking_redact("http://bob:pw@127.0.0.1:9") == "http://***@127.0.0.1:9"
+
+
+def test_mlflow_http_retries_are_bounded_by_default_but_the_environment_wins(monkeypatch):
+    from ftpipe.tracking import HTTP_DEFAULTS, bound_http_retries
+
+    for name in HTTP_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
+    bound_http_retries()
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES
+
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() <= 3 and MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get() <= 2
+
+
+# --- the registry reader on a fake client ----------------------------------------------------------
+
+class FakeClient:
+    tracking_uri = "http://bob:pw123@registry.example:5000"
+
+    def __init__(self, alias_error=None, run_error=None, lifecycle="active"):
+        self.alias_error, self.run_error, self.lifecycle = alias_error, run_error, lifecycle
+
+    def get_model_version_by_alias(self, name, alias):
+        if self.alias_error:
+            raise self.alias_error
+        return SimpleNamespace(version="3", run_id="run3")
+
+    def get_run(self, run_id):
+        if self.run_error:
+            raise self.run_error
+        return SimpleNamespace(info=SimpleNamespace(lifecycle_stage=self.lifecycle),
+                               data=SimpleNamespace(metrics={"rougeL": 0.4}))
+
+
+def mlflow_error(message: str, code: str):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2
+
+    return MlflowException(message, error_code=getattr(databricks_pb2, code))
+
+
+def test_champion_is_none_only_when_the_model_or_alias_does_not_exist():
+    from ftpipe.registry import champion
+
+    assert champion(FakeClient(), MODEL) == ("3", {"rougeL": 0.4})
+    no_model = mlflow_error("Registered Model with name=tiny-model not found", "RESOURCE_DOES_NOT_EXIST")
+    assert champion(FakeClient(alias_error=no_model), MODEL) is None
+    no_alias = mlflow_error("Registered model alias champion not found.", "INVALID_PARAMETER_VALUE")
+    assert champion(FakeClient(alias_error=no_alias), MODEL) is None
+
+
+REFUSED = ("API request to http://bob:pw123@registry.example:5000/api/2.0/x failed with exception HTTPConnectionPool("
+           "host='registry.example', port=5000): Max retries exceeded (Caused by NewConnectionError('<conn>: Failed "
+           "to establish a new connection: [Errno 111] Connection refused'))")
+# A proxy's 404 page says "Not Found" but is no answer about the alias.
+PROXY_404 = ("API request to endpoint /api/2.0/mlflow/registered-models/alias failed with error code 404 != 200. "
+             "Response body: '<h1>Not Found</h1>'")
+SERVER = "MLflow tracking server http://***@registry.example:5000 unreachable or failing (reading tiny-model@champion: "
+RUN = "MLflow registry http://***@registry.example:5000: tiny-model champion v3: its run run3 "
+
+
+@pytest.mark.parametrize("failing, error, lifecycle, expected", [
+    ("alias", (PROXY_404, "ENDPOINT_NOT_FOUND"), "active", SERVER + "error code 404 != 200)"),
+    ("alias", (REFUSED, "INTERNAL_ERROR"), "active", SERVER + "Connection refused)"),
+    ("run", ("Run with id=run3 not found", "RESOURCE_DOES_NOT_EXIST"), "active",
+     RUN + "no longer exists (garbage-collected?); restore the run or move the alias by hand"),
+    ("run", None, "deleted",
+     RUN + "is deleted, so its metrics cannot be trusted; restore the run or move the alias by hand"),
+])
+def test_any_other_registry_failure_is_one_redacted_line(failing, error, lifecycle, expected):
+    from ftpipe.registry import champion
+
+    error = error and mlflow_error(*error)
+    errors = {"alias_error": error} if failing == "alias" else {"run_error": error}
+    fake = FakeClient(**errors, lifecycle=lifecycle)
+    with pytest.raises(PipelineError) as err:
+        champion(fake, MODEL)
+    assert str(err.value) == expected and "pw123" not in str(err.value)
+
+
+# --- the register stage -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
+    """The tiny project with every stage but register run once (no MLflow store yet)."""
+    proj = tmp_path_factory.mktemp("register") / "project"
+    for name in ("ftpipe", "stages", "flows"):
+        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
+    (proj / "data" / "raw").mkdir(parents=True)
+    shutil.copy(tiny_data, proj / "data" / "raw" / "tiny.jsonl")
+    params = tiny_params(tiny_model_dir, Path("data/raw/tiny.jsonl"))
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (proj / ".gitignore").write_text("mlruns.db\nmlartifacts/\n")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                    [sys.executable, "-m", "dvc", "config", "core.analytics", "false"], git + ["add", "-A"],
+                    git + ["commit", "-q", "-m", "tiny project"]):
+        subprocess.run(command, cwd=proj, check=True, env=stage_env())
+    stages = [s for s in yaml.safe_load((proj / "dvc.yaml").read_text())["stages"] if s != "register"]
+    repro = subprocess.run([sys.executable, "-m", "dvc", "repro", *stages], cwd=proj, env=stage_env(),
+                           capture_output=True, text=True)
+    assert repro.returncode == 0, repro.stderr[-3000:]
+    return proj
+
+
+@pytest.fixture
+def proj(reproduced, tmp_path) -> Path:
+    return Path(shutil.copytree(reproduced, tmp_path / "project", symlinks=True))
+
+
+def register(proj: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages.register"], cwd=proj, env={**stage_env(), **env},
+                          capture_output=True, text=True, timeout=600)
+
+
+def registered(proj: Path, **env: str) -> dict:
+    result = register(proj, **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((proj / "reports" / "registration.json").read_text())
+
+
+def set_scores(proj: Path, finetuned: float | None) -> None:
+    """The gate's inputs: base rougeL 0.1, the fine-tuned one `finetuned` (None: not logged), no forgetting."""
+    path = proj / "reports" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["base"].update(rougeL=0.1, general_perplexity=20.0)
+    metrics["finetuned"].update(rougeL=finetuned, general_perplexity=20.0)
+    if finetuned is None:
+        del metrics["finetuned"]["rougeL"]
+    path.write_text(json.dumps(metrics))
+
+
+def client(proj: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{proj / 'mlruns.db'}")
+
+
+def aliases(proj: Path) -> dict[str, str]:
+    return {alias: str(v) for alias, v in client(proj).get_registered_model(MODEL).aliases.items()}
+
+
+def versions(proj: Path) -> list[str]:
+    return sorted(str(v.version) for v in client(proj).search_model_versions(f"name = '{MODEL}'"))
+
+
+def all_runs(proj: Path) -> int:
+    from mlflow.entities import ViewType
+
+    mlflow_client = client(proj)
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments(view_type=ViewType.ALL)]
+    return len(mlflow_client.search_runs(experiments, run_view_type=ViewType.ALL))
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return errors[0]
+
+
+def test_champion_whose_run_is_gone_stops_before_anything_is_registered(proj):
+    set_scores(proj, 0.9)
+    first = registered(proj)
+    assert first["aliases"] == ["challenger", "champion"] and "no champion yet" in first["promotion"]["reasons"]
+    run_id = first["finetuned_run_id"]
+    client(proj).delete_run(run_id)
+    set_scores(proj, 0.5)  # worse: had the champion been skipped, this one would be promoted
+    runs = all_runs(proj)
+    deleted = register(proj)
+    assert deleted.returncode == 2
+    assert one_error_line(deleted) == (
+        f"error: MLflow registry sqlite:///{proj.resolve() / 'mlruns.db'}: {MODEL} champion v1: its run {run_id} "
+        "is deleted, so its metrics cannot be trusted; restore the run or move the alias by hand")
+    assert versions(proj) == ["1"] and aliases(proj) == {"challenger": "1", "champion": "1"}
+    assert all_runs(proj) == runs  # not even a pipeline run was started
+
+    # `mlflow gc` removes the deleted run's rows: the champion's run is not found, which is no
+    # "no champion yet".
+    store = f"sqlite:///{proj / 'mlruns.db'}"
+    gc = subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", store, "--run-ids", run_id],
+                        cwd=proj, env={**stage_env(), "MLFLOW_TRACKING_URI": store}, capture_output=True, text=True)
+    assert gc.returncode == 0, gc.stderr[-3000:]
+    gone = register(proj)
+    assert gone.returncode == 2
+    assert f"{MODEL} champion v1: its run {run_id} no longer exists" in one_error_line(gone)
+    assert versions(proj) == ["1"] and aliases(proj) == {"challenger": "1", "champion": "1"}
+
+
+def test_unreachable_registry_fails_fast_with_one_redacted_line(proj):
+    started = time.monotonic()
+    result = register(proj, MLFLOW_TRACKING_URI="http://alice:s3cret@127.0.0.1:9/?token=tok123abc")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2 and elapsed < 60
+    line = one_error_line(result)
+    assert line.startswith("error: MLflow tracking server http://***@127.0.0.1:9/?token=*** unreachable or failing (")
+    assert "s3cret" not in result.stdout + result.stderr and "tok123abc" not in result.stdout + result.stderr
+    assert not (proj / "reports" / "registration.json").exists() and not (proj / "mlruns.db").exists()
+
+
+def test_missing_champion_alias_lets_a_better_challenger_be_promoted(proj):
+    set_scores(proj, 0.9)
+    assert registered(proj)["version"] == "1"
+    client(proj).delete_registered_model_alias(MODEL, "champion")
+    set_scores(proj, 0.95)
+    second = registered(proj)
+    assert second["version"] == "2" and second["promotion"]["promote"] is True
+    assert "no champion yet" in second["promotion"]["reasons"]
+    assert aliases(proj) == {"challenger": "2", "champion": "2"}
+
+
+def test_champion_without_the_primary_metric_keeps_the_new_version_challenger(proj):
+    set_scores(proj, None)  # a champion registered before rougeL was logged
+    first = registered(proj)
+    assert "challenger has no rougeL logged: cannot compare" in first["promotion"]["reasons"]
+    client(proj).set_registered_model_alias(MODEL, "champion", "1")
+    set_scores(proj, 0.9)
+    second = registered(proj)
+    assert second["version"] == "2" and second["promotion"]["promote"] is False
+    assert "champion v1 has no rougeL logged: cannot compare" in second["promotion"]["reasons"]
+    assert aliases(proj) == {"champion": "1", "challenger": "2"}  # every version holds an alias: none orphaned
+    tag = client(proj).get_model_version(MODEL, "2").tags["promotion"]
+    assert tag.startswith("kept as challenger: ") and "champion v1 has no rougeL logged" in tag
