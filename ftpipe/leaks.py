@@ -4,6 +4,10 @@ Each evaluation row is checked against the whole training split. Kinds, stronges
 - exact_prompt / exact_pair: identical prompt, or identical prompt and response;
 - normalized_prompt / normalized_pair: equal once case, punctuation and whitespace are ignored;
 - near_prompt / near_pair: MinHash-confirmed Jaccard >= threshold (one-word edits, reorderings);
+- same_response: the normalized response equals a training response of at least `min_response_words`
+  words, whatever the prompts (a short prompt edited by a word barely moves the pair's Jaccard
+  when the answer is long, yet the answer is the label being tested); the minimum keeps common
+  short answers ("Yes.", "I don't know.") from counting;
 - ngram: a shared run of `n` words (13 by default, as in the decontamination of GPT-3's benchmarks),
   which catches a training document quoted inside a longer evaluation text, or the reverse.
 A row is reported once, under the strongest kind that matched.
@@ -16,7 +20,8 @@ from typing import Any
 
 from ftpipe.cleaning import NearDuplicates, ngrams, norm_key
 
-KINDS = ("exact_pair", "exact_prompt", "normalized_pair", "normalized_prompt", "near_pair", "near_prompt", "ngram")
+KINDS = ("exact_pair", "exact_prompt", "normalized_pair", "normalized_prompt", "near_pair", "near_prompt",
+         "same_response", "ngram")
 
 
 def prompt_of(record: dict[str, Any]) -> str:
@@ -25,6 +30,12 @@ def prompt_of(record: dict[str, Any]) -> str:
 
 def text_of(record: dict[str, Any]) -> str:
     return "\n".join(m["content"] for m in record["messages"])
+
+
+def response_key(record: dict[str, Any], min_words: int) -> str | None:
+    """The normalized response when it has at least `min_words` words: what `same_response` compares."""
+    key = norm_key(record["messages"][-1]["content"])
+    return key if len(key.split()) >= min_words else None
 
 
 @dataclass(frozen=True)
@@ -41,7 +52,7 @@ class Leak:
 
 
 def find_leaks(train: list[dict[str, Any]], eval_sets: dict[str, list[dict[str, Any]]], *, threshold: float,
-               ngram: int, near: NearDuplicates | None = None) -> list[Leak]:
+               ngram: int, min_response_words: int = 8, near: NearDuplicates | None = None) -> list[Leak]:
     """Every evaluation row (of each named set) that leaks from `train`, under its strongest kind.
 
     `near` is the near-duplicate index to share with deduplication and splitting (built here if None).
@@ -55,6 +66,7 @@ def find_leaks(train: list[dict[str, Any]], eval_sets: dict[str, list[dict[str, 
         "exact_prompt": {prompt_of(r): r["id"] for r in train},
         "normalized_pair": {norm_key(text_of(r)): r["id"] for r in train},
         "normalized_prompt": {norm_key(prompt_of(r)): r["id"] for r in train},
+        "same_response": {key: r["id"] for r in train if (key := response_key(r, min_response_words))},
     }
     grams: dict[int, str] = {}
     for r in train:
@@ -68,7 +80,8 @@ def find_leaks(train: list[dict[str, Any]], eval_sets: dict[str, list[dict[str, 
     near_prompts = _near_ids(near, prompts, tables["exact_prompt"])
     leaks = []
     for (name, record), text, prompt, hits_text, hits_prompt in zip(named, texts, prompts, near_texts, near_prompts):
-        found = _strongest(tables, grams, ngram, text, prompt, hits_text, hits_prompt)
+        found = _strongest(tables, grams, ngram, text, prompt, response_key(record, min_response_words), hits_text,
+                           hits_prompt)
         if found:
             kind, train_id = found
             leaks.append(Leak(kind, name, record["id"], train_id, text, text_of(by_id[train_id])))
@@ -81,7 +94,7 @@ def _near_ids(near: NearDuplicates, queries: list[str], table: dict[str, str]) -
     return [[ids[j] for j in hits] for hits in near.matches(queries, list(table))]
 
 
-def _strongest(tables, grams, ngram, text, prompt, hits_text, hits_prompt) -> tuple[str, str] | None:
+def _strongest(tables, grams, ngram, text, prompt, response, hits_text, hits_prompt) -> tuple[str, str] | None:
     for kind, key in (("exact_pair", text), ("exact_prompt", prompt),
                       ("normalized_pair", norm_key(text)), ("normalized_prompt", norm_key(prompt))):
         if key in tables[kind]:
@@ -89,6 +102,8 @@ def _strongest(tables, grams, ngram, text, prompt, hits_text, hits_prompt) -> tu
     for kind, hits in (("near_pair", hits_text), ("near_prompt", hits_prompt)):
         if hits:
             return kind, min(hits)
+    if response in tables["same_response"]:
+        return "same_response", tables["same_response"][response]
     for g in ngrams(text, ngram):
         if g in grams:
             return "ngram", grams[g]

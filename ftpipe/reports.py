@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+LEAK_SAMPLE = 20  # leaks shown in the markdown report; all of them are in the JSONL file
 
-def data_report(report: dict[str, Any], examples: dict[str, list[str]], leaks: list) -> str:
-    """Cleaning and leak-check report: rows per rule with examples, clusters, splits, leaks."""
+
+def data_report(report: dict[str, Any], examples: dict[str, list[str]], leaks: list, leaks_file: Path) -> str:
+    """Cleaning and leak-check report: rows per rule with examples, clusters, splits, a sample of leaks."""
     lines = [f"# Data report: {report['source']}", "",
              f"{report['rows_in']:,} rows in, {report['rows_out']:,} out (one row kept per near-duplicate "
              f"cluster); {report['split_groups']:,} split groups, none of which straddles train/val/test.", "",
@@ -24,7 +27,10 @@ def data_report(report: dict[str, Any], examples: dict[str, list[str]], leaks: l
     if leaks:
         lines += ["", "| kind | eval row | train row |", "|---|---|---|"]
         lines += [f"| {x.kind} | {x.eval_set}/{x.eval_id}: {_cell(x.eval_text)} | {x.train_id}: {_cell(x.train_text)} |"
-                  for x in leaks[:20]]
+                  for x in leaks[:LEAK_SAMPLE]]
+        if len(leaks) > LEAK_SAMPLE:
+            lines += ["", f"{len(leaks) - LEAK_SAMPLE:,} more leak(s) not shown: "
+                          f"all {len(leaks):,} are in {leaks_file}."]
     lines += ["", "## Examples per rule", ""]
     for rule, texts in examples.items():
         lines.append(f"**{rule}**")

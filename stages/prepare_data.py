@@ -3,7 +3,8 @@ check every evaluation split (and any external evaluation file) against train fo
 
 Reads params.yaml `prepare_data` and the base model's tokenizer (length filters in its tokens);
 writes data/prepared/{train,val,test}.jsonl, reports/data.json (DVC metrics: rows per rule,
-clusters, leaks by kind) and reports/data_report.md (the same with examples).
+clusters, leaks by kind), reports/leaks.jsonl (every leak) and reports/data_report.md (the same
+with examples).
 Run: python -m stages.prepare_data
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import random
 import sys
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -153,14 +155,18 @@ def _clusters(texts: list[str], near, links=()) -> list[int]:
 
 def split(records: list[dict[str, Any]], params: PrepareDataParams, near) -> tuple[dict[str, list], int]:
     """Deterministic split by groups: rows that share a normalized prompt, have near-duplicate
-    prompts, or share a long n-gram always land in the same split."""
+    prompts, share a long n-gram or a long response always land in the same split, so the leak
+    checks never flag a pair the split itself separated."""
     from ftpipe.cleaning import ngrams, norm_key
-    from ftpipe.leaks import prompt_of, text_of
+    from ftpipe.leaks import prompt_of, response_key, text_of
 
     links, owner = [], {}
     for i, record in enumerate(records):
-        for key in ngrams(text_of(record), params.ngram_leak) | {norm_key(prompt_of(record))}:
-            j = owner.setdefault(key, i)  # n-gram hashes are ints and prompts str: never equal
+        response = response_key(record, params.min_leak_response_words)
+        keys = ngrams(text_of(record), params.ngram_leak) | {norm_key(prompt_of(record))}
+        for key in keys | ({("response", response)} if response else set()):
+            # n-gram hashes are ints, prompts str and responses tuples: never equal to one another
+            j = owner.setdefault(key, i)
             if j != i:
                 links.append((i, j))
     labels = _clusters([prompt_of(r) for r in records], near, links)
@@ -179,7 +185,8 @@ def split(records: list[dict[str, Any]], params: PrepareDataParams, near) -> tup
     return out, len(groups)
 
 
-def gate(splits: dict[str, list], externals: dict[str, list], params: PrepareDataParams, near) -> tuple[list, int]:
+def gate(splits: dict[str, list], externals: dict[str, list], params: PrepareDataParams, near,
+         leaks_file: Path) -> tuple[list, int]:
     """Check val, test and external evaluation sets against train; apply `leak_action`."""
     from ftpipe.leaks import find_leaks
 
@@ -187,17 +194,20 @@ def gate(splits: dict[str, list], externals: dict[str, list], params: PrepareDat
 
     def check() -> list:
         return find_leaks(splits["train"], evals, threshold=params.near_dup_threshold, ngram=params.ngram_leak,
-                          near=near)
+                          min_response_words=params.min_leak_response_words, near=near)
 
     leaks = check()
     found, dropped = list(leaks), 0
     if leaks and params.leak_action == "fail":
         for leak in leaks[:20]:
             print(f"leak {leak.short()}", file=sys.stderr)
+        # fail writes nothing (the previous outputs stay whole), so say where warn puts the full list.
         raise PipelineError(f"prepare_data: {len(leaks)} evaluation row(s) leak from train, e.g. {leaks[0].short()} "
-                            "(prepare_data.leak_action: fail; use warn or drop to go on)")
+                            f"(prepare_data.leak_action: fail; set it to warn to list all {len(leaks)} in "
+                            f"{leaks_file}, or drop to remove the leaking training rows)")
     if leaks and params.leak_action == "warn":
-        print(f"warning: {len(leaks)} evaluation row(s) leak from train, e.g. {leaks[0].short()}", file=sys.stderr)
+        print(f"warning: {len(leaks)} evaluation row(s) leak from train, e.g. {leaks[0].short()} "
+              f"(all in {leaks_file})", file=sys.stderr)
     while leaks and params.leak_action == "drop":
         bad = {leak.train_id for leak in leaks}
         splits["train"] = [r for r in splits["train"] if r["id"] not in bad]
@@ -239,7 +249,8 @@ def run(*, params: PrepareDataParams, out_dir: Path, reports_dir: Path, tokenize
     empty = [name for name in SPLITS if not splits[name]]
     if empty:
         raise PipelineError(f"{source}: {len(kept)} usable rows are too few to fill the {', '.join(empty)} split(s)")
-    leaks, dropped_for_leaks = gate(splits, externals, params, near)
+    leaks_file = reports_dir / "leaks.jsonl"
+    leaks, dropped_for_leaks = gate(splits, externals, params, near, leaks_file)
     if not splits["train"]:
         raise PipelineError(f"{source}: dropping leaking rows left no training rows (prepare_data.leak_action: drop)")
 
@@ -260,7 +271,8 @@ def run(*, params: PrepareDataParams, out_dir: Path, reports_dir: Path, tokenize
         for name in SPLITS:
             write_text(tmp / f"{name}.jsonl", dumps_jsonl(splits[name]))
         write_json(reports_dir / "data.json", report)
-        write_text(reports_dir / "data_report.md", data_report(report, tally.examples, leaks))
+        write_text(leaks_file, dumps_jsonl(asdict(leak) for leak in leaks))
+        write_text(reports_dir / "data_report.md", data_report(report, tally.examples, leaks, leaks_file))
     return report
 
 

@@ -65,6 +65,32 @@ def test_clean_control_set_of_the_same_size_raises_none():
     assert find_leaks(train, {"test": control}, threshold=0.8, ngram=13) == []
 
 
+def test_identical_long_answers_leak_whatever_the_prompt_but_common_short_ones_do_not():
+    from ftpipe.cleaning import jaccard, shingles, words
+
+    rng = random.Random(4)
+    train = make_train()
+    # Short prompts with answers of 8-10 words: too short for a 13-gram, and one edited prompt word
+    # keeps the pair's Jaccard under 0.8.
+    train += [row(f"a{i}", sentence(rng, 3), sentence(rng, rng.randint(8, 10))) for i in range(10)]
+    common = ["Yes.", "I don't know.", "No.", "Thank you very much."]
+    train += [row(f"s{i}", sentence(rng, 6), common[i % 4]) for i in range(40)]
+    planted = []
+    for i, r in enumerate(train[200:210]):
+        prompt, answer = (m["content"] for m in r["messages"])
+        edited = prompt.split()
+        edited[1] = "zzedited"
+        answer = answer if i % 2 else answer.upper() + "!"  # identical once normalized
+        planted.append(row(f"p{i}", " ".join(edited), answer))
+        assert jaccard(shingles(words(r["messages"][0]["content"] + "\n" + r["messages"][1]["content"])),
+                       shingles(words(" ".join(edited) + "\n" + answer))) < 0.8
+    shorts = [row(f"q{i}", sentence(rng, 6), common[i % 4]) for i in range(40)]
+    evals = {"test": planted + shorts}
+    leaks = find_leaks(train, evals, threshold=0.8, ngram=13)
+    assert {x.eval_id: (x.kind, x.train_id) for x in leaks} == {f"p{i}": ("same_response", f"a{i}") for i in range(10)}
+    assert find_leaks(train, evals, threshold=0.8, ngram=13, min_response_words=13) == []
+
+
 @pytest.fixture
 def data_with_external(tmp_path):
     train = make_train(120)
@@ -101,3 +127,29 @@ def test_drop_that_empties_train_fails_cleanly(tmp_path, data_with_external):
     with pytest.raises(PipelineError, match=r"dropping leaking rows left no training rows"):
         run(params=params, out_dir=tmp_path / "prepared", reports_dir=tmp_path / "reports")
     assert not (tmp_path / "prepared").exists()
+
+
+def test_every_leak_goes_to_leaks_jsonl_and_fail_says_how_many_and_where(tmp_path):
+    import json
+
+    train = make_train(120)
+    raw = [{"prompt": r["messages"][0]["content"], "response": r["messages"][1]["content"]} for r in train]
+    data = write_jsonl(tmp_path / "raw.jsonl", raw)
+    external = write_jsonl(tmp_path / "benchmark.jsonl", raw[:40])  # those that land in train leak
+    params = PrepareDataParams(source="file", path=str(data), external_eval=[str(external)], leak_action="warn")
+    reports = tmp_path / "reports"
+    n = run(params=params, out_dir=tmp_path / "prepared", reports_dir=reports)["leaks"]["total"]
+    assert n > 20
+    rows = [json.loads(line) for line in (reports / "leaks.jsonl").read_text().splitlines()]
+    assert len(rows) == n and len({r["eval_id"] for r in rows}) == n
+    assert set(rows[0]) == {"kind", "eval_set", "eval_id", "train_id", "eval_text", "train_text"}
+    assert rows[0]["kind"] == "exact_pair" and rows[0]["eval_set"] == "external:benchmark.jsonl"
+    text = (reports / "data_report.md").read_text()
+    assert text.count("| exact_pair | external:benchmark.jsonl/") == 20
+    assert f"{n - 20} more leak(s) not shown: all {n} are in {reports}/leaks.jsonl." in text
+
+    failing = tmp_path / "failing"
+    with pytest.raises(PipelineError, match=rf"^prepare_data: {n} evaluation row\(s\) leak .*set it to warn to "
+                                            rf"list all {n} in {failing}/leaks.jsonl") as err:
+        run(params=params.model_copy(update={"leak_action": "fail"}), out_dir=tmp_path / "p2", reports_dir=failing)
+    assert "\n" not in str(err.value) and not failing.exists() and not (tmp_path / "p2").exists()

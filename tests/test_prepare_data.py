@@ -79,6 +79,22 @@ def test_split_is_deterministic_and_keeps_groups_together():
     assert sum(len(a[n]) for n in SPLITS) == 200
 
 
+def test_rows_sharing_a_long_response_stay_in_one_split_and_short_ones_do_not_group():
+    long = "canned answer {} is long enough to count as a leak"  # 10 words: no 13-gram links them
+    records = [conv(f"prompt {i}", long.format(i % 40) if i < 120 else "Yes.") for i in range(200)]
+    out, groups = split(records, params(val_fraction=0.1, test_fraction=0.2), NearDuplicates(0.8))
+    assert groups == 40 + 80
+    answers = {name: {r["messages"][1]["content"] for r in out[name]} - {"Yes."} for name in SPLITS}
+    assert not answers["train"] & answers["test"] and not answers["train"] & answers["val"]
+    assert not answers["val"] & answers["test"]
+
+
+def test_run_without_leaks_writes_an_empty_leaks_jsonl(tmp_path):
+    path = write_jsonl(tmp_path / "raw.jsonl", qa_rows(30))
+    assert do_run(tmp_path, params(path))["leaks"]["total"] == 0
+    assert (tmp_path / "reports" / "leaks.jsonl").read_text() == ""
+
+
 def test_jsonl_run_writes_splits_and_report(tmp_path, tiny_data):
     report = do_run(tmp_path, params(tiny_data, val_fraction=0.1, test_fraction=0.1))
     assert report["rows_in"] == 91
