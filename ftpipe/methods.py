@@ -73,8 +73,11 @@ def build(params: TrainParams, base_dir: Path, *, bf16: bool, attention: str = "
         from ftpipe.quantization import load_quantized
 
         model = load_quantized(base_dir, params.quantization, bf16=bf16, attn_implementation=attention)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        # peft enables checkpointing through transformers' deprecated `gradient_checkpointing_enable`
+        # (a FutureWarning): it only casts and freezes here, and checkpointing goes by the new name.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if params.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model = models.load_model(base_dir, attn_implementation=attention)
     if params.method == "full":
