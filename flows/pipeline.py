@@ -10,64 +10,28 @@ Run: python -m flows.pipeline [--project-dir DIR]
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.exceptions import TerminationSignal
 
-STAGES = ("prepare_base", "prepare_data", "quantize", "train", "evaluate", "register")
-# Hub downloads and the MLflow server can fail transiently; compute stages fail for real.
-IO_BOUND = {"prepare_base": 2, "register": 3}
-USER_ERROR = 2  # exit code of a stage that rejected its input: retrying cannot help
-
-
-class StageFailed(RuntimeError):
-    def __init__(self, stage: str, returncode: int, detail: str):
-        super().__init__(f"stage '{stage}' failed (exit {returncode}): {detail}")
-        self.stage, self.returncode = stage, returncode
-
-
-def stage_env() -> dict[str, str]:
-    # dvc.yaml says `python -m stages.X`: make `python` the interpreter running this flow.
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
-def dvc_repro(stage: str, project_dir: Path, force: bool = False) -> None:
-    """Run one DVC stage (`force`: even if DVC finds it up to date), streaming its output; raise
-    StageFailed with its last error line."""
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
-    proc = subprocess.Popen(command, cwd=project_dir, env=stage_env(), stderr=subprocess.PIPE)
-    tail = b""
-    for chunk in iter(lambda: proc.stderr.read1(4096), b""):
-        sys.stderr.buffer.write(chunk)
-        sys.stderr.flush()
-        tail = (tail + chunk)[-8192:]
-    if proc.wait() != 0:
-        text = tail.decode("utf-8", "replace").replace("\r", "\n")
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        # The stage's own one-line error is the useful one; DVC's line carries the stage's exit code.
-        ours = [ln for ln in lines if ln.startswith("error: ")]
-        code = re.search(r"exited with (-?\d+)", text)
-        detail = ours[-1][len("error: "):] if ours else (lines or ["no output"])[-1]
-        raise StageFailed(stage, int(code.group(1)) if code else proc.returncode, detail)
-
-
-def _retry_unless_user_error(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except StageFailed as exc:
-        return exc.returncode != USER_ERROR
-    except Exception:
-        return True
-    return False
+from flows.common import (
+    IO_BOUND,
+    STAGES,
+    StageFailed,
+    dvc_repro,
+    error_exit,
+    install_sigterm,
+    is_user_error,
+    registry_behind,
+    retry_unless,
+    stopped,
+    validate_project,
+)
+from ftpipe.errors import PipelineError, Terminated
 
 
 @task(task_run_name="dvc repro {stage}")
@@ -85,7 +49,7 @@ def stage_task(stage: str):
     if not retries:
         return run_stage
     return run_stage.with_options(retries=retries, retry_delay_seconds=[5, 20, 60][:retries],
-                                  retry_condition_fn=_retry_unless_user_error)
+                                  retry_condition_fn=retry_unless(is_user_error))
 
 
 def comparison_markdown(project_dir: Path) -> str:
@@ -103,7 +67,15 @@ def pipeline(project_dir: Path = Path(".")) -> dict[str, Any]:
     from ftpipe.io import read_json
 
     project_dir = Path(project_dir).resolve()
-    timings = {stage: stage_task(stage)(stage, project_dir) for stage in STAGES}
+    validate_project(project_dir)  # before DVC touches anything; --single-item skips upstream stages
+    timings = {}
+    for stage in STAGES:
+        # DVC cannot see the registry: outputs up to date but not registered there (a new or other
+        # MLFLOW_TRACKING_URI) would leave register skipped and an old registration.json reported.
+        behind = registry_behind(project_dir) if stage == "register" else []
+        if behind:
+            get_run_logger().info("registering again: %s", "; ".join(behind))
+        timings[stage] = stage_task(stage)(stage, project_dir, force=bool(behind))
     table = comparison_markdown(project_dir)
     registration = read_json(project_dir / "reports" / "registration.json")
     create_markdown_artifact(
@@ -151,11 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project-dir", type=Path, default=Path("."))
     args = parser.parse_args(argv)
+    install_sigterm()
     try:
+        validate_project(args.project_dir.resolve())  # a bad params.yaml: one line, no Prefect start-up
         result = pipeline(project_dir=args.project_dir)
-    except StageFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.returncode or 1
+    except (PipelineError, StageFailed) as exc:
+        return error_exit(exc)
+    except (TerminationSignal, Terminated, KeyboardInterrupt) as exc:
+        return stopped(exc)
     print_summary(result, args.project_dir.resolve())
     return 0
 

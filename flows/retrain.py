@@ -27,9 +27,21 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.exceptions import TerminationSignal
 
 from flows import pipeline
-from flows.pipeline import IO_BOUND, STAGES, StageFailed, stage_env
+from flows.common import (
+    IO_BOUND,
+    STAGES,
+    StageFailed,
+    error_exit,
+    install_sigterm,
+    retry_unless,
+    stage_env,
+    stopped,
+    validate_project,
+)
+from ftpipe.errors import PipelineError, Terminated
 
 RAW_DIR = Path("data/raw")  # a dep of prepare_data in dvc.yaml: DVC hashes whatever lands here
 LOCK_FILE = Path(".dvc/tmp/retrain.lock")  # .dvc/tmp is DVC's own git-ignored scratch folder
@@ -73,8 +85,6 @@ def use_data_path(project_dir: Path, data_path: str) -> bool:
     """Point prepare_data at `data_path` (a file under data/raw/); True if params.yaml changed."""
     from dvc.utils.serialize import modify_yaml
 
-    from ftpipe.errors import PipelineError
-
     relative = Path(os.path.normpath(data_path))  # data/raw/../x is not under data/raw
     if relative.is_absolute():
         with contextlib.suppress(ValueError):
@@ -93,7 +103,6 @@ def use_data_path(project_dir: Path, data_path: str) -> bool:
 
 def dvc_status(project_dir: Path) -> dict[str, list[str]]:
     """{stage: [what changed]} for every stage whose deps, params or outs differ from dvc.lock."""
-    from ftpipe.errors import PipelineError
 
     proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project_dir,
                           env=stage_env(), capture_output=True, text=True)
@@ -119,43 +128,26 @@ def dvc_status(project_dir: Path) -> dict[str, list[str]]:
 
 def registry_state(project_dir: Path) -> dict[str, Any]:
     """The latest registered version's lineage tags and the champion's version and metrics."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from ftpipe import tracking
+    from ftpipe import registry, tracking
     from ftpipe.params import RegisterParams, load_section
 
     name = load_section("register", RegisterParams, project_dir / "params.yaml").model_name
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(project_dir))
-    versions = client.search_model_versions(f"name = '{name}'")
-    latest = max(versions, key=lambda v: int(v.version), default=None)
-    state: dict[str, Any] = {"model_name": name, "latest": None, "champion": None}
-    if latest is not None:
-        state["latest"] = {"version": str(latest.version), "tags": {k: latest.tags.get(k) for k in LINEAGE_KEYS}}
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(exc).lower():
-            raise
-    else:
-        state["champion"] = {"version": str(champion.version), "metrics": client.get_run(champion.run_id).data.metrics}
-    return state
+    client = registry.connect(tracking.tracking_uri(project_dir))
+    latest = registry.latest_version(client, name, LINEAGE_KEYS)
+    champion = registry.champion(client, name)
+    return {"model_name": name, "latest": latest,
+            "champion": champion and {"version": champion[0], "metrics": champion[1]}}
 
 
-def _retry_unless_input_error(task, task_run, state) -> bool:
-    from ftpipe.errors import PipelineError
+def _final(exc: BaseException) -> bool:
+    from ftpipe.registry import RegistryUnreachable
 
-    try:
-        state.result()
-    except PipelineError:
-        return False
-    except Exception:  # MLflow unreachable, a timeout: worth another try
-        return True
-    return False
+    return isinstance(exc, PipelineError) and not isinstance(exc, RegistryUnreachable)
 
 
-@task(retries=3, retry_delay_seconds=[5, 20, 60], retry_jitter_factor=0.2,
-      retry_condition_fn=_retry_unless_input_error)
+# A registry read is idempotent, so the flow may retry it (MLflow unreachable, a timeout); a bad
+# input, or a champion whose run is gone, fails the same way again.
+@task(retries=3, retry_delay_seconds=[5, 20, 60], retry_jitter_factor=0.2, retry_condition_fn=retry_unless(_final))
 def detect_changes(project_dir: Path) -> dict[str, Any]:
     """What changed since the latest registered version (an empty `reasons` list: nothing)."""
     from ftpipe import tracking
@@ -174,22 +166,18 @@ def detect_changes(project_dir: Path) -> dict[str, Any]:
     return {"reasons": reasons, "stale": bool(stale), **registry}
 
 
-def _killed(task, task_run, state) -> bool:
+def _not_killed(exc: BaseException) -> bool:
     """Retry a compute stage only when a signal ended it (OOM killer, preemption): train resumes
     from its checkpoints; a stage that failed by itself would fail again."""
-    try:
-        state.result()
-    except StageFailed as exc:
-        return exc.returncode < 0 or exc.returncode in (137, 143)  # DVC or the shell report 128 + signal
-    except Exception:
-        return False
-    return False
+    killed = isinstance(exc, StageFailed) and (exc.returncode < 0 or exc.returncode in (137, 143))
+    return not killed  # DVC or the shell report 128 + signal
 
 
 def stage_task(stage: str):
-    if stage in IO_BOUND:
+    if stage in IO_BOUND or stage == "register":  # register is never rerun: it could register twice
         return pipeline.stage_task(stage)
-    return pipeline.stage_task(stage).with_options(retries=1, retry_delay_seconds=10, retry_condition_fn=_killed)
+    return pipeline.stage_task(stage).with_options(retries=1, retry_delay_seconds=10,
+                                                   retry_condition_fn=retry_unless(_not_killed))
 
 
 @flow(name="scheduled-retrain", log_prints=True)
@@ -220,6 +208,7 @@ def _retrain_locked(project_dir: Path, data_path: str | None) -> dict[str, Any]:
     logger = get_run_logger()
     if data_path and use_data_path(project_dir, data_path):
         logger.info("params.yaml: prepare_data now reads %s", data_path)
+    validate_project(project_dir)  # before DVC touches anything; --single-item skips upstream stages
     change = detect_changes(project_dir)
     if not change["reasons"]:
         markdown = unchanged_report(change)
@@ -249,7 +238,6 @@ def serve(*, project_dir: Path, cron: str | None, data_path: str | None) -> None
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError
 
-    from ftpipe.errors import PipelineError
     from ftpipe.params import RetrainParams, load_section
 
     project_dir = project_dir.resolve()
@@ -263,7 +251,6 @@ def serve(*, project_dir: Path, cron: str | None, data_path: str | None) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ftpipe.errors import PipelineError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project-dir", type=Path, default=Path("."))
@@ -273,14 +260,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", action="store_true", help="serve as a deployment on a cron schedule")
     parser.add_argument("--cron", help="cron schedule for --serve (default: params.yaml retrain.cron)")
     args = parser.parse_args(argv)
+    install_sigterm()
     try:
+        if not args.data_path:  # with one, the flow points params.yaml at it first, then checks
+            validate_project(args.project_dir.resolve())
         if args.serve:
             serve(project_dir=args.project_dir, cron=args.cron, data_path=args.data_path)
             return 0
         result = retrain(project_dir=args.project_dir, data_path=args.data_path, lock_wait_s=args.wait)
     except (PipelineError, StageFailed) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return getattr(exc, "returncode", 2) or 1
+        return error_exit(exc)
+    except (TerminationSignal, Terminated, KeyboardInterrupt) as exc:
+        return stopped(exc)
     if result["status"] == "busy":
         print(f"busy: {result['message']}", file=sys.stderr)
         return BUSY_EXIT

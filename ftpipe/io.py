@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,39 @@ from typing import Any
 from ftpipe.errors import PipelineError
 
 
+TMP_MARK = ".tmp-"  # .<name>.tmp-<pid>: the writing process's id, so a dead writer's leftovers are known
+
+
 def _tmp_sibling(target: Path) -> Path:
-    return target.parent / f".{target.name}.tmp-{os.getpid()}"
+    return target.parent / f".{target.name}{TMP_MARK}{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale_tmp(folders: Iterable[Path]) -> list[Path]:
+    """Remove temporary outputs left in `folders` by writers that are gone (kill -9 mid-save can
+    leave a half-written model of hundreds of MB); return what was removed."""
+    removed = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            name, _, pid = entry.name.rpartition(TMP_MARK)
+            if not (entry.name.startswith(".") and name and pid.isdigit()):
+                continue
+            if int(pid) == os.getpid() or not _alive(int(pid)):
+                remove_path(entry)
+                removed.append(entry)
+    return removed
 
 
 def remove_path(path: Path) -> None:
@@ -29,21 +61,59 @@ def remove_path(path: Path) -> None:
         path.unlink()
 
 
+# (temporary, target) pairs written inside all_or_nothing(), put in place at its end; None outside it.
+_staged: list[tuple[Path, Path]] | None = None
+
+
+def _put_in_place(tmp: Path, target: Path) -> None:
+    if _staged is not None:
+        if (tmp, target) not in _staged:  # the same output written twice: one temporary file
+            _staged.append((tmp, target))
+        return
+    if target.is_dir() and not target.is_symlink():
+        remove_path(target)
+    os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Outputs written inside the block (write_text, write_json, atomic_dir) are put in place
+    together at its end, with SIGTERM and SIGINT held off meanwhile; if the block fails, none is.
+    A stage's outputs (a model and its reports) so never mix two runs."""
+    global _staged
+    outer, _staged = _staged, []
+    staged = _staged
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in staged:
+            remove_path(tmp)
+        raise
+    finally:
+        _staged = outer
+    held = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        for tmp, target in staged:
+            _put_in_place(tmp, target)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a held signal is delivered now
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it replaces `target`, on failure it is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_tmp([target.parent])
     tmp = _tmp_sibling(target)
-    remove_path(tmp)
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         remove_path(tmp)
         raise
-    remove_path(target)
-    os.replace(tmp, target)
+    _put_in_place(tmp, target)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -52,10 +122,10 @@ def write_text(path: Path, text: str) -> None:
     tmp = _tmp_sibling(path)
     try:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        _put_in_place(tmp, path)
+    except BaseException:
+        remove_path(tmp)
+        raise
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -79,7 +149,8 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                # utf-8-sig on the first line: editors that save "UTF-8 with BOM" prepend U+FEFF.
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise PipelineError(f"{path}:{number}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
             if not line.strip():

@@ -27,7 +27,8 @@ class FieldProblem(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and NaN are never a meaningful setting (`learning_rate: .inf` would train to NaN).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class PrepareBaseParams(_Section):
@@ -87,6 +88,9 @@ class PrepareDataParams(_Section):
     """Jaccard similarity of word unigram+bigram sets at or above which two rows are near-duplicates."""
     ngram_leak: int = Field(13, ge=4)
     """A shared run of this many words between an eval row and a training row is a leak."""
+    min_leak_response_words: int = Field(8, ge=1)
+    """An eval row whose normalized response equals a training response of at least this many words
+    leaks, whatever its prompt; shorter answers ("Yes.", "I don't know.") are too common to count."""
     leak_action: Literal["fail", "warn", "drop"] = "fail"
     """fail: stop with the offending pairs; warn: report them; drop: remove the leaking training rows."""
     external_eval: list[str] = Field(default_factory=list)
@@ -353,6 +357,21 @@ def load_section(section: str, model: type[S], path: Path = PARAMS_FILE) -> S:
 
 def load_stage_params(stage: str, path: Path = PARAMS_FILE) -> _Section:
     return load_section(stage, SECTIONS[stage], path)
+
+
+def validate_all(path: Path = PARAMS_FILE) -> dict[str, _Section]:
+    """Validate the whole file: every section, and no section nobody reads.
+
+    DVC reruns a stage only when a key it lists changes, so a mistyped key (`learning_rat`) or
+    section would otherwise never be read by anyone and go unnoticed.
+    """
+    data, text = read_params_file(path)
+    known = {**SECTIONS, **FLOW_SECTIONS}
+    for section in data:
+        if section not in known:
+            raise PipelineError(f"{path}:{_line_of(text, [str(section)])}: {section}: unknown section "
+                                f"(known: {', '.join(known)})")
+    return {section: load_section(section, model, path) for section, model in known.items()}
 
 
 def _describe(exc: ValidationError, section: str, text: str, path: Path) -> str:

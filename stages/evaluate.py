@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.errors import PipelineError, run_cli
-from ftpipe.io import dumps_jsonl, read_json, read_jsonl, write_json, write_text
+from ftpipe.io import all_or_nothing, dumps_jsonl, read_json, read_jsonl, write_json, write_text
 from ftpipe.params import EvaluateParams, load_section
 
 BASE_DIR = Path("models/base")
@@ -136,9 +136,10 @@ def run(*, params: EvaluateParams, base_dir: Path, adapter_dir: Path, data_dir: 
          **{f"rougeL_{name}": per_example[name][i]["rougeL"] for name in CANDIDATES}}
         for i, r in enumerate(rows)
     ]
-    write_text(reports_dir / "generations.jsonl", dumps_jsonl(generations))
-    write_text(reports_dir / "comparison.md", comparison_table(result))
-    write_json(reports_dir / "metrics.json", result)
+    with all_or_nothing():  # the three reports describe one evaluation
+        write_text(reports_dir / "generations.jsonl", dumps_jsonl(generations))
+        write_text(reports_dir / "comparison.md", comparison_table(result))
+        write_json(reports_dir / "metrics.json", result)
     return result
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.errors import PipelineError, run_cli
-from ftpipe.io import read_jsonl, write_json, write_text
+from ftpipe.io import all_or_nothing, read_jsonl, write_json, write_text
 from ftpipe.params import QuantizeParams, load_section
 
 BASE_DIR = Path("models/base")
@@ -112,8 +112,9 @@ def run(*, params: QuantizeParams, base_dir: Path, val_file: Path, reports_dir: 
         "settings": {"decoding": "greedy", "bitsandbytes": _version("bitsandbytes"),
                      **params.model_dump(exclude={"threads"})},
     }
-    write_json(reports_dir / "quantize.json", result)
-    write_text(reports_dir / "quantize.md", table(result))
+    with all_or_nothing():
+        write_json(reports_dir / "quantize.json", result)
+        write_text(reports_dir / "quantize.md", table(result))
     return result
 
 

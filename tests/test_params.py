@@ -27,12 +27,25 @@ def test_shipped_params_validate_for_every_stage():
 
 def test_dvc_yaml_lists_exactly_the_keys_each_stage_reads():
     stages = dvc_stages()
-    assert list(stages) == list(SECTIONS)
+    assert list(stages) == ["validate", *SECTIONS]
+    # validate reads the whole file, so that any edit (a mistyped key too) reruns the check, and
+    # every other stage depends on its output, so that `dvc repro <any stage>` runs it first.
+    assert "params.yaml" in stages["validate"]["deps"] and "params" not in stages["validate"]
+    assert [next(iter(out)) for out in stages["validate"]["outs"]] == ["reports/validated.json"]
     for stage, model in SECTIONS.items():
         listed = set(stages[stage].get("params", []))
         assert listed == {f"{stage}.{field}" for field in model.model_fields}, stage
         assert stages[stage]["cmd"] == f"python -m stages.{stage}"
         assert f"stages/{stage}.py" in stages[stage]["deps"]
+        assert "reports/validated.json" in stages[stage]["deps"], stage
+
+
+def test_every_output_persists_so_a_failed_run_keeps_the_previous_results():
+    for stage, spec in dvc_stages().items():
+        for kind in ("outs", "metrics", "plots"):
+            for out in spec.get(kind, []):
+                path, options = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+                assert options.get("persist") is True, (stage, path)
 
 
 def test_params_yaml_spells_out_every_key():
@@ -56,7 +69,7 @@ def ftpipe_imports(path: Path) -> set[str]:
 
 def test_dvc_deps_cover_the_shared_modules_each_stage_imports():
     stages = dvc_stages()
-    for stage in SECTIONS:
+    for stage in stages:
         closure, todo = set(), ftpipe_imports(ROOT / "stages" / f"{stage}.py")
         while todo:
             name = todo.pop()
@@ -121,3 +134,23 @@ def test_yaml_float_without_dot_is_accepted(tmp_path):
     # PyYAML reads 2e-4 as a string; it must still validate as a number.
     params = load_section("train", TrainParams, write(tmp_path, "train:\n  learning_rate: 2e-4\n"))
     assert params.learning_rate == pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize(("key", "value"), [("learning_rate", ".inf"), ("epochs", ".inf"),
+                                            ("weight_decay", ".nan"), ("warmup_ratio", "-.inf")])
+def test_inf_and_nan_are_rejected(tmp_path, key, value):
+    path = write(tmp_path, f"train:\n  seed: 1\n  {key}: {value}\n")
+    with pytest.raises(PipelineError, match=rf"params.yaml:3: train.{key}: .*finite"):
+        load_section("train", TrainParams, path)
+
+
+def test_the_whole_file_is_validated_unknown_sections_too(tmp_path):
+    from ftpipe.params import validate_all
+
+    text = (ROOT / "params.yaml").read_text()
+    assert set(validate_all(write(tmp_path, text))) == set(SECTIONS) | set(FLOW_SECTIONS)
+    typo = text.replace("  lr_scheduler: cosine", "  lr_scheduler: cosine\n  learning_rat: 0.001")
+    with pytest.raises(PipelineError, match=r"params.yaml:\d+: train.learning_rat: unknown key"):
+        validate_all(write(tmp_path, typo))
+    with pytest.raises(PipelineError, match=r"params.yaml:\d+: evaluat: unknown section"):
+        validate_all(write(tmp_path, text + "evaluat:\n  max_examples: 3\n"))

@@ -1,0 +1,145 @@
+"""What both flows share: running a DVC stage as a child process group, its failure, the whole
+params.yaml check before anything runs, and the retry predicate.
+
+A stage runs as `dvc repro --single-item <stage>` in a session of its own, so that stopping the flow
+(SIGTERM from a cancelled Prefect run, Ctrl-C) stops DVC and the stage too instead of orphaning them;
+the stage's own SIGTERM handler then removes its temporary outputs and keeps the previous ones.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from ftpipe.errors import EXIT_USER_ERROR, PipelineError, terminate
+from ftpipe.secrets import redact
+
+STAGES = ("validate", "prepare_base", "prepare_data", "quantize", "train", "evaluate", "register")
+# Hub downloads can fail transiently; compute stages fail for real. register is never rerun by a
+# flow: a rerun could register a second version, and MLflow's HTTP layer already retries each
+# request (ftpipe.tracking.bound_http_retries).
+IO_BOUND = {"prepare_base": 2}
+STOP_TIMEOUT_S = 60  # a stage saving a model on SIGTERM gets this long before SIGKILL
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int, detail: str):
+        super().__init__(redact(f"stage '{stage}' failed (exit {returncode}): {detail}"))
+        self.stage, self.returncode = stage, returncode
+
+
+def stage_env() -> dict[str, str]:
+    # dvc.yaml says `python -m stages.X`: make `python` the interpreter running this flow.
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def validate_project(project_dir: Path) -> None:
+    """The check DVC's validate stage runs, in-process, before a flow starts any stage: a flow runs
+    stages with --single-item, which would not run validate ahead of them."""
+    from ftpipe.checks import check_params
+
+    check_params(project_dir / "params.yaml", project_dir)
+
+
+def dvc_repro(stage: str, project_dir: Path, force: bool = False) -> None:
+    """Run one DVC stage (`force`: even if DVC finds it up to date), streaming its output; raise
+    StageFailed with its last error line. Any exception here (SIGTERM turned into one by Prefect,
+    Ctrl-C) stops the stage's process group before it propagates."""
+    from ftpipe.processes import stop_group
+
+    command = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
+    proc = subprocess.Popen(command, cwd=project_dir, env=stage_env(), stderr=subprocess.PIPE,
+                            start_new_session=True)
+    tail = pending = b""
+    try:
+        for chunk in iter(lambda: proc.stderr.read1(4096), b""):
+            # Whole lines (or progress-bar updates) only, so no secret is split past the redaction.
+            pending += chunk
+            cut = max(pending.rfind(b"\n"), pending.rfind(b"\r")) + 1
+            _echo(pending[:cut])
+            pending = pending[cut:]
+            tail = (tail + chunk)[-8192:]
+        _echo(pending)
+        returncode = proc.wait()
+    except BaseException:
+        stop_group(proc, signal.SIGTERM, timeout=STOP_TIMEOUT_S)
+        raise
+    if returncode != 0:
+        text = tail.decode("utf-8", "replace").replace("\r", "\n")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        # The stage's own one-line error is the useful one; DVC's line carries the stage's exit code.
+        ours = [ln for ln in lines if ln.startswith("error: ")]
+        code = re.search(r"exited with (-?\d+)", text)
+        detail = ours[-1][len("error: "):] if ours else (lines or ["no output"])[-1]
+        raise StageFailed(stage, int(code.group(1)) if code else returncode, detail)
+
+
+def _echo(data: bytes) -> None:
+    if data:
+        sys.stderr.buffer.write(redact(data.decode("utf-8", "replace")).encode())
+        sys.stderr.flush()
+
+
+def retry_unless(is_final: Callable[[BaseException], bool]):
+    """A Prefect retry_condition_fn: retry a failed task unless `is_final(its exception)`."""
+
+    def condition(task, task_run, state) -> bool:
+        try:
+            state.result()
+        except Exception as exc:
+            return not is_final(exc)
+        return False
+
+    return condition
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Bad input: retrying cannot help."""
+    return isinstance(exc, PipelineError) or (isinstance(exc, StageFailed) and exc.returncode == EXIT_USER_ERROR)
+
+
+def error_exit(exc: BaseException) -> int:
+    """Print a flow's failure as one line and return its exit code."""
+    print(f"error: {' '.join(redact(str(exc)).split())}", file=sys.stderr)
+    return getattr(exc, "returncode", EXIT_USER_ERROR) or 1
+
+
+def install_sigterm() -> None:
+    """SIGTERM raises instead of killing the flow outright, so the running stage's process group is
+    stopped (dvc_repro) and Prefect's temporary server is shut down by its exit handler. Prefect
+    installs its own handler of the same kind while a flow runs."""
+    signal.signal(signal.SIGTERM, terminate)
+
+
+def stopped(exc: BaseException) -> int:
+    name = "SIGINT" if isinstance(exc, KeyboardInterrupt) else "SIGTERM"
+    print(f"error: stopped by {name}; the running stage was stopped and kept its previous outputs",
+          file=sys.stderr)
+    return 128 + (signal.SIGINT if name == "SIGINT" else signal.SIGTERM)
+
+
+LINEAGE_KEYS = ("data_md5", "base_model_md5", "adapter_md5")
+
+
+def registry_behind(project_dir: Path) -> list[str]:
+    """Why the registry does not hold the outputs dvc.lock records (empty: it does). DVC hashes
+    files, not the registry, so a new or other MLFLOW_TRACKING_URI is invisible to it."""
+    from ftpipe import registry, tracking
+    from ftpipe.params import RegisterParams, load_section
+
+    name = load_section("register", RegisterParams, project_dir / "params.yaml").model_name
+    uri = tracking.tracking_uri(project_dir)
+    latest = registry.latest_version(registry.connect(uri), name, LINEAGE_KEYS)
+    if latest is None:
+        return [f"no registered version of {name} at {redact(uri)}"]
+    lock = tracking.lineage(project_dir, method="")
+    return [f"dvc.lock {key} {lock[key]} differs from v{latest['version']}'s {latest['tags'][key]}"
+            for key in LINEAGE_KEYS if lock[key] != latest["tags"][key]]
