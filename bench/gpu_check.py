@@ -1,0 +1,95 @@
+"""The CUDA path of the train stage on SmolLM2: QLoRA (NF4 + double quantization, paged 8-bit
+AdamW) and LoRA, one epoch each of the default data, through `stages.train.run` as the stage runs it.
+
+Prints and writes (JSON) per method: optimizer, precision, attention kernel, steps, real tokens/s,
+validation loss, peak GPU memory; and the machine. On CPU it runs too (paged AdamW then falls back
+to plain AdamW, as the stage says), which is how it is checked before a GPU is at hand.
+Run: python -m bench.gpu_check --gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf --data data/prepared --out DIR
+     [--work DIR] [--max-steps N] [--methods qlora lora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+METHODS = {
+    "qlora": {"method": "qlora", "quantization": "nf4_dq"},
+    "lora": {"method": "lora"},
+}
+
+
+def machine() -> dict[str, object]:
+    import platform
+
+    import torch
+
+    info: dict[str, object] = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, bf16=torch.cuda.is_bf16_supported())
+    return info
+
+
+def base_from_gguf(gguf: Path, out: Path) -> Path:
+    """models/base as prepare_base writes it for the embedded model."""
+    from ftpipe import models
+    from ftpipe.io import write_json
+
+    model, tokenizer = models.load_gguf(gguf)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    write_json(out / "manifest.json", {"source": {"kind": "embedded", "file": gguf.name},
+                                       "parameters": models.count_parameters(model)[0]})
+    return out
+
+
+def train_one(name: str, *, base: Path, data: Path, work: Path, max_steps: int) -> dict[str, object]:
+    import torch
+    import yaml
+
+    from ftpipe.params import TrainParams
+    from stages import train
+
+    shipped = yaml.safe_load(Path("params.yaml").read_text())["train"]
+    params = TrainParams(**{**shipped, **METHODS[name], "max_steps": max_steps, "save_steps": 0, "merge": False})
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    summary = train.run(params=params, base_dir=base, data_dir=data, out_dir=work / name,
+                        reports_dir=work / f"{name}-reports", checkpoint_root=work / "checkpoints")
+    row = {key: summary[key] for key in ("optimizer", "precision", "attention", "steps", "tokens_per_s",
+                                         "val_loss_final", "train_s", "trainable_parameters")}
+    row["stage_s"] = round(time.perf_counter() - started, 1)
+    if torch.cuda.is_available():
+        row["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--out", type=Path, required=True, help="gpu_check.json goes here")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/gpu-check"), help="base model and adapters")
+    parser.add_argument("--max-steps", type=int, default=-1, help="-1: one epoch, as the stage's default")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, object] = {"machine": machine()}
+    print(json.dumps(result["machine"]), flush=True)
+    started = time.perf_counter()
+    base = base_from_gguf(args.gguf, args.work / "base")
+    result["base_load_s"] = round(time.perf_counter() - started, 1)
+    for name in args.methods:
+        result[name] = train_one(name, base=base, data=args.data, work=args.work, max_steps=args.max_steps)
+        print(name, json.dumps(result[name]), flush=True)
+    (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
