@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 # The MLflow screenshot test drives Debian's chromium through playwright, which must not download a browser.
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test setup lock
+.PHONY: run test test-fast setup lock
 
 setup: $(STAMP)
 
@@ -26,7 +26,13 @@ run: $(STAMP)
 	$(BIN)/python -m flows.pipeline
 
 test: $(STAMP) $(CHROMIUM)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -ra
+
+# The quick local loop: lint and the tests not marked slow (CI runs everything with `make test`).
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -ra -m "not slow"
 
 $(CHROMIUM):
 	$(SUDO) apt-get update -qq

@@ -234,7 +234,7 @@ def table(results: dict[str, dict[str, Any] | str], steps: int) -> str:
             lines.append(f"| {name} | {r} |||||||")
             continue
 
-        def ratio(key: str) -> str:
+        def ratio(key: str, r: dict = r) -> str:
             if key == "tokens_per_s" and "paired_speed_ratio" in r:
                 return f"{r['paired_speed_ratio']:.2f}"
             return f"{r[key] / base[key]:.2f}" if isinstance(base, dict) else "-"

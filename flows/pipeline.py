@@ -65,6 +65,7 @@ def pipeline(project_dir: Path = Path(".")) -> dict[str, Any]:
     from prefect.artifacts import create_markdown_artifact
 
     from ftpipe.io import read_json
+    from ftpipe.promotion import gate_line
 
     project_dir = Path(project_dir).resolve()
     validate_project(project_dir)  # before DVC touches anything; --single-item skips upstream stages
@@ -86,7 +87,7 @@ def pipeline(project_dir: Path = Path(".")) -> dict[str, Any]:
     create_markdown_artifact(
         key="base-vs-finetuned",
         markdown=(f"# Base vs fine-tuned\n\n{table}\nRegistered: `{registration['model_uri']}` "
-                  f"({', '.join(registration['aliases'])})\n\n"
+                  f"({', '.join(registration['aliases'])}): {gate_line(registration)}\n\n"
                   + "".join(f"- {reason}\n" for reason in registration["promotion"]["reasons"])),
         description="Test-split metrics of the base and fine-tuned models",
     )
@@ -99,6 +100,7 @@ def print_summary(result: dict[str, Any], project_dir: Path) -> None:
 
     from ftpipe.io import read_json
     from ftpipe.metrics import LOWER_IS_BETTER
+    from ftpipe.promotion import gate_line
     from ftpipe.tracking import ui_command
     from stages.evaluate import comparison_rows
 
@@ -112,6 +114,9 @@ def print_summary(result: dict[str, Any], project_dir: Path) -> None:
     console = Console()
     console.print(table)
     registration = result["registration"]
+    # The gate's gain on the primary metric with its interval (every metric's: reports/comparison.md).
+    console.print(f"Promotion gate on {registration['promotion'].get('metric', '?')}: {gate_line(registration)}",
+                  soft_wrap=True)
     console.print(f"Registered {registration['model_uri']} as {' and '.join(registration['aliases'])}: "
                   + "; ".join(registration["promotion"]["reasons"]), soft_wrap=True)
     console.print("Stage times (s): "

@@ -19,6 +19,7 @@ def retrain_report(project_dir: Path, change: dict[str, Any], timings: dict[str,
     """(markdown, registration) after a pipeline run."""
     from ftpipe.io import read_json
     from ftpipe.metrics import LOWER_IS_BETTER, METRIC_KEYS
+    from ftpipe.promotion import gate_line
 
     reports = project_dir / "reports"
     registration = read_json(reports / "registration.json")
@@ -27,7 +28,9 @@ def retrain_report(project_dir: Path, change: dict[str, Any], timings: dict[str,
     promoted = registration["promotion"]["promote"]
     version = registration["version"]
     title = f"v{version} promoted to champion" if promoted else f"v{version} kept as challenger"
-    champion = change["champion"]
+    # The champion the gate compared with, scored again by register on this run's test split (the
+    # figures it logged when it was registered come from its own, older split).
+    champion = registration["champion"]
     lines = [f"# Retraining: {registration['model_name']} {title}", "", "## Why it ran", ""]
     lines += [f"- {reason}" for reason in change["reasons"]]
     splits = ", ".join(f"{name} {n}" for name, n in data["splits"].items())
@@ -46,9 +49,11 @@ def retrain_report(project_dir: Path, change: dict[str, Any], timings: dict[str,
         lines.append(f"| {key}{' (lower is better)' if key in LOWER_IS_BETTER else ''} | "
                      f"{metrics['base'][key]:.4f} | {'-' if previous is None else f'{previous:.4f}'} | "
                      f"{metrics['finetuned'][key]:.4f} |")
-    lines += ["", "The champion's figures are those logged when it was registered (its own test split).", "",
-              "## Decision", "", f"**{title}** (`{registration['model_uri']}`, aliases "
-              f"{', '.join(registration['aliases'])}):", ""]
+    if champion:
+        lines += ["", f"The champion is scored on this test split: the same rows and greedy settings as the "
+                      f"challenger ({champion['scored']})."]
+    lines += ["", "## Decision", "", f"**{title}** (`{registration['model_uri']}`, aliases "
+              f"{', '.join(registration['aliases'])}): {gate_line(registration)}", ""]
     lines += [f"- {reason}" for reason in registration["promotion"]["reasons"]]
     lines += ["", "## Stage times", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in timings.items()]

@@ -6,11 +6,11 @@ import time (torch, transformers and mlflow are imported inside the functions th
 
 import logging
 import os
+import warnings
 
 from ftpipe.secrets import redact_logging
 
 redact_logging()  # before any library logs a URL that carries credentials
-import warnings
 
 # Libraries that call home by default, off unless the user's environment says otherwise (setdefault):
 # offline, Prefect's temporary server logs "ERROR ... Failed to send telemetry", which reads as a failure.

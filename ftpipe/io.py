@@ -17,7 +17,6 @@ from typing import Any
 
 from ftpipe.errors import PipelineError
 
-
 TMP_MARK = ".tmp-"  # .<name>.tmp-<pid>: the writing process's id, so a dead writer's leftovers are known
 
 

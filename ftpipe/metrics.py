@@ -1,16 +1,19 @@
 """Text metrics by their reference libraries, batched greedy generation and perplexities.
 
-BLEU: sacrebleu corpus BLEU (0-100). ROUGE: Google's rouge-score F1 (0-1), mean over examples,
-no bootstrap; rougeLsum splits sentences on newlines, as rouge-score does. Perplexity: exp of
-the token-weighted mean NLL over the reference response tokens (the final assistant turn and its
-end-of-turn marker), given the prompt. General perplexity: the strided sliding-window perplexity
-of a long text ("Perplexity of fixed-length models" in the transformers docs), the forgetting check.
+BLEU: sacrebleu corpus BLEU (0-100). ROUGE: Google's rouge-score F1 (0-1), mean over examples;
+rougeLsum splits sentences on newlines, as rouge-score does. Perplexity: exp of the token-weighted
+mean NLL over the reference response tokens (the final assistant turn and its end-of-turn marker),
+given the prompt. General perplexity: the strided sliding-window perplexity of a long text
+("Perplexity of fixed-length models" in the transformers docs), the forgetting check.
+Per example (`per_example`, for the promotion gate's paired bootstrap in ftpipe/bootstrap.py):
+ROUGE-1/2/L/Lsum, sentence-level BLEU (sacrebleu.sentence_bleu) and the reference's summed NLL
+and token count, so that perplexity is resampled as a ratio of sums, never as a mean of ratios.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -21,6 +24,9 @@ METRIC_KEYS = ("bleu", *ROUGE_KEYS, "perplexity")
 GENERAL_KEY = "general_perplexity"
 CANDIDATE_KEYS = (*METRIC_KEYS, GENERAL_KEY)
 LOWER_IS_BETTER = {"perplexity", GENERAL_KEY}
+# Each test example's scores (per_example), kept per candidate in reports/generations.jsonl as
+# `<key>_<candidate>`: what the promotion gate resamples.
+EXAMPLE_KEYS = ("bleu", *ROUGE_KEYS, "nll", "tokens")
 
 
 def gain(metric: str, new: float, old: float) -> float:
@@ -47,6 +53,60 @@ def rouge_per_example(predictions: list[str], references: list[str], *, stemmer:
 def rouge(predictions: list[str], references: list[str], *, stemmer: bool) -> dict[str, float]:
     rows = rouge_per_example(predictions, references, stemmer=stemmer)
     return {k: sum(r[k] for r in rows) / len(rows) for k in ROUGE_KEYS}
+
+
+def sentence_bleu(predictions: list[str], references: list[str]) -> list[float]:
+    """sacrebleu's sentence-level BLEU (0-100, its default exp smoothing) of each prediction.
+    Corpus BLEU is no mean of these: the gate's bleu is their mean, the reported one stays corpus BLEU."""
+    import sacrebleu
+
+    return [sacrebleu.sentence_bleu(pred, [ref]).score for pred, ref in zip(predictions, references)]
+
+
+def per_example(predictions: list[str], references: list[str], *, stemmer: bool,
+                nll: list[tuple[float, int]]) -> list[dict[str, float]]:
+    """Each example's bleu (sentence-level), rouge1/2/L/Lsum, and its reference's summed NLL (`nll`)
+    and token count (`tokens`), as response_nll gives them."""
+    rouges = rouge_per_example(predictions, references, stemmer=stemmer)
+    bleus = sentence_bleu(predictions, references)
+    return [{"bleu": b, **r, "nll": n, "tokens": t} for b, r, (n, t) in zip(bleus, rouges, nll)]
+
+
+def perplexity_of(nll: list[tuple[float, int]]) -> float:
+    """exp(summed NLL / summed tokens) over (NLL sum, token count) pairs."""
+    return math.exp(sum(n for n, _ in nll) / sum(t for _, t in nll))
+
+
+def aggregate(predictions: list[str], references: list[str], rows: list[dict[str, float]]) -> dict[str, float]:
+    """The candidate's metric block from its outputs and per_example rows: corpus BLEU, mean
+    ROUGE, perplexity as the ratio of sums (the same figures score() gives)."""
+    bleu_score, _ = bleu(predictions, references)
+    return {"bleu": bleu_score, **{k: sum(r[k] for r in rows) / len(rows) for k in ROUGE_KEYS},
+            "perplexity": perplexity_of([(r["nll"], r["tokens"]) for r in rows])}
+
+
+def score_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict[str, str]]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    stemmer: bool,
+    name: str,
+) -> tuple[dict[str, float], list[str], list[dict[str, float]]]:
+    """(metric block, outputs, per_example rows) of one model on test conversations (each ending in
+    its reference), by greedy batched generation. The evaluate stage scores its candidates with it
+    and the register stage the champion, with the settings evaluate recorded, so both score alike."""
+    from ftpipe.chat import prompt_text
+
+    prompts = [prompt_text(tokenizer, c) for c in conversations]
+    references = [c[-1]["content"] for c in conversations]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       progress=f"generate ({name})")
+    nll = response_nll(model, tokenizer, conversations, batch_size=batch_size)
+    rows = per_example(outputs, references, stemmer=stemmer, nll=nll)
+    return aggregate(outputs, references, rows), outputs, rows
 
 
 def generate(
@@ -95,12 +155,23 @@ def response_perplexity(
     The reference is each conversation's final assistant turn; earlier assistant turns (of the
     conversation itself or of few-shot examples) are context, so every candidate scores the same tokens.
     """
+    return perplexity_of(response_nll(model, tokenizer, conversations, batch_size=batch_size))
+
+
+def response_nll(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict[str, str]]],
+    *,
+    batch_size: int,
+) -> list[tuple[float, int]]:
+    """(summed NLL, token count) of each conversation's reference (its final assistant turn)."""
     import torch
 
     from ftpipe.chat import IGNORE_INDEX
 
     items = [_reference_labels(tokenizer, messages) for messages in conversations]
-    total_nll, total_tokens = 0.0, 0
+    rows: list[tuple[float, int]] = []
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
         width = max(len(x["input_ids"]) for x in batch)
@@ -112,9 +183,8 @@ def response_perplexity(
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
         # Prompt/p-tuning models return logits for their virtual tokens first: keep the input's.
         logits = logits[:, -width:]
-        nll, count = _nll_sum(logits.cpu(), labels)
-        total_nll, total_tokens = total_nll + nll, total_tokens + count
-    return math.exp(total_nll / total_tokens)
+        rows += _nll_rows(logits.cpu(), labels)
+    return rows
 
 
 def _reference_labels(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> dict[str, list[int]]:
@@ -141,6 +211,20 @@ def _nll_sum(logits, labels) -> tuple[float, int]:
         ignore_index=IGNORE_INDEX, reduction="sum",
     )
     return nll.item(), int((shift_labels != IGNORE_INDEX).sum())
+
+
+def _nll_rows(logits, labels) -> list[tuple[float, int]]:
+    """_nll_sum per row of the batch (padding carries IGNORE_INDEX labels, so it adds nothing)."""
+    import torch
+
+    from ftpipe.chat import IGNORE_INDEX
+
+    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none",
+    )
+    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
+    return [(float(n), int(c)) for n, c in zip(nll.double().sum(dim=1), counts)]
 
 
 def sliding_window_perplexity(
@@ -188,9 +272,3 @@ def sliding_window_perplexity(
             break
     return math.exp(total_nll / total_tokens), seq_len
 
-
-def score(
-    predictions: list[str], references: list[str], *, stemmer: bool, perplexity: float
-) -> dict[str, Any]:
-    bleu_score, _ = bleu(predictions, references)
-    return {"bleu": bleu_score, **rouge(predictions, references, stemmer=stemmer), "perplexity": perplexity}

@@ -148,10 +148,10 @@ class TrainParams(_Section):
     magnitude); qlora: LoRA on a bitsandbytes-quantized base; ia3: learned activation scales;
     prefix_tuning / prompt_tuning / p_tuning: learned virtual tokens (need peft at inference)."""
     seed: int = 42
-    epochs: float = Field(2.0, gt=0)
+    epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, ge=-1)
     """-1: train for `epochs`; otherwise stop after this many optimizer steps."""
-    learning_rate: float = Field(2e-4, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -223,13 +223,16 @@ class TrainParams(_Section):
         if self.quantization is not None and method != "qlora":
             raise FieldProblem("quantization", f"only used by method 'qlora', not '{method}' (set it to null)")
         only = {
+            "lora_r": LORA_METHODS, "lora_alpha": LORA_METHODS, "lora_dropout": LORA_METHODS,
+            "target_modules": LORA_METHODS,
             "ia3_target_modules": ("ia3",), "ia3_feedforward_modules": ("ia3",),
             "num_virtual_tokens": PROMPT_METHODS, "encoder_hidden_size": ("p_tuning",),
             "freeze_embeddings": ("full",), "freeze_layers": ("full",), "gradual_unfreezing": ("full",),
             "layer_lr_divisor": ("full",),
         }
         for key, methods in only.items():
-            if method not in methods and getattr(self, key) != TrainParams.model_fields[key].default:
+            default = TrainParams.model_fields[key].get_default(call_default_factory=True)
+            if method not in methods and getattr(self, key) != default:
                 raise FieldProblem(key, f"not used by method '{method}' (only {', '.join(methods)})")
         if self.unfreeze_every_steps and not self.gradual_unfreezing:
             raise FieldProblem("unfreeze_every_steps", "only used with gradual_unfreezing: true")
@@ -289,9 +292,18 @@ class RegisterParams(_Section):
     experiment: str = Field("finetune-pipeline", min_length=1)
     model_name: str = Field("smollm2-chatterbot", min_length=1)
     primary_metric: Literal["bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "perplexity"] = "rougeL"
-    """The promotion gate's metric (perplexity: lower is better)."""
+    """The promotion gate's metric (perplexity: lower is better; bleu: the mean sentence-level BLEU)."""
     min_improvement: float = Field(0.0, ge=0)
-    """How much the challenger must beat the base model and the champion by to become champion."""
+    """The lower bound of the confidence interval of the challenger's gain over the base model, and
+    over the champion, must be above this (and above 0) for the challenger to become champion."""
+    bootstrap_samples: int = Field(2000, ge=100)
+    """Resamples of the paired bootstrap over the test examples (ftpipe/bootstrap.py); the interval's
+    tails settle from about 1000 on."""
+    confidence: float = Field(0.95, ge=0.5, lt=1)
+    """Level of the two-sided bootstrap interval; the gate reads its lower bound, so 0.95 makes a
+    one-sided test at 2.5 %."""
+    bootstrap_seed: int = Field(0, ge=0)
+    """Seed of the resampling, so the same scores always give the same interval and decision."""
     max_forgetting: float | None = Field(0.1, ge=0)
     """Largest allowed relative rise of general_perplexity of the challenger over the base model
     (0.1: at most 10% higher); null turns the forgetting check off."""
@@ -306,6 +318,13 @@ class RetrainParams(_Section):
 
 # Sections read by flows rather than stages.
 FLOW_SECTIONS: dict[str, type[_Section]] = {"retrain": RetrainParams}
+
+# Keys a stage reads from another stage's section, listed in its dvc.yaml params too: evaluate's
+# comparison.md shows the fine-tuned model's interval over the base with the gate's own bootstrap
+# settings, so the report and the gate never disagree on them.
+ALSO_READS: dict[str, tuple[str, ...]] = {
+    "evaluate": ("register.bootstrap_samples", "register.confidence", "register.bootstrap_seed"),
+}
 
 # stage name -> (params.yaml section, its model)
 SECTIONS: dict[str, type[_Section]] = {

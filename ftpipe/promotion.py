@@ -1,22 +1,39 @@
 """The promotion gate: does a newly registered challenger replace the champion?
 
-A challenger is promoted when, on the primary metric, it beats the base model and the current
-champion (if any) by at least `min_improvement`, it did not forget general language (its
-general-text perplexity is at most `max_forgetting` above the base model's), and the data passed
-the leak check. Every check's reason is kept, pass or fail, so the decision explains itself in MLflow.
+A challenger is promoted when, on the primary metric, the lower bound of the paired-bootstrap
+confidence interval (ftpipe/bootstrap.py) of its gain over the base model, and over the current
+champion (if any), is above `min_improvement` (and so above 0): a difference the test examples
+cannot tell from noise promotes nothing. Both comparisons are on the same test examples: the
+champion is scored again on the current split (stages/register.py). The challenger must also not
+have forgotten general language (its general-text perplexity at most `max_forgetting` above the
+base model's), and the data must have passed the leak check. Every check's reason is kept, pass or
+fail, so the decision explains itself in MLflow.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from ftpipe.metrics import GENERAL_KEY, gain
+from ftpipe.bootstrap import Interval, columns, paired_gain
+from ftpipe.metrics import GENERAL_KEY
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One candidate on the test split: ftpipe.metrics.per_example rows (the same examples, in the
+    same order, for every candidate) and its metric block (general_perplexity for the forgetting check)."""
+
+    examples: list[dict[str, float]]
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class Decision:
     promote: bool
     reasons: list[str] = field(default_factory=list)
+    # "base" and, when there is a champion, "champion": the gain's interval, None where it could not be formed.
+    intervals: dict[str, Interval | None] = field(default_factory=dict)
 
     def summary(self) -> str:
         return ("promoted to champion: " if self.promote else "kept as challenger: ") + "; ".join(self.reasons)
@@ -26,41 +43,55 @@ def decide(
     *,
     metric: str,
     min_improvement: float,
-    challenger: dict[str, float],
-    base: dict[str, float],
-    champion: dict[str, float] | None,
+    challenger: Scores,
+    base: Scores,
+    champion: Scores | None,
     champion_version: str | None,
     leaks: int,
     max_forgetting: float | None = None,
+    samples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    champion_note: str = "",
 ) -> Decision:
-    ok, reasons = True, []
-    for name, other in (("base", base), (f"champion v{champion_version}", champion)):
+    """`champion_note` qualifies the champion's name in its reason (how it was scored again)."""
+    ok, reasons, intervals = True, [], {}
+    for key, name, other in (("base", "base", base), ("champion", f"champion v{champion_version}{champion_note}",
+                                                       champion)):
         if other is None:
             reasons.append("no champion yet")
             continue
-        passed, reason = _beats(metric, min_improvement, challenger, name, other)
+        passed, reason, intervals[key] = _beats(metric, min_improvement, challenger, name, other,
+                                                samples=samples, confidence=confidence, seed=seed)
         ok &= passed
         reasons.append(reason)
-    ok &= _forgetting(reasons, challenger, base, max_forgetting)
+    ok &= _forgetting(reasons, challenger.metrics, base.metrics, max_forgetting)
     if leaks:
         ok = False
         reasons.append(f"data leak check found {leaks} leak(s): fail")
     else:
         reasons.append("data leak check: pass")
-    return Decision(ok, reasons)
+    return Decision(ok, reasons, intervals)
 
 
-def _beats(metric: str, min_improvement: float, challenger: dict[str, float], name: str,
-           other: dict[str, float]) -> tuple[bool, str]:
-    """Whether the challenger beats `other` on `metric`, and why. A side without the metric (a
-    champion logged before the metric existed) cannot be compared, so no promotion on trust."""
-    for side, values in (("challenger", challenger), (name, other)):
-        if metric not in values:
-            return False, f"{side} has no {metric} logged: cannot compare"
-    delta = gain(metric, challenger[metric], other[metric])
-    passed = delta >= min_improvement and delta > 0
-    return passed, (f"{metric} {challenger[metric]:.4f} vs {name} {other[metric]:.4f} "
-                    f"({delta:+.4f}, needs > 0 and >= {min_improvement:g}): {'pass' if passed else 'fail'}")
+def _beats(metric: str, min_improvement: float, challenger: Scores, name: str, other: Scores, *,
+           samples: int, confidence: float, seed: int) -> tuple[bool, str, Interval | None]:
+    """Whether the challenger's gain over `other` on `metric` is surely above `min_improvement`,
+    and why. A side without per-example scores of the metric (reports of an older evaluate) cannot
+    be compared, so no promotion on trust."""
+    for side, scores in (("challenger", challenger), (name, other)):
+        if not scores.examples or any(k not in row for row in scores.examples for k in columns(metric)):
+            return False, f"{side} has no per-example {metric} scores: cannot compare", None
+    if len(challenger.examples) != len(other.examples):
+        return False, (f"{name} scored on {len(other.examples)} test examples, the challenger on "
+                       f"{len(challenger.examples)}: cannot compare"), None
+    interval = paired_gain(metric, challenger.examples, other.examples, samples=samples, confidence=confidence,
+                           seed=seed)
+    if interval is None:
+        return False, f"{metric} over {name}: one test example gives no interval: cannot compare", None
+    passed = interval.low > min_improvement and interval.low > 0
+    return passed, (f"{interval.describe()} over {name} (paired bootstrap, {interval.examples} examples; "
+                    f"lower bound must be > {min_improvement:g}): {'pass' if passed else 'fail'}"), interval
 
 
 def _forgetting(reasons: list[str], challenger: dict[str, float], base: dict[str, float],
@@ -77,3 +108,17 @@ def _forgetting(reasons: list[str], challenger: dict[str, float], base: dict[str
     reasons.append(f"{GENERAL_KEY} {challenger[GENERAL_KEY]:.4f} vs base {base[GENERAL_KEY]:.4f} "
                    f"({rise:+.1%}, allowed <= {max_forgetting:+.1%}): {'pass' if passed else 'fail'}")
     return passed
+
+
+def gate_line(registration: dict[str, Any]) -> str:
+    """reports/registration.json's gate in one line, e.g.
+    `+0.0777 rougeL, 95 % CI [+0.0610, +0.0940] over base; no champion yet: promoted`."""
+    promotion, champion = registration["promotion"], registration.get("champion")
+    parts = []
+    for name, interval in promotion.get("intervals", {}).items():
+        label = f"champion v{champion['version']}" if name == "champion" and champion else name
+        parts.append(f"{Interval.from_dict(interval).describe() if interval else 'no interval'} over {label}")
+    if parts and champion is None:
+        parts.append("no champion yet")
+    verdict = "promoted" if promotion["promote"] else "kept as challenger"
+    return f"{'; '.join(parts)}: {verdict}" if parts else verdict

@@ -23,6 +23,8 @@ REASON_CHARS = 200
 # The short cause inside MLflow's long "API request to <url> failed with exception ..." messages.
 _REASONS = (r"\[Errno -?\d+\] ([^'\"()\]]+)", r"(Read timed out|timed out)", r"(too many \d+ error responses)",
             r"(error code \d+ != 200)")
+# A server that did not answer (as opposed to one that answered that something is missing).
+_UNREACHABLE = r"API request to .* failed|Max retries exceeded|timed out|Connection (refused|reset|aborted)"
 
 
 class RegistryUnreachable(PipelineError):
@@ -105,6 +107,41 @@ def _run_metrics(client, model_name: str, version) -> dict[str, float]:
     if run.info.lifecycle_stage != "active":
         raise PipelineError(f"{where} is {run.info.lifecycle_stage}, so its metrics cannot be trusted; {advice}")
     return dict(run.data.metrics)
+
+
+def version_tags(client, model_name: str, version: str) -> dict[str, str]:
+    """The tags of `model_name` version `version` (its lineage among them)."""
+    with errors(client.tracking_uri, f"reading the tags of {model_name} v{version}"):
+        return dict(client.get_model_version(model_name, version).tags)
+
+
+def load_model(client, model_name: str, version: str):
+    """(model, tokenizer) of a registered transformers model version, as register logged it, to score
+    it again. A model that cannot be loaded stops the gate, which would otherwise compare against nothing."""
+    import tempfile
+
+    import mlflow.transformers
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    uri = f"models:/{model_name}/{version}"
+    where = f"MLflow registry {redact(client.tracking_uri)}: {model_name} {CHAMPION} v{version}"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            components = mlflow.transformers.load_model(uri, dst_path=tmp, return_type="components")
+    except (MlflowException, requests.exceptions.RequestException, OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, requests.exceptions.RequestException) or re.search(_UNREACHABLE, str(exc)):
+            raise RegistryUnreachable(failure(client.tracking_uri, exc, f"loading {uri}")) from None
+        # The registry answered (the champion was just read): its files are gone or not a transformers model.
+        raise PipelineError(f"{where}: cannot load its model to score it again ({short_reason(exc)}); "
+                            "restore it or move the alias by hand") from None
+    model, tokenizer = components["model"], components.get("tokenizer")
+    if tokenizer is None:
+        raise PipelineError(f"{where}: its model was logged without a tokenizer, so it cannot be scored again; "
+                            "move the alias by hand")
+    if tokenizer.pad_token is None:  # as ftpipe.models.load_tokenizer: batched generation pads
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
 
 
 def latest_version(client, model_name: str, tag_keys: Iterable[str]) -> dict[str, Any] | None:

@@ -2,13 +2,17 @@
 
 The three candidates get the same test prompts and the same greedy batched generation settings;
 the few-shot one sees `few_shot_k` training examples (a seeded draw) as earlier chat turns. Each
-gets BLEU, ROUGE-1/2/L/Lsum and the perplexity of the references. Forgetting: the sliding-window
-perplexity of general text (`general_text`, not in the training data) under the base and the
-fine-tuned weights. Overfitting: the validation losses of reports/train.json.
-Reads params.yaml `evaluate`, models/base/, models/adapter/, data/prepared/{train,test}.jsonl,
-reports/train.json and the general text; writes reports/metrics.json (DVC metrics, one block per
-candidate with the same keys), reports/generations.jsonl (prompt, reference, every candidate's
-output and its ROUGE-L per example) and reports/comparison.md.
+gets BLEU, ROUGE-1/2/L/Lsum and the perplexity of the references, and each of these per example
+(sentence-level BLEU; the reference's summed NLL and token count), from which a paired bootstrap
+gives the confidence interval of fine-tuned - base on every metric (ftpipe/bootstrap.py, with the
+promotion gate's settings: register.bootstrap_samples, confidence, bootstrap_seed). Forgetting: the
+sliding-window perplexity of general text (`general_text`, not in the training data) under the base
+and the fine-tuned weights. Overfitting: the validation losses of reports/train.json.
+Reads params.yaml `evaluate` (and those three register keys), models/base/, models/adapter/,
+data/prepared/{train,test}.jsonl, reports/train.json and the general text; writes
+reports/metrics.json (DVC metrics, one block per candidate with the same keys, and the intervals),
+reports/generations.jsonl (prompt, reference, every candidate's output and its per-example scores,
+`<score>_<candidate>`: what the register stage's gate resamples) and reports/comparison.md.
 Run: python -m stages.evaluate
 """
 
@@ -20,7 +24,7 @@ from typing import Any
 
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, dumps_jsonl, read_json, read_jsonl, write_json, write_text
-from ftpipe.params import EvaluateParams, load_section
+from ftpipe.params import EvaluateParams, RegisterParams, load_section
 
 BASE_DIR = Path("models/base")
 ADAPTER_DIR = Path("models/adapter")
@@ -43,17 +47,26 @@ def with_shots(messages: list[dict[str, str]], shots: list[dict[str, Any]]) -> l
     return head + turns + messages[len(head):]
 
 
-def _candidate(model, tokenizer, conversations, params: EvaluateParams, name: str) -> tuple[dict[str, Any], list[str]]:
-    """Scores and outputs of one model on the test conversations (each ending in its reference)."""
+def _candidate(model, tokenizer, conversations, params: EvaluateParams, name: str):
+    """(metric block, outputs, per-example scores) of one model on the test conversations."""
     from ftpipe import metrics
-    from ftpipe.chat import prompt_text
 
-    prompts = [prompt_text(tokenizer, c) for c in conversations]
-    references = [c[-1]["content"] for c in conversations]
-    outputs = metrics.generate(model, tokenizer, prompts, max_new_tokens=params.max_new_tokens,
-                               batch_size=params.batch_size, progress=f"generate ({name})")
-    ppl = metrics.response_perplexity(model, tokenizer, conversations, batch_size=params.batch_size)
-    return metrics.score(outputs, references, stemmer=params.rouge_stemmer, perplexity=ppl), outputs
+    return metrics.score_model(model, tokenizer, conversations, max_new_tokens=params.max_new_tokens,
+                               batch_size=params.batch_size, stemmer=params.rouge_stemmer, name=name)
+
+
+def intervals_over_base(rows: dict[str, list[dict[str, float]]], bootstrap: RegisterParams) -> dict[str, Any]:
+    """{metric: interval dict} of fine-tuned - base (the gain: base - fine-tuned for perplexity)."""
+    from ftpipe.bootstrap import paired_gain
+    from ftpipe.metrics import METRIC_KEYS
+
+    found = {}
+    for key in METRIC_KEYS:
+        interval = paired_gain(key, rows["finetuned"], rows["base"], samples=bootstrap.bootstrap_samples,
+                               confidence=bootstrap.confidence, seed=bootstrap.bootstrap_seed)
+        if interval is not None:
+            found[key] = interval.as_dict()
+    return found
 
 
 def _general_perplexity(model, tokenizer, text: str, params: EvaluateParams, name: str) -> tuple[float, int]:
@@ -77,8 +90,8 @@ def training_check(train: dict[str, Any], *, margin: float) -> dict[str, Any]:
     return facts
 
 
-def run(*, params: EvaluateParams, base_dir: Path, adapter_dir: Path, data_dir: Path, train_report: Path,
-        general_text: Path, reports_dir: Path) -> dict[str, Any]:
+def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, adapter_dir: Path, data_dir: Path,
+        train_report: Path, general_text: Path, reports_dir: Path) -> dict[str, Any]:
     from ftpipe import metrics, models
     from ftpipe.chat import prompt_text
 
@@ -100,15 +113,16 @@ def run(*, params: EvaluateParams, base_dir: Path, adapter_dir: Path, data_dir: 
     tokenizer = models.load_tokenizer(base_dir)
     conversations = [r["messages"] for r in rows]
 
-    scores, outputs, general = {}, {}, {}
+    scores, outputs, examples, general = {}, {}, {}, {}
     base = models.load_model(base_dir)
-    scores["base"], outputs["base"] = _candidate(base, tokenizer, conversations, params, "base")
-    scores["fewshot"], outputs["fewshot"] = _candidate(
+    scores["base"], outputs["base"], examples["base"] = _candidate(base, tokenizer, conversations, params, "base")
+    scores["fewshot"], outputs["fewshot"], examples["fewshot"] = _candidate(
         base, tokenizer, [with_shots(c, shots) for c in conversations], params, "base few-shot")
     general["base"], general_tokens = _general_perplexity(base, tokenizer, text, params, "base")
     del base
     tuned = models.load_finetuned(base_dir, adapter_dir)
-    scores["finetuned"], outputs["finetuned"] = _candidate(tuned, tokenizer, conversations, params, "fine-tuned")
+    scores["finetuned"], outputs["finetuned"], examples["finetuned"] = _candidate(
+        tuned, tokenizer, conversations, params, "fine-tuned")
     general["finetuned"], _ = _general_perplexity(tuned, tokenizer, text, params, "fine-tuned")
     general["fewshot"] = general["base"]  # the same weights: prompting does not change them
     for name in CANDIDATES:
@@ -125,15 +139,16 @@ def run(*, params: EvaluateParams, base_dir: Path, adapter_dir: Path, data_dir: 
         "few_shot_ids": [s["id"] for s in shots],
         "general_text": {"path": str(general_text), "tokens": general_tokens},
         "bleu_signature": signature,
-        # The resolved settings travel with the numbers (and make register rerun when they change).
+        # fine-tuned - base with its paired-bootstrap interval per metric (gain: positive is better).
+        "intervals": {"finetuned_vs_base": intervals_over_base(examples, bootstrap)},
+        # The resolved settings travel with the numbers (and make register rerun when they change);
+        # register scores the champion with the same ones.
         "settings": {"decoding": "greedy", **params.model_dump(exclude={"threads"})},
     }
-    per_example = {name: metrics.rouge_per_example(outputs[name], references, stemmer=params.rouge_stemmer)
-                   for name in CANDIDATES}
     generations = [
         {"id": r["id"], "prompt": prompt_text(tokenizer, r["messages"]), "reference": references[i],
          **{name: outputs[name][i] for name in CANDIDATES},
-         **{f"rougeL_{name}": per_example[name][i]["rougeL"] for name in CANDIDATES}}
+         **{f"{key}_{name}": examples[name][i][key] for key in metrics.EXAMPLE_KEYS for name in CANDIDATES}}
         for i, r in enumerate(rows)
     ]
     with all_or_nothing():  # the three reports describe one evaluation
@@ -155,14 +170,38 @@ def comparison_rows(result: dict[str, Any]) -> list[tuple[str, float, float, boo
     return rows
 
 
+def difference_interval(key: str, interval: dict[str, Any]) -> tuple[float, float]:
+    """The gain's interval turned into one of fine-tuned - base, the comparison table's direction."""
+    from ftpipe.metrics import LOWER_IS_BETTER
+
+    return (-interval["high"], -interval["low"]) if key in LOWER_IS_BETTER else (interval["low"], interval["high"])
+
+
 def comparison_table(result: dict[str, Any]) -> str:
-    """Markdown: the three candidates side by side, then the forgetting and overfitting checks."""
-    lines = ["| metric | base | base few-shot | fine-tuned | fine-tuned vs base |", "|---|---:|---:|---:|---:|"]
+    """Markdown: the three candidates side by side with the interval of fine-tuned - base, then the
+    forgetting and overfitting checks."""
+    intervals = result.get("intervals", {}).get("finetuned_vs_base", {})
+    any_interval = next(iter(intervals.values()), None)
+    ci_label = f"{any_interval['confidence'] * 100:g} % CI" if any_interval else "CI"
+    lines = [f"| metric | base | base few-shot | fine-tuned | fine-tuned vs base | {ci_label} |",
+             "|---|---:|---:|---:|---:|---:|"]
     for key, b, t, better in comparison_rows(result):
         fewshot = result.get("fewshot", {}).get(key)
+        ci = ""
+        if key in intervals:
+            low, high = difference_interval(key, intervals[key])
+            ci = f"[{low:+.4g}, {high:+.4g}]"
         lines.append(f"| {key} | {b:.4g} | {'' if fewshot is None else f'{fewshot:.4g}'} | {t:.4g} "
-                     f"| {t - b:+.4g} {'better' if better else 'same' if t == b else 'worse'} |")
+                     f"| {t - b:+.4g} {'better' if better else 'same' if t == b else 'worse'} | {ci} |")
     text = "\n".join(lines) + f"\n\n{result['examples']} test examples; BLEU {result['bleu_signature']}\n"
+    if any_interval:
+        text += (f"\n{ci_label}: paired bootstrap of fine-tuned - base over the {any_interval['examples']} test "
+                 f"examples ({any_interval['method']}, {any_interval['samples']} resamples); bleu's is of the mean "
+                 "sentence-level BLEU (corpus BLEU is no mean over examples). An interval that holds 0 is a "
+                 "difference these examples cannot tell from noise. The promotion gate (register) reads the "
+                 "gain (the difference, or base - fine-tuned for perplexities): the lower bound of its interval "
+                 "on register.primary_metric must be above register.min_improvement, over the base and over "
+                 "the champion.\n")
     if "forgetting" in result:
         text += (f"\nForgetting: general-text perplexity {result['forgetting']:+.1%} after fine-tuning "
                  f"({result['general_text']['tokens']} tokens of {result['general_text']['path']}; "
@@ -185,7 +224,8 @@ def comparison_table(result: dict[str, Any]) -> str:
 
 def main() -> None:
     params = load_section("evaluate", EvaluateParams)
-    result = run(params=params, base_dir=BASE_DIR, adapter_dir=ADAPTER_DIR, data_dir=DATA_DIR,
+    bootstrap = load_section("register", RegisterParams)  # only its bootstrap settings (dvc.yaml lists them)
+    result = run(params=params, bootstrap=bootstrap, base_dir=BASE_DIR, adapter_dir=ADAPTER_DIR, data_dir=DATA_DIR,
                  train_report=REPORTS / "train.json", general_text=Path(params.general_text), reports_dir=REPORTS)
     print(comparison_table(result))
 

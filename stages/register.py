@@ -7,11 +7,20 @@ lines them up. The fine-tuned run also carries the training losses, the best val
 the overfitting verdict. The merged fine-tuned model is logged and registered as a new version of
 `register.model_name`, tagged with git commit, dvc.lock hashes of data and base model, method and
 params. The new version becomes `challenger`; `champion` moves to it only if the promotion gate
-(ftpipe/promotion.py: metric, forgetting and leak checks) passes, and the decision's reasons are logged.
+(ftpipe/promotion.py: the paired-bootstrap interval of the gain on the primary metric over the base
+and over the champion, forgetting and leak checks) passes, and the decision's reasons are logged.
+The champion is scored again here, on the current test split: the same rows as the challenger
+(reports/generations.jsonl's ids in data/prepared/test.jsonl) and the same greedy settings
+(reports/metrics.json `settings`), because the figures it logged when it was registered come from
+its own, older split. It is scored here and not in evaluate because it lives in the registry, which
+DVC does not hash: evaluate's outputs would not rerun when the champion moves. A champion that is
+this very model (its lineage tags adapter_md5 and base_model_md5 equal the current ones) is not run
+again: the fine-tuned scores are its scores, and it cannot beat itself.
 The gate is decided first, against the champion read through ftpipe/registry.py: a registry that
-cannot be read (server down, champion's run deleted) stops the stage with one line and exit 2
-before any run, version or alias is created or moved.
-Reads params.yaml (all sections), dvc.lock, models/, reports/; writes reports/registration.json.
+cannot be read (server down, champion's run deleted, its model unloadable) stops the stage with one
+line and exit 2 before any run, version or alias is created or moved.
+Reads params.yaml (all sections), dvc.lock, models/, data/prepared/test.jsonl, reports/; writes
+reports/registration.json.
 Run: python -m stages.register
 """
 
@@ -21,13 +30,16 @@ import importlib.metadata
 from pathlib import Path
 from typing import Any
 
-from ftpipe.errors import run_cli
+from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import read_json, read_jsonl, write_json
 from ftpipe.params import RegisterParams, load_section, read_params_file
 
 REPORTS = Path("reports")
 BASE_DIR = Path("models/base")
 ADAPTER_DIR = Path("models/adapter")
+DATA_DIR = Path("data/prepared")
+# Lineage tags that make a registered version this very model.
+SAME_MODEL_TAGS = ("adapter_md5", "base_model_md5")
 # The model's own runtime needs; explicit because MLflow's inference imports torchvision, which is absent.
 MODEL_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
 
@@ -49,6 +61,7 @@ def run(
     base_dir: Path,
     adapter_dir: Path,
     reports_dir: Path,
+    data_dir: Path = DATA_DIR,
 ) -> dict[str, Any]:
     import mlflow
 
@@ -57,18 +70,22 @@ def run(
 
     reports = _read_reports(reports_dir)
     client = registry.connect(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)  # the champion loads through its models:/ URI
     # Decided before anything is created: a registry that cannot be read (server down, champion's
-    # run gone) stops here, leaving no run, no version and no alias moved.
-    decision = _decide(client, params, reports)
-    mlflow.set_tracking_uri(tracking_uri)
+    # run or model gone) stops here, leaving no run, no version and no alias moved.
+    champion = _score_champion(client, params, lineage, reports, data_dir)
+    decision = _decide(params, reports, champion)
     with registry.errors(tracking_uri, f"registering {params.model_name}"):
         experiment_id = _experiment_id(client, params.experiment, artifact_location)
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"pipeline-{lineage['git_commit'][:8]}") as parent:
-            _log_pipeline_run(all_params, lineage, reports, reports_dir)
+            _log_pipeline_run(all_params, lineage, reports, reports_dir, champion)
             runs = _log_candidates(experiment_id, lineage, reports["metrics"])
+            if champion:
+                runs["champion"] = _log_champion(experiment_id, champion)
             with mlflow.start_run(experiment_id=experiment_id, run_name="finetuned", nested=True) as tuned_run:
                 runs["finetuned"] = tuned_run.info.run_id
                 _log_training(lineage, reports, reports_dir)
+                _log_gate(decision)
                 version = _log_model(params.model_name, base_dir, adapter_dir)
         _tag_version(client, params.model_name, version, lineage, all_params, runs["finetuned"])
         _set_aliases(client, params.model_name, version, decision)
@@ -84,7 +101,22 @@ def run(
         "finetuned_run_id": runs["finetuned"],
         "tracking_uri": redact(tracking_uri),
         "aliases": ["challenger", "champion"] if decision.promote else ["challenger"],
-        "promotion": {"promote": decision.promote, "reasons": decision.reasons},
+        "promotion": {
+            "promote": decision.promote,
+            "reasons": decision.reasons,
+            "metric": params.primary_metric,
+            "min_improvement": params.min_improvement,
+            # The gain (positive: the challenger is better) over each and its interval; None: not formed.
+            "intervals": {name: interval and interval.as_dict() for name, interval in decision.intervals.items()},
+        },
+        # The champion the gate compared with, scored again on this test split (None: no champion).
+        "champion": champion and {
+            "version": champion["version"],
+            "scored": champion["scored"],
+            "run_id": runs["champion"],
+            "metrics": champion["metrics"],
+            "logged_metrics": champion["logged_metrics"],
+        },
     }
 
 
@@ -93,17 +125,68 @@ def _read_reports(reports_dir: Path) -> dict[str, Any]:
             "data": read_json(reports_dir / "data.json"), "generations": read_jsonl(reports_dir / "generations.jsonl")}
 
 
-def _decide(client, params: RegisterParams, reports: dict[str, Any]):
-    """The promotion gate against the current champion (ftpipe.promotion)."""
-    from ftpipe import registry
-    from ftpipe.promotion import decide
+def _examples(generations: list[dict[str, Any]], candidate: str) -> list[dict[str, float]]:
+    """A candidate's per-example scores from generations.jsonl (the keys its rows hold)."""
+    from ftpipe.metrics import EXAMPLE_KEYS
 
-    champion_version, champion = registry.champion(client, params.model_name) or (None, None)
-    metrics = reports["metrics"]
+    return [{key: row[f"{key}_{candidate}"] for key in EXAMPLE_KEYS if f"{key}_{candidate}" in row}
+            for row in generations]
+
+
+def _test_conversations(data_dir: Path, generations: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
+    """The test rows evaluate scored, in its order (generations.jsonl's ids in test.jsonl)."""
+    path = data_dir / "test.jsonl"
+    by_id = {row["id"]: row["messages"] for row in read_jsonl(path)}
+    missing = [row["id"] for row in generations if row["id"] not in by_id]
+    if missing:
+        raise PipelineError(f"reports/generations.jsonl: {len(missing)} row(s) not in {path} (first: {missing[0]}); "
+                            "the evaluation is older than the test split: run `dvc repro evaluate`")
+    return [by_id[row["id"]] for row in generations]
+
+
+def _score_champion(client, params: RegisterParams, lineage: dict[str, str], reports: dict[str, Any],
+                    data_dir: Path) -> dict[str, Any] | None:
+    """The current champion scored on this test split ({version, scored, metrics, examples, outputs,
+    logged_metrics}); None if there is none. Its logged metrics come from the split of its own day."""
+    from ftpipe import metrics, registry
+
+    found = registry.champion(client, params.model_name)
+    if found is None:
+        return None
+    version, logged = found
+    generations = reports["generations"]
+    tags = registry.version_tags(client, params.model_name, version)
+    if all(lineage[key] != "unknown" and tags.get(key) == lineage[key] for key in SAME_MODEL_TAGS):
+        # The same adapter on the same base: the fine-tuned scores are its scores on these rows with
+        # these settings; generating again would cost minutes to reproduce them.
+        tuned = reports["metrics"]["finetuned"]
+        return {"version": version, "scored": "same model as the challenger: its fine-tuned scores",
+                "metrics": {k: tuned[k] for k in metrics.METRIC_KEYS if k in tuned},
+                "examples": _examples(generations, "finetuned"), "outputs": [row["finetuned"] for row in generations],
+                "logged_metrics": logged}
+    conversations = _test_conversations(data_dir, generations)
+    settings = reports["metrics"]["settings"]
+    model, tokenizer = registry.load_model(client, params.model_name, version)
+    scores, outputs, examples = metrics.score_model(
+        model, tokenizer, conversations, max_new_tokens=settings["max_new_tokens"],
+        batch_size=settings["batch_size"], stemmer=settings["rouge_stemmer"], name=f"champion v{version}")
+    return {"version": version, "scored": "generated again on this test split", "metrics": scores,
+            "examples": examples, "outputs": outputs, "logged_metrics": logged}
+
+
+def _decide(params: RegisterParams, reports: dict[str, Any], champion: dict[str, Any] | None):
+    """The promotion gate against the base model and the champion, on the same test rows (ftpipe.promotion)."""
+    from ftpipe.promotion import Scores, decide
+
+    metrics, generations = reports["metrics"], reports["generations"]
+    note = " (the same model as this challenger)" if champion and champion["scored"].startswith("same") else ""
     return decide(metric=params.primary_metric, min_improvement=params.min_improvement,
-                  challenger=metrics["finetuned"], base=metrics["base"], champion=champion,
-                  champion_version=champion_version, leaks=reports["data"]["leaks"]["total"],
-                  max_forgetting=params.max_forgetting)
+                  challenger=Scores(_examples(generations, "finetuned"), metrics["finetuned"]),
+                  base=Scores(_examples(generations, "base"), metrics["base"]),
+                  champion=champion and Scores(champion["examples"], champion["metrics"]),
+                  champion_version=champion and champion["version"], champion_note=note,
+                  leaks=reports["data"]["leaks"]["total"], max_forgetting=params.max_forgetting,
+                  samples=params.bootstrap_samples, confidence=params.confidence, seed=params.bootstrap_seed)
 
 
 def _experiment_id(client, name: str, artifact_location: str) -> str:
@@ -114,13 +197,17 @@ def _experiment_id(client, name: str, artifact_location: str) -> str:
 
 
 def _log_pipeline_run(all_params: dict[str, Any], lineage: dict[str, str], reports: dict[str, Any],
-                      reports_dir: Path) -> None:
-    """The parent run: params, data and quantization figures, report files, generations table."""
+                      reports_dir: Path, champion: dict[str, Any] | None) -> None:
+    """The parent run: params, data and quantization figures, report files, generations table
+    (with the champion's outputs and scores on these rows, when there is one)."""
     import mlflow
 
     from ftpipe.tracking import flatten
 
     data, generations = reports["data"], reports["generations"]
+    if champion:
+        generations = [{**row, "champion": output, **{f"{k}_champion": v for k, v in scores.items()}}
+                       for row, output, scores in zip(generations, champion["outputs"], champion["examples"])]
     mlflow.log_params(flatten(all_params))
     mlflow.set_tags({"role": "pipeline", **lineage})
     mlflow.log_metrics({"data_rows_in": data["rows_in"], "data_rows_out": data["rows_out"],
@@ -148,6 +235,37 @@ def _log_candidates(experiment_id: str, lineage: dict[str, str], metrics: dict[s
             mlflow.log_metrics(metrics[name])
             runs[name] = child.info.run_id
     return runs
+
+
+def _log_champion(experiment_id: str, champion: dict[str, Any]) -> str:
+    """A sibling run with the champion's metrics on this test split (the same keys as the
+    candidates', general_perplexity aside); its run id. Its lineage is on its own version's tags."""
+    import mlflow
+
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"champion-v{champion['version']}",
+                          nested=True) as child:
+        mlflow.set_tags({"role": "candidate", "candidate": "champion", "champion_version": champion["version"],
+                         "champion_scored": champion["scored"]})
+        mlflow.log_metrics(champion["metrics"])
+        return child.info.run_id
+
+
+def _gate_tags(decision) -> dict[str, str]:
+    """`gate.<base|champion>`: the gain's interval in words, for the run and the version."""
+    return {f"gate.{name}": interval.describe() if interval else "no interval"
+            for name, interval in decision.intervals.items()}
+
+
+def _log_gate(decision) -> None:
+    """Into the active fine-tuned run: each gain, its interval and the decision."""
+    import mlflow
+
+    for name, interval in decision.intervals.items():
+        if interval:
+            mlflow.log_metrics({f"gain_vs_{name}": interval.estimate, f"gain_vs_{name}_ci_low": interval.low,
+                                f"gain_vs_{name}_ci_high": interval.high})
+    mlflow.log_metric("promoted", float(decision.promote))
+    mlflow.set_tags({**_gate_tags(decision), "promotion": decision.summary()})
 
 
 def _log_training(lineage: dict[str, str], reports: dict[str, Any], reports_dir: Path) -> None:
@@ -206,7 +324,8 @@ def _set_aliases(client, model_name: str, version: str, decision) -> None:
     client.set_registered_model_alias(model_name, "challenger", version)
     if decision.promote:
         client.set_registered_model_alias(model_name, "champion", version)
-    client.set_model_version_tag(model_name, version, "promotion", decision.summary())
+    for key, value in {**_gate_tags(decision), "promotion": decision.summary()}.items():
+        client.set_model_version_tag(model_name, version, key, value)
 
 
 def _curve(path: Path) -> list[tuple[int, float]]:
@@ -218,6 +337,7 @@ def _curve(path: Path) -> list[tuple[int, float]]:
 
 def main() -> None:
     from ftpipe import tracking
+    from ftpipe.promotion import gate_line
 
     tracking.bound_http_retries()
     params = load_section("register", RegisterParams)
@@ -233,9 +353,10 @@ def main() -> None:
         base_dir=BASE_DIR,
         adapter_dir=ADAPTER_DIR,
         reports_dir=REPORTS,
+        data_dir=DATA_DIR,
     )
     write_json(REPORTS / "registration.json", result)
-    print(f"register: {result['model_uri']} (pipeline run {result['pipeline_run_id']})")
+    print(f"register: {result['model_uri']} (pipeline run {result['pipeline_run_id']}): {gate_line(result)}")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ftpipe.checks import check_params
 from ftpipe.errors import run_cli
 from ftpipe.io import write_json
-from ftpipe.checks import check_params
 from ftpipe.params import PARAMS_FILE
 
 OUT = Path("reports/validated.json")

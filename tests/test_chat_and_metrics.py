@@ -97,6 +97,27 @@ def test_response_perplexity_scores_only_the_final_turn_token_weighted(model, to
     assert metrics.response_perplexity(model, tokenizer, shot, batch_size=1) == pytest.approx(reference(shot), rel=1e-4)
 
 
+def test_per_example_scores_add_up_to_the_reported_metrics(model, tokenizer):
+    import sacrebleu
+
+    conversations = [CONVERSATION[1:3], CONVERSATION, CONVERSATION[1:3]]
+    nll = metrics.response_nll(model, tokenizer, conversations, batch_size=2)
+    # Batched (with padding) as one at a time, and the ratio of their sums is the perplexity.
+    alone = [metrics.response_nll(model, tokenizer, [c], batch_size=1)[0] for c in conversations]
+    assert [t for _, t in nll] == [t for _, t in alone] and all(t > 0 for _, t in nll)
+    assert [n for n, _ in nll] == pytest.approx([n for n, _ in alone], rel=1e-4)
+    assert metrics.perplexity_of(nll) == pytest.approx(
+        metrics.response_perplexity(model, tokenizer, conversations, batch_size=2), rel=1e-6)
+    preds, refs = ["the cat runs fast", "hello", ""], ["the cat runs fast", "hello there friend", "something"]
+    rows = metrics.per_example(preds, refs, stemmer=True, nll=nll)
+    assert [r["bleu"] for r in rows] == [sacrebleu.sentence_bleu(p, [r]).score for p, r in zip(preds, refs)]
+    assert rows[0]["bleu"] == pytest.approx(100) and rows[2]["bleu"] == 0
+    assert [(r["nll"], r["tokens"]) for r in rows] == nll
+    block = metrics.aggregate(preds, refs, rows)
+    assert block == {"bleu": metrics.bleu(preds, refs)[0], **metrics.rouge(preds, refs, stemmer=True),
+                     "perplexity": metrics.perplexity_of(nll)}
+
+
 def documented_sliding_window_ppl(model, tokenizer, text, max_length, stride):
     """The loop of the transformers guide "Perplexity of fixed-length models", as written there,
     except the token count: it counts the labels the loss really averaged over (the guide's

@@ -51,6 +51,17 @@ def test_report_lines_up_three_candidates_and_says_overfitting():
     assert "| metric | base | base few-shot | fine-tuned | fine-tuned vs base |" in table
     assert "| rougeL | 0.1 | 0.15 | 0.3 | +0.2 better |" in table
     assert "| general_perplexity | 20 | 20 | 22 | +2 worse |" in table
+    # With the intervals of fine-tuned - base (perplexity's gain turned back into the column's direction).
+    interval = {"confidence": 0.95, "examples": 5, "samples": 2000, "method": "BCa"}
+    result["intervals"] = {"finetuned_vs_base": {
+        "rougeL": {**interval, "metric": "rougeL", "estimate": 0.2, "low": 0.15, "high": 0.25},
+        "perplexity": {**interval, "metric": "perplexity", "estimate": 0.0, "low": -1.5, "high": 2.0}}}
+    table = comparison_table(result)
+    assert "| metric | base | base few-shot | fine-tuned | fine-tuned vs base | 95 % CI |" in table
+    assert "| rougeL | 0.1 | 0.15 | 0.3 | +0.2 better | [+0.15, +0.25] |" in table
+    assert "| perplexity | 30 | 30 | 30 | +0 same | [-2, +1.5] |" in table
+    assert "| general_perplexity | 20 | 20 | 22 | +2 worse |  |" in table
+    assert "95 % CI: paired bootstrap of fine-tuned - base over the 5 test examples (BCa, 2000 resamples)" in table
     assert "general-text perplexity +10.0% after fine-tuning (900 tokens of g.txt" in table
     assert "best 1 at step 40 of 60" in table and "**Possible overfitting**" in table
 

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import dvc, set_param, stage, stage_env
 
 SECRET, TOKEN = "s3cret-pw", "tok123secret"
@@ -137,7 +136,7 @@ def test_pipeline_flow_registers_into_a_new_tracking_store(finished_project, tmp
 
     versions = mlflow.MlflowClient(store).search_model_versions("name = 'tiny-model'")
     assert [str(v.version) for v in versions] == ["1"]
-    assert f"Registered models:/tiny-model/1" in result.stdout
+    assert "Registered models:/tiny-model/1" in result.stdout
     # And again: the store now holds these outputs, so nothing is registered twice.
     assert run_flow(proj, tmp_path, MLFLOW_TRACKING_URI=store).returncode == 0
     assert len(mlflow.MlflowClient(store).search_model_versions("name = 'tiny-model'")) == 1

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ftpipe.errors import PipelineError
-from ftpipe.params import FLOW_SECTIONS, SECTIONS, TrainParams, load_section, load_stage_params
+from ftpipe.params import ALSO_READS, FLOW_SECTIONS, SECTIONS, TrainParams, load_section, load_stage_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,10 +34,18 @@ def test_dvc_yaml_lists_exactly_the_keys_each_stage_reads():
     assert [next(iter(out)) for out in stages["validate"]["outs"]] == ["reports/validated.json"]
     for stage, model in SECTIONS.items():
         listed = set(stages[stage].get("params", []))
-        assert listed == {f"{stage}.{field}" for field in model.model_fields}, stage
+        assert listed == {f"{stage}.{field}" for field in model.model_fields} | set(ALSO_READS.get(stage, ())), stage
         assert stages[stage]["cmd"] == f"python -m stages.{stage}"
         assert f"stages/{stage}.py" in stages[stage]["deps"]
         assert "reports/validated.json" in stages[stage]["deps"], stage
+
+
+def test_keys_read_from_another_section_exist_there():
+    for stage, keys in ALSO_READS.items():
+        assert stage in SECTIONS
+        for key in keys:
+            section, field = key.split(".")
+            assert section != stage and field in SECTIONS[section].model_fields, key
 
 
 def test_every_output_persists_so_a_failed_run_keeps_the_previous_results():
@@ -82,7 +90,7 @@ def test_dvc_deps_cover_the_shared_modules_each_stage_imports():
 
 
 def test_flow_runs_the_dvc_stages_in_order():
-    from flows.pipeline import STAGES
+    from flows.common import STAGES
 
     assert list(STAGES) == list(dvc_stages())
 
@@ -154,3 +162,12 @@ def test_the_whole_file_is_validated_unknown_sections_too(tmp_path):
         validate_all(write(tmp_path, typo))
     with pytest.raises(PipelineError, match=r"params.yaml:\d+: evaluat: unknown section"):
         validate_all(write(tmp_path, text + "evaluat:\n  max_examples: 3\n"))
+
+
+def test_code_defaults_are_the_shipped_values():
+    """One home for each default: a section left out of params.yaml means what params.yaml ships,
+    and the "key not used by this method" check compares with these defaults."""
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, model in {**SECTIONS, **FLOW_SECTIONS}.items():
+        for name, field in model.model_fields.items():
+            assert field.get_default(call_default_factory=True) == shipped[section][name], f"{section}.{name}"

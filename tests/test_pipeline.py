@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import dvc, set_param, stage, stage_env
 
-from flows.pipeline import STAGES, StageFailed, dvc_repro
+from flows.common import STAGES, StageFailed, dvc_repro
 
 
 def ran(output: str) -> set[str]:
@@ -41,9 +41,16 @@ def test_dvc_repro_end_to_end(project):
     assert len(generations) == metrics["examples"] > 0
     assert {"prompt", "reference", "base", "fewshot", "finetuned", "rougeL_base", "rougeL_fewshot",
             "rougeL_finetuned"} <= set(generations[0])
+    # Every candidate's per-example scores, for the gate's paired bootstrap.
+    assert {f"{key}_{name}" for key in ("bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "nll", "tokens")
+            for name in ("base", "fewshot", "finetuned")} <= set(generations[0])
+    assert sum(g["tokens_base"] for g in generations) == sum(g["tokens_finetuned"] for g in generations)
+    assert metrics["finetuned"]["rougeL"] == pytest.approx(sum(g["rougeL_finetuned"] for g in generations)
+                                                           / len(generations))
     comparison = (project / "reports" / "comparison.md").read_text()
     assert "| base few-shot |" in comparison and "| general_perplexity |" in comparison
     assert "Forgetting: general-text perplexity" in comparison and "train-validation gap" in comparison
+    assert "| fine-tuned vs base | 95 % CI |" in comparison and "95 % CI: paired bootstrap" in comparison
 
     # The registered version loads back by its models:/ URI, offline, and generates.
     registration = json.loads((project / "reports" / "registration.json").read_text())
@@ -83,10 +90,12 @@ def test_dvc_repro_end_to_end(project):
     table = client.load_table(pipeline_run.info.experiment_id, "generations.json", run_ids=[pipeline_run.info.run_id])
     assert len(table) == metrics["examples"] and "rougeL_fewshot" in table.columns
 
-    # The first version becomes challenger, and champion only where it beat the base model
-    # without forgetting (general-text perplexity at most 10% above the base model's).
-    beat_base = (metrics["finetuned"]["rougeL"] > metrics["base"]["rougeL"]
-                 and metrics["forgetting"] <= 0.1)
+    # The first version becomes challenger, and champion only where the lower bound of its gain over
+    # the base model is above 0 without forgetting (general-text perplexity at most 10% above the
+    # base model's). Register's interval is the one evaluate reported: same scores, same settings.
+    over_base = metrics["intervals"]["finetuned_vs_base"]["rougeL"]
+    assert registration["promotion"]["intervals"]["base"] == over_base
+    beat_base = over_base["low"] > 0 and metrics["forgetting"] <= 0.1
     assert registration["aliases"] == (["challenger", "champion"] if beat_base else ["challenger"])
     assert str(client.get_model_version_by_alias("tiny-model", "challenger").version) == "1"
     assert version.tags["promotion"].startswith("promoted" if beat_base else "kept as challenger")
@@ -101,31 +110,47 @@ def test_dvc_repro_end_to_end(project):
     set_param(project, "quantize", "prompts", 3)
     quantized = dvc(project, "repro", "quantize")
     assert quantized.returncode == 0, quantized.stderr[-3000:]
-    assert ran(quantized.stdout) == {"quantize"}
+    assert ran(quantized.stdout) == {"validate", "quantize"}  # validate: any params.yaml edit, and cheap
     assert json.loads((project / "reports" / "quantize.json").read_text())["prompts"] == 3
 
-    # An evaluation param reruns only evaluate and register.
+    # An evaluation param reruns only evaluate and register (after the params check).
     set_param(project, "evaluate", "max_new_tokens", 5)
     third = dvc(project, "repro")
     assert third.returncode == 0, third.stderr[-3000:]
-    assert ran(third.stdout) == {"evaluate", "register"}
+    assert ran(third.stdout) == {"validate", "evaluate", "register"}
     assert json.loads((project / "reports" / "registration.json").read_text())["version"] == "2"
 
-    # The gate both ways, through the register stage: a better challenger is promoted and
-    # `models:/NAME@champion` loads it; a worse one, or a better one that forgot general
-    # language, stays challenger and says why (in the version's tag too).
+    # The gate both ways, through the register stage, on per-example scores: a challenger better by
+    # a clear margin is promoted and `models:/NAME@champion` loads it; the same model again, whatever
+    # its scores, or a better one that forgot general language, stays challenger and says why (in
+    # the version's tag too). Versions 1 and 2 are this same adapter, which the gate never promotes
+    # over itself: the loop starts with no champion.
+    if "champion" in client.get_registered_model("tiny-model").aliases:
+        client.delete_registered_model_alias("tiny-model", "champion")
     for score, general, promoted, version_number in ((0.9, 20.0, True, "3"), (0.5, 20.0, False, "4"),
                                                      (0.95, 30.0, False, "5")):
+        if version_number == "5":  # v3 as if trained elsewhere: the champion is scored again, for real
+            client.set_model_version_tag("tiny-model", "3", "adapter_md5", "from-another-run")
         tweaked = json.loads((project / "reports" / "metrics.json").read_text())
-        tweaked["base"]["rougeL"], tweaked["finetuned"]["rougeL"] = 0.1, score
         tweaked["base"]["general_perplexity"], tweaked["finetuned"]["general_perplexity"] = 20.0, general
         (project / "reports" / "metrics.json").write_text(json.dumps(tweaked))
+        rows = [json.loads(line) for line in (project / "reports" / "generations.jsonl").read_text().splitlines()]
+        for row in rows:
+            row["rougeL_base"], row["rougeL_finetuned"] = 0.1, score
+        (project / "reports" / "generations.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         assert stage(project, "register").returncode == 0
         result = json.loads((project / "reports" / "registration.json").read_text())
         assert result["version"] == version_number and result["promotion"]["promote"] is promoted
+        if version_number == "3":
+            assert "no champion yet" in result["promotion"]["reasons"]
         if version_number == "4":
-            assert ("rougeL 0.5000 vs champion v3 0.9000 (-0.4000, needs > 0 and >= 0): fail"
+            assert result["champion"]["scored"].startswith("same model")
+            assert ("+0.0000 rougeL, 95 % CI [+0.0000, +0.0000] over champion v3 (the same model as this challenger) "
+                    f"(paired bootstrap, {len(rows)} examples; lower bound must be > 0): fail"
                     in result["promotion"]["reasons"])
+    # v5 beats the re-scored champion (the tiny model's own scores) and fails on forgetting alone.
+    assert result["champion"]["scored"] == "generated again on this test split"
+    assert next(r for r in result["promotion"]["reasons"] if "over champion v3" in r).endswith(": pass")
     assert "general_perplexity 30.0000 vs base 20.0000 (+50.0%, allowed <= +10.0%): fail" in result["promotion"]["reasons"]
     tag = client.get_model_version("tiny-model", "5").tags["promotion"]
     assert tag.startswith("kept as challenger: ") and "+50.0%, allowed <= +10.0%): fail" in tag
@@ -146,6 +171,8 @@ def test_prefect_flow_leaves_the_same_lock_as_dvc_repro(project, capsys):
     print_summary(result, project)
     printed = capsys.readouterr().out
     assert "perplexity (lower is better)" in printed and "Registered models:/tiny-model/1 as challenger" in printed
+    assert re.search(r"Promotion gate on rougeL: [+-]\d\.\d{4} rougeL, 95 % CI \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\] "
+                     r"over base; no champion yet: kept as challenger", printed), printed
     assert f"--backend-store-uri sqlite:///{project / 'mlruns.db'} --host 127.0.0.1" in printed
     lock = (project / "dvc.lock").read_text()
     status = dvc(project, "status")
@@ -164,10 +191,11 @@ def test_bad_param_stops_the_stage_with_one_line_and_no_output(project):
     assert result.stderr.strip().splitlines() == [
         f"error: params.yaml:{_line(project, 'sead')}: prepare_data.sead: unknown key"]
     assert not (project / "data" / "prepared").exists()
-    # Through DVC, as the flow runs it: the stage's own line and exit code come back, so no retry.
+    # Through DVC, as the flow runs it (the params check first): the check's own line and exit code
+    # come back, so no retry.
     set_param(project, "prepare_base", "trust_remote_code", "sometimes")
     with pytest.raises(StageFailed) as err:
-        dvc_repro("prepare_base", project)
+        dvc_repro("validate", project)
     assert err.value.returncode == 2 and "prepare_base.trust_remote_code: Input should be a valid boolean" in str(err.value)
     assert not (project / "models").exists()
 

@@ -237,7 +237,7 @@ def test_data_outside_data_raw_is_refused(tmp_path):
     (proj / "data" / "raw" / "link.jsonl").symlink_to(outside)
     with pytest.raises(PipelineError, match=rf"^prepare_data.path: data/raw/link.jsonl resolves to {outside}{hint}"):
         check_data_location(params(Path("data/raw/link.jsonl")), proj)
-    with pytest.raises(PipelineError, match=rf"^prepare_data.external_eval\[1\]: \.\./outside.jsonl resolves to"):
+    with pytest.raises(PipelineError, match=r"^prepare_data.external_eval\[1\]: \.\./outside.jsonl resolves to"):
         check_data_location(params(Path("data/raw/ok.jsonl"), external_eval=["data/raw/ok.jsonl", "../outside.jsonl"]),
                             proj)
     with pytest.raises(PipelineError, match=r"^prepare_data.path: \./saved resolves to .*, outside data/raw/"):

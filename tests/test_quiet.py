@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, stage_env
 
 NOISE = ("ERROR", "FutureWarning", "gemm_4bit_forward")

@@ -1,6 +1,7 @@
 """The register stage against a registry it cannot fully trust: the champion's run gone, the server
-down, no champion alias, a champion without the gate's metric. Plus credential masking and the
-registry reader's "not found" versus "failed" on a fake client.
+down, no champion alias, a challenger without per-example scores. The champion scored again on the
+current test split, and never promoted over by itself. Plus credential masking and the registry
+reader's "not found" versus "failed" on a fake client.
 
 The stage tests share one `dvc repro` (every stage but register) of the tiny project; each copies it.
 """
@@ -168,7 +169,8 @@ def registered(proj: Path, **env: str) -> dict:
 
 
 def set_scores(proj: Path, finetuned: float | None) -> None:
-    """The gate's inputs: base rougeL 0.1, the fine-tuned one `finetuned` (None: not logged), no forgetting."""
+    """The gate's inputs: every test example's rougeL 0.1 for the base model and `finetuned` for
+    the fine-tuned one (None: no per-example rougeL, as from an older evaluate), no forgetting."""
     path = proj / "reports" / "metrics.json"
     metrics = json.loads(path.read_text())
     metrics["base"].update(rougeL=0.1, general_perplexity=20.0)
@@ -176,6 +178,13 @@ def set_scores(proj: Path, finetuned: float | None) -> None:
     if finetuned is None:
         del metrics["finetuned"]["rougeL"]
     path.write_text(json.dumps(metrics))
+    path = proj / "reports" / "generations.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        row.update(rougeL_base=0.1, rougeL_finetuned=finetuned)
+        if finetuned is None:
+            del row["rougeL_finetuned"]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def client(proj: Path):
@@ -257,15 +266,94 @@ def test_missing_champion_alias_lets_a_better_challenger_be_promoted(proj):
     assert aliases(proj) == {"challenger": "2", "champion": "2"}
 
 
-def test_champion_without_the_primary_metric_keeps_the_new_version_challenger(proj):
-    set_scores(proj, None)  # a champion registered before rougeL was logged
+def test_challenger_without_per_example_scores_of_the_metric_stays_challenger(proj):
+    set_scores(proj, None)  # reports of an evaluate that kept no per-example rougeL
     first = registered(proj)
-    assert "challenger has no rougeL logged: cannot compare" in first["promotion"]["reasons"]
-    client(proj).set_registered_model_alias(MODEL, "champion", "1")
+    assert first["promotion"]["promote"] is False and first["aliases"] == ["challenger"]
+    assert "challenger has no per-example rougeL scores: cannot compare" in first["promotion"]["reasons"]
+    assert first["promotion"]["intervals"] == {"base": None}
+    assert aliases(proj) == {"challenger": "1"}
+
+
+def test_the_same_model_is_never_promoted_over_itself(proj):
     set_scores(proj, 0.9)
+    first = registered(proj)
+    assert first["promotion"]["promote"] is True and first["champion"] is None
+    assert first["promotion"]["intervals"]["base"]["estimate"] == pytest.approx(0.8)
+    # The same adapter registered again with even better scores: the champion is this very model
+    # (adapter_md5 and base_model_md5 equal), so its scores are the challenger's, and the gain is 0.
+    set_scores(proj, 0.95)
     second = registered(proj)
     assert second["version"] == "2" and second["promotion"]["promote"] is False
-    assert "champion v1 has no rougeL logged: cannot compare" in second["promotion"]["reasons"]
-    assert aliases(proj) == {"champion": "1", "challenger": "2"}  # every version holds an alias: none orphaned
-    tag = client(proj).get_model_version(MODEL, "2").tags["promotion"]
-    assert tag.startswith("kept as challenger: ") and "champion v1 has no rougeL logged" in tag
+    assert second["champion"]["version"] == "1" and second["champion"]["scored"].startswith("same model")
+    assert second["champion"]["logged_metrics"]["rougeL"] == pytest.approx(0.9)
+    reason = next(r for r in second["promotion"]["reasons"] if "over champion v1" in r)
+    assert reason == ("+0.0000 rougeL, 95 % CI [+0.0000, +0.0000] over champion v1 (the same model as this "
+                      f"challenger) (paired bootstrap, {len(generations(proj))} examples; lower bound must be > 0): fail")
+    assert aliases(proj) == {"champion": "1", "challenger": "2"}
+    tags = client(proj).get_model_version(MODEL, "2").tags
+    assert tags["promotion"].startswith("kept as challenger: ") and reason in tags["promotion"]
+    assert tags["gate.base"].startswith("+0.8500 rougeL, 95 % CI [+0.8500, +0.8500]")
+    assert tags["gate.champion"] == "+0.0000 rougeL, 95 % CI [+0.0000, +0.0000]"
+    tuned = client(proj).get_run(second["finetuned_run_id"]).data
+    assert tuned.metrics["gain_vs_base"] == pytest.approx(0.85) and tuned.metrics["promoted"] == 0
+    assert tuned.metrics["gain_vs_champion_ci_low"] == 0 and tuned.tags["gate.champion"] == tags["gate.champion"]
+
+
+def generations(proj: Path) -> list[dict]:
+    return [json.loads(line) for line in (proj / "reports" / "generations.jsonl").read_text().splitlines()]
+
+
+def test_the_champion_is_scored_again_on_the_current_split(proj):
+    from ftpipe.metrics import METRIC_KEYS
+
+    evaluated = json.loads((proj / "reports" / "metrics.json").read_text())
+    scored = generations(proj)  # evaluate's own scores of the fine-tuned model, before any edit
+    originals = {name: (proj / "reports" / name).read_text() for name in ("metrics.json", "generations.jsonl")}
+    set_scores(proj, 0.9)
+    assert registered(proj)["aliases"] == ["challenger", "champion"]  # v1 logs rougeL 0.9
+    # v1 as a champion from another training run: the gate must score it, not trust its logged 0.9.
+    client(proj).set_model_version_tag(MODEL, "1", "adapter_md5", "from-another-run")
+    for name, text in originals.items():
+        (proj / "reports" / name).write_text(text)
+    second = registered(proj)
+    champion = second["champion"]
+    assert champion["version"] == "1" and champion["scored"] == "generated again on this test split"
+    assert champion["logged_metrics"]["rougeL"] == pytest.approx(0.9)
+    # Loaded from models:/tiny-model/1 and scored on the rows evaluate scored, with its settings:
+    # exactly what evaluate measured of the same weights, not the figures v1 logged.
+    assert set(champion["metrics"]) == set(METRIC_KEYS)
+    for key in METRIC_KEYS:
+        assert champion["metrics"][key] == pytest.approx(evaluated["finetuned"][key], rel=1e-5), key
+    assert champion["metrics"]["rougeL"] != pytest.approx(0.9)
+    logged = json.loads(Path(client(proj).download_artifacts(second["pipeline_run_id"], "generations.json",
+                                                            str(proj))).read_text())
+    table = {column: [row[i] for row in logged["data"]] for i, column in enumerate(logged["columns"])}
+    assert table["champion"] == [row["finetuned"] for row in scored]
+    assert table["rougeL_champion"] == pytest.approx([row["rougeL_finetuned"] for row in scored])
+    assert table["nll_champion"] == pytest.approx([row["nll_finetuned"] for row in scored], rel=1e-5)
+    champion_run = client(proj).get_run(champion["run_id"]).data
+    assert champion_run.tags["candidate"] == "champion" and champion_run.tags["champion_version"] == "1"
+    assert champion_run.metrics["perplexity"] == pytest.approx(evaluated["finetuned"]["perplexity"], rel=1e-5)
+    # The same weights: no gain over the champion, so no promotion.
+    interval = second["promotion"]["intervals"]["champion"]
+    assert interval["low"] <= 0 and second["promotion"]["promote"] is False
+
+    # A test split that no longer holds the evaluated rows: one line, nothing registered.
+    test_split = proj / "data" / "prepared" / "test.jsonl"
+    originals_split = test_split.read_text()
+    test_split.write_text("".join(originals_split.splitlines(keepends=True)[1:]))
+    stale = register(proj)
+    assert stale.returncode == 2 and versions(proj) == ["1", "2"]
+    assert one_error_line(stale).startswith("error: reports/generations.jsonl: 1 row(s) not in data/prepared/test.jsonl")
+
+    # A champion whose model files are gone cannot be scored: one line, nothing registered.
+    test_split.write_text(originals_split)
+    model_id = client(proj).get_model_version(MODEL, "1").source.removeprefix("models:/")
+    shutil.rmtree(Path(client(proj).get_logged_model(model_id).artifact_location.removeprefix("file://")))
+    gone = register(proj)
+    assert gone.returncode == 2 and versions(proj) == ["1", "2"] and aliases(proj) == {"champion": "1", "challenger": "2"}
+    assert one_error_line(gone) == (
+        f"error: MLflow registry sqlite:///{proj.resolve() / 'mlruns.db'}: {MODEL} champion v1: cannot load its "
+        'model to score it again (Failed to download an "MLmodel" model file from "models:/tiny-model/1"); '
+        "restore it or move the alias by hand")

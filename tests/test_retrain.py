@@ -86,8 +86,11 @@ def test_three_triggers_no_change_better_data_worse_model(project, harness, monk
     assert (project / "dvc.lock").read_text() == lock
     assert "# No change: no training" in latest_artifact("retrain-report")
 
-    # 2. More data appended to the file: DVC sees data/raw change; the new version beats v1 and the base.
+    # 2. More data appended to the file, trained for more epochs: DVC sees data/raw change; the new
+    #    version beats the base and v1, scored again on the new test split, by more than noise (on
+    #    the tiny model more data alone lowers perplexity by less than the interval's width).
     append(project / DATA, qa_rows(64, offset=16))
+    set_param(project, "train", "epochs", 4)
     better = retrain(project_dir=project, data_path=DATA)
     report = latest_artifact("retrain-report")
     assert better["status"] == "promoted", report
@@ -265,3 +268,35 @@ def test_data_path_must_land_in_data_raw_and_bad_cron_is_refused(project, capsys
     assert (params["source"], params["path"]) == ("file", DATA)
     assert main(["--serve", "--cron", "every day", "--project-dir", str(project)]) == 2
     assert capsys.readouterr().err.strip() == "error: cron 'every day': not a valid cron expression"
+
+
+def test_report_shows_the_champion_scored_on_this_split_and_the_gate_interval(tmp_path):
+    from flows.retrain_report import retrain_report
+
+    block = {"bleu": 1.0, "rouge1": 0.2, "rouge2": 0.1, "rougeL": 0.2, "rougeLsum": 0.2, "perplexity": 9.0}
+    interval = {"metric": "rougeL", "confidence": 0.95, "examples": 8, "samples": 2000, "method": "BCa"}
+    registration = {
+        "model_name": "tiny-model", "version": "2", "model_uri": "models:/tiny-model/2",
+        "aliases": ["challenger", "champion"],
+        "promotion": {"promote": True, "reasons": ["a reason"], "metric": "rougeL", "intervals": {
+            "base": {**interval, "estimate": 0.15, "low": 0.1, "high": 0.2},
+            "champion": {**interval, "estimate": 0.05, "low": 0.01, "high": 0.09}}},
+        "champion": {"version": "1", "scored": "generated again on this test split", "run_id": "r1",
+                     "metrics": {**block, "rougeL": 0.15}, "logged_metrics": {**block, "rougeL": 0.9}},
+    }
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "registration.json").write_text(json.dumps(registration))
+    (reports / "metrics.json").write_text(json.dumps({"examples": 8, "base": {**block, "rougeL": 0.05},
+                                                      "finetuned": block}))
+    (reports / "data.json").write_text(json.dumps({"source": "file", "rows_in": 80, "rows_out": 80,
+                                                   "splits": {"train": 64, "val": 8, "test": 8}, "rules": {},
+                                                   "leaks": {"total": 0}, "leak_action": "fail"}))
+    change = {"reasons": ["prepare_data: changed deps"], "champion": {"version": "1", "metrics": {"rougeL": 0.9}}}
+    report, _ = retrain_report(tmp_path, change, {"register": 1.0})
+    assert "| rougeL | 0.0500 | 0.1500 | 0.2000 |" in report  # the re-scored 0.15, not the logged 0.9
+    assert "| metric | base | champion v1 (before) | challenger v2 |" in report
+    assert "The champion is scored on this test split: the same rows and greedy settings as the challenger" in report
+    assert "logged when it was registered" not in report
+    assert ("+0.1500 rougeL, 95 % CI [+0.1000, +0.2000] over base; +0.0500 rougeL, 95 % CI [+0.0100, +0.0900] "
+            "over champion v1: promoted") in report
