@@ -263,3 +263,20 @@ def test_outputs_are_put_in_place_together_or_not_at_all(tmp_path):
         write_text(report, "new")
         assert report.read_text() == "old"  # nothing moves before the block ends
     assert report.read_text() == "new" and (model / "weights").read_text() == "new"
+
+
+def test_credentials_never_reach_the_retraining_flows_output_or_prefect(finished_project, tmp_path):
+    """The same through `flows.retrain`, whose registry read Prefect retries (and logs) three times."""
+    proj = finished_project
+    uri = f"http://alice:{SECRET}@127.0.0.1:9/?token={TOKEN}"
+    result = subprocess.run([sys.executable, "-m", "flows.retrain", "--project-dir", str(proj)], cwd=proj,
+                            env=flow_env(tmp_path, MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    printed = result.stdout + result.stderr
+    assert SECRET not in printed and TOKEN not in printed
+    assert len(re.findall(r"Retry \d/3 will start", printed)) == 3  # Prefect retried the read, logging each try
+    assert re.fullmatch(r"error: MLflow tracking server http://\*\*\*@127\.0\.0\.1:9/\?token=\*\*\* .*",
+                        error_lines(result.stderr)[-1])
+    stored = [p for p in (tmp_path / "prefect-home").rglob("*") if p.is_file()]
+    assert stored and not any(SECRET.encode() in p.read_bytes() or TOKEN.encode() in p.read_bytes() for p in stored)
