@@ -191,6 +191,8 @@ def comparison_table(result: dict[str, Any]) -> str:
         if key in intervals:
             low, high = difference_interval(key, intervals[key])
             ci = f"[{low:+.4g}, {high:+.4g}]"
+            if key == "bleu":  # its interval is of another statistic than the corpus BLEU beside it
+                ci = f"mean sentence BLEU {intervals[key]['estimate']:+.4g} {ci}"
         lines.append(f"| {key} | {b:.4g} | {'' if fewshot is None else f'{fewshot:.4g}'} | {t:.4g} "
                      f"| {t - b:+.4g} {'better' if better else 'same' if t == b else 'worse'} | {ci} |")
     text = "\n".join(lines) + f"\n\n{result['examples']} test examples; BLEU {result['bleu_signature']}\n"
