@@ -90,13 +90,31 @@ def all_or_nothing() -> Iterator[None]:
         raise
     finally:
         _staged = outer
-    held = {signal.SIGTERM, signal.SIGINT}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
+    with _signals_deferred():
         for tmp, target in staged:
             _put_in_place(tmp, target)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT off while the block runs, then deliver one that came to the handler
+    in place before. Python runs signal handlers in the main thread whichever thread the kernel
+    picked (torch's worker threads among them), so a thread's signal mask could not hold them off."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a held signal is delivered now
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if pending:
+        signal.raise_signal(pending[0])
 
 
 @contextlib.contextmanager

@@ -265,6 +265,34 @@ def test_outputs_are_put_in_place_together_or_not_at_all(tmp_path):
     assert report.read_text() == "new" and (model / "weights").read_text() == "new"
 
 
+def test_a_signal_during_the_final_renames_waits_for_them(tmp_path, monkeypatch):
+    """SIGTERM while the outputs are being put in place is delivered after the last one."""
+    import ftpipe.io as io
+    from ftpipe.errors import Terminated, terminate
+
+    report, model = tmp_path / "report.json", tmp_path / "model"
+    report.write_text("old")
+    model.mkdir()
+    put = io._put_in_place
+
+    def put_then_signal(tmp, target):
+        put(tmp, target)
+        if io._staged is None and target == model:  # between the two renames of the commit
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(io, "_put_in_place", put_then_signal)
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        with pytest.raises(Terminated), io.all_or_nothing():
+            with io.atomic_dir(model) as tmp:
+                (tmp / "weights").write_text("new")
+            io.write_text(report, "new")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (model / "weights").read_text() == "new" and report.read_text() == "new"
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
 def test_credentials_never_reach_the_retraining_flows_output_or_prefect(finished_project, tmp_path):
     """The same through `flows.retrain`, whose registry read Prefect retries (and logs) three times."""
     proj = finished_project
