@@ -134,11 +134,15 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 
 def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         _put_in_place(tmp, path)
     except BaseException:
         remove_path(tmp)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from ftpipe.io import write_bytes
 
 
 def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], path: Path) -> None:
@@ -21,6 +24,7 @@ def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], pa
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    write_bytes(path, png.getvalue())  # atomic, and put in place with the stage's other outputs

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.errors import PipelineError, run_cli
-from ftpipe.io import atomic_dir, dumps_jsonl, write_json, write_text
+from ftpipe.io import all_or_nothing, atomic_dir, dumps_jsonl, write_json, write_text
 from ftpipe.params import PrepareDataParams, load_section
 
 OUT_DIR = Path("data/prepared")
@@ -267,7 +267,7 @@ def run(*, params: PrepareDataParams, out_dir: Path, reports_dir: Path, tokenize
         "train_rows_dropped_for_leaks": dropped_for_leaks,
         "token_filters": tokenizer is not None,
     }
-    with atomic_dir(out_dir) as tmp:
+    with all_or_nothing(), atomic_dir(out_dir) as tmp:  # the splits and their reports together
         for name in SPLITS:
             write_text(tmp / f"{name}.jsonl", dumps_jsonl(splits[name]))
         write_json(reports_dir / "data.json", report)

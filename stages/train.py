@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.errors import PipelineError, run_cli
-from ftpipe.io import atomic_dir, read_json, read_jsonl, remove_path, write_json, write_text
+from ftpipe.io import all_or_nothing, atomic_dir, read_json, read_jsonl, remove_path, write_json, write_text
 from ftpipe.params import TrainParams, load_section
 
 BASE_DIR = Path("models/base")
@@ -241,7 +241,7 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
     if resume:
         print(f"train: resuming from {resume} (step {resumed_step})")
 
-    with atomic_dir(out_dir) as tmp:
+    with all_or_nothing(), atomic_dir(out_dir) as tmp:  # the model and its reports together
         args = TrainingArguments(
             output_dir=str(checkpoints),
             per_device_train_batch_size=params.batch_size,
