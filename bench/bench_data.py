@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ftpipe.paths import BASE_DIR
+
 WORDS = ("the a to of and in is it you that he was for on are with as his they be at one have this from or had "
          "by hot word but what some we can out other were all there when up use your how said an each she which "
          "do their time if will way about many then them write would like so these her long make thing see him two "
@@ -87,10 +89,10 @@ def main() -> None:
         timed(stage, name, phases)
 
     tokenizer = None
-    if Path("models/base/tokenizer_config.json").is_file():
+    if (BASE_DIR / "tokenizer_config.json").is_file():
         from ftpipe.models import load_tokenizer
 
-        tokenizer = load_tokenizer(Path("models/base"))
+        tokenizer = load_tokenizer(BASE_DIR)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.jsonl"
         raw.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(args.rows)))
@@ -99,16 +101,16 @@ def main() -> None:
         report = stage.run(params=params, out_dir=Path(tmp) / "prepared", reports_dir=Path(tmp) / "reports",
                            tokenizer=tokenizer)
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
-    print(f"rows in: {report['rows_in']:,}  rows out: {report['rows_out']:,}  "
-          f"near-dup clusters: {report['near_duplicate_clusters']:,}  split groups: {report['split_groups']:,}")
-    print("dropped:", {rule: c.get("dropped") for rule, c in report["rules"].items() if c.get("dropped")})
-    print(f"leaks after the group-aware split: {report['leaks']['total']}")
+    print(f"rows in: {report.rows_in:,}  rows out: {report.rows_out:,}  "
+          f"near-dup clusters: {report.near_duplicate_clusters:,}  split groups: {report.split_groups:,}")
+    print("dropped:", {rule: c.get("dropped") for rule, c in report.rules.items() if c.get("dropped")})
+    print(f"leaks after the group-aware split: {report.leaks.total}")
     print(f"length filters: {'base tokenizer' if tokenizer else 'skipped (no models/base)'}")
     for name, (wall, cpu_s) in phases.items():
         print(f"  {name:<14} wall {wall:6.1f} s  cpu {cpu_s:6.1f} s")
     rest = elapsed - sum(w for w, _ in phases.values()), cpu - sum(c for _, c in phases.values())
     print(f"  {'other':<14} wall {rest[0]:6.1f} s  cpu {rest[1]:6.1f} s  (checks, report, writing)")
-    print(f"wall time: {elapsed:.1f} s  cpu time: {cpu:.1f} s  ({report['rows_in'] / elapsed:,.0f} rows/s)  "
+    print(f"wall time: {elapsed:.1f} s  cpu time: {cpu:.1f} s  ({report.rows_in / elapsed:,.0f} rows/s)  "
           "target: < 60 s")
 
 

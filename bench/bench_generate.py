@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ftpipe.errors import PipelineError, run_cli
+from ftpipe.paths import BASE_DIR, PREPARED_DIR
 
 
 def load_prompts(tokenizer, test_file: Path, count: int) -> list[str]:
@@ -39,8 +40,8 @@ def timed(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_toke
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path("models/base"))
-    parser.add_argument("--test-file", type=Path, default=Path("data/prepared/test.jsonl"))
+    parser.add_argument("--model", type=Path, default=BASE_DIR)
+    parser.add_argument("--test-file", type=Path, default=PREPARED_DIR / "test.jsonl")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16, help="evaluate.batch_size in params.yaml")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="evaluate.max_new_tokens in params.yaml")

@@ -14,8 +14,13 @@ same token ids, batch size and steps, in fp32 with random batches padded to the 
 `baseline` is a default TRL `SFTTrainer` (its defaults: gradient checkpointing, loss and token
 metrics over every position); `baseline-trainer` is a transformers `Trainer` with the model's own
 loss on assistant tokens (vocabulary logits still at every position). Ratios are against the first
-one measured. Validation loss is the same for all rows: mean assistant-token cross-entropy on
-data/prepared/val.jsonl. Target: LoRA >= 6x the TRL baseline's real tokens/s on 2 CPU cores.
+one measured; `baseline-bf16` is the TRL one with `bf16=True` (only where the CPU has bf16), the peer
+at its best. Validation loss is the same for all rows: mean assistant-token cross-entropy on
+data/prepared/val.jsonl. The run starts with the machine (bench/ceiling.py: CPU, bf16 / AMX, the
+matmul GFLOP/s at the model's shapes in fp32 and bf16); each row shows the matmul GFLOP/s it
+sustained and its share of that ceiling in the row's precision. Targets on 2 CPU cores: with bf16
+or AMX, LoRA at 800 real tokens/s or more and 7.5x the TRL defaults; without bf16, 60 % of the fp32
+ceiling.
 `--footprint` adds the 4-bit (NF4, double quantization) base weight footprint against fp32
 (target <= 35 %).
 Needs `python -m stages.prepare_base` and `python -m stages.prepare_data` first.
@@ -35,10 +40,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ftpipe.paths import BASE_DIR
+from ftpipe.paths import PREPARED_DIR as DATA_DIR
+
 METHODS = ("full", "lora", "lora_unpacked", "qlora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning")
-BASELINE, TRAINER_BASELINE = "baseline", "baseline-trainer"
-BASELINES = (BASELINE, TRAINER_BASELINE)
-BASE_DIR, DATA_DIR = Path("models/base"), Path("data/prepared")
+BASELINE, BF16_BASELINE, TRAINER_BASELINE = "baseline", "baseline-bf16", "baseline-trainer"
+BASELINES = (BASELINE, BF16_BASELINE, TRAINER_BASELINE)
 WARMUP_STEPS = 3  # untimed steps at the start of every run
 RESULT = "BENCH_RESULT "  # prefix of the child's one result line on stdout
 FOOTPRINT = "footprint:"  # child name prefix: load the base weights as this variant and report their bytes
@@ -65,14 +72,18 @@ def train_params(method: str, steps: int):
 
 
 class StepMeter:
-    """Real (non-padding) tokens and wall time at the end of every optimizer step, whatever Trainer
-    subclass runs it (Trainer, TRL's SFTTrainer, stages.train's), so all rows are timed alike."""
+    """Real (non-padding) tokens, matmul FLOPs (bench.ceiling.step_flops) and wall time at the end of
+    every optimizer step, whatever Trainer subclass runs it (Trainer, TRL's SFTTrainer,
+    stages.train's), so all rows are timed and counted alike."""
 
-    def __init__(self) -> None:
-        from transformers import Trainer
+    def __init__(self, *, full: bool = False) -> None:
+        from transformers import AutoConfig, Trainer
         from transformers.trainer_callback import CallbackHandler
 
-        self.tokens, self.marks = 0, []  # marks: (seconds, tokens so far) after each step
+        from bench.ceiling import Shapes, step_flops
+
+        shapes = Shapes.of(AutoConfig.from_pretrained(BASE_DIR))
+        self.tokens, self.flops, self.marks = 0, 0.0, []  # marks: (seconds, tokens, flops so far) after each step
         training_step, step_end = Trainer.training_step, CallbackHandler.on_step_end
         meter = self
 
@@ -82,10 +93,11 @@ class StepMeter:
                 meter.tokens += int(inputs["real_tokens"])
             else:
                 meter.tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            meter.flops += step_flops(shapes, inputs, full=full)
             return training_step(trainer, model, inputs, *args, **kwargs)
 
         def marking_step_end(handler, *args, **kwargs):
-            meter.marks.append((time.perf_counter(), meter.tokens))
+            meter.marks.append((time.perf_counter(), meter.tokens, meter.flops))
             return step_end(handler, *args, **kwargs)
 
         Trainer.training_step, CallbackHandler.on_step_end = counting_step, marking_step_end
@@ -95,19 +107,20 @@ class StepMeter:
         (the first steps also pay for set-up: optimizer state, kernel selection, allocations)."""
         if len(self.marks) <= WARMUP_STEPS:
             raise SystemExit(f"only {len(self.marks)} steps ran: need more than the {WARMUP_STEPS} warm-up steps")
-        (t0, n0), (t1, n1) = self.marks[WARMUP_STEPS - 1], self.marks[-1]
-        return {"tokens": n1 - n0, "train_s": round(t1 - t0, 2), "timed_steps": len(self.marks) - WARMUP_STEPS}
+        (t0, n0, f0), (t1, n1, f1) = self.marks[WARMUP_STEPS - 1], self.marks[-1]
+        return {"tokens": n1 - n0, "gflop": (f1 - f0) / 1e9, "train_s": round(t1 - t0, 2),
+                "timed_steps": len(self.marks) - WARMUP_STEPS}
 
 
 def run_method(method: str, steps: int) -> dict[str, Any]:
     from stages import train
 
-    meter = StepMeter()
+    meter = StepMeter(full=method == "full")
     with tempfile.TemporaryDirectory() as tmp:
         summary = train.run(params=train_params(method, steps), base_dir=BASE_DIR, data_dir=DATA_DIR,
                             out_dir=Path(tmp) / "adapter", reports_dir=Path(tmp) / "reports")
-    return {"trainable": summary["trainable_parameters"], **meter.result(),
-            "val_loss": summary["val_loss_final"], "steps": summary["steps"], "precision": summary["precision"]}
+    return {"trainable": summary.trainable_parameters, **meter.result(),
+            "val_loss": summary.val_loss_final, "steps": summary.steps, "precision": summary.precision}
 
 
 def lora_baseline_model(params):
@@ -138,7 +151,7 @@ def run_baseline(name: str, steps: int) -> dict[str, Any]:
 
     from ftpipe import models
     from ftpipe.io import read_jsonl
-    from stages.train import encode_rows
+    from ftpipe.trainer import encode_rows
 
     params = train_params("lora", steps)
     meter = StepMeter()
@@ -152,13 +165,14 @@ def run_baseline(name: str, steps: int) -> dict[str, Any]:
                   weight_decay=params.weight_decay, save_strategy="no", report_to="none", seed=params.seed,
                   data_seed=params.seed, use_cpu=True)
     with tempfile.TemporaryDirectory() as tmp:
-        if name == BASELINE:
+        if name in (BASELINE, BF16_BASELINE):
             from datasets import Dataset
             from trl import SFTConfig, SFTTrainer
 
             # Token ids only: TRL's default for a dataset without labels is a loss at every position.
             data = Dataset.from_list([{"input_ids": row["input_ids"]} for row in train_set])
-            trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=tmp, bf16=False, **common),
+            bf16 = name == BF16_BASELINE  # the peer at its best where the CPU has bf16
+            trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=tmp, bf16=bf16, **common),
                                  train_dataset=data, processing_class=tokenizer)
         else:
             from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -169,7 +183,7 @@ def run_baseline(name: str, steps: int) -> dict[str, Any]:
         trainer.train()
         loss = val_loss(model, tokenizer, val_set, params, tmp)
     return {"trainable": models.count_parameters(model)[1], **meter.result(),
-            "val_loss": loss, "steps": trainer.state.global_step, "precision": "fp32"}
+            "val_loss": loss, "steps": trainer.state.global_step, "precision": "bf16" if name == BF16_BASELINE else "fp32"}
 
 
 def child(name: str, steps: int) -> None:
@@ -197,16 +211,17 @@ def measure(name: str, steps: int) -> dict[str, Any] | str:
     return result
 
 
-def summarize(runs: list[dict[str, Any]], baseline_runs: list[dict[str, Any]] | None) -> dict[str, Any]:
-    """The run with the median tokens/s, the range of all, and the median of the paired speed ratios
-    (run i against the baseline's run i of the same round, so slow spells of a shared machine,
-    which vary runs by 15 % or more, hit both sides of a ratio)."""
+def summarize(runs: list[dict[str, Any]], baselines: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The run with the median tokens/s, the range of all, and per baseline the median of the paired
+    speed ratios (run i against that baseline's run i of the same round, so slow spells of a shared
+    machine, which vary runs by 15 % or more, hit both sides of a ratio)."""
     ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
     median = dict(ordered[len(ordered) // 2])
     median["range"] = (ordered[0]["tokens_per_s"], ordered[-1]["tokens_per_s"])
-    if baseline_runs:
+    median["paired"] = {}
+    for name, baseline_runs in baselines.items():
         ratios = sorted(r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(runs, baseline_runs))
-        median["paired_speed_ratio"] = ratios[len(ratios) // 2]
+        median["paired"][name] = ratios[len(ratios) // 2]
     return median
 
 
@@ -222,26 +237,33 @@ def rejected(method: str, steps: int) -> str | None:
 
 
 LABELS = {BASELINE: "baseline (TRL SFTTrainer defaults, fp32)",
+          BF16_BASELINE: "baseline-bf16 (TRL SFTTrainer, bf16=True)",
           TRAINER_BASELINE: "baseline-trainer (transformers Trainer, fp32, full logits)"}
 
 
-def table(results: dict[str, dict[str, Any] | str], steps: int) -> str:
+def table(results: dict[str, dict[str, Any] | str], steps: int, ceiling: dict[str, float]) -> str:
+    """Markdown: per row real tokens/s, its paired ratio to each TRL baseline measured, the matmul
+    GFLOP/s it sustained and its share of the machine's ceiling in the row's precision."""
+    trl = [name for name in (BASELINE, BF16_BASELINE) if isinstance(results.get(name), dict)]
     base = next((r for name, r in results.items() if name in BASELINES and isinstance(r, dict)), None)
-    lines = [f"| method ({steps} steps) | trainable params | real tokens/s | x | peak RSS MB | x | val loss | x |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| method ({steps} steps) | trainable params | real tokens/s | "
+             + "".join(f"x {name} | " for name in trl)
+             + "GFLOP/s | % of ceiling | peak RSS MB | x | val loss | x |",
+             "|---|---:|---:|" + "---:|" * len(trl) + "---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         if isinstance(r, str):
-            lines.append(f"| {name} | {r} |||||||")
+            lines.append(f"| {name} | {r} |" + "|" * (len(trl) + 8))
             continue
 
         def ratio(key: str, r: dict = r) -> str:
-            if key == "tokens_per_s" and "paired_speed_ratio" in r:
-                return f"{r['paired_speed_ratio']:.2f}"
             return f"{r[key] / base[key]:.2f}" if isinstance(base, dict) else "-"
 
         label = LABELS.get(name, f"{name} ({r['precision']})")
         spread = f" ({r['range'][0]:.0f}-{r['range'][1]:.0f})" if r["range"][0] != r["range"][1] else ""
-        lines.append(f"| {label} | {r['trainable']:,} | {r['tokens_per_s']:.1f}{spread} | {ratio('tokens_per_s')} | "
+        speed = "".join(f"{1.0 if b == name else r['paired'].get(b, float('nan')):.2f} | " for b in trl)
+        gflops = r["gflop"] / r["train_s"]
+        lines.append(f"| {label} | {r['trainable']:,} | {r['tokens_per_s']:.1f}{spread} | {speed}"
+                     f"{gflops:.0f} | {gflops / ceiling[r['precision']]:.0%} | "
                      f"{r['peak_rss_mb']:.0f} | {ratio('peak_rss_mb')} | {r['val_loss']:.4f} | {ratio('val_loss')} |")
     return "\n".join(lines) + "\n"
 
@@ -279,7 +301,17 @@ def main() -> None:
     if not (BASE_DIR / "config.json").is_file() or not (DATA_DIR / "train.jsonl").is_file():
         sys.exit("run `python -m stages.prepare_base` and `python -m stages.prepare_data` first")
 
+    from transformers import AutoConfig
+
+    from bench.ceiling import Shapes, describe, machine
+
+    info = machine(Shapes.of(AutoConfig.from_pretrained(BASE_DIR)))
+    machine_line = describe(info)
+    print(machine_line, flush=True)
     baselines = [b for b in args.baselines.split(",") if b]
+    if BF16_BASELINE in baselines and not info["bf16_used"]:
+        print(f"skip {BF16_BASELINE}: this CPU has no bf16 instructions (bf16 would be emulated, slower than fp32)")
+        baselines.remove(BF16_BASELINE)
     if set(baselines) - set(BASELINES):
         sys.exit(f"--baselines: unknown {sorted(set(baselines) - set(BASELINES))}; choose from {', '.join(BASELINES)}")
     results: dict[str, dict[str, Any] | str] = {}
@@ -303,13 +335,14 @@ def main() -> None:
                 results[name] = result
                 continue
             runs[name].append(result)
-            print(f"   {result['tokens_per_s']:.1f} real tokens/s, {result['peak_rss_mb']:.0f} MB peak, "
+            print(f"   {result['tokens_per_s']:.1f} real tokens/s, {result['gflop'] / result['train_s']:.0f} GFLOP/s, "
+                  f"{result['peak_rss_mb']:.0f} MB peak, "
                   f"val loss {result['val_loss']:.4f}", flush=True)
-    reference = next((n for n in names if n in BASELINES and n not in results), None)
+    trl = {n: runs[n] for n in (BASELINE, BF16_BASELINE) if n in names and n not in results and runs[n]}
     for name in names:
         if name not in results:
-            results[name] = summarize(runs[name], runs[reference] if reference and name != reference else None)
-    report = table(results, args.steps)
+            results[name] = summarize(runs[name], {b: r for b, r in trl.items() if b != name})
+    report = machine_line + "\n\n" + table(results, args.steps, info["gflops"])
     if args.footprint:
         report += "\n" + footprint()
     print("\n" + report)

@@ -15,6 +15,8 @@ import json
 import time
 from pathlib import Path
 
+from ftpipe.paths import PARAMS, PREPARED_DIR
+
 METHODS = {
     "qlora": {"method": "qlora", "quantization": "nf4_dq"},
     "lora": {"method": "lora"},
@@ -55,14 +57,14 @@ def train_one(name: str, *, base: Path, data: Path, work: Path, max_steps: int) 
     from ftpipe.params import TrainParams
     from stages import train
 
-    shipped = yaml.safe_load(Path("params.yaml").read_text())["train"]
+    shipped = yaml.safe_load(PARAMS.read_text())["train"]
     params = TrainParams(**{**shipped, **METHODS[name], "max_steps": max_steps, "save_steps": 0, "merge": False})
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     summary = train.run(params=params, base_dir=base, data_dir=data, out_dir=work / name,
                         reports_dir=work / f"{name}-reports", checkpoint_root=work / "checkpoints")
-    row = {key: summary[key] for key in ("optimizer", "precision", "attention", "steps", "tokens_per_s",
+    row = {key: getattr(summary, key) for key in ("optimizer", "precision", "attention", "steps", "tokens_per_s",
                                          "val_loss_final", "train_s", "trainable_parameters")}
     row["stage_s"] = round(time.perf_counter() - started, 1)
     if torch.cuda.is_available():
@@ -73,7 +75,7 @@ def train_one(name: str, *, base: Path, data: Path, work: Path, max_steps: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", type=Path, required=True)
-    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--data", type=Path, default=PREPARED_DIR)
     parser.add_argument("--out", type=Path, required=True, help="gpu_check.json goes here")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpu-check"), help="base model and adapters")
     parser.add_argument("--max-steps", type=int, default=-1, help="-1: one epoch, as the stage's default")

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ftpipe import paths
 from ftpipe.errors import EXIT_USER_ERROR, PipelineError, terminate
 from ftpipe.secrets import redact
 
@@ -46,7 +47,7 @@ def validate_project(project_dir: Path) -> None:
     stages with --single-item, which would not run validate ahead of them."""
     from ftpipe.checks import check_params
 
-    check_params(project_dir / "params.yaml", project_dir)
+    check_params(project_dir / paths.PARAMS, project_dir)
 
 
 def dvc_repro(stage: str, project_dir: Path, force: bool = False) -> None:
@@ -135,7 +136,7 @@ def registry_behind(project_dir: Path) -> list[str]:
     from ftpipe import registry, tracking
     from ftpipe.params import RegisterParams, load_section
 
-    name = load_section("register", RegisterParams, project_dir / "params.yaml").model_name
+    name = load_section("register", RegisterParams, project_dir / paths.PARAMS).model_name
     uri = tracking.tracking_uri(project_dir)
     latest = registry.latest_version(registry.connect(uri), name, LINEAGE_KEYS)
     if latest is None:

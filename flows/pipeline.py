@@ -31,6 +31,7 @@ from flows.common import (
     stopped,
     validate_project,
 )
+from ftpipe import paths
 from ftpipe.errors import PipelineError, Terminated
 
 
@@ -53,10 +54,10 @@ def stage_task(stage: str):
 
 
 def comparison_markdown(project_dir: Path) -> str:
-    from ftpipe.io import read_json
-    from stages.evaluate import comparison_table
+    from ftpipe.comparison import comparison_table
+    from ftpipe.schemas import MetricsReport
 
-    return comparison_table(read_json(project_dir / "reports" / "metrics.json"))
+    return comparison_table(MetricsReport.read(project_dir / paths.METRICS).model_dump())
 
 
 @flow(name="finetune-pipeline", log_prints=True)
@@ -64,8 +65,8 @@ def pipeline(project_dir: Path = Path(".")) -> dict[str, Any]:
     """prepare_base -> prepare_data -> train -> evaluate -> register, each through DVC."""
     from prefect.artifacts import create_markdown_artifact
 
-    from ftpipe.io import read_json
     from ftpipe.promotion import gate_line
+    from ftpipe.schemas import RegistrationReport
 
     project_dir = Path(project_dir).resolve()
     validate_project(project_dir)  # before DVC touches anything; --single-item skips upstream stages
@@ -78,33 +79,33 @@ def pipeline(project_dir: Path = Path(".")) -> dict[str, Any]:
             get_run_logger().info("registering again: %s", "; ".join(behind))
         timings[stage] = stage_task(stage)(stage, project_dir, force=bool(behind))
     table = comparison_markdown(project_dir)
-    registration = read_json(project_dir / "reports" / "registration.json")
+    registration = RegistrationReport.read(project_dir / paths.REGISTRATION)
     create_markdown_artifact(
         key="data-report",
-        markdown=(project_dir / "reports" / "data_report.md").read_text(encoding="utf-8"),
+        markdown=(project_dir / paths.DATA_REPORT_MD).read_text(encoding="utf-8"),
         description="Cleaning rules, near-duplicate clusters and train/eval leak checks",
     )
     create_markdown_artifact(
         key="base-vs-finetuned",
-        markdown=(f"# Base vs fine-tuned\n\n{table}\nRegistered: `{registration['model_uri']}` "
-                  f"({', '.join(registration['aliases'])}): {gate_line(registration)}\n\n"
-                  + "".join(f"- {reason}\n" for reason in registration["promotion"]["reasons"])),
+        markdown=(f"# Base vs fine-tuned\n\n{table}\nRegistered: `{registration.model_uri}` "
+                  f"({', '.join(registration.aliases)}): {gate_line(registration)}\n\n"
+                  + "".join(f"- {reason}\n" for reason in registration.promotion.reasons)),
         description="Test-split metrics of the base and fine-tuned models",
     )
-    return {"timings_s": timings, "registration": registration, "table": table}
+    return {"timings_s": timings, "registration": registration.model_dump(mode="json"), "table": table}
 
 
 def print_summary(result: dict[str, Any], project_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ftpipe.io import read_json
+    from ftpipe.comparison import comparison_rows
     from ftpipe.metrics import LOWER_IS_BETTER
     from ftpipe.promotion import gate_line
+    from ftpipe.schemas import MetricsReport, RegistrationReport
     from ftpipe.tracking import ui_command
-    from stages.evaluate import comparison_rows
 
-    metrics = read_json(project_dir / "reports" / "metrics.json")
+    metrics = MetricsReport.read(project_dir / paths.METRICS).model_dump()
     table = Table(title=f"Base vs fine-tuned on {metrics['examples']} test examples")
     for column in ("metric", "base", "fine-tuned", "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
@@ -113,12 +114,11 @@ def print_summary(result: dict[str, Any], project_dir: Path) -> None:
                       f"[{'green' if better else 'red'}]{t - b:+.4f}[/]")
     console = Console()
     console.print(table)
-    registration = result["registration"]
+    registration = RegistrationReport.model_validate(result["registration"])
     # The gate's gain on the primary metric with its interval (every metric's: reports/comparison.md).
-    console.print(f"Promotion gate on {registration['promotion'].get('metric', '?')}: {gate_line(registration)}",
-                  soft_wrap=True)
-    console.print(f"Registered {registration['model_uri']} as {' and '.join(registration['aliases'])}: "
-                  + "; ".join(registration["promotion"]["reasons"]), soft_wrap=True)
+    console.print(f"Promotion gate on {registration.promotion.metric}: {gate_line(registration)}", soft_wrap=True)
+    console.print(f"Registered {registration.model_uri} as {' and '.join(registration.aliases)}: "
+                  + "; ".join(registration.promotion.reasons), soft_wrap=True)
     console.print("Stage times (s): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in result["timings_s"].items()))
     console.print(f"Open the MLflow UI on the results:\n  {ui_command(project_dir)}", soft_wrap=True)

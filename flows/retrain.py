@@ -4,11 +4,33 @@ Change is read from hashes DVC already records, two ways: `dvc status` (raw data
 params, code or base model differ from dvc.lock), and dvc.lock against the lineage tags of the
 latest registered version (the last run never reached the registry). Nothing changed: a "no
 change" report and no training. Changed: the pipeline's stages through DVC (unchanged ones are
-skipped), the new version registered as challenger, the promotion gate, a markdown report.
+skipped), the new version registered as challenger, the promotion gate, a markdown report; with a
+default DVC remote set (e.g. `python -m ftpipe.stack remote`), `dvc push` of the outputs after the stages.
 One retraining at a time per project: an fcntl lock in .dvc/tmp/ (released by the kernel if the
-holder dies), plus `limit=1` on the served deployment.
+holder dies), plus one run at a time on the deployment (`limit=1` when served, a deployment
+concurrency limit of 1 in a work pool).
 Run once:  python -m flows.retrain [--project-dir DIR] [--data-path data/raw/train.jsonl] [--wait S]
 Serve:     python -m flows.retrain --serve [--cron "0 3 * * *"]   (default cron: params.yaml retrain.cron)
+
+Work pool (a team's server; the deployment outlives this process and any worker of the pool runs it):
+    prefect server start --host 127.0.0.1                  # or an existing server
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    prefect work-pool create --type process retrain-pool
+    python -m flows.retrain --deploy --pool retrain-pool [--cron "0 3 * * *"] [--project-dir DIR]
+    prefect worker start --pool retrain-pool               # on the machine holding DIR and this venv
+    prefect deployment run scheduled-retrain/scheduled-retrain   # a run now, besides the schedule
+The deployment's code is the project folder itself (`flow.from_source(<DIR>, "flows/retrain.py:retrain")`):
+a process worker starts each run as `python -m prefect.engine` with its own interpreter, in DIR.
+--serve and --deploy create the same deployment (scheduled-retrain/scheduled-retrain): the last one
+applied holds the schedule, so the flow is never scheduled twice. Export DO_NOT_TRACK=true and
+PREFECT_SERVER_ANALYTICS_ENABLED=false for the server and the worker: they do not import ftpipe,
+which sets those defaults for the project's own processes.
+Docker or Kubernetes: configuration only (not tested here). Create the pool with `--type docker` or
+`--type kubernetes` (prefect-docker / prefect-kubernetes installed where the worker runs) and set its
+job variables (`prefect work-pool update --base-job-template`, or the UI): an image holding this
+project's requirements, the environment (PREFECT_API_URL, MLFLOW_TRACKING_URI, the DVC remote's
+credentials), and the project folder mounted at the same absolute path (a Docker `volumes` entry, a
+Kubernetes persistent volume), since the deployment's pull step changes into that path.
 """
 
 from __future__ import annotations
@@ -41,12 +63,14 @@ from flows.common import (
     stopped,
     validate_project,
 )
+from ftpipe import paths
 from ftpipe.errors import PipelineError, Terminated
+from ftpipe.paths import RAW_DIR  # a dep of prepare_data in dvc.yaml: DVC hashes whatever lands here
 
-RAW_DIR = Path("data/raw")  # a dep of prepare_data in dvc.yaml: DVC hashes whatever lands here
 LOCK_FILE = Path(".dvc/tmp/retrain.lock")  # .dvc/tmp is DVC's own git-ignored scratch folder
 LINEAGE_KEYS = ("data_md5", "base_model_md5", "adapter_md5")
 BUSY_EXIT = 75  # EX_TEMPFAIL: another retraining runs; try again later
+DEPLOYMENT = "scheduled-retrain"  # --serve and --deploy apply the same one: never two schedules
 
 
 class ProjectBusy(RuntimeError):
@@ -93,7 +117,7 @@ def use_data_path(project_dir: Path, data_path: str) -> bool:
         raise PipelineError(f"data path {data_path}: put the data under {RAW_DIR}/, where DVC hashes it")
     if not (project_dir / relative).is_file():
         raise PipelineError(f"data path {data_path}: file not found")
-    with modify_yaml(project_dir / "params.yaml") as params:  # ruamel: keeps the file's comments
+    with modify_yaml(project_dir / paths.PARAMS) as params:  # ruamel: keeps the file's comments
         section = params["prepare_data"]
         if section.get("source") == "file" and section.get("path") == str(relative):
             return False
@@ -126,12 +150,39 @@ def dvc_status(project_dir: Path) -> dict[str, list[str]]:
     return stale
 
 
+def dvc_push(project_dir: Path) -> str | None:
+    """`dvc push` to the project's default DVC remote, when one is set, so that another clone can
+    `dvc pull` what the run made instead of running it again; what DVC said (None: no default remote,
+    nothing pushed). A push that fails (the remote missing or unreachable) is one line naming the
+    remote; what was registered stands, and the outputs stay in the local cache for a later push."""
+
+    def dvc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project_dir, env=stage_env(),
+                              capture_output=True, text=True)
+
+    def reason(proc: subprocess.CompletedProcess) -> str:
+        lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        return next((ln.removeprefix("ERROR: ") for ln in lines if ln.startswith("ERROR: ")), (lines or ["no output"])[-1])
+
+    default = dvc("remote", "default")
+    name = default.stdout.strip()
+    if default.returncode != 0:
+        if name == "No default remote set":
+            return None
+        raise PipelineError(f"DVC default remote of {project_dir}: {reason(default)}")
+    pushed = dvc("push", "--remote", name)
+    if pushed.returncode != 0:
+        raise PipelineError(f"dvc push to remote '{name}' failed: {reason(pushed)}; the outputs stay in the "
+                            "local cache: run `dvc push` once the remote is back")
+    return f"'{name}': {(pushed.stdout.strip().splitlines() or ['done'])[-1]}"
+
+
 def registry_state(project_dir: Path) -> dict[str, Any]:
     """The latest registered version's lineage tags and the champion's version and metrics."""
     from ftpipe import registry, tracking
     from ftpipe.params import RegisterParams, load_section
 
-    name = load_section("register", RegisterParams, project_dir / "params.yaml").model_name
+    name = load_section("register", RegisterParams, project_dir / paths.PARAMS).model_name
     client = registry.connect(tracking.tracking_uri(project_dir))
     latest = registry.latest_version(client, name, LINEAGE_KEYS)
     champion = registry.champion(client, name)
@@ -223,31 +274,73 @@ def _retrain_locked(project_dir: Path, data_path: str | None) -> dict[str, Any]:
         force = stage == "register" and not change["stale"]
         timings[stage] = stage_task(stage)(stage, project_dir, force=force)
         update_progress_artifact(progress, 100.0 * done / len(STAGES), description=f"{stage} done")
+    if pushed := dvc_push(project_dir):  # what the new version's lineage names, for any clone to pull
+        logger.info("dvc push to %s", pushed)
     markdown, registration = retrain_report(project_dir, change, timings)
     create_markdown_artifact(key="retrain-report", markdown=markdown,
                              description="Scheduled retraining: what happened and why")
     create_markdown_artifact(key="data-report", description="Cleaning rules and train/eval leak checks",
-                             markdown=(project_dir / "reports" / "data_report.md").read_text(encoding="utf-8"))
-    status = "promoted" if registration["promotion"]["promote"] else "challenger"
-    logger.info("%s: %s", registration["model_uri"], status)
-    return {"status": status, "report": markdown, "registration": registration, "timings_s": timings}
+                             markdown=(project_dir / paths.DATA_REPORT_MD).read_text(encoding="utf-8"))
+    status = "promoted" if registration.promotion.promote else "challenger"
+    logger.info("%s: %s", registration.model_uri, status)
+    return {"status": status, "report": markdown, "registration": registration.model_dump(mode="json"), "timings_s": timings}
 
 
-def serve(*, project_dir: Path, cron: str | None, data_path: str | None) -> None:
-    """Serve `retrain` as a deployment on a cron schedule until interrupted."""
+def schedule(project_dir: Path, cron: str | None) -> str:
+    """`cron`, or params.yaml retrain.cron when None, checked as a cron expression."""
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError
 
     from ftpipe.params import RetrainParams, load_section
 
-    project_dir = project_dir.resolve()
-    cron = cron or load_section("retrain", RetrainParams, project_dir / "params.yaml").cron
+    cron = cron or load_section("retrain", RetrainParams, project_dir / paths.PARAMS).cron
     try:
         CronSchedule(cron=cron)
     except ValidationError:
         raise PipelineError(f"cron '{cron}': not a valid cron expression") from None
-    retrain.serve(name="scheduled-retrain", cron=cron, limit=1,  # one run at a time on this runner
+    return cron
+
+
+def serve(*, project_dir: Path, cron: str | None, data_path: str | None) -> None:
+    """Serve `retrain` as a deployment on a cron schedule until interrupted."""
+    project_dir = project_dir.resolve()
+    retrain.serve(name=DEPLOYMENT, cron=schedule(project_dir, cron), limit=1,  # one run at a time on this runner
                   parameters={"project_dir": str(project_dir), "data_path": data_path})
+
+
+def deploy(*, project_dir: Path, pool: str, cron: str | None, data_path: str | None) -> str:
+    """Create or update the deployment of `retrain` on the Prefect API at PREFECT_API_URL for the
+    work pool `pool`, its code loaded from `project_dir` by the pool's workers; return its id."""
+    import httpx
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    project_dir = project_dir.resolve()
+    cron = schedule(project_dir, cron)
+    api = PREFECT_API_URL.value()
+    if not api:  # Prefect would deploy to a temporary server that stops with this process
+        raise PipelineError("PREFECT_API_URL is not set: --deploy needs a running Prefect server's API, "
+                            "e.g. PREFECT_API_URL=http://127.0.0.1:4200/api")
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_work_pool(pool)  # before loading the flow: a missing pool fails in a second
+        source = retrain.from_source(source=str(project_dir), entrypoint="flows/retrain.py:retrain")
+        # What `.deploy()` does for a pool without an image (nothing built or pushed), less its
+        # listing of the pool's workers, which sends null filters that the server rejects (HTTP 422)
+        # with the pinned fastapi 0.154.
+        deployment = source.to_deployment(name=DEPLOYMENT, work_pool_name=pool, cron=cron,
+                                          concurrency_limit=1,  # one run at a time, whichever worker takes it
+                                          parameters={"project_dir": str(project_dir), "data_path": data_path})
+        return str(deployment.apply())
+    except ObjectNotFound:
+        raise PipelineError(f"--pool {pool}: no such work pool at PREFECT_API_URL={api} "
+                            f"(create it: prefect work-pool create --type process {pool})") from None
+    except httpx.HTTPStatusError as exc:
+        raise PipelineError(f"PREFECT_API_URL={api}: the Prefect API refused the request "
+                            f"(HTTP {exc.response.status_code} {exc.response.reason_phrase})") from None
+    except httpx.HTTPError as exc:
+        raise PipelineError(f"PREFECT_API_URL={api}: the Prefect API does not answer ({exc or type(exc).__name__})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,15 +350,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-path", help=f"training data file under {RAW_DIR}/ (sets prepare_data.path)")
     parser.add_argument("--wait", type=float, default=0, metavar="S",
                         help="seconds to wait for a running retraining (default: exit at once)")
-    parser.add_argument("--serve", action="store_true", help="serve as a deployment on a cron schedule")
-    parser.add_argument("--cron", help="cron schedule for --serve (default: params.yaml retrain.cron)")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--serve", action="store_true", help="serve as a deployment on a cron schedule")
+    how.add_argument("--deploy", action="store_true",
+                     help="create the deployment on PREFECT_API_URL for the work pool --pool, run by its workers")
+    parser.add_argument("--pool", help="work pool for --deploy (prefect work-pool create --type process NAME)")
+    parser.add_argument("--cron", help="cron schedule for --serve or --deploy (default: params.yaml retrain.cron)")
     args = parser.parse_args(argv)
+    if args.deploy != bool(args.pool):
+        parser.error("--deploy and --pool go together")
     install_sigterm()
     try:
         if not args.data_path:  # with one, the flow points params.yaml at it first, then checks
             validate_project(args.project_dir.resolve())
         if args.serve:
             serve(project_dir=args.project_dir, cron=args.cron, data_path=args.data_path)
+            return 0
+        if args.deploy:
+            deployment_id = deploy(project_dir=args.project_dir, pool=args.pool, cron=args.cron, data_path=args.data_path)
+            print(f"deployment {retrain.name}/{DEPLOYMENT} ({deployment_id}) on work pool {args.pool}; "
+                  f"runs need a worker: prefect worker start --pool {args.pool}")
             return 0
         result = retrain(project_dir=args.project_dir, data_path=args.data_path, lock_wait_s=args.wait)
     except (PipelineError, StageFailed) as exc:

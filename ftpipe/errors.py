@@ -5,13 +5,11 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 
 EXIT_USER_ERROR = 2
 # Folders (relative to the project) that hold stage outputs; temporary leftovers of a killed
 # writer are swept from them when a stage starts.
-OUTPUT_FOLDERS = (Path("models"), Path("data"), Path("reports"))
 
 
 class PipelineError(Exception):
@@ -31,6 +29,7 @@ def run_cli(main: Callable[[], None]) -> None:
     """Call a stage's main(); print PipelineError as `error: ...` on stderr and exit non-zero.
     The message has any credentials masked (a tracking URI may carry them)."""
     from ftpipe.io import sweep_stale_tmp
+    from ftpipe.paths import OUTPUT_FOLDERS
     from ftpipe.secrets import redact
 
     signal.signal(signal.SIGTERM, terminate)

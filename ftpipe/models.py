@@ -161,12 +161,29 @@ def count_parameters(model: PreTrainedModel) -> tuple[int, int]:
     return total, trainable
 
 
-def set_threads(threads: int) -> None:
-    """0 keeps torch's default of one thread per physical core."""
+def set_threads(threads: int, *, processes: int = 1) -> None:
+    """Threads of this process; 0 keeps torch's default of one thread per physical core."""
     import torch
 
+    threads = threads_per_process(threads, processes)
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+def threads_per_process(threads: int, processes: int) -> int:
+    """`threads` if set; with several processes on one machine an equal share of its cores (at least
+    1): each taking torch's default of one thread per core, N processes would oversubscribe the cores
+    N times over (2 processes x 2 threads on a 2-core machine), and throughput collapses."""
+    if threads or processes == 1:
+        return threads
+    return max(1, cpu_cores() // processes)
+
+
+def cpu_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, as taskset or a container sets it)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def bf16_supported() -> bool:

@@ -14,8 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ftpipe.errors import PipelineError
+from ftpipe.paths import PARAMS
 
-PARAMS_FILE = Path("params.yaml")
+PARAMS_FILE = PARAMS  # the name the stages and checks import
 
 
 class FieldProblem(ValueError):
@@ -200,7 +201,16 @@ class TrainParams(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast where the CPU/GPU supports it (about 4x faster matmuls on AVX-512 bf16)."""
     threads: int = Field(0, ge=0)
-    """CPU threads for torch; 0 keeps torch's default (one per physical core)."""
+    """CPU threads for torch, per training process; 0: torch's default (one per physical core) with one
+    process, the CPU cores divided by `processes` (at least 1) with several, so they never oversubscribe."""
+    processes: int = Field(1, ge=1)
+    """Training processes on this machine (data parallel): the stage re-launches itself under torchrun
+    and each process takes batch_size rows per step, so a step sees processes x batch_size x grad_accum
+    rows. At most the CPU cores (on CPU) or the GPUs (on CUDA), checked before launching."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """With processes > 1. ddp: each process holds the whole model, gradients are averaged (gloo on
+    CPU, NCCL on CUDA); fsdp: weights, gradients and optimizer states are sharded across the
+    processes (for models that do not fit one device; CUDA only, checked before launching)."""
     packing: bool | Literal["auto"] = "auto"
     """Pack each training batch's rows into sequences (ftpipe.packing): no padding, the token prefix
     the rows share (a system prompt) computed once per sequence, each row attending to that prefix
@@ -244,6 +254,13 @@ class TrainParams(_Section):
         if self.merge and method in PROMPT_METHODS:
             raise FieldProblem("merge", f"'{method}' cannot be merged: its virtual tokens need peft at inference "
                                         "(set merge: false)")
+        if self.distributed == "fsdp" and self.processes == 1:
+            raise FieldProblem("distributed", "fsdp shards the model across processes: set processes > 1")
+        if self.distributed == "fsdp" and method == "qlora":
+            raise FieldProblem("distributed", "fsdp does not shard qlora's quantized base weights: use ddp")
+        if self.processes > 1 and self.gradual_unfreezing:
+            raise FieldProblem("gradual_unfreezing", "not supported with processes > 1: data parallel training "
+                                                     "syncs only the weights trainable when training starts")
         if self.early_stopping_patience:
             if not self.save_steps or self.save_steps % self.eval_steps:
                 raise FieldProblem("save_steps", "early stopping keeps the best checkpoint: save_steps must be a "

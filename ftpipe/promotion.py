@@ -13,10 +13,13 @@ fail, so the decision explains itself in MLflow.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ftpipe.bootstrap import Interval, columns, paired_gain
 from ftpipe.metrics import GENERAL_KEY
+
+if TYPE_CHECKING:
+    from ftpipe.schemas import RegistrationReport
 
 
 @dataclass(frozen=True)
@@ -110,15 +113,15 @@ def _forgetting(reasons: list[str], challenger: dict[str, float], base: dict[str
     return passed
 
 
-def gate_line(registration: dict[str, Any]) -> str:
+def gate_line(registration: RegistrationReport) -> str:
     """reports/registration.json's gate in one line, e.g.
     `+0.0777 rougeL, 95 % CI [+0.0610, +0.0940] over base; no champion yet: promoted`."""
-    promotion, champion = registration["promotion"], registration.get("champion")
+    promotion, champion = registration.promotion, registration.champion
     parts = []
-    for name, interval in promotion.get("intervals", {}).items():
-        label = f"champion v{champion['version']}" if name == "champion" and champion else name
+    for name, interval in promotion.intervals.items():
+        label = f"champion v{champion.version}" if name == "champion" and champion else name
         parts.append(f"{Interval.from_dict(interval).describe() if interval else 'no interval'} over {label}")
     if parts and champion is None:
         parts.append("no champion yet")
-    verdict = "promoted" if promotion["promote"] else "kept as challenger"
+    verdict = "promoted" if promotion.promote else "kept as challenger"
     return f"{'; '.join(parts)}: {verdict}" if parts else verdict

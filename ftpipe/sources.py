@@ -16,6 +16,7 @@ from typing import Any
 from ftpipe.errors import PipelineError
 from ftpipe.io import iter_jsonl
 from ftpipe.params import PrepareDataParams
+from ftpipe.paths import RAW_DIR
 
 ROLES = {"system", "user", "assistant"}
 CSV_FIELD_LIMIT = 16 * 1024 * 1024  # csv's default 128 KiB cell limit is too small for long documents
@@ -23,8 +24,7 @@ CSV_FIELD_LIMIT = 16 * 1024 * 1024  # csv's default 128 KiB cell limit is too sm
 # and that line must not be echoed (a passwd entry, a secret).
 FIELD_NAME = re.compile(r"[A-Za-z_][\w .-]{0,63}")
 FIELDS_SHOWN = 20
-RAW_DIR = Path("data/raw")
-RAW_HINT = "put the data under data/raw/, where DVC hashes it (so a change reruns the pipeline)"
+RAW_HINT = f"put the data under {RAW_DIR}/, where DVC hashes it (so a change reruns the pipeline)"
 
 
 def check_data_location(params: PrepareDataParams, project_dir: Path) -> None:
@@ -47,7 +47,7 @@ def check_data_location(params: PrepareDataParams, project_dir: Path) -> None:
                 continue
         resolved = path.resolve()
         if not resolved.is_relative_to(raw):
-            raise PipelineError(f"{key}: {given} resolves to {resolved}, outside data/raw/: {RAW_HINT}")
+            raise PipelineError(f"{key}: {given} resolves to {resolved}, outside {RAW_DIR}/: {RAW_HINT}")
 
 
 def load_records(params: PrepareDataParams) -> tuple[list[dict[str, Any]], dict[str, int], str]:

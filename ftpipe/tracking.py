@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ftpipe import secrets
+from ftpipe import paths, secrets
 
 DB_FILE = "mlruns.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -33,7 +33,11 @@ def tracking_uri(project_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(project_dir).resolve() / DB_FILE}"
 
 
-def artifact_location(project_dir: Path) -> str:
+def artifact_location(project_dir: Path) -> str | None:
+    """Where a new experiment keeps its artifacts: the project's folder beside a local store; None for a
+    tracking server, which decides (its --artifacts-destination, proxied: clients need no store settings)."""
+    if tracking_uri(project_dir).startswith(("http://", "https://")):
+        return None
     return (Path(project_dir).resolve() / ARTIFACT_DIR).as_uri()
 
 
@@ -87,9 +91,9 @@ def lineage(project_dir: Path, *, method: str) -> dict[str, str]:
     pick = lambda prefix: next((v for k, v in hashes.items() if k.startswith(prefix)), "unknown")  # noqa: E731
     return {
         "git_commit": git_commit(project_dir),
-        "data_md5": pick("prepare_data:data/prepared"),
-        "base_model_md5": pick("prepare_base:models/base"),
-        "adapter_md5": pick("train:models/adapter"),
+        "data_md5": pick(f"prepare_data:{paths.PREPARED_DIR}"),
+        "base_model_md5": pick(f"prepare_base:{paths.BASE_DIR}"),
+        "adapter_md5": pick(f"train:{paths.ADAPTER_DIR}"),
         "method": method,
     }
 

@@ -22,14 +22,13 @@ import random
 from pathlib import Path
 from typing import Any
 
+from ftpipe.comparison import comparison_table
 from ftpipe.errors import PipelineError, run_cli
-from ftpipe.io import all_or_nothing, dumps_jsonl, read_json, read_jsonl, write_json, write_text
+from ftpipe.io import all_or_nothing, dumps_jsonl, read_jsonl, write_text
 from ftpipe.params import EvaluateParams, RegisterParams, load_section
+from ftpipe.paths import ADAPTER_DIR, BASE_DIR, COMPARISON, GENERATIONS, METRICS, PREPARED_DIR, REPORTS, TRAIN_REPORT
+from ftpipe.schemas import MetricsReport, TrainReport
 
-BASE_DIR = Path("models/base")
-ADAPTER_DIR = Path("models/adapter")
-DATA_DIR = Path("data/prepared")
-REPORTS = Path("reports")
 CANDIDATES = {"base": "base", "fewshot": "base few-shot", "finetuned": "fine-tuned"}  # key -> label
 
 
@@ -90,12 +89,10 @@ def training_check(train: dict[str, Any], *, margin: float) -> dict[str, Any]:
     return facts
 
 
-def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, adapter_dir: Path, data_dir: Path,
-        train_report: Path, general_text: Path, reports_dir: Path) -> dict[str, Any]:
-    from ftpipe import metrics, models
-    from ftpipe.chat import prompt_text
+def _inputs(params: EvaluateParams, *, adapter_dir: Path, data_dir: Path, general_text: Path) -> tuple[list, str]:
+    """The test rows and the general text, checked before any model loads."""
+    from ftpipe import models
 
-    models.set_threads(params.threads)
     rows = read_jsonl(data_dir / "test.jsonl")
     if params.max_examples:
         rows = rows[: params.max_examples]
@@ -108,10 +105,13 @@ def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, ad
     text = general_text.read_text(encoding="utf-8")
     if len(text.split()) < 2:
         raise PipelineError(f"evaluate.general_text: {general_text} holds no text")
-    shots = pick_shots(read_jsonl(data_dir / "train.jsonl"), k=params.few_shot_k, seed=params.few_shot_seed)
-    training = training_check(read_json(train_report) if train_report.is_file() else {}, margin=params.overfit_margin)
-    tokenizer = models.load_tokenizer(base_dir)
-    conversations = [r["messages"] for r in rows]
+    return rows, text
+
+
+def _score_candidates(params: EvaluateParams, tokenizer, conversations: list, shots: list, text: str, *,
+                      base_dir: Path, adapter_dir: Path) -> tuple[dict, dict, dict, dict, int]:
+    """Base, few-shot and fine-tuned: (scores, outputs, per-example scores, general perplexity, its tokens)."""
+    from ftpipe import metrics, models
 
     scores, outputs, examples, general = {}, {}, {}, {}
     base = models.load_model(base_dir)
@@ -127,10 +127,27 @@ def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, ad
     general["fewshot"] = general["base"]  # the same weights: prompting does not change them
     for name in CANDIDATES:
         scores[name][metrics.GENERAL_KEY] = general[name]
+    return scores, outputs, examples, general, general_tokens
+
+
+def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, adapter_dir: Path, data_dir: Path,
+        train_report: Path, general_text: Path, reports_dir: Path) -> MetricsReport:
+    from ftpipe import metrics, models
+    from ftpipe.chat import prompt_text
+
+    models.set_threads(params.threads)
+    rows, text = _inputs(params, adapter_dir=adapter_dir, data_dir=data_dir, general_text=general_text)
+    shots = pick_shots(read_jsonl(data_dir / "train.jsonl"), k=params.few_shot_k, seed=params.few_shot_seed)
+    train = TrainReport.read(train_report).model_dump() if train_report.is_file() else {}
+    training = training_check(train, margin=params.overfit_margin)
+    tokenizer = models.load_tokenizer(base_dir)
+    conversations = [r["messages"] for r in rows]
+    scores, outputs, examples, general, general_tokens = _score_candidates(
+        params, tokenizer, conversations, shots, text, base_dir=base_dir, adapter_dir=adapter_dir)
 
     references = [c[-1]["content"] for c in conversations]
     _, signature = metrics.bleu(outputs["finetuned"], references)
-    result = {
+    result = MetricsReport(**{
         "examples": len(rows),
         **scores,
         "delta": {k: scores["finetuned"][k] - scores["base"][k] for k in metrics.CANDIDATE_KEYS},
@@ -144,7 +161,7 @@ def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, ad
         # The resolved settings travel with the numbers (and make register rerun when they change);
         # register scores the champion with the same ones.
         "settings": {"decoding": "greedy", **params.model_dump(exclude={"threads"})},
-    }
+    })
     generations = [
         {"id": r["id"], "prompt": prompt_text(tokenizer, r["messages"]), "reference": references[i],
          **{name: outputs[name][i] for name in CANDIDATES},
@@ -152,84 +169,18 @@ def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, ad
         for i, r in enumerate(rows)
     ]
     with all_or_nothing():  # the three reports describe one evaluation
-        write_text(reports_dir / "generations.jsonl", dumps_jsonl(generations))
-        write_text(reports_dir / "comparison.md", comparison_table(result))
-        write_json(reports_dir / "metrics.json", result)
+        write_text(reports_dir / GENERATIONS.name, dumps_jsonl(generations))
+        write_text(reports_dir / COMPARISON.name, comparison_table(result.model_dump()))
+        result.write(reports_dir / METRICS.name)
     return result
-
-
-def comparison_rows(result: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
-    """(metric, base, fine-tuned, fine-tuned is better) per metric; perplexities are better when lower."""
-    from ftpipe.metrics import CANDIDATE_KEYS, gain
-
-    rows = []
-    for key in CANDIDATE_KEYS:
-        if key in result["base"] and key in result["finetuned"]:
-            b, t = result["base"][key], result["finetuned"][key]
-            rows.append((key, b, t, gain(key, t, b) > 0))
-    return rows
-
-
-def difference_interval(key: str, interval: dict[str, Any]) -> tuple[float, float]:
-    """The gain's interval turned into one of fine-tuned - base, the comparison table's direction."""
-    from ftpipe.metrics import LOWER_IS_BETTER
-
-    return (-interval["high"], -interval["low"]) if key in LOWER_IS_BETTER else (interval["low"], interval["high"])
-
-
-def comparison_table(result: dict[str, Any]) -> str:
-    """Markdown: the three candidates side by side with the interval of fine-tuned - base, then the
-    forgetting and overfitting checks."""
-    intervals = result.get("intervals", {}).get("finetuned_vs_base", {})
-    any_interval = next(iter(intervals.values()), None)
-    ci_label = f"{any_interval['confidence'] * 100:g} % CI" if any_interval else "CI"
-    lines = [f"| metric | base | base few-shot | fine-tuned | fine-tuned vs base | {ci_label} |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for key, b, t, better in comparison_rows(result):
-        fewshot = result.get("fewshot", {}).get(key)
-        ci = ""
-        if key in intervals:
-            low, high = difference_interval(key, intervals[key])
-            ci = f"[{low:+.4g}, {high:+.4g}]"
-            if key == "bleu":  # its interval is of another statistic than the corpus BLEU beside it
-                ci = f"mean sentence BLEU {intervals[key]['estimate']:+.4g} {ci}"
-        lines.append(f"| {key} | {b:.4g} | {'' if fewshot is None else f'{fewshot:.4g}'} | {t:.4g} "
-                     f"| {t - b:+.4g} {'better' if better else 'same' if t == b else 'worse'} | {ci} |")
-    text = "\n".join(lines) + f"\n\n{result['examples']} test examples; BLEU {result['bleu_signature']}\n"
-    if any_interval:
-        text += (f"\n{ci_label}: paired bootstrap of fine-tuned - base over the {any_interval['examples']} test "
-                 f"examples ({any_interval['method']}, {any_interval['samples']} resamples); bleu's is of the mean "
-                 "sentence-level BLEU (corpus BLEU is no mean over examples). An interval that holds 0 is a "
-                 "difference these examples cannot tell from noise. The promotion gate (register) reads the "
-                 "gain (the difference, or base - fine-tuned for perplexities): the lower bound of its interval "
-                 "on register.primary_metric must be above register.min_improvement, over the base and over "
-                 "the champion.\n")
-    if "forgetting" in result:
-        text += (f"\nForgetting: general-text perplexity {result['forgetting']:+.1%} after fine-tuning "
-                 f"({result['general_text']['tokens']} tokens of {result['general_text']['path']}; "
-                 "the few-shot baseline shares the base weights).\n")
-    if result.get("few_shot_ids"):
-        text += f"\nFew-shot examples (training rows): {', '.join(map(str, result['few_shot_ids']))}\n"
-    training = result.get("training") or {}
-    if "val_loss_final" in training:
-        gap = training.get("train_val_gap")
-        text += (f"\nTraining: final validation loss {training['val_loss_final']:.4g}, best "
-                 f"{training['val_loss_best']:.4g} at step {training.get('best_step', '?')} of "
-                 f"{training.get('steps', '?')}; train-validation gap {'?' if gap is None else f'{gap:.4g}'}.")
-        margin = result.get("settings", {}).get("overfit_margin")
-        text += (" **Possible overfitting**: the final validation loss is above its best by "
-                 f"{training['val_loss_above_best']:.4g}"
-                 + (f" (more than {margin:.0%} of it).\n" if margin is not None else ".\n")
-                 if training["possible_overfitting"] else " No sign of overfitting.\n")
-    return text
 
 
 def main() -> None:
     params = load_section("evaluate", EvaluateParams)
     bootstrap = load_section("register", RegisterParams)  # only its bootstrap settings (dvc.yaml lists them)
-    result = run(params=params, bootstrap=bootstrap, base_dir=BASE_DIR, adapter_dir=ADAPTER_DIR, data_dir=DATA_DIR,
-                 train_report=REPORTS / "train.json", general_text=Path(params.general_text), reports_dir=REPORTS)
-    print(comparison_table(result))
+    result = run(params=params, bootstrap=bootstrap, base_dir=BASE_DIR, adapter_dir=ADAPTER_DIR, data_dir=PREPARED_DIR,
+                 train_report=TRAIN_REPORT, general_text=Path(params.general_text), reports_dir=REPORTS)
+    print(comparison_table(result.model_dump()))
 
 
 if __name__ == "__main__":

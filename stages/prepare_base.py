@@ -12,8 +12,7 @@ from typing import Any
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import atomic_dir, write_json
 from ftpipe.params import PrepareBaseParams, load_section
-
-OUT_DIR = Path("models/base")
+from ftpipe.paths import BASE_DIR
 
 
 def run(*, params: PrepareBaseParams, out_dir: Path) -> dict[str, Any]:
@@ -53,8 +52,8 @@ def run(*, params: PrepareBaseParams, out_dir: Path) -> dict[str, Any]:
 
 def main() -> None:
     params = load_section("prepare_base", PrepareBaseParams)
-    manifest = run(params=params, out_dir=OUT_DIR)
-    print(f"prepare_base: {manifest['parameters']:,} parameters -> {OUT_DIR}")
+    manifest = run(params=params, out_dir=BASE_DIR)
+    print(f"prepare_base: {manifest['parameters']:,} parameters -> {BASE_DIR}")
 
 
 if __name__ == "__main__":

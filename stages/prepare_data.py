@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.errors import PipelineError, run_cli
-from ftpipe.io import all_or_nothing, atomic_dir, dumps_jsonl, write_json, write_text
+from ftpipe.io import all_or_nothing, atomic_dir, dumps_jsonl, write_text
 from ftpipe.params import PrepareDataParams, load_section
+from ftpipe.paths import BASE_DIR, DATA_REPORT, DATA_REPORT_MD, LEAKS, PREPARED_DIR, REPORTS
+from ftpipe.schemas import DataReport
 
-OUT_DIR = Path("data/prepared")
-REPORTS = Path("reports")
-BASE_DIR = Path("models/base")
 SPLITS = ("train", "val", "test")
 TEXT_RULES = ("normalize_unicode", "strip_control", "strip_markup", "collapse_whitespace")
 EXAMPLES = 3  # examples kept per rule for the markdown report
@@ -216,7 +215,7 @@ def gate(splits: dict[str, list], externals: dict[str, list], params: PrepareDat
     return found, dropped
 
 
-def run(*, params: PrepareDataParams, out_dir: Path, reports_dir: Path, tokenizer=None) -> dict[str, Any]:
+def run(*, params: PrepareDataParams, out_dir: Path, reports_dir: Path, tokenizer=None) -> DataReport:
     from ftpipe.cleaning import NearDuplicates
     from ftpipe.leaks import count_by_kind
     from ftpipe.reports import data_report
@@ -249,30 +248,30 @@ def run(*, params: PrepareDataParams, out_dir: Path, reports_dir: Path, tokenize
     empty = [name for name in SPLITS if not splits[name]]
     if empty:
         raise PipelineError(f"{source}: {len(kept)} usable rows are too few to fill the {', '.join(empty)} split(s)")
-    leaks_file = reports_dir / "leaks.jsonl"
+    leaks_file = reports_dir / LEAKS.name
     leaks, dropped_for_leaks = gate(splits, externals, params, near, leaks_file)
     if not splits["train"]:
         raise PipelineError(f"{source}: dropping leaking rows left no training rows (prepare_data.leak_action: drop)")
 
-    report = {
-        "source": source,
-        "rows_in": rows_in,
-        "rules": {rule: dict(counts) for rule, counts in tally.counts.items()},
-        "rows_out": sum(len(splits[n]) for n in SPLITS),
-        "near_duplicate_clusters": clusters,
-        "split_groups": groups,
-        "splits": {name: len(splits[name]) for name in SPLITS},
-        "leaks": {**count_by_kind(leaks), "total": len(leaks)},
-        "leak_action": params.leak_action,
-        "train_rows_dropped_for_leaks": dropped_for_leaks,
-        "token_filters": tokenizer is not None,
-    }
+    report = DataReport(
+        source=source,
+        rows_in=rows_in,
+        rules={rule: dict(counts) for rule, counts in tally.counts.items()},
+        rows_out=sum(len(splits[n]) for n in SPLITS),
+        near_duplicate_clusters=clusters,
+        split_groups=groups,
+        splits={name: len(splits[name]) for name in SPLITS},
+        leaks={**count_by_kind(leaks), "total": len(leaks)},
+        leak_action=params.leak_action,
+        train_rows_dropped_for_leaks=dropped_for_leaks,
+        token_filters=tokenizer is not None,
+    )
     with all_or_nothing(), atomic_dir(out_dir) as tmp:  # the splits and their reports together
         for name in SPLITS:
             write_text(tmp / f"{name}.jsonl", dumps_jsonl(splits[name]))
-        write_json(reports_dir / "data.json", report)
+        report.write(reports_dir / DATA_REPORT.name)
         write_text(leaks_file, dumps_jsonl(asdict(leak) for leak in leaks))
-        write_text(reports_dir / "data_report.md", data_report(report, tally.examples, leaks, leaks_file))
+        write_text(reports_dir / DATA_REPORT_MD.name, data_report(report, tally.examples, leaks, leaks_file))
     return report
 
 
@@ -286,9 +285,9 @@ def main() -> None:
         raise PipelineError(f"{BASE_DIR}: base model not prepared; its tokenizer sets the length filters "
                             "(run `dvc repro prepare_base`)")
     tokenizer = load_tokenizer(BASE_DIR)
-    report = run(params=params, out_dir=OUT_DIR, reports_dir=REPORTS, tokenizer=tokenizer)
-    print(f"prepare_data: {report['rows_in']} rows in, {report['rows_out']} kept, splits {report['splits']}, "
-          f"leaks {report['leaks']['total']}")
+    report = run(params=params, out_dir=PREPARED_DIR, reports_dir=REPORTS, tokenizer=tokenizer)
+    print(f"prepare_data: {report.rows_in} rows in, {report.rows_out} kept, splits {report.splits}, "
+          f"leaks {report.leaks.total}")
 
 
 if __name__ == "__main__":

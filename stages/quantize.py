@@ -20,10 +20,8 @@ from typing import Any
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, read_jsonl, write_json, write_text
 from ftpipe.params import QuantizeParams, load_section
+from ftpipe.paths import BASE_DIR, PREPARED_DIR, QUANTIZE_MD, QUANTIZE_REPORT, REPORTS
 
-BASE_DIR = Path("models/base")
-VAL_FILE = Path("data/prepared/val.jsonl")
-REPORTS = Path("reports")
 MB = 1e6
 
 
@@ -113,8 +111,8 @@ def run(*, params: QuantizeParams, base_dir: Path, val_file: Path, reports_dir: 
                      **params.model_dump(exclude={"threads"})},
     }
     with all_or_nothing():
-        write_json(reports_dir / "quantize.json", result)
-        write_text(reports_dir / "quantize.md", table(result))
+        write_json(reports_dir / QUANTIZE_REPORT.name, result)
+        write_text(reports_dir / QUANTIZE_MD.name, table(result))
     return result
 
 
@@ -167,7 +165,7 @@ def main() -> None:
     params = load_section("quantize", QuantizeParams)
     if not (BASE_DIR / "config.json").is_file():
         raise PipelineError(f"{BASE_DIR}: base model not prepared (run `dvc repro prepare_base`)")
-    result = run(params=params, base_dir=BASE_DIR, val_file=VAL_FILE, reports_dir=REPORTS)
+    result = run(params=params, base_dir=BASE_DIR, val_file=PREPARED_DIR / "val.jsonl", reports_dir=REPORTS)
     print(table(result))
 
 

@@ -27,17 +27,20 @@ Run: python -m stages.register
 from __future__ import annotations
 
 import importlib.metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftpipe import paths
 from ftpipe.errors import PipelineError, run_cli
-from ftpipe.io import read_json, read_jsonl, write_json
+from ftpipe.io import read_json, read_jsonl
 from ftpipe.params import RegisterParams, load_section, read_params_file
+from ftpipe.paths import ADAPTER_DIR, BASE_DIR, PREPARED_DIR, REGISTRATION, REPORTS
+from ftpipe.schemas import DataReport, MetricsReport, RegistrationReport, TrainReport
 
-REPORTS = Path("reports")
-BASE_DIR = Path("models/base")
-ADAPTER_DIR = Path("models/adapter")
-DATA_DIR = Path("data/prepared")
+# Reports logged with the pipeline run (the MLflow UI shows them beside its metrics).
+REPORT_ARTIFACTS = (paths.DATA_REPORT, paths.DATA_REPORT_MD, paths.LEAKS, paths.QUANTIZE_REPORT, paths.QUANTIZE_MD,
+                    paths.TRAIN_REPORT, paths.METRICS, paths.COMPARISON, paths.LOSS_PLOT)
 # Lineage tags that make a registered version this very model.
 SAME_MODEL_TAGS = ("adapter_md5", "base_model_md5")
 # The model's own runtime needs; explicit because MLflow's inference imports torchvision, which is absent.
@@ -57,12 +60,12 @@ def run(
     all_params: dict[str, Any],
     lineage: dict[str, str],
     tracking_uri: str,
-    artifact_location: str,
+    artifact_location: str | None,
     base_dir: Path,
     adapter_dir: Path,
     reports_dir: Path,
-    data_dir: Path = DATA_DIR,
-) -> dict[str, Any]:
+    data_dir: Path = PREPARED_DIR,
+) -> RegistrationReport:
     import mlflow
 
     from ftpipe import registry
@@ -79,7 +82,7 @@ def run(
         experiment_id = _experiment_id(client, params.experiment, artifact_location)
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"pipeline-{lineage['git_commit'][:8]}") as parent:
             _log_pipeline_run(all_params, lineage, reports, reports_dir, champion)
-            runs = _log_candidates(experiment_id, lineage, reports["metrics"])
+            runs = _log_candidates(experiment_id, lineage, reports.metrics)
             if champion:
                 runs["champion"] = _log_champion(experiment_id, champion)
             with mlflow.start_run(experiment_id=experiment_id, run_name="finetuned", nested=True) as tuned_run:
@@ -90,16 +93,22 @@ def run(
         _tag_version(client, params.model_name, version, lineage, all_params, runs["finetuned"])
         _set_aliases(client, params.model_name, version, decision)
         client.set_tag(parent.info.run_id, "promotion", decision.summary())
-    return {
+    return _registration(params, tracking_uri=redact(tracking_uri), version=version, pipeline_run_id=parent.info.run_id,
+                         runs=runs, decision=decision, champion=champion)
+
+
+def _registration(params: RegisterParams, *, tracking_uri: str, version: str, pipeline_run_id: str,
+                  runs: dict[str, str], decision, champion: dict[str, Any] | None) -> RegistrationReport:
+    return RegistrationReport(**{
         "model_name": params.model_name,
         "version": version,
         "model_uri": f"models:/{params.model_name}/{version}",
         "experiment": params.experiment,
-        "pipeline_run_id": parent.info.run_id,
+        "pipeline_run_id": pipeline_run_id,
         "base_run_id": runs["base"],
         "fewshot_run_id": runs["fewshot"],
         "finetuned_run_id": runs["finetuned"],
-        "tracking_uri": redact(tracking_uri),
+        "tracking_uri": tracking_uri,
         "aliases": ["challenger", "champion"] if decision.promote else ["challenger"],
         "promotion": {
             "promote": decision.promote,
@@ -117,12 +126,24 @@ def run(
             "metrics": champion["metrics"],
             "logged_metrics": champion["logged_metrics"],
         },
-    }
+    })
 
 
-def _read_reports(reports_dir: Path) -> dict[str, Any]:
-    return {"metrics": read_json(reports_dir / "metrics.json"), "train": read_json(reports_dir / "train.json"),
-            "data": read_json(reports_dir / "data.json"), "generations": read_jsonl(reports_dir / "generations.jsonl")}
+@dataclass
+class Reports:
+    """What evaluate, train and prepare_data reported: register reads nothing else of theirs."""
+
+    metrics: MetricsReport
+    train: TrainReport
+    data: DataReport
+    generations: list[dict[str, Any]]  # per-example outputs and scores (reports/generations.jsonl)
+
+
+def _read_reports(reports_dir: Path) -> Reports:
+    return Reports(metrics=MetricsReport.read(reports_dir / paths.METRICS.name),
+                   train=TrainReport.read(reports_dir / paths.TRAIN_REPORT.name),
+                   data=DataReport.read(reports_dir / paths.DATA_REPORT.name),
+                   generations=read_jsonl(reports_dir / paths.GENERATIONS.name))
 
 
 def _examples(generations: list[dict[str, Any]], candidate: str) -> list[dict[str, float]]:
@@ -139,12 +160,12 @@ def _test_conversations(data_dir: Path, generations: list[dict[str, Any]]) -> li
     by_id = {row["id"]: row["messages"] for row in read_jsonl(path)}
     missing = [row["id"] for row in generations if row["id"] not in by_id]
     if missing:
-        raise PipelineError(f"reports/generations.jsonl: {len(missing)} row(s) not in {path} (first: {missing[0]}); "
+        raise PipelineError(f"{paths.GENERATIONS}: {len(missing)} row(s) not in {path} (first: {missing[0]}); "
                             "the evaluation is older than the test split: run `dvc repro evaluate`")
     return [by_id[row["id"]] for row in generations]
 
 
-def _score_champion(client, params: RegisterParams, lineage: dict[str, str], reports: dict[str, Any],
+def _score_champion(client, params: RegisterParams, lineage: dict[str, str], reports: Reports,
                     data_dir: Path) -> dict[str, Any] | None:
     """The current champion scored on this test split ({version, scored, metrics, examples, outputs,
     logged_metrics}); None if there is none. Its logged metrics come from the split of its own day."""
@@ -154,18 +175,18 @@ def _score_champion(client, params: RegisterParams, lineage: dict[str, str], rep
     if found is None:
         return None
     version, logged = found
-    generations = reports["generations"]
+    generations = reports.generations
     tags = registry.version_tags(client, params.model_name, version)
     if all(lineage[key] != "unknown" and tags.get(key) == lineage[key] for key in SAME_MODEL_TAGS):
         # The same adapter on the same base: the fine-tuned scores are its scores on these rows with
         # these settings; generating again would cost minutes to reproduce them.
-        tuned = reports["metrics"]["finetuned"]
+        tuned = reports.metrics.finetuned
         return {"version": version, "scored": "same model as the challenger: its fine-tuned scores",
                 "metrics": {k: tuned[k] for k in metrics.METRIC_KEYS if k in tuned},
                 "examples": _examples(generations, "finetuned"), "outputs": [row["finetuned"] for row in generations],
                 "logged_metrics": logged}
     conversations = _test_conversations(data_dir, generations)
-    settings = reports["metrics"]["settings"]
+    settings = reports.metrics.settings
     model, tokenizer = registry.load_model(client, params.model_name, version)
     scores, outputs, examples = metrics.score_model(
         model, tokenizer, conversations, max_new_tokens=settings["max_new_tokens"],
@@ -174,29 +195,29 @@ def _score_champion(client, params: RegisterParams, lineage: dict[str, str], rep
             "examples": examples, "outputs": outputs, "logged_metrics": logged}
 
 
-def _decide(params: RegisterParams, reports: dict[str, Any], champion: dict[str, Any] | None):
+def _decide(params: RegisterParams, reports: Reports, champion: dict[str, Any] | None):
     """The promotion gate against the base model and the champion, on the same test rows (ftpipe.promotion)."""
     from ftpipe.promotion import Scores, decide
 
-    metrics, generations = reports["metrics"], reports["generations"]
+    metrics, generations = reports.metrics, reports.generations
     note = " (the same model as this challenger)" if champion and champion["scored"].startswith("same") else ""
     return decide(metric=params.primary_metric, min_improvement=params.min_improvement,
-                  challenger=Scores(_examples(generations, "finetuned"), metrics["finetuned"]),
-                  base=Scores(_examples(generations, "base"), metrics["base"]),
+                  challenger=Scores(_examples(generations, "finetuned"), metrics.finetuned),
+                  base=Scores(_examples(generations, "base"), metrics.base),
                   champion=champion and Scores(champion["examples"], champion["metrics"]),
                   champion_version=champion and champion["version"], champion_note=note,
-                  leaks=reports["data"]["leaks"]["total"], max_forgetting=params.max_forgetting,
+                  leaks=reports.data.leaks.total, max_forgetting=params.max_forgetting,
                   samples=params.bootstrap_samples, confidence=params.confidence, seed=params.bootstrap_seed)
 
 
-def _experiment_id(client, name: str, artifact_location: str) -> str:
+def _experiment_id(client, name: str, artifact_location: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment:
         return experiment.experiment_id
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
-def _log_pipeline_run(all_params: dict[str, Any], lineage: dict[str, str], reports: dict[str, Any],
+def _log_pipeline_run(all_params: dict[str, Any], lineage: dict[str, str], reports: Reports,
                       reports_dir: Path, champion: dict[str, Any] | None) -> None:
     """The parent run: params, data and quantization figures, report files, generations table
     (with the champion's outputs and scores on these rows, when there is one)."""
@@ -204,27 +225,25 @@ def _log_pipeline_run(all_params: dict[str, Any], lineage: dict[str, str], repor
 
     from ftpipe.tracking import flatten
 
-    data, generations = reports["data"], reports["generations"]
+    data, generations = reports.data, reports.generations
     if champion:
         generations = [{**row, "champion": output, **{f"{k}_champion": v for k, v in scores.items()}}
                        for row, output, scores in zip(generations, champion["outputs"], champion["examples"])]
     mlflow.log_params(flatten(all_params))
     mlflow.set_tags({"role": "pipeline", **lineage})
-    mlflow.log_metrics({"data_rows_in": data["rows_in"], "data_rows_out": data["rows_out"],
-                        "data_leaks": data["leaks"]["total"],
-                        **{f"data_rows_{name}": n for name, n in data["splits"].items()}})
-    if (reports_dir / "quantize.json").is_file():
-        quant = read_json(reports_dir / "quantize.json")["variants"]
+    mlflow.log_metrics({"data_rows_in": data.rows_in, "data_rows_out": data.rows_out, "data_leaks": data.leaks.total,
+                        **{f"data_rows_{name}": n for name, n in data.splits.items()}})
+    if (reports_dir / paths.QUANTIZE_REPORT.name).is_file():
+        quant = read_json(reports_dir / paths.QUANTIZE_REPORT.name)["variants"]
         mlflow.log_metrics({f"quant_{name}_{key}": v[key] for name, v in quant.items()
                             for key in ("footprint_ratio", "perplexity_ratio", "token_agreement")})
-    for name in ("data.json", "data_report.md", "leaks.jsonl", "quantize.json", "quantize.md", "train.json", "metrics.json",
-                 "comparison.md", "loss.png"):
-        if (reports_dir / name).is_file():
-            mlflow.log_artifact(str(reports_dir / name), artifact_path="reports")
+    for report in REPORT_ARTIFACTS:
+        if (reports_dir / report.name).is_file():
+            mlflow.log_artifact(str(reports_dir / report.name), artifact_path="reports")
     mlflow.log_table({k: [g[k] for g in generations] for k in generations[0]}, "generations.json")
 
 
-def _log_candidates(experiment_id: str, lineage: dict[str, str], metrics: dict[str, Any]) -> dict[str, str]:
+def _log_candidates(experiment_id: str, lineage: dict[str, str], metrics: MetricsReport) -> dict[str, str]:
     """The base and few-shot sibling runs; {name: run id}."""
     import mlflow
 
@@ -232,7 +251,7 @@ def _log_candidates(experiment_id: str, lineage: dict[str, str], metrics: dict[s
     for name in ("base", "fewshot"):
         with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True) as child:
             mlflow.set_tags({"role": "candidate", "candidate": name, **lineage})
-            mlflow.log_metrics(metrics[name])
+            mlflow.log_metrics(metrics.candidate(name))
             runs[name] = child.info.run_id
     return runs
 
@@ -268,22 +287,22 @@ def _log_gate(decision) -> None:
     mlflow.set_tags({**_gate_tags(decision), "promotion": decision.summary()})
 
 
-def _log_training(lineage: dict[str, str], reports: dict[str, Any], reports_dir: Path) -> None:
+def _log_training(lineage: dict[str, str], reports: Reports, reports_dir: Path) -> None:
     """Into the active fine-tuned run: its metrics, training losses and overfitting verdict."""
     import mlflow
 
-    metrics, train = reports["metrics"], reports["train"]
+    metrics, train = reports.metrics, reports.train
     mlflow.set_tags({"role": "candidate", "candidate": "finetuned", **lineage})
-    mlflow.log_metrics(metrics["finetuned"])
-    mlflow.log_metrics({k: v for k, v in train.items()
+    mlflow.log_metrics(metrics.finetuned)
+    mlflow.log_metrics({k: v for k, v in train.model_dump().items()
                         if k in ("val_loss_final", "val_loss_best", "train_loss_final", "train_val_gap", "best_step")})
-    training = metrics.get("training", {})
+    training = metrics.training
     if "possible_overfitting" in training:
         mlflow.log_metrics({"val_loss_above_best": training["val_loss_above_best"],
                             "possible_overfitting": float(training["possible_overfitting"])})
-    for step, loss in _curve(reports_dir / "train_loss.csv"):
+    for step, loss in _curve(reports_dir / paths.TRAIN_LOSS.name):
         mlflow.log_metric("train_loss", loss, step=step)
-    for step, loss in _curve(reports_dir / "val_loss.csv"):
+    for step, loss in _curve(reports_dir / paths.VAL_LOSS.name):
         mlflow.log_metric("val_loss", loss, step=step)
 
 
@@ -353,10 +372,10 @@ def main() -> None:
         base_dir=BASE_DIR,
         adapter_dir=ADAPTER_DIR,
         reports_dir=REPORTS,
-        data_dir=DATA_DIR,
+        data_dir=PREPARED_DIR,
     )
-    write_json(REPORTS / "registration.json", result)
-    print(f"register: {result['model_uri']} (pipeline run {result['pipeline_run_id']}): {gate_line(result)}")
+    result.write(REGISTRATION)
+    print(f"register: {result.model_uri} (pipeline run {result.pipeline_run_id}): {gate_line(result)}")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ from ftpipe.checks import check_params
 from ftpipe.errors import run_cli
 from ftpipe.io import write_json
 from ftpipe.params import PARAMS_FILE
-
-OUT = Path("reports/validated.json")
+from ftpipe.paths import VALIDATED
 
 
 def run(*, params_file: Path, project_dir: Path) -> dict[str, object]:
@@ -25,7 +24,7 @@ def run(*, params_file: Path, project_dir: Path) -> dict[str, object]:
 
 
 def main() -> None:
-    write_json(OUT, run(params_file=PARAMS_FILE, project_dir=Path(".")))
+    write_json(VALIDATED, run(params_file=PARAMS_FILE, project_dir=Path(".")))
     print(f"validate: {PARAMS_FILE} is valid")
 
 

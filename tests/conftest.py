@@ -21,6 +21,7 @@ CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+FIRST_REPRO_OUTPUT = "first-repro.stdout"
 WORDS = "red green blue cat dog bird one two three four five hello world what is the colour of sky grass".split()
 
 
@@ -128,7 +129,13 @@ def built_project(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
     result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=proj, env=stage_env(),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    (proj.parent / FIRST_REPRO_OUTPUT).write_text(result.stdout)  # beside the project, not in it
     return proj
+
+
+def first_repro_output(built: Path) -> str:
+    """What `dvc repro` printed when it built `built_project` (which stages ran)."""
+    return (built.parent / FIRST_REPRO_OUTPUT).read_text()
 
 
 @pytest.fixture

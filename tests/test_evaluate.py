@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from ftpipe.comparison import comparison_table
 from ftpipe.errors import PipelineError
 from ftpipe.params import EvaluateParams
-from stages.evaluate import comparison_table, pick_shots, training_check, with_shots
+from stages.evaluate import pick_shots, training_check, with_shots
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [{"id": f"t{i}", "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}

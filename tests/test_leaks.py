@@ -114,9 +114,9 @@ def test_warn_keeps_and_drop_removes_the_leaking_training_rows(tmp_path, data_wi
     for action in ("warn", "drop"):
         params = PrepareDataParams(source="file", path=str(data), external_eval=[str(external)], leak_action=action)
         reports[action] = run(params=params, out_dir=tmp_path / action, reports_dir=tmp_path / f"r-{action}")
-    assert reports["warn"]["leaks"]["exact_pair"] == 1 and reports["warn"]["train_rows_dropped_for_leaks"] == 0
-    assert reports["drop"]["train_rows_dropped_for_leaks"] == 1
-    assert reports["drop"]["splits"]["train"] == reports["warn"]["splits"]["train"] - 1
+    assert reports["warn"].leaks.exact_pair == 1 and reports["warn"].train_rows_dropped_for_leaks == 0
+    assert reports["drop"].train_rows_dropped_for_leaks == 1
+    assert reports["drop"].splits["train"] == reports["warn"].splits["train"] - 1
     text = (tmp_path / "r-drop" / "data_report.md").read_text()
     assert "| exact_pair | external:benchmark.jsonl/000000" in text
 
@@ -138,7 +138,7 @@ def test_every_leak_goes_to_leaks_jsonl_and_fail_says_how_many_and_where(tmp_pat
     external = write_jsonl(tmp_path / "benchmark.jsonl", raw[:40])  # those that land in train leak
     params = PrepareDataParams(source="file", path=str(data), external_eval=[str(external)], leak_action="warn")
     reports = tmp_path / "reports"
-    n = run(params=params, out_dir=tmp_path / "prepared", reports_dir=reports)["leaks"]["total"]
+    n = run(params=params, out_dir=tmp_path / "prepared", reports_dir=reports).leaks.total
     assert n > 20
     rows = [json.loads(line) for line in (reports / "leaks.jsonl").read_text().splitlines()]
     assert len(rows) == n and len({r["eval_id"] for r in rows}) == n

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from ftpipe import packing
+from ftpipe import packing, trainer
 from ftpipe.chat import IGNORE_INDEX
-from stages import train
 
 SYSTEM = "you are a terse bot"
 
@@ -131,7 +130,7 @@ def test_packed_rows_train_exactly_as_rows_apart(tiny_model_dir, tokenizer, kern
 
     def loss_and_grads(batch):
         model.zero_grad()
-        loss = train.response_only_loss(model, batch, num_items_in_batch=count)
+        loss = trainer.response_only_loss(model, batch, num_items_in_batch=count)
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

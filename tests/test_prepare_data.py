@@ -91,20 +91,20 @@ def test_rows_sharing_a_long_response_stay_in_one_split_and_short_ones_do_not_gr
 
 def test_run_without_leaks_writes_an_empty_leaks_jsonl(tmp_path):
     path = write_jsonl(tmp_path / "raw.jsonl", qa_rows(30))
-    assert do_run(tmp_path, params(path))["leaks"]["total"] == 0
+    assert do_run(tmp_path, params(path)).leaks.total == 0
     assert (tmp_path / "reports" / "leaks.jsonl").read_text() == ""
 
 
 def test_jsonl_run_writes_splits_and_report(tmp_path, tiny_data):
     report = do_run(tmp_path, params(tiny_data, val_fraction=0.1, test_fraction=0.1))
-    assert report["rows_in"] == 91
-    assert report["rules"]["empty"] == {"dropped": 1} and report["rules"]["duplicate_exact"] == {"dropped": 10}
-    assert report["rows_out"] == 80 and sum(report["splits"].values()) == 80
-    assert report["leaks"]["total"] == 0
+    assert report.rows_in == 91
+    assert report.rules["empty"] == {"dropped": 1} and report.rules["duplicate_exact"] == {"dropped": 10}
+    assert report.rows_out == 80 and sum(report.splits.values()) == 80
+    assert report.leaks.total == 0
     rows = {name: read_jsonl(tmp_path / "prepared" / f"{name}.jsonl") for name in SPLITS}
-    assert {name: len(r) for name, r in rows.items()} == report["splits"]
+    assert {name: len(r) for name, r in rows.items()} == report.splits
     assert rows["test"][0]["messages"][-1]["role"] == "assistant" and rows["test"][0]["id"].startswith("test-")
-    assert json.loads((tmp_path / "reports" / "data.json").read_text()) == report
+    assert json.loads((tmp_path / "reports" / "data.json").read_text()) == report.model_dump(mode="json")
     assert "| duplicate_exact | 10 | dropped |" in (tmp_path / "reports" / "data_report.md").read_text()
 
 
@@ -114,8 +114,8 @@ def test_length_filters_use_the_base_tokenizer(tmp_path, tiny_model_dir):
     rows = qa_rows(30) + [{"prompt": "long one", "response": " ".join(["word"] * 300)}]
     path = write_jsonl(tmp_path / "raw.jsonl", rows)
     report = do_run(tmp_path, params(path, max_tokens=64, min_tokens=2), tokenizer=load_tokenizer(tiny_model_dir))
-    assert report["rules"]["too_long"] == {"dropped": 1} and report["token_filters"] is True
-    assert report["rows_out"] == 30 - report["rules"].get("too_short", {}).get("dropped", 0)
+    assert report.rules["too_long"] == {"dropped": 1} and report.token_filters is True
+    assert report.rows_out == 30 - report.rules.get("too_short", {}).get("dropped", 0)
 
 
 def test_csv_parquet_and_saved_dataset_sources(tmp_path):
@@ -135,14 +135,14 @@ def test_csv_parquet_and_saved_dataset_sources(tmp_path):
         out = tmp_path / f"run{i}"
         out.mkdir()
         report = do_run(out, params(path, source=source, prompt_field="q", response_field="a"))
-        assert report["rows_out"] == 30, source
+        assert report.rows_out == 30, source
 
 
 def test_messages_field(tmp_path):
     rows = [{"chat": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"yo {i}"}]}
             for i in range(30)]
     report = do_run(tmp_path, params(write_jsonl(tmp_path / "chat.jsonl", rows), messages_field="chat"))
-    assert report["rows_out"] == 30
+    assert report.rows_out == 30
 
 
 @pytest.mark.parametrize(
@@ -190,11 +190,11 @@ def test_too_few_rows_to_split(tmp_path):
 def test_embedded_chatterbot_corpus(tmp_path):
     report = do_run(tmp_path, params())
     # 2,306 utterance/reply pairs plus one malformed trivia entry; only 1,176 pairs are distinct.
-    assert report["rows_in"] == 2307
-    assert report["rules"]["malformed"] == {"dropped": 1}
-    assert report["rules"]["duplicate_exact"] == {"dropped": 2306 - 1176}
-    assert report["rows_out"] <= 1176 - report["rules"]["near_duplicate"]["dropped"]
-    assert report["leaks"]["total"] == 0
+    assert report.rows_in == 2307
+    assert report.rules["malformed"] == {"dropped": 1}
+    assert report.rules["duplicate_exact"] == {"dropped": 2306 - 1176}
+    assert report.rows_out <= 1176 - report.rules["near_duplicate"]["dropped"]
+    assert report.leaks.total == 0
 
 
 def test_csv_with_utf8_bom_reads_its_first_header(tmp_path):
@@ -203,7 +203,7 @@ def test_csv_with_utf8_bom_reads_its_first_header(tmp_path):
         writer = csv.DictWriter(handle, fieldnames=["prompt", "response"])
         writer.writeheader()
         writer.writerows(qa_rows(30))
-    assert do_run(tmp_path, params(path))["rows_out"] == 30
+    assert do_run(tmp_path, params(path)).rows_out == 30
 
 
 def test_missing_field_message_never_echoes_file_content(tmp_path):

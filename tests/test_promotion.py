@@ -9,6 +9,7 @@ import pytest
 
 from ftpipe.bootstrap import paired_gain
 from ftpipe.promotion import Scores, decide, gate_line
+from ftpipe.schemas import RegistrationReport
 
 N = 117  # the README's test split
 
@@ -161,9 +162,12 @@ def test_gate_line_reads_like_the_summary():
     challenger = scores(shifted(spread(seed=1), 0.08))
     decision = decide(metric="rougeL", min_improvement=0.0, challenger=challenger, base=BASE,
                       champion=None, champion_version=None, leaks=0)
-    registration = {"promotion": {"promote": decision.promote,
-                                  "intervals": {k: v.as_dict() for k, v in decision.intervals.items()}},
-                    "champion": None}
+    registration = RegistrationReport(
+        model_name="m", version="1", model_uri="models:/m/1", experiment="e", pipeline_run_id="p", base_run_id="b",
+        fewshot_run_id="f", finetuned_run_id="t", tracking_uri="sqlite:///mlruns.db", aliases=["challenger", "champion"],
+        promotion={"promote": decision.promote, "reasons": decision.reasons, "metric": "rougeL", "min_improvement": 0.0,
+                   "intervals": {k: v.as_dict() for k, v in decision.intervals.items()}},
+        champion=None)
     line = gate_line(registration)
     assert line == f"{decision.intervals['base'].describe()} over base; no champion yet: promoted"
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
-from conftest import ROOT, stage_env, tiny_params
+from conftest import stage_env
 
 from ftpipe.errors import PipelineError
+from ftpipe.io import remove_path
 
 MODEL = "tiny-model"
 
@@ -129,26 +129,12 @@ def test_any_other_registry_failure_is_one_redacted_line(failing, error, lifecyc
 # --- the register stage -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
-    """The tiny project with every stage but register run once (no MLflow store yet)."""
-    proj = tmp_path_factory.mktemp("register") / "project"
-    for name in ("ftpipe", "stages", "flows"):
-        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
-    (proj / "data" / "raw").mkdir(parents=True)
-    shutil.copy(tiny_data, proj / "data" / "raw" / "tiny.jsonl")
-    params = tiny_params(tiny_model_dir, Path("data/raw/tiny.jsonl"))
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (proj / ".gitignore").write_text("mlruns.db\nmlartifacts/\n")
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                    [sys.executable, "-m", "dvc", "config", "core.analytics", "false"], git + ["add", "-A"],
-                    git + ["commit", "-q", "-m", "tiny project"]):
-        subprocess.run(command, cwd=proj, check=True, env=stage_env())
-    stages = [s for s in yaml.safe_load((proj / "dvc.yaml").read_text())["stages"] if s != "register"]
-    repro = subprocess.run([sys.executable, "-m", "dvc", "repro", *stages], cwd=proj, env=stage_env(),
-                           capture_output=True, text=True)
-    assert repro.returncode == 0, repro.stderr[-3000:]
+def reproduced(built_project, tmp_path_factory) -> Path:
+    """The tiny project with every stage but register run (the session's built project, its MLflow
+    store and registration taken away)."""
+    proj = Path(shutil.copytree(built_project, tmp_path_factory.mktemp("register") / "project", symlinks=True))
+    for name in ("mlruns.db", "mlartifacts", "reports/registration.json"):
+        remove_path(proj / name)
     return proj
 
 

@@ -53,6 +53,12 @@ def append(path: Path, rows: list[dict]) -> None:
         handle.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+def versions_registered(project: Path) -> int:
+    from mlflow import MlflowClient
+
+    return len(MlflowClient(f"sqlite:///{project / 'mlruns.db'}").search_model_versions("name = 'tiny-model'"))
+
+
 def latest_artifact(key: str) -> str:
     import asyncio
 
@@ -214,11 +220,13 @@ def test_unreachable_mlflow_server_is_retried_with_backoff(project, harness, mon
 
 
 @pytest.mark.slow
-def test_served_deployment_runs_on_its_cron_schedule(project, tmp_path):
-    """A real Prefect server, the deployment served with a cron schedule, one scheduled run completed."""
+def test_served_deployment_runs_on_its_cron_schedule(finished_project, tmp_path):
+    """A real Prefect server, the deployment served with a cron schedule, one scheduled run completed.
+    The project is a finished run, so the scheduled run finds nothing changed (retraining itself is
+    the three-triggers test's)."""
     import urllib.request
 
-    landed(project, qa_rows(16))
+    project = finished_project
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**stage_env(), "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
@@ -247,6 +255,7 @@ def test_served_deployment_runs_on_its_cron_schedule(project, tmp_path):
         assert runs[0]["state_type"] == "COMPLETED" and runs[0]["deployment_id"]
         assert runs[0]["auto_scheduled"] is True
         assert json.loads((project / "reports" / "registration.json").read_text())["version"] == "1"
+        assert runs[0]["name"] and versions_registered(project) == 1  # nothing changed: nothing registered
     finally:
         if served is not None:
             stop_group(served, signal.SIGINT, timeout=20)
@@ -276,9 +285,10 @@ def test_report_shows_the_champion_scored_on_this_split_and_the_gate_interval(tm
     block = {"bleu": 1.0, "rouge1": 0.2, "rouge2": 0.1, "rougeL": 0.2, "rougeLsum": 0.2, "perplexity": 9.0}
     interval = {"metric": "rougeL", "confidence": 0.95, "examples": 8, "samples": 2000, "method": "BCa"}
     registration = {
-        "model_name": "tiny-model", "version": "2", "model_uri": "models:/tiny-model/2",
-        "aliases": ["challenger", "champion"],
-        "promotion": {"promote": True, "reasons": ["a reason"], "metric": "rougeL", "intervals": {
+        "model_name": "tiny-model", "version": "2", "model_uri": "models:/tiny-model/2", "experiment": "tiny-test",
+        "pipeline_run_id": "p", "base_run_id": "b", "fewshot_run_id": "f", "finetuned_run_id": "t",
+        "tracking_uri": "sqlite:///mlruns.db", "aliases": ["challenger", "champion"],
+        "promotion": {"promote": True, "reasons": ["a reason"], "metric": "rougeL", "min_improvement": 0.0, "intervals": {
             "base": {**interval, "estimate": 0.15, "low": 0.1, "high": 0.2},
             "champion": {**interval, "estimate": 0.05, "low": 0.01, "high": 0.09}}},
         "champion": {"version": "1", "scored": "generated again on this test split", "run_id": "r1",
@@ -287,11 +297,14 @@ def test_report_shows_the_champion_scored_on_this_split_and_the_gate_interval(tm
     reports = tmp_path / "reports"
     reports.mkdir()
     (reports / "registration.json").write_text(json.dumps(registration))
-    (reports / "metrics.json").write_text(json.dumps({"examples": 8, "base": {**block, "rougeL": 0.05},
-                                                      "finetuned": block}))
-    (reports / "data.json").write_text(json.dumps({"source": "file", "rows_in": 80, "rows_out": 80,
-                                                   "splits": {"train": 64, "val": 8, "test": 8}, "rules": {},
-                                                   "leaks": {"total": 0}, "leak_action": "fail"}))
+    (reports / "metrics.json").write_text(json.dumps({
+        "examples": 8, "base": {**block, "rougeL": 0.05}, "fewshot": block, "finetuned": block, "delta": {},
+        "forgetting": 0.0, "training": {}, "few_shot_ids": [], "general_text": {"path": "g.txt", "tokens": 9},
+        "bleu_signature": "sig", "intervals": {}, "settings": {}}))
+    (reports / "data.json").write_text(json.dumps({
+        "source": "file", "rows_in": 80, "rows_out": 80, "splits": {"train": 64, "val": 8, "test": 8}, "rules": {},
+        "near_duplicate_clusters": 0, "split_groups": 80, "leaks": {"total": 0}, "leak_action": "fail",
+        "train_rows_dropped_for_leaks": 0, "token_filters": True}))
     change = {"reasons": ["prepare_data: changed deps"], "champion": {"version": "1", "metrics": {"rougeL": 0.9}}}
     report, _ = retrain_report(tmp_path, change, {"register": 1.0})
     assert "| rougeL | 0.0500 | 0.1500 | 0.2000 |" in report  # the re-scored 0.15, not the logged 0.9

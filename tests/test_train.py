@@ -13,8 +13,10 @@ import time
 import pytest
 from conftest import set_param, stage, stage_env, tiny_params
 
+from ftpipe import trainer
 from ftpipe.errors import PipelineError
 from ftpipe.params import PrepareDataParams, TrainParams, load_section
+from ftpipe.schemas import TrainReport
 from stages import prepare_base, prepare_data, train
 
 METHOD_OPTIONS = {
@@ -51,16 +53,16 @@ def run_train(tmp_path, inputs, **overrides):
 
 def test_lora_training_writes_every_declared_output(tmp_path, inputs):
     params, out, reports, summary = run_train(tmp_path, inputs)
-    assert summary["steps"] == 6 and 0 < summary["trainable_parameters"] < summary["parameters"]
+    assert summary.steps == 6 and 0 < summary.trainable_parameters < summary.parameters
     config = json.loads((out / "train_config.json").read_text())
     assert config["params"] == params.model_dump() and config["base_model"]["source"]["kind"] == "local"
     assert (reports / "train_loss.csv").read_text().startswith("step,loss\n1,")
     assert len((reports / "val_loss.csv").read_text().splitlines()) == 3  # header + steps 3 and 6
     assert (reports / "loss.png").stat().st_size > 1000
-    assert json.loads((reports / "train.json").read_text()) == summary
+    assert json.loads((reports / "train.json").read_text()) == summary.model_dump(mode="json")
     assert not list((tmp_path / "checkpoints").glob("*"))  # removed once the run succeeded
-    assert summary["attention"] == "eager"  # auto on CPU
-    assert 0 < summary["train_s"] <= summary["runtime_s"]  # evaluation time is not training time
+    assert summary.attention == "eager"  # auto on CPU
+    assert 0 < summary.train_s <= summary.runtime_s  # evaluation time is not training time
 
 
 def test_attention_kernel_choice_and_same_loss(tiny_model_dir, inputs):
@@ -89,7 +91,7 @@ def test_attention_kernel_choice_and_same_loss(tiny_model_dir, inputs):
         model = models.load_model(tiny_model_dir, attn_implementation=kernel)
         assert model.config._attn_implementation == kernel
         with torch.no_grad():
-            losses[kernel] = train.response_only_loss(model, batch).item()
+            losses[kernel] = trainer.response_only_loss(model, batch).item()
     assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-5)
 
 
@@ -108,8 +110,8 @@ def test_peft_method_trains_its_adapter_and_loads_for_inference(tmp_path, inputs
     set_seed(params.seed)  # the same seed as train.run: the adapter as it was before training
     initial = get_peft_model_state_dict(methods.build(params, base, bf16=False))
     trained = load_file(out / "adapter_model.safetensors")
-    assert trained.keys() == initial.keys() and summary["trainable_parameters"] > 0
-    assert summary["packing"] == methods.response_only_ok(method)  # packing: auto
+    assert trained.keys() == initial.keys() and summary.trainable_parameters > 0
+    assert summary.packing == methods.response_only_ok(method)  # packing: auto
     unchanged = [k for k, w in trained.items() if torch.equal(w, initial[k].to(w.dtype))]
     assert not unchanged, f"{method}: trainable weights did not change: {unchanged}"
 
@@ -150,7 +152,7 @@ def test_full_with_frozen_embeddings_and_first_block(tmp_path, inputs):
     trained = [k for k in before if k.startswith("model.layers.1.")]
     assert frozen and all(before[k].equal(after[k]) for k in frozen)
     assert trained and not any(before[k].equal(after[k]) for k in trained)
-    assert summary["trainable_parameters"] == sum(before[k].numel() for k in before if k not in frozen)
+    assert summary.trainable_parameters == sum(before[k].numel() for k in before if k not in frozen)
 
 
 def test_gradual_unfreezing_opens_the_lower_block_only_later(tmp_path, inputs):
@@ -172,11 +174,11 @@ def packed_and_unpacked(tmp_path, inputs, method, precision):
     for packs in (False, True):
         _, out, reports, summary = run_train(tmp_path / str(packs), inputs, method=method, packing=packs,
                                              precision=precision, **options)
-        assert summary["packing"] == packs and summary["precision"] == precision and summary["steps"] == 6
+        assert summary.packing == packs and summary.precision == precision and summary.steps == 6
         curves = {name: [tuple(map(float, row.split(","))) for row in (reports / name).read_text().splitlines()[1:]]
                   for name in ("train_loss.csv", "val_loss.csv")}
         runs[packs] = out, curves, summary
-    assert runs[True][2]["shared_prefix_tokens"] > 0
+    assert runs[True][2].shared_prefix_tokens > 0
     return runs
 
 
@@ -285,10 +287,10 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, inputs):
     # A huge learning rate makes validation loss worse after the first evaluation.
     _, out, _, summary = run_train(tmp_path, inputs, early_stopping_patience=1, eval_steps=1, save_steps=1,
                                    learning_rate=5.0, max_steps=20, warmup_ratio=0.0)
-    assert summary["early_stopped"] and summary["steps"] < 20
+    assert summary.early_stopped and summary.steps < 20
     # The written model is the best checkpoint, so its loss is the best one, not the last evaluation's.
-    assert summary["kept_step"] == summary["best_step"] < summary["steps"]
-    assert summary["val_loss_final"] == summary["val_loss_best"] < summary["val_loss_last_eval"]
+    assert summary.kept_step == summary.best_step < summary.steps
+    assert summary.val_loss_final == summary.val_loss_best < summary.val_loss_last_eval
     curve = (tmp_path / "reports" / "val_loss.csv").read_text().splitlines()[1:]
     val_steps = [int(line.split(",")[0]) for line in curve]
     assert len(val_steps) == len(set(val_steps))  # every step evaluated once
@@ -306,7 +308,7 @@ def test_loss_only_counts_response_tokens(tiny_model_dir):
     batch = {k: torch.tensor([v]) for k, v in item.items()}
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     with torch.no_grad():
-        ours = train.response_only_loss(model, batch)
+        ours = trainer.response_only_loss(model, batch)
         reference = model(**batch).loss
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
 
@@ -336,8 +338,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(project):
     rerun = stage(project, "train")
     assert rerun.returncode == 0, rerun.stderr
     assert "train: resuming from checkpoints/train/" in rerun.stdout
-    summary = json.loads((project / "reports" / "train.json").read_text())
-    assert summary["steps"] == steps and 5 <= summary["resumed_from_step"] < steps
+    summary = TrainReport.read(project / "reports" / "train.json")
+    assert summary.steps == steps and 5 <= summary.resumed_from_step < steps
     # The loss log continues from the checkpoint: one row every 5 steps, none missing or repeated.
     logged = [int(line.split(",")[0]) for line in (project / "reports" / "train_loss.csv").read_text().splitlines()[1:]]
     assert logged == list(range(5, steps + 1, 5))

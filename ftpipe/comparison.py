@@ -1,0 +1,72 @@
+"""The base vs fine-tuned comparison table of reports/metrics.json (evaluate writes it to
+reports/comparison.md; the flows print it and publish it as a Prefect artifact)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def comparison_rows(result: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
+    """(metric, base, fine-tuned, fine-tuned is better) per metric; perplexities are better when lower."""
+    from ftpipe.metrics import CANDIDATE_KEYS, gain
+
+    rows = []
+    for key in CANDIDATE_KEYS:
+        if key in result["base"] and key in result["finetuned"]:
+            b, t = result["base"][key], result["finetuned"][key]
+            rows.append((key, b, t, gain(key, t, b) > 0))
+    return rows
+
+
+def difference_interval(key: str, interval: dict[str, Any]) -> tuple[float, float]:
+    """The gain's interval turned into one of fine-tuned - base, the comparison table's direction."""
+    from ftpipe.metrics import LOWER_IS_BETTER
+
+    return (-interval["high"], -interval["low"]) if key in LOWER_IS_BETTER else (interval["low"], interval["high"])
+
+
+def comparison_table(result: dict[str, Any]) -> str:
+    """Markdown: the three candidates side by side with the interval of fine-tuned - base, then the
+    forgetting and overfitting checks."""
+    intervals = result.get("intervals", {}).get("finetuned_vs_base", {})
+    any_interval = next(iter(intervals.values()), None)
+    ci_label = f"{any_interval['confidence'] * 100:g} % CI" if any_interval else "CI"
+    lines = [f"| metric | base | base few-shot | fine-tuned | fine-tuned vs base | {ci_label} |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for key, b, t, better in comparison_rows(result):
+        fewshot = result.get("fewshot", {}).get(key)
+        ci = ""
+        if key in intervals:
+            low, high = difference_interval(key, intervals[key])
+            ci = f"[{low:+.4g}, {high:+.4g}]"
+            if key == "bleu":  # its interval is of another statistic than the corpus BLEU beside it
+                ci = f"mean sentence BLEU {intervals[key]['estimate']:+.4g} {ci}"
+        lines.append(f"| {key} | {b:.4g} | {'' if fewshot is None else f'{fewshot:.4g}'} | {t:.4g} "
+                     f"| {t - b:+.4g} {'better' if better else 'same' if t == b else 'worse'} | {ci} |")
+    text = "\n".join(lines) + f"\n\n{result['examples']} test examples; BLEU {result['bleu_signature']}\n"
+    if any_interval:
+        text += (f"\n{ci_label}: paired bootstrap of fine-tuned - base over the {any_interval['examples']} test "
+                 f"examples ({any_interval['method']}, {any_interval['samples']} resamples); bleu's is of the mean "
+                 "sentence-level BLEU (corpus BLEU is no mean over examples). An interval that holds 0 is a "
+                 "difference these examples cannot tell from noise. The promotion gate (register) reads the "
+                 "gain (the difference, or base - fine-tuned for perplexities): the lower bound of its interval "
+                 "on register.primary_metric must be above register.min_improvement, over the base and over "
+                 "the champion.\n")
+    if "forgetting" in result:
+        text += (f"\nForgetting: general-text perplexity {result['forgetting']:+.1%} after fine-tuning "
+                 f"({result['general_text']['tokens']} tokens of {result['general_text']['path']}; "
+                 "the few-shot baseline shares the base weights).\n")
+    if result.get("few_shot_ids"):
+        text += f"\nFew-shot examples (training rows): {', '.join(map(str, result['few_shot_ids']))}\n"
+    training = result.get("training") or {}
+    if "val_loss_final" in training:
+        gap = training.get("train_val_gap")
+        text += (f"\nTraining: final validation loss {training['val_loss_final']:.4g}, best "
+                 f"{training['val_loss_best']:.4g} at step {training.get('best_step', '?')} of "
+                 f"{training.get('steps', '?')}; train-validation gap {'?' if gap is None else f'{gap:.4g}'}.")
+        margin = result.get("settings", {}).get("overfit_margin")
+        text += (" **Possible overfitting**: the final validation loss is above its best by "
+                 f"{training['val_loss_above_best']:.4g}"
+                 + (f" (more than {margin:.0%} of it).\n" if margin is not None else ".\n")
+                 if training["possible_overfitting"] else " No sign of overfitting.\n")
+    return text

@@ -1,0 +1,35 @@
+"""Where the stages read and write, relative to the project folder: the one definition of each path.
+
+dvc.yaml declares the same paths as deps and outs; tests/test_paths.py checks that every path a stage
+module names here is declared for that stage in dvc.yaml, that every out dvc.yaml declares is named
+by its stage, and that no module spells one of these paths or file names itself.
+"""
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+RAW_DIR = Path("data/raw")  # landing folder of training data files; a dep of prepare_data
+PREPARED_DIR = Path("data/prepared")  # {train,val,test}.jsonl
+BASE_DIR = Path("models/base")
+ADAPTER_DIR = Path("models/adapter")  # the adapter (or full model), merged/ inside where it can be merged
+# Not a DVC out: DVC deletes a stage's outs before rerunning it, and these must survive a kill.
+CHECKPOINTS = Path("checkpoints/train")
+
+REPORTS = Path("reports")
+VALIDATED = REPORTS / "validated.json"
+DATA_REPORT = REPORTS / "data.json"
+DATA_REPORT_MD = REPORTS / "data_report.md"
+LEAKS = REPORTS / "leaks.jsonl"
+QUANTIZE_REPORT = REPORTS / "quantize.json"
+QUANTIZE_MD = REPORTS / "quantize.md"
+TRAIN_REPORT = REPORTS / "train.json"
+TRAIN_LOSS = REPORTS / "train_loss.csv"
+VAL_LOSS = REPORTS / "val_loss.csv"
+LOSS_PLOT = REPORTS / "loss.png"
+METRICS = REPORTS / "metrics.json"
+GENERATIONS = REPORTS / "generations.jsonl"
+COMPARISON = REPORTS / "comparison.md"
+REGISTRATION = REPORTS / "registration.json"
+
+# Folders a stage may leave half-written temporaries in after kill -9 (swept when a stage starts).
+OUTPUT_FOLDERS = (Path("models"), Path("data"), REPORTS)

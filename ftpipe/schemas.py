@@ -1,0 +1,148 @@
+"""Typed models of the JSON reports the stages write and the stages and flows read.
+
+The writer builds the model and the readers get it back from `read`, so a renamed or missing key
+fails at once, naming the file and the key, instead of surfacing later as a KeyError elsewhere.
+Unknown keys are refused too: a report written by other code is not silently half-read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ftpipe.errors import PipelineError
+from ftpipe.io import read_json, write_json
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def read(cls, path: Path) -> Self:
+        if not path.is_file():
+            raise PipelineError(f"{path}: not found (run `dvc repro` to write it)")
+        try:
+            return cls.model_validate(read_json(path))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+            raise PipelineError(f"{path}: {key}: {first['msg'].lower()} ({exc.error_count()} problem(s); "
+                                "written by other code? rerun its stage)") from None
+
+    def write(self, path: Path) -> None:
+        write_json(path, self.model_dump(mode="json"))
+
+
+class _Nested(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainReport(_Report):
+    """reports/train.json (DVC metrics), written by the train stage."""
+
+    method: str
+    steps: int
+    epochs: float
+    resumed_from_step: int
+    early_stopped: bool
+    train_loss_final: float | None
+    val_loss_final: float  # of the model written (the best checkpoint after early stopping)
+    val_loss_last_eval: float
+    val_loss_best: float
+    best_step: int
+    kept_step: int
+    train_val_gap: float | None
+    runtime_s: float
+    train_s: float  # runtime less evaluation and checkpointing
+    tokens_per_s: float  # the rows' tokens, prefix included where packing shares it
+    precision: str
+    attention: str
+    optimizer: str
+    parameters: int
+    trainable_parameters: int
+    rows: dict[str, int]
+    packing: bool
+    shared_prefix_tokens: int  # tokens every training row starts with
+    dropped_too_long: dict[str, int]
+
+
+class Leaks(_Nested):
+    model_config = ConfigDict(extra="allow")  # one count per leak kind (ftpipe/leaks.py)
+
+    total: int
+
+
+class DataReport(_Report):
+    """reports/data.json (DVC metrics), written by prepare_data."""
+
+    source: str
+    rows_in: int
+    rules: dict[str, dict[str, int]]  # rule -> {changed|dropped: rows}
+    rows_out: int
+    near_duplicate_clusters: int
+    split_groups: int
+    splits: dict[str, int]
+    leaks: Leaks
+    leak_action: str
+    train_rows_dropped_for_leaks: int
+    token_filters: bool
+
+
+class GeneralText(_Nested):
+    path: str
+    tokens: int
+
+
+class MetricsReport(_Report):
+    """reports/metrics.json (DVC metrics), written by evaluate: one block per candidate, same keys."""
+
+    examples: int
+    base: dict[str, float]
+    fewshot: dict[str, float]
+    finetuned: dict[str, float]
+    delta: dict[str, float]  # fine-tuned - base
+    forgetting: float  # general-text perplexity change after fine-tuning
+    training: dict[str, Any]  # evaluate.training_check's facts about reports/train.json
+    few_shot_ids: list[str]
+    general_text: GeneralText
+    bleu_signature: str
+    intervals: dict[str, dict[str, dict[str, Any]]]  # finetuned_vs_base -> metric -> Interval.as_dict()
+    settings: dict[str, Any]  # the resolved evaluate settings (register scores the champion with them)
+
+    def candidate(self, name: str) -> dict[str, float]:
+        return {"base": self.base, "fewshot": self.fewshot, "finetuned": self.finetuned}[name]
+
+
+class Promotion(_Nested):
+    promote: bool
+    reasons: list[str]
+    metric: str
+    min_improvement: float
+    intervals: dict[str, dict[str, Any] | None]  # base / champion -> the gain's interval (None: not formed)
+
+
+class ChampionScores(_Nested):
+    version: str
+    scored: str
+    run_id: str
+    metrics: dict[str, float]  # on this test split
+    logged_metrics: dict[str, float]  # what its own run logged when it was registered
+
+
+class RegistrationReport(_Report):
+    """reports/registration.json, written by register."""
+
+    model_name: str
+    version: str
+    model_uri: str
+    experiment: str
+    pipeline_run_id: str
+    base_run_id: str
+    fewshot_run_id: str
+    finetuned_run_id: str
+    tracking_uri: str  # credentials masked
+    aliases: list[str]
+    promotion: Promotion
+    champion: ChampionScores | None  # the champion the gate compared with, scored again (None: none)
