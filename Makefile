@@ -27,7 +27,7 @@ run: $(STAMP)
 
 test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=25
 
 # The quick local loop: lint and the tests not marked slow (CI runs everything with `make test`).
 test-fast: $(STAMP)
