@@ -213,6 +213,24 @@ def test_register_goes_to_the_stack_and_the_champion_loads_from_s3(stack, regist
 
 
 @pytest.mark.slow
+def test_compare_view_screenshot_works_against_the_stack(stack, registered, tmp_path, monkeypatch):
+    """scripts/mlflow_screenshot opens the stack's own MLflow UI (no server of its own) on the
+    candidates registered there."""
+    from scripts.mlflow_screenshot import run
+
+    state, _ = stack
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", state.tracking_uri)
+    registration = json.loads((registered / "reports" / "registration.json").read_text())
+    out = tmp_path / "compare.png"
+    result = run(project_dir=registered, out=out, experiment=registration["experiment"])
+    assert result["url"].startswith(f"{state.tracking_uri}/#/compare-runs")
+    assert result["runs"] == {"base": registration["base_run_id"], "fewshot": registration["fewshot_run_id"],
+                              "finetuned": registration["finetuned_run_id"]}
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["metrics_shown"] == ["bleu", "rougeL", "perplexity"]
+
+
+@pytest.mark.slow
 def test_restart_keeps_everything_and_a_stack_that_is_down_fails_in_one_line(stack, registered):
     from mlflow import MlflowClient
 
