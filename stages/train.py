@@ -53,7 +53,7 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
     from transformers import set_seed
 
     from ftpipe import models
-    from ftpipe.trainer import check_worker
+    from ftpipe.trainer import check_worker, checkpoint_key
 
     check_worker(params)
     models.set_threads(params.threads, processes=params.processes)
@@ -61,7 +61,7 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
     tokenizer = models.load_tokenizer(base_dir)
     data = _setup_data(params, tokenizer, data_dir)
     setup = _setup_model(params, base_dir, tokenizer)
-    checkpoints = checkpoint_root / _checkpoint_key(params, base_dir, data_dir)
+    checkpoints = checkpoint_root / checkpoint_key(params, base_dir, data_dir)
     trainer = _setup_trainer(params, setup, data, checkpoints)
     runtime, resumed_step = _train(trainer, checkpoints)  # returns once every process has finished
     report = _report(params, trainer, setup, data, runtime=runtime, resumed_step=resumed_step)
@@ -223,12 +223,6 @@ def _write_reports(trainer, report: TrainReport, reports_dir: Path) -> None:
     write_text(reports_dir / VAL_LOSS.name, curve_csv(val_curve))
     plot_losses(train_curve, val_curve, reports_dir / LOSS_PLOT.name)
     report.write(reports_dir / TRAIN_REPORT.name)
-
-
-def _checkpoint_key(params: TrainParams, base_dir: Path, data_dir: Path) -> str:
-    from ftpipe.trainer import checkpoint_key
-
-    return checkpoint_key(params, base_dir, data_dir)
 
 
 def main() -> None:

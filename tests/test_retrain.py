@@ -180,6 +180,13 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen) -> None:
     raise AssertionError(f"{url} did not answer in {timeout_s:.0f} s")
 
 
+def start_prefect_server(port: int, env: dict[str, str]) -> subprocess.Popen:
+    """`prefect server start` on 127.0.0.1:`port` in its own process group (stop it with stop_group)."""
+    return subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def test_unreachable_mlflow_server_is_retried_with_backoff(project, harness, monkeypatch, tmp_path):
     """The tracking server is down when the flow starts and comes up after the first failed attempt."""
     import mlflow
@@ -232,9 +239,7 @@ def test_served_deployment_runs_on_its_cron_schedule(finished_project, tmp_path)
     env = {**stage_env(), "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_RUNNER_POLL_FREQUENCY": "5"}
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = start_prefect_server(port, env)
     served = None
     try:
         wait_http(f"{api}/health", 120, server)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import stage_env
-from test_retrain import free_port, wait_http
+from test_retrain import free_port, start_prefect_server, wait_http
 
 from ftpipe.processes import stop_group
 
@@ -74,9 +74,7 @@ def test_deployment_in_a_process_pool_is_run_by_a_worker(finished_project, tmp_p
         return subprocess.run([sys.executable, "-m", *args], cwd=project, env=env, capture_output=True, text=True,
                               timeout=120)
 
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = start_prefect_server(port, env)
     worker = None
     try:
         wait_http(f"{api}/health", 120, server)
