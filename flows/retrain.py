@@ -197,8 +197,9 @@ def _final(exc: BaseException) -> bool:
 
 
 # A registry read is idempotent, so the flow may retry it (MLflow unreachable, a timeout); a bad
-# input, or a champion whose run is gone, fails the same way again.
-@task(retries=3, retry_delay_seconds=[5, 20, 60], retry_jitter_factor=0.2, retry_condition_fn=retry_unless(_final))
+# input, or a champion whose run is gone, fails the same way again. The retries and their delays
+# come from params.yaml retrain.registry_retry_delays_s (see _retrain_locked).
+@task(retry_jitter_factor=0.2, retry_condition_fn=retry_unless(_final))
 def detect_changes(project_dir: Path) -> dict[str, Any]:
     """What changed since the latest registered version (an empty `reasons` list: nothing)."""
     from ftpipe import tracking
@@ -214,7 +215,17 @@ def detect_changes(project_dir: Path) -> dict[str, Any]:
         reasons += [f"dvc.lock {key} {lock[key]} differs from v{latest['version']}'s {latest['tags'][key]}"
                     for key in LINEAGE_KEYS if lock[key] != latest["tags"][key]]
     get_run_logger().info("changes: %s", "; ".join(reasons) or "none")
-    return {"reasons": reasons, "stale": bool(stale), **registry}
+    return {"reasons": reasons, **registry}
+
+
+def _behind(project_dir: Path, latest: dict[str, Any] | None) -> bool:
+    """Whether the registry's latest version is not the model dvc.lock records."""
+    from ftpipe import tracking
+
+    if latest is None:
+        return True
+    lock = tracking.lineage(project_dir, method="")
+    return any(lock[key] != latest["tags"][key] for key in LINEAGE_KEYS)
 
 
 def _not_killed(exc: BaseException) -> bool:
@@ -255,12 +266,14 @@ def _retrain_locked(project_dir: Path, data_path: str | None) -> dict[str, Any]:
     )
 
     from flows.retrain_report import retrain_report, unchanged_report
+    from ftpipe.params import RetrainParams, load_section
 
     logger = get_run_logger()
     if data_path and use_data_path(project_dir, data_path):
         logger.info("params.yaml: prepare_data now reads %s", data_path)
     validate_project(project_dir)  # before DVC touches anything; --single-item skips upstream stages
-    change = detect_changes(project_dir)
+    delays = load_section("retrain", RetrainParams, project_dir / paths.PARAMS).registry_retry_delays_s
+    change = detect_changes.with_options(retries=len(delays), retry_delay_seconds=delays or 0)(project_dir)
     if not change["reasons"]:
         markdown = unchanged_report(change)
         create_markdown_artifact(key="retrain-report", markdown=markdown,
@@ -269,9 +282,12 @@ def _retrain_locked(project_dir: Path, data_path: str | None) -> dict[str, Any]:
     progress = create_progress_artifact(0.0, key="retrain-progress", description="pipeline stages done")
     timings: dict[str, float] = {}
     for done, stage in enumerate(STAGES, start=1):
-        # Outputs up to date but the registry behind them (a new MLflow store, a version registered
-        # by an experiment): DVC would skip register, so it is forced to register these outputs.
-        force = stage == "register" and not change["stale"]
+        # The registry behind the outputs the lock now records (a new MLflow store, a version
+        # registered by an experiment): DVC would skip an up-to-date register, so it is forced.
+        # Decided after the upstream stages ran, on the registry read above: a stale stage that
+        # changes no output (validate after an edit of another params.yaml section) is no reason
+        # to trust a registration.json written for another store.
+        force = stage == "register" and _behind(project_dir, change["latest"])
         timings[stage] = stage_task(stage)(stage, project_dir, force=force)
         update_progress_artifact(progress, 100.0 * done / len(STAGES), description=f"{stage} done")
     if pushed := dvc_push(project_dir):  # what the new version's lineage names, for any clone to pull

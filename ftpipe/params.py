@@ -8,7 +8,7 @@ Which section each stage reads is in SECTIONS; tests check it against dvc.yaml.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -331,6 +331,10 @@ class RetrainParams(_Section):
 
     cron: str = Field("0 3 * * *", min_length=1)
     """When `python -m flows.retrain --serve` runs the flow (cron syntax, server time zone); --cron overrides."""
+    registry_retry_delays_s: list[Annotated[float, Field(ge=0, le=3600)]] = Field([5, 20, 60], max_length=10)
+    """Seconds before each retry of the flow's registry read when MLflow is unreachable or times out
+    (one entry per retry; [] fails at once). A server restarting behind a load balancer is back
+    within a minute or two; a longer outage should fail the run and page someone."""
 
 
 # Sections read by flows rather than stages.

@@ -133,6 +133,24 @@ def built_project(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
     return proj
 
 
+@pytest.fixture(scope="session")
+def flow_run(tmp_path_factory, tiny_model_dir, tiny_data) -> tuple[Path, str]:
+    """A new tiny project after one whole `python -m flows.pipeline` run as `make run` starts it: no
+    Prefect server configured (the flow starts its temporary one), no internet, Python's default
+    warnings and no telemetry opt-outs. The project and what the run printed (stdout + stderr),
+    shared by the tests that read them; they must not change the project."""
+    proj = make_project(tmp_path_factory.mktemp("flow") / "project", tiny_model_dir, tiny_data)
+    env = {**stage_env(), "PREFECT_HOME": str(proj.parent / "prefect-home")}
+    for name in ("PREFECT_API_URL", "PYTHONWARNINGS", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK",
+                 "DVC_NO_ANALYTICS", "MLFLOW_DISABLE_TELEMETRY", "HF_HUB_DISABLE_TELEMETRY"):
+        env.pop(name, None)
+    result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--project-dir", str(proj)], cwd=proj,
+                            env=env, capture_output=True, text=True, timeout=1200)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    return proj, output
+
+
 def first_repro_output(built: Path) -> str:
     """What `dvc repro` printed when it built `built_project` (which stages ran)."""
     return (built.parent / FIRST_REPRO_OUTPUT).read_text()

@@ -294,8 +294,10 @@ def test_a_signal_during_the_final_renames_waits_for_them(tmp_path, monkeypatch)
 
 
 def test_credentials_never_reach_the_retraining_flows_output_or_prefect(finished_project, tmp_path):
-    """The same through `flows.retrain`, whose registry read Prefect retries (and logs) three times."""
+    """The same through `flows.retrain`, whose registry read Prefect retries (and logs) as
+    params.yaml retrain.registry_retry_delays_s says."""
     proj = finished_project
+    set_param(proj, "retrain", "registry_retry_delays_s", [0.5, 1])  # two retries, no long waits
     uri = f"http://alice:{SECRET}@127.0.0.1:9/?token={TOKEN}"
     result = subprocess.run([sys.executable, "-m", "flows.retrain", "--project-dir", str(proj)], cwd=proj,
                             env=flow_env(tmp_path, MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
@@ -303,7 +305,10 @@ def test_credentials_never_reach_the_retraining_flows_output_or_prefect(finished
     assert result.returncode == 2, result.stderr[-3000:]
     printed = result.stdout + result.stderr
     assert SECRET not in printed and TOKEN not in printed
-    assert len(re.findall(r"Retry \d/3 will start", printed)) == 3  # Prefect retried the read, logging each try
+    # Prefect retried the read as params.yaml says, logging each try.
+    retries = re.findall(r"Retry (\d/\d) will start ([\d.]+) second", printed)
+    assert [try_ for try_, _ in retries] == ["1/2", "2/2"], printed[-3000:]
+    assert 0.3 < float(retries[0][1]) < 0.7 and 0.7 < float(retries[1][1]) < 1.3  # the delays, give or take jitter
     assert re.fullmatch(r"error: MLflow tracking server http://\*\*\*@127\.0\.0\.1:9/\?token=\*\*\* .*",
                         error_lines(result.stderr)[-1])
     stored = [p for p in (tmp_path / "prefect-home").rglob("*") if p.is_file()]

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from conftest import ROOT, stage_env
 
 NOISE = ("ERROR", "FutureWarning", "gemm_4bit_forward")
@@ -97,19 +96,9 @@ def test_qlora_checkpointing_uses_new_names(tiny_model_dir):
     assert built[0].base_model.model.is_activation_checkpointing
 
 
-@pytest.mark.slow
-def test_offline_pipeline_run_prints_no_false_alarms(project, tmp_path):
+def test_offline_pipeline_run_prints_no_false_alarms(flow_run):
     """The whole flow (every stage runs: quantize and train included) on a machine with no internet,
-    under Prefect's temporary local server."""
-    env = {**stage_env(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
-    # No server configured (Prefect starts its temporary one), Python's default warnings, no telemetry opt-outs.
-    for name in ("PREFECT_API_URL", "PYTHONWARNINGS", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK",
-                 "DVC_NO_ANALYTICS", "MLFLOW_DISABLE_TELEMETRY", "HF_HUB_DISABLE_TELEMETRY"):
-        env.pop(name, None)
-    result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--project-dir", str(project)], cwd=project,
-                            env=env, capture_output=True, text=True, timeout=1200)
-    output = result.stdout + result.stderr
-    print(output)
-    assert result.returncode == 0, output[-3000:]
+    under Prefect's temporary local server (the session's `flow_run`)."""
+    _, output = flow_run
     noisy = [line for line in output.splitlines() if any(word in line for word in NOISE)]
     assert not noisy, "\n".join(noisy)
