@@ -120,6 +120,16 @@ def test_invalid_choice_names_key_and_value(tmp_path):
         load_section("train", TrainParams, path)
 
 
+def test_a_negative_retry_delay_names_the_key_and_entry(tmp_path):
+    from ftpipe.params import RetrainParams
+
+    path = write(tmp_path, "retrain:\n  registry_retry_delays_s: [5, -1]\n")
+    with pytest.raises(PipelineError, match=r":2: retrain.registry_retry_delays_s.1: .*greater than or equal to 0"):
+        load_section("retrain", RetrainParams, path)
+    assert load_section("retrain", RetrainParams, write(tmp_path, "retrain:\n  registry_retry_delays_s: []\n")) \
+        .registry_retry_delays_s == []
+
+
 def test_cross_field_check_names_the_field(tmp_path):
     path = write(tmp_path, "prepare_base:\n  source: local\n  path: null\n")
     with pytest.raises(PipelineError, match=r":3: prepare_base.path: required when source is 'local'"):
