@@ -151,6 +151,25 @@ def flow_run(tmp_path_factory, tiny_model_dir, tiny_data) -> tuple[Path, str]:
     return proj, output
 
 
+@pytest.fixture(scope="session")
+def prefect_home_template(tmp_path_factory) -> Path:
+    """A Prefect home whose database is already migrated. A new home costs each flow process (or
+    server) about 8 s of migrations before it runs anything; tests copy this one (`prefect_home`)."""
+    home = tmp_path_factory.mktemp("prefect-home-template")
+    env = {**stage_env(), "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    result = subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return home
+
+
+@pytest.fixture
+def prefect_home(prefect_home_template, tmp_path) -> Path:
+    """tmp_path/prefect-home: a test's own Prefect home, migrated (a copy of the template)."""
+    return Path(shutil.copytree(prefect_home_template, tmp_path / "prefect-home"))
+
+
 def first_repro_output(built: Path) -> str:
     """What `dvc repro` printed when it built `built_project` (which stages ran)."""
     return (built.parent / FIRST_REPRO_OUTPUT).read_text()

@@ -34,7 +34,8 @@ def leftovers(proj: Path) -> list[str]:
 
 
 def flow_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """A flow process with its own Prefect home (the temporary server's database lives there)."""
+    """A flow process with its own Prefect home (the temporary server's database lives there:
+    tests that run a flow ask for the `prefect_home` fixture, a migrated copy in that place)."""
     env = {**stage_env(), "PREFECT_HOME": str(tmp_path / "prefect-home"), **extra}
     env.pop("PREFECT_API_URL", None)
     return env
@@ -49,7 +50,7 @@ def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error: ")]
 
 
-def test_rejected_params_keep_every_previous_result(finished_project, tmp_path):
+def test_rejected_params_keep_every_previous_result(finished_project, tmp_path, prefect_home):
     proj = finished_project
     before = outputs(proj)
     assert "models/adapter/adapter_model.safetensors" in before and "reports/loss.png" in before
@@ -122,7 +123,7 @@ def test_jsonl_with_a_byte_order_mark_reads(tmp_path):
     assert read_jsonl(path)[0] == {"prompt": "hi", "response": "hello"}
 
 
-def test_pipeline_flow_registers_into_a_new_tracking_store(finished_project, tmp_path):
+def test_pipeline_flow_registers_into_a_new_tracking_store(finished_project, tmp_path, prefect_home):
     """Outputs up to date, registry empty: register runs again instead of the flow reporting the
     old registration.json."""
     proj = finished_project
@@ -142,7 +143,7 @@ def test_pipeline_flow_registers_into_a_new_tracking_store(finished_project, tmp
     assert len(mlflow.MlflowClient(store).search_model_versions("name = 'tiny-model'")) == 1
 
 
-def test_credentials_in_the_tracking_uri_never_reach_output_or_prefect(finished_project, tmp_path):
+def test_credentials_in_the_tracking_uri_never_reach_output_or_prefect(finished_project, tmp_path, prefect_home):
     proj = finished_project
     uri = f"http://alice:{SECRET}@127.0.0.1:9/?token={TOKEN}"
     started = time.monotonic()
@@ -183,7 +184,7 @@ def running(proc) -> bool:
         return False
 
 
-def test_sigterm_stops_the_flow_and_every_child_and_a_rerun_works(finished_project, tmp_path):
+def test_sigterm_stops_the_flow_and_every_child_and_a_rerun_works(finished_project, tmp_path, prefect_home):
     import psutil
 
     proj = finished_project
@@ -293,7 +294,7 @@ def test_a_signal_during_the_final_renames_waits_for_them(tmp_path, monkeypatch)
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
-def test_credentials_never_reach_the_retraining_flows_output_or_prefect(finished_project, tmp_path):
+def test_credentials_never_reach_the_retraining_flows_output_or_prefect(finished_project, tmp_path, prefect_home):
     """The same through `flows.retrain`, whose registry read Prefect retries (and logs) as
     params.yaml retrain.registry_retry_delays_s says."""
     proj = finished_project

@@ -222,7 +222,7 @@ def test_unreachable_mlflow_server_is_retried_with_backoff(finished_project, har
 
 
 @pytest.mark.slow
-def test_served_deployment_runs_on_its_cron_schedule(finished_project, tmp_path):
+def test_served_deployment_runs_on_its_cron_schedule(finished_project, prefect_home):
     """A real Prefect server, the deployment served with a cron schedule, one scheduled run completed.
     The project is a finished run, so the scheduled run finds nothing changed (retraining itself is
     the three-triggers test's)."""
@@ -231,14 +231,15 @@ def test_served_deployment_runs_on_its_cron_schedule(finished_project, tmp_path)
     project = finished_project
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**stage_env(), "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
+    env = {**stage_env(), "PREFECT_HOME": str(prefect_home), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_RUNNER_POLL_FREQUENCY": "5"}
     server = start_prefect_server(port, env)
     served = None
     try:
         wait_http(f"{api}/health", 120, server)
-        served = subprocess.Popen([sys.executable, "-m", "flows.retrain", "--serve", "--cron", "* * * * *",
+        # A sixth cron field is seconds (croniter's): every 10 s, so the test does not wait for a minute.
+        served = subprocess.Popen([sys.executable, "-m", "flows.retrain", "--serve", "--cron", "* * * * * */10",
                                    "--project-dir", str(project)], cwd=project, env=env, start_new_session=True,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         query = json.dumps({"flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}},

@@ -61,10 +61,10 @@ def test_deploy_without_api_or_with_an_unreachable_one_fails_in_one_line(project
 
 
 @pytest.mark.slow
-def test_deployment_in_a_process_pool_is_run_by_a_worker(finished_project, tmp_path):
+def test_deployment_in_a_process_pool_is_run_by_a_worker(finished_project, tmp_path, prefect_home):
     """A real server, a process work pool, the flow deployed from the project folder, a worker that
     runs a triggered run to Completed with its report readable through the API; nothing left after."""
-    project, home = finished_project, tmp_path / "prefect"
+    project, home = finished_project, prefect_home
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**stage_env(), "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_UI_ENABLED": "false",
