@@ -199,6 +199,26 @@ def stage(proj: Path, name: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
+def register_in_process(proj: Path) -> dict:
+    """The register stage's main() run in this process, in `proj` (what `python -m stages.register`
+    runs, without a new interpreter's imports): the registration.json it wrote. Tests of its error
+    lines and exit codes run it as its own process (`stage`)."""
+    import mlflow
+
+    from ftpipe.tracking import HTTP_DEFAULTS
+    from stages import register
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(proj)
+        for name in ("MLFLOW_TRACKING_URI", *HTTP_DEFAULTS):  # the stage sets them; undone on exit
+            patch.delenv(name, raising=False)
+        try:
+            register.main()
+        finally:
+            mlflow.set_tracking_uri(None)  # the stage's global URI points into this test's project
+    return json.loads((proj / "reports" / "registration.json").read_text())
+
+
 def set_param(proj: Path, section: str, key: str, value) -> None:
     path = proj / "params.yaml"
     params = yaml.safe_load(path.read_text())

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import dvc, first_repro_output, set_param, stage, stage_env
+from conftest import dvc, first_repro_output, register_in_process, set_param, stage, stage_env
 
 from flows.common import STAGES, StageFailed, dvc_repro
 
@@ -138,8 +138,7 @@ def test_dvc_repro_end_to_end(built_project, finished_project):
         for row in rows:
             row["rougeL_base"], row["rougeL_finetuned"] = 0.1, score
         (project / "reports" / "generations.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-        assert stage(project, "register").returncode == 0
-        result = json.loads((project / "reports" / "registration.json").read_text())
+        result = register_in_process(project)
         assert result["version"] == version_number and result["promotion"]["promote"] is promoted
         if version_number == "3":
             assert "no champion yet" in result["promotion"]["reasons"]
@@ -156,6 +155,7 @@ def test_dvc_repro_end_to_end(built_project, finished_project):
     assert tag.startswith("kept as challenger: ") and "+50.0%, allowed <= +10.0%): fail" in tag
     assert str(client.get_model_version_by_alias("tiny-model", "champion").version) == "3"
     assert str(client.get_model_version_by_alias("tiny-model", "challenger").version) == "5"
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns.db'}")
     assert len(mlflow.pyfunc.load_model("models:/tiny-model@champion").predict(["say red"])) == 1
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import stage_env
+from conftest import register_in_process, stage_env
 
 from ftpipe.errors import PipelineError
 from ftpipe.io import remove_path
@@ -149,23 +149,7 @@ def register(proj: Path, **env: str) -> subprocess.CompletedProcess:
 
 
 def registered(proj: Path) -> dict:
-    """The register stage's main() run in this process, in `proj` (what `python -m stages.register`
-    runs, without a new interpreter's imports): the registration.json it wrote. The error paths run
-    the stage as its own process (`register`)."""
-    import mlflow
-
-    from ftpipe.tracking import HTTP_DEFAULTS
-    from stages import register as register_stage
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(proj)
-        for name in ("MLFLOW_TRACKING_URI", *HTTP_DEFAULTS):  # the stage sets them; undone on exit
-            patch.delenv(name, raising=False)
-        try:
-            register_stage.main()
-        finally:
-            mlflow.set_tracking_uri(None)  # the stage's global URI points into this test's project
-    return json.loads((proj / "reports" / "registration.json").read_text())
+    return register_in_process(proj)
 
 
 def set_scores(proj: Path, finetuned: float | None) -> None:
