@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -121,8 +122,46 @@ def project(tmp_path, tiny_model_dir, tiny_data, monkeypatch) -> Path:
     return make_project(tmp_path / "project", tiny_model_dir, tiny_data)
 
 
+class Background:
+    """A command started now whose result a fixture collects later: the session's two whole pipeline
+    runs are mostly single-threaded imports, so on two cores they overlap well (the tests themselves
+    run one at a time)."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         text=True, start_new_session=True)
+
+    def result(self, timeout: float = 1200) -> str:
+        """What it printed; fails the fixture that asked if it failed."""
+        returncode = self.proc.wait(timeout=timeout)
+        output = self.log.read_text()
+        assert returncode == 0, output[-3000:]
+        return output
+
+    def stop(self) -> None:
+        from ftpipe.processes import stop_group
+
+        stop_group(self.proc, signal.SIGTERM, timeout=30)
+
+
 @pytest.fixture(scope="session")
-def built_project(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
+def flow_run_started(tmp_path_factory, tiny_model_dir, tiny_data):
+    """`flow_run`'s pipeline, started in the background (by `built_project` too, so both overlap)."""
+    proj = make_project(tmp_path_factory.mktemp("flow") / "project", tiny_model_dir, tiny_data)
+    env = {**stage_env(), "PREFECT_HOME": str(proj.parent / "prefect-home")}
+    for name in ("PREFECT_API_URL", "PYTHONWARNINGS", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK",
+                 "DVC_NO_ANALYTICS", "MLFLOW_DISABLE_TELEMETRY", "HF_HUB_DISABLE_TELEMETRY"):
+        env.pop(name, None)
+    run = Background([sys.executable, "-m", "flows.pipeline", "--project-dir", str(proj)], proj, env,
+                     proj.parent / "flow.log")
+    yield proj, run
+    run.stop()
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory, tiny_model_dir, tiny_data, flow_run_started, prefect_home_started) -> Path:
     """The tiny project after one whole `dvc repro`, shared by the tests that start from a finished
     run (each works on its own copy: see `finished_project`)."""
     proj = make_project(tmp_path_factory.mktemp("built") / "project", tiny_model_dir, tiny_data)
@@ -134,33 +173,33 @@ def built_project(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
 
 
 @pytest.fixture(scope="session")
-def flow_run(tmp_path_factory, tiny_model_dir, tiny_data) -> tuple[Path, str]:
+def flow_run(flow_run_started) -> tuple[Path, str]:
     """A new tiny project after one whole `python -m flows.pipeline` run as `make run` starts it: no
     Prefect server configured (the flow starts its temporary one), no internet, Python's default
     warnings and no telemetry opt-outs. The project and what the run printed (stdout + stderr),
     shared by the tests that read them; they must not change the project."""
-    proj = make_project(tmp_path_factory.mktemp("flow") / "project", tiny_model_dir, tiny_data)
-    env = {**stage_env(), "PREFECT_HOME": str(proj.parent / "prefect-home")}
-    for name in ("PREFECT_API_URL", "PYTHONWARNINGS", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK",
-                 "DVC_NO_ANALYTICS", "MLFLOW_DISABLE_TELEMETRY", "HF_HUB_DISABLE_TELEMETRY"):
-        env.pop(name, None)
-    result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--project-dir", str(proj)], cwd=proj,
-                            env=env, capture_output=True, text=True, timeout=1200)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
-    return proj, output
+    proj, run = flow_run_started
+    return proj, run.result()
 
 
 @pytest.fixture(scope="session")
-def prefect_home_template(tmp_path_factory) -> Path:
-    """A Prefect home whose database is already migrated. A new home costs each flow process (or
-    server) about 8 s of migrations before it runs anything; tests copy this one (`prefect_home`)."""
+def prefect_home_started(tmp_path_factory):
+    """`prefect_home_template`'s migrations, started in the background (by `built_project` too)."""
     home = tmp_path_factory.mktemp("prefect-home-template")
     env = {**stage_env(), "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
-    result = subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = Background([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], home, env,
+                     home.parent / "prefect-home-template.log")
+    yield home, run
+    run.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_home_template(prefect_home_started) -> Path:
+    """A Prefect home whose database is already migrated. A new home costs each flow process (or
+    server) about 8 s of migrations before it runs anything; tests copy this one (`prefect_home`)."""
+    home, run = prefect_home_started
+    run.result(timeout=300)
     return home
 
 

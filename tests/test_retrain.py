@@ -233,7 +233,7 @@ def test_served_deployment_runs_on_its_cron_schedule(finished_project, prefect_h
     api = f"http://127.0.0.1:{port}/api"
     env = {**stage_env(), "PREFECT_HOME": str(prefect_home), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
-           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_RUNNER_POLL_FREQUENCY": "5"}
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2", "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
     server = start_prefect_server(port, env)
     served = None
     try:
