@@ -214,7 +214,7 @@ def test_unreachable_mlflow_server_is_retried_with_backoff(finished_project, har
         versions = mlflow.MlflowClient(f"http://127.0.0.1:{port}").search_model_versions("name = 'tiny-model'")
     finally:
         for server in servers:
-            stop_group(server, signal.SIGINT, timeout=20)
+            stop_group(server, signal.SIGTERM, timeout=20)
     assert servers and len(attempts) >= 2 and attempts[1] - attempts[0] >= 2.4  # 3 s, give or take 20 % jitter
     assert result["registration"]["version"] == "1"
     assert [str(v.version) for v in versions] == ["1"]
@@ -259,8 +259,8 @@ def test_served_deployment_runs_on_its_cron_schedule(finished_project, prefect_h
         assert runs[0]["name"] and versions_registered(project) == 1  # nothing changed: nothing registered
     finally:
         if served is not None:
-            stop_group(served, signal.SIGINT, timeout=20)
-        stop_group(server, signal.SIGINT, timeout=20)
+            stop_group(served, signal.SIGTERM, timeout=20)
+        stop_group(server, signal.SIGTERM, timeout=20)
 
 
 def test_data_path_must_land_in_data_raw_and_bad_cron_is_refused(project, capsys):

@@ -117,6 +117,6 @@ def test_deployment_in_a_process_pool_is_run_by_a_worker(finished_project, tmp_p
         assert {server.pid, worker.pid} <= set(prefect_processes(home))  # the check below sees them
     finally:
         if worker is not None:
-            stop_group(worker, signal.SIGINT, timeout=20)
-        stop_group(server, signal.SIGINT, timeout=20)
+            stop_group(worker, signal.SIGTERM, timeout=20)
+        stop_group(server, signal.SIGTERM, timeout=20)
     assert prefect_processes(home) == []
