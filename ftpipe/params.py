@@ -112,6 +112,10 @@ QuantVariant = Literal["int8", "nf4", "nf4_dq", "fp4", "fp4_dq"]
 """bitsandbytes variants (ftpipe/quantization.py): LLM.int8, or 4-bit NF4/FP4, `_dq` with double quantization."""
 
 
+PRUNED_PATTERN = r"^(magnitude_[1-9][0-9]?|2:4)$"
+"""quantize.pruned entries: unstructured magnitude pruning of 1-99 % of the weights, or 2:4."""
+
+
 class QuantizeParams(_Section):
     """The base model quantized with bitsandbytes, each variant against the fp32 base: memory,
     size on disk, perplexity on validation responses, greedy-output agreement, load and generation time."""
@@ -126,12 +130,18 @@ class QuantizeParams(_Section):
     batch_size: int = Field(8, ge=1)
     threads: int = Field(0, ge=0)
     """CPU threads for torch; 0 keeps torch's default (one per physical core)."""
+    pruned: list[Annotated[str, Field(pattern=PRUNED_PATTERN)]] = Field(
+        default_factory=lambda: ["magnitude_30", "2:4"])
+    """Pruned variants of the base measured beside the quantized ones (ftpipe/pruning.py):
+    `magnitude_<percent>` (unstructured, that share of each decoder linear layer's smallest weights
+    zeroed) and `2:4` (semi-structured); [] measures none."""
 
     @model_validator(mode="after")
     def _check(self) -> QuantizeParams:
-        repeated = sorted({v for v in self.variants if self.variants.count(v) > 1})
-        if repeated:
-            raise FieldProblem("variants", f"lists {', '.join(map(repr, repeated))} more than once")
+        for key, names in (("variants", self.variants), ("pruned", self.pruned)):
+            repeated = sorted({v for v in names if names.count(v) > 1})
+            if repeated:
+                raise FieldProblem(key, f"lists {', '.join(map(repr, repeated))} more than once")
         return self
 
 

@@ -234,9 +234,12 @@ def _log_pipeline_run(all_params: dict[str, Any], lineage: dict[str, str], repor
     mlflow.log_metrics({"data_rows_in": data.rows_in, "data_rows_out": data.rows_out, "data_leaks": data.leaks.total,
                         **{f"data_rows_{name}": n for name, n in data.splits.items()}})
     if (reports_dir / paths.QUANTIZE_REPORT.name).is_file():
-        quant = read_json(reports_dir / paths.QUANTIZE_REPORT.name)["variants"]
-        mlflow.log_metrics({f"quant_{name}_{key}": v[key] for name, v in quant.items()
+        quant = read_json(reports_dir / paths.QUANTIZE_REPORT.name)
+        mlflow.log_metrics({f"quant_{name}_{key}": v[key] for name, v in quant["variants"].items()
                             for key in ("footprint_ratio", "perplexity_ratio", "token_agreement")})
+        mlflow.log_metrics({f"pruned_{name.replace(':', 'of')}_{key}": v[key]  # 2:4 -> pruned_2of4_...
+                            for name, v in quant.get("pruned", {}).items()
+                            for key in ("sparsity", "perplexity_ratio", "token_agreement")})
     for report in REPORT_ARTIFACTS:
         if (reports_dir / report.name).is_file():
             mlflow.log_artifact(str(reports_dir / report.name), artifact_path="reports")

@@ -87,6 +87,10 @@ def test_dvc_repro_end_to_end(built_project, finished_project):
     assert list(quant["variants"]) == ["int8"] and quant["variants"]["int8"]["footprint_ratio"] < 1
     assert pipeline_run.data.metrics["quant_int8_footprint_ratio"] == pytest.approx(
         quant["variants"]["int8"]["footprint_ratio"])
+    assert list(quant["pruned"]) == ["magnitude_30", "2:4"]  # the shipped params.yaml's
+    assert pipeline_run.data.metrics["pruned_2of4_sparsity"] == pytest.approx(0.5)
+    assert pipeline_run.data.metrics["pruned_magnitude_30_perplexity_ratio"] == pytest.approx(
+        quant["pruned"]["magnitude_30"]["perplexity_ratio"])
     table = client.load_table(pipeline_run.info.experiment_id, "generations.json", run_ids=[pipeline_run.info.run_id])
     assert len(table) == metrics["examples"] and "rougeL_fewshot" in table.columns
 

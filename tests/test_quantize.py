@@ -99,3 +99,76 @@ def test_unknown_variant_fails_naming_the_key(tmp_path):
     path.write_text("quantize:\n  variants: []\n")
     with pytest.raises(PipelineError, match=r"params.yaml:2: quantize\.variants: List should have at least 1 item"):
         load_section("quantize", QuantizeParams, path)
+
+
+def test_magnitude_pruning_zeroes_the_smallest_weights_of_each_decoder_layer_only(tiny_model_dir):
+    import torch
+
+    from ftpipe import pruning
+    from ftpipe.models import load_model
+
+    model, original = load_model(tiny_model_dir), load_model(tiny_model_dir)
+    sparsity = pruning.prune(model, "magnitude_50")
+    layers = pruning.pruned_layers(model)
+    assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 blocks
+    assert sparsity == pytest.approx(0.5, abs=0.01)
+    pruned = dict(model.named_parameters())
+    for name, before in original.named_parameters():
+        after = pruned[name]
+        if ".layers." in name and name.endswith("proj.weight"):
+            kept = after != 0
+            # Each layer on its own: every kept weight is at least as large as every zeroed one.
+            assert abs(kept.float().mean().item() - 0.5) < 0.02, name
+            assert before.abs()[kept].min() >= before.abs()[~kept].max(), name
+            assert torch.equal(after[kept], before[kept]), name
+        else:  # the embedding (shared with the output layer) and the norms are kept whole
+            assert torch.equal(after, before), name
+    assert pruning.prune(load_model(tiny_model_dir), "magnitude_90") == pytest.approx(0.9, abs=0.01)
+
+
+def test_semi_structured_pruning_keeps_the_two_largest_of_every_four():
+    import torch
+
+    from ftpipe.pruning import semi_structured_mask
+
+    torch.manual_seed(0)
+    weight = torch.randn(6, 16)
+    mask = semi_structured_mask(weight)
+    groups, kept = weight.abs().reshape(6, 4, 4), mask.reshape(6, 4, 4).bool()
+    assert (kept.sum(-1) == 2).all()
+    smallest_kept = groups.masked_fill(~kept, float("inf")).amin(-1)
+    largest_dropped = groups.masked_fill(kept, -1.0).amax(-1)
+    assert (smallest_kept >= largest_dropped).all()
+    with pytest.raises(ValueError, match="multiples of 4, not 6"):
+        semi_structured_mask(torch.randn(2, 6))
+
+
+def test_pruned_variants_are_measured_beside_the_quantized_ones(tmp_path, tiny_model_dir):
+    params = QuantizeParams(variants=["int8"], pruned=["magnitude_30", "2:4"], max_rows=4, prompts=3,
+                            max_new_tokens=6, batch_size=2)
+    reports = tmp_path / "reports"
+    result = quantize.run(params=params, base_dir=tiny_model_dir, val_file=val_file(tmp_path), reports_dir=reports)
+    assert list(result["pruned"]) == ["magnitude_30", "2:4"]
+    assert result["pruned"]["magnitude_30"]["sparsity"] == pytest.approx(0.3, abs=0.01)
+    assert result["pruned"]["2:4"]["sparsity"] == pytest.approx(0.5, abs=0.001)
+    fp32 = result["fp32"]
+    for name, v in result["pruned"].items():
+        assert v["footprint_ratio"] == 1.0, name  # dense tensors: nothing saved
+        assert v["perplexity_ratio"] == pytest.approx(v["perplexity"] / fp32["perplexity"])
+        assert v["perplexity"] != fp32["perplexity"], name  # pruning did change the model
+        assert 0 <= v["token_agreement"] <= 1 and v["generate_ratio"] > 0
+        assert "disk_bytes" not in v
+    table = (reports / "quantize.md").read_text()
+    assert "| pruned | sparsity |" in table and "| 2:4 | 50.0% |" in table and "CUDA only" in table
+
+
+@pytest.mark.parametrize("value, error", [
+    ("[magnitude_100]", r"quantize\.pruned\.0: String should match pattern"),
+    ('["3:4"]', r"quantize\.pruned\.0: String should match pattern"),
+    ('[magnitude_50, "2:4", magnitude_50]', r"quantize\.pruned: lists 'magnitude_50' more than once"),
+])
+def test_bad_pruned_variant_fails_naming_the_key(tmp_path, value, error):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"quantize:\n  pruned: {value}\n")
+    with pytest.raises(PipelineError, match=r"params.yaml:2: " + error):
+        load_section("quantize", QuantizeParams, path)

@@ -1,0 +1,66 @@
+"""Pruned variants of the base model, measured beside the quantized ones by the quantize stage.
+
+Two kinds, both on the linear layers of the decoder blocks (attention and MLP projections; the
+embedding, which the output layer shares, and the norms are kept whole):
+- `magnitude_<percent>`: unstructured magnitude pruning with `torch.nn.utils.prune.l1_unstructured`
+  on each layer, the given share of its smallest weights set to zero;
+- `2:4`: semi-structured, in every group of 4 consecutive weights along the input dimension the
+  2 smallest zeroed (the pattern sparse tensor cores run at twice the dense speed).
+The weights stay dense tensors: on CPU torch has no kernel that skips the zeros (its 2:4 kernels
+are CUDA only), so a pruned model takes the memory and time of the dense one. What pruning costs in
+quality is what the stage measures; what it saves needs sparse kernels or a sparse file format.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+SEMI_STRUCTURED = "2:4"
+
+
+def sparsity_of(name: str) -> float | None:
+    """The share of weights a `magnitude_<percent>` variant removes (None for `2:4`)."""
+    from ftpipe.params import PRUNED_PATTERN
+
+    if not re.fullmatch(PRUNED_PATTERN, name):
+        raise ValueError(f"{name!r} is neither magnitude_<1-99> nor {SEMI_STRUCTURED}")
+    return None if name == SEMI_STRUCTURED else int(name.removeprefix("magnitude_")) / 100
+
+
+def pruned_layers(model) -> list[Any]:
+    """The linear layers inside the decoder blocks."""
+    import torch
+
+    return [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}"]
+
+
+def prune(model, name: str) -> float:
+    """Prune `model` in place as variant `name` says; the share of zeros over the pruned weights."""
+    import torch
+    from torch.nn.utils import prune as torch_prune
+
+    sparsity, layers = sparsity_of(name), pruned_layers(model)
+    if not layers:
+        raise ValueError("the model has no linear layers in decoder blocks to prune")
+    with torch.no_grad():
+        for layer in layers:
+            if sparsity is None:
+                layer.weight.mul_(semi_structured_mask(layer.weight))
+            else:
+                torch_prune.l1_unstructured(layer, "weight", amount=sparsity)
+                torch_prune.remove(layer, "weight")  # the mask applied for good: a plain weight again
+    zeros = sum(int((layer.weight == 0).sum()) for layer in layers)
+    return zeros / sum(layer.weight.numel() for layer in layers)
+
+
+def semi_structured_mask(weight):
+    """1 for the 2 largest-magnitude weights of every 4 consecutive ones in a row, 0 for the others."""
+    import torch
+
+    rows, columns = weight.shape
+    if columns % 4:
+        raise ValueError(f"2:4 pruning needs input features in multiples of 4, not {columns}")
+    groups = weight.abs().reshape(rows, columns // 4, 4)
+    keep = groups.topk(2, dim=-1).indices
+    return torch.zeros_like(groups).scatter_(-1, keep, 1.0).reshape(rows, columns)
