@@ -319,9 +319,9 @@ def test_unknown_target_module_fails_naming_the_key(tmp_path, inputs):
     assert not (tmp_path / "adapter").exists()
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(project):
-    for name in ("prepare_base", "prepare_data"):
-        assert stage(project, name).returncode == 0
+def test_killed_run_resumes_from_its_last_checkpoint(finished_project):
+    project = finished_project  # base and data prepared, and a previous adapter that must survive the kill
+    previous = (project / "models" / "adapter" / "adapter_model.safetensors").read_bytes()
     steps = 40
     for key, value in {"max_steps": steps, "save_steps": 5, "eval_steps": 20, "logging_steps": 5}.items():
         set_param(project, "train", key, value)
@@ -333,7 +333,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(project):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (project / "models" / "adapter").exists()  # nothing half-written
+    # Nothing half-written: the previous adapter is intact and no temporary folder is left beside it.
+    assert (project / "models" / "adapter" / "adapter_model.safetensors").read_bytes() == previous
+    assert [p.name for p in (project / "models").iterdir() if ".tmp-" in p.name] == []
 
     rerun = stage(project, "train")
     assert rerun.returncode == 0, rerun.stderr
