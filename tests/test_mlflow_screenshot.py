@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import struct
 import urllib.request
 
 import pytest
-from conftest import stage
+from conftest import register_in_process
 
 from ftpipe.errors import PipelineError
 from scripts.mlflow_screenshot import latest_candidates, mlflow_server, run
@@ -63,8 +62,7 @@ def test_the_server_stops_on_error_and_a_failed_start_says_why(tmp_path):
 @pytest.mark.slow
 def test_screenshot_of_the_compare_view_after_a_pipeline_run(finished_project, tmp_path):
     project = finished_project  # a copy of the session's finished pipeline run
-    assert stage(project, "register").returncode == 0  # a second pipeline run: the newest one is shown
-    registration = json.loads((project / "reports" / "registration.json").read_text())
+    registration = register_in_process(project)  # a second pipeline run: the newest one is shown
 
     out = tmp_path / "shots" / "compare.png"
     result = run(project_dir=project, out=out, experiment=registration["experiment"])
