@@ -112,8 +112,10 @@ QuantVariant = Literal["int8", "nf4", "nf4_dq", "fp4", "fp4_dq"]
 """bitsandbytes variants (ftpipe/quantization.py): LLM.int8, or 4-bit NF4/FP4, `_dq` with double quantization."""
 
 
-PRUNED_PATTERN = r"^(magnitude_[1-9][0-9]?|2:4)$"
-"""quantize.pruned entries: unstructured magnitude pruning of 1-99 % of the weights, or 2:4."""
+PRUNED_PATTERN = r"^(magnitude_[1-9][0-9]?|2of4)$"
+"""quantize.pruned entries: unstructured magnitude pruning of 1-99 % of the weights, or 2:4
+semi-structured, spelled `2of4`: YAML 1.1 (PyYAML) reads an unquoted 2:4 as the number 124, and
+DVC's writer (YAML 1.2) leaves it unquoted."""
 
 
 class QuantizeParams(_Section):
@@ -131,10 +133,10 @@ class QuantizeParams(_Section):
     threads: int = Field(0, ge=0)
     """CPU threads for torch; 0 keeps torch's default (one per physical core)."""
     pruned: list[Annotated[str, Field(pattern=PRUNED_PATTERN)]] = Field(
-        default_factory=lambda: ["magnitude_30", "2:4"])
+        default_factory=lambda: ["magnitude_30", "2of4"])
     """Pruned variants of the base measured beside the quantized ones (ftpipe/pruning.py):
     `magnitude_<percent>` (unstructured, that share of each decoder linear layer's smallest weights
-    zeroed) and `2:4` (semi-structured); [] measures none."""
+    zeroed) and `2of4` (2:4 semi-structured); [] measures none."""
 
     @model_validator(mode="after")
     def _check(self) -> QuantizeParams:

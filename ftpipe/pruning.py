@@ -4,7 +4,7 @@ Two kinds, both on the linear layers of the decoder blocks (attention and MLP pr
 embedding, which the output layer shares, and the norms are kept whole):
 - `magnitude_<percent>`: unstructured magnitude pruning with `torch.nn.utils.prune.l1_unstructured`
   on each layer, the given share of its smallest weights set to zero;
-- `2:4`: semi-structured, in every group of 4 consecutive weights along the input dimension the
+- `2of4`: 2:4 semi-structured, in every group of 4 consecutive weights along the input dimension the
   2 smallest zeroed (the pattern sparse tensor cores run at twice the dense speed).
 The weights stay dense tensors: on CPU torch has no kernel that skips the zeros (its 2:4 kernels
 are CUDA only), so a pruned model takes the memory and time of the dense one. What pruning costs in
@@ -16,11 +16,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-SEMI_STRUCTURED = "2:4"
+SEMI_STRUCTURED = "2of4"  # see params.PRUNED_PATTERN for why not "2:4"
 
 
 def sparsity_of(name: str) -> float | None:
-    """The share of weights a `magnitude_<percent>` variant removes (None for `2:4`)."""
+    """The share of weights a `magnitude_<percent>` variant removes (None for `2of4`)."""
     from ftpipe.params import PRUNED_PATTERN
 
     if not re.fullmatch(PRUNED_PATTERN, name):

@@ -237,7 +237,7 @@ def _log_pipeline_run(all_params: dict[str, Any], lineage: dict[str, str], repor
         quant = read_json(reports_dir / paths.QUANTIZE_REPORT.name)
         mlflow.log_metrics({f"quant_{name}_{key}": v[key] for name, v in quant["variants"].items()
                             for key in ("footprint_ratio", "perplexity_ratio", "token_agreement")})
-        mlflow.log_metrics({f"pruned_{name.replace(':', 'of')}_{key}": v[key]  # 2:4 -> pruned_2of4_...
+        mlflow.log_metrics({f"pruned_{name}_{key}": v[key]
                             for name, v in quant.get("pruned", {}).items()
                             for key in ("sparsity", "perplexity_ratio", "token_agreement")})
     for report in REPORT_ARTIFACTS:

@@ -87,7 +87,7 @@ def test_dvc_repro_end_to_end(built_project, finished_project):
     assert list(quant["variants"]) == ["int8"] and quant["variants"]["int8"]["footprint_ratio"] < 1
     assert pipeline_run.data.metrics["quant_int8_footprint_ratio"] == pytest.approx(
         quant["variants"]["int8"]["footprint_ratio"])
-    assert list(quant["pruned"]) == ["magnitude_30", "2:4"]  # the shipped params.yaml's
+    assert list(quant["pruned"]) == ["magnitude_30", "2of4"]  # the shipped params.yaml's
     assert pipeline_run.data.metrics["pruned_2of4_sparsity"] == pytest.approx(0.5)
     assert pipeline_run.data.metrics["pruned_magnitude_30_perplexity_ratio"] == pytest.approx(
         quant["pruned"]["magnitude_30"]["perplexity_ratio"])

@@ -144,13 +144,13 @@ def test_semi_structured_pruning_keeps_the_two_largest_of_every_four():
 
 
 def test_pruned_variants_are_measured_beside_the_quantized_ones(tmp_path, tiny_model_dir):
-    params = QuantizeParams(variants=["int8"], pruned=["magnitude_30", "2:4"], max_rows=4, prompts=3,
+    params = QuantizeParams(variants=["int8"], pruned=["magnitude_30", "2of4"], max_rows=4, prompts=3,
                             max_new_tokens=6, batch_size=2)
     reports = tmp_path / "reports"
     result = quantize.run(params=params, base_dir=tiny_model_dir, val_file=val_file(tmp_path), reports_dir=reports)
-    assert list(result["pruned"]) == ["magnitude_30", "2:4"]
+    assert list(result["pruned"]) == ["magnitude_30", "2of4"]
     assert result["pruned"]["magnitude_30"]["sparsity"] == pytest.approx(0.3, abs=0.01)
-    assert result["pruned"]["2:4"]["sparsity"] == pytest.approx(0.5, abs=0.001)
+    assert result["pruned"]["2of4"]["sparsity"] == pytest.approx(0.5, abs=0.001)
     fp32 = result["fp32"]
     for name, v in result["pruned"].items():
         assert v["footprint_ratio"] == 1.0, name  # dense tensors: nothing saved
@@ -159,13 +159,14 @@ def test_pruned_variants_are_measured_beside_the_quantized_ones(tmp_path, tiny_m
         assert 0 <= v["token_agreement"] <= 1 and v["generate_ratio"] > 0
         assert "disk_bytes" not in v
     table = (reports / "quantize.md").read_text()
-    assert "| pruned | sparsity |" in table and "| 2:4 | 50.0% |" in table and "CUDA only" in table
+    assert "| pruned | sparsity |" in table and "| 2of4 | 50.0% |" in table and "CUDA only" in table
 
 
 @pytest.mark.parametrize("value, error", [
     ("[magnitude_100]", r"quantize\.pruned\.0: String should match pattern"),
-    ('["3:4"]', r"quantize\.pruned\.0: String should match pattern"),
-    ('[magnitude_50, "2:4", magnitude_50]', r"quantize\.pruned: lists 'magnitude_50' more than once"),
+    ('["2:4"]', r"quantize\.pruned\.0: String should match pattern"),
+    ("[2:4]", r"quantize\.pruned\.0: Input should be a valid string"),  # YAML 1.1: the number 124
+    ('[magnitude_50, 2of4, magnitude_50]', r"quantize\.pruned: lists 'magnitude_50' more than once"),
 ])
 def test_bad_pruned_variant_fails_naming_the_key(tmp_path, value, error):
     path = tmp_path / "params.yaml"
