@@ -141,6 +141,14 @@ def registry_behind(project_dir: Path) -> list[str]:
     latest = registry.latest_version(registry.connect(uri), name, LINEAGE_KEYS)
     if latest is None:
         return [f"no registered version of {name} at {redact(uri)}"]
+    return lineage_differences(project_dir, latest)
+
+
+def lineage_differences(project_dir: Path, latest: dict) -> list[str]:
+    """How the registry's `latest` version (its lineage tags) differs from the model dvc.lock
+    records (empty: it is that model)."""
+    from ftpipe import tracking
+
     lock = tracking.lineage(project_dir, method="")
     return [f"dvc.lock {key} {lock[key]} differs from v{latest['version']}'s {latest['tags'][key]}"
             for key in LINEAGE_KEYS if lock[key] != latest["tags"][key]]

@@ -54,10 +54,12 @@ from prefect.exceptions import TerminationSignal
 from flows import pipeline
 from flows.common import (
     IO_BOUND,
+    LINEAGE_KEYS,
     STAGES,
     StageFailed,
     error_exit,
     install_sigterm,
+    lineage_differences,
     retry_unless,
     stage_env,
     stopped,
@@ -68,7 +70,6 @@ from ftpipe.errors import PipelineError, Terminated
 from ftpipe.paths import RAW_DIR  # a dep of prepare_data in dvc.yaml: DVC hashes whatever lands here
 
 LOCK_FILE = Path(".dvc/tmp/retrain.lock")  # .dvc/tmp is DVC's own git-ignored scratch folder
-LINEAGE_KEYS = ("data_md5", "base_model_md5", "adapter_md5")
 BUSY_EXIT = 75  # EX_TEMPFAIL: another retraining runs; try again later
 DEPLOYMENT = "scheduled-retrain"  # --serve and --deploy apply the same one: never two schedules
 
@@ -202,8 +203,6 @@ def _final(exc: BaseException) -> bool:
 @task(retry_jitter_factor=0.2, retry_condition_fn=retry_unless(_final))
 def detect_changes(project_dir: Path) -> dict[str, Any]:
     """What changed since the latest registered version (an empty `reasons` list: nothing)."""
-    from ftpipe import tracking
-
     stale = dvc_status(project_dir)
     registry = registry_state(project_dir)
     reasons = [f"{stage}: {what}" for stage, items in stale.items() for what in items]
@@ -211,21 +210,9 @@ def detect_changes(project_dir: Path) -> dict[str, Any]:
     if latest is None:
         reasons.append(f"no registered version of {registry['model_name']} yet")
     elif not stale:
-        lock = tracking.lineage(project_dir, method="")
-        reasons += [f"dvc.lock {key} {lock[key]} differs from v{latest['version']}'s {latest['tags'][key]}"
-                    for key in LINEAGE_KEYS if lock[key] != latest["tags"][key]]
+        reasons += lineage_differences(project_dir, latest)
     get_run_logger().info("changes: %s", "; ".join(reasons) or "none")
     return {"reasons": reasons, **registry}
-
-
-def _behind(project_dir: Path, latest: dict[str, Any] | None) -> bool:
-    """Whether the registry's latest version is not the model dvc.lock records."""
-    from ftpipe import tracking
-
-    if latest is None:
-        return True
-    lock = tracking.lineage(project_dir, method="")
-    return any(lock[key] != latest["tags"][key] for key in LINEAGE_KEYS)
 
 
 def _not_killed(exc: BaseException) -> bool:
@@ -287,7 +274,7 @@ def _retrain_locked(project_dir: Path, data_path: str | None) -> dict[str, Any]:
         # Decided after the upstream stages ran, on the registry read above: a stale stage that
         # changes no output (validate after an edit of another params.yaml section) is no reason
         # to trust a registration.json written for another store.
-        force = stage == "register" and _behind(project_dir, change["latest"])
+        force = stage == "register" and (change["latest"] is None or bool(lineage_differences(project_dir, change["latest"])))
         timings[stage] = stage_task(stage)(stage, project_dir, force=force)
         update_progress_artifact(progress, 100.0 * done / len(STAGES), description=f"{stage} done")
     if pushed := dvc_push(project_dir):  # what the new version's lineage names, for any clone to pull

@@ -134,7 +134,7 @@ def _pruned(params: QuantizeParams, base_dir: Path, tokenizer, ppl_rows, prompts
         model = models.load_model(base_dir, device_map=quantization.device())
         sparsity = pruning.prune(model, name)
         entry = _measure(model, time.perf_counter() - started, tokenizer, ppl_rows, prompts, params, name)
-        entry.update(sparsity=sparsity, disk_bytes=None, total_s=time.perf_counter() - started)
+        entry.update(sparsity=sparsity, total_s=time.perf_counter() - started)  # not saved: dense like fp32
         entries[name] = entry
         del model
         gc.collect()
@@ -148,11 +148,9 @@ def _public(entry: dict[str, Any]) -> dict[str, Any]:
 def _compared(entry: dict[str, Any], ref: dict[str, Any], tokenizer) -> dict[str, Any]:
     exact, tokens = agreement(tokenizer, ref["outputs"], entry["outputs"])
     out = _public(entry)
-    if entry["disk_bytes"] is None and "not_serializable" not in entry:
-        del out["disk_bytes"]  # a pruned variant: not saved, dense like fp32
     out["footprint_ratio"] = entry["footprint_bytes"] / ref["footprint_bytes"]
     out["generate_ratio"] = entry["generate_s"] / ref["generate_s"]
-    if entry["disk_bytes"] is not None:
+    if entry.get("disk_bytes") is not None:  # None: not serializable; absent: a pruned variant
         out["disk_ratio"] = entry["disk_bytes"] / ref["disk_bytes"]
     out["perplexity_ratio"] = entry["perplexity"] / ref["perplexity"]
     out["exact_match"], out["token_agreement"] = exact, tokens

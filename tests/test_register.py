@@ -148,10 +148,6 @@ def register(proj: Path, **env: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def registered(proj: Path) -> dict:
-    return register_in_process(proj)
-
-
 def set_scores(proj: Path, finetuned: float | None) -> None:
     """The gate's inputs: every test example's rougeL 0.1 for the base model and `finetuned` for
     the fine-tuned one (None: no per-example rougeL, as from an older evaluate), no forgetting."""
@@ -200,9 +196,9 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-def test_champion_whose_run_is_gone_stops_before_anything_is_registered(proj):
+def test_champion_whose_run_is_gone_stops_before_anything_is_register_in_process(proj):
     set_scores(proj, 0.9)
-    first = registered(proj)
+    first = register_in_process(proj)
     assert first["aliases"] == ["challenger", "champion"] and "no champion yet" in first["promotion"]["reasons"]
     run_id = first["finetuned_run_id"]
     client(proj).delete_run(run_id)
@@ -241,10 +237,10 @@ def test_unreachable_registry_fails_fast_with_one_redacted_line(proj):
 
 def test_missing_champion_alias_lets_a_better_challenger_be_promoted(proj):
     set_scores(proj, 0.9)
-    assert registered(proj)["version"] == "1"
+    assert register_in_process(proj)["version"] == "1"
     client(proj).delete_registered_model_alias(MODEL, "champion")
     set_scores(proj, 0.95)
-    second = registered(proj)
+    second = register_in_process(proj)
     assert second["version"] == "2" and second["promotion"]["promote"] is True
     assert "no champion yet" in second["promotion"]["reasons"]
     assert aliases(proj) == {"challenger": "2", "champion": "2"}
@@ -252,7 +248,7 @@ def test_missing_champion_alias_lets_a_better_challenger_be_promoted(proj):
 
 def test_challenger_without_per_example_scores_of_the_metric_stays_challenger(proj):
     set_scores(proj, None)  # reports of an evaluate that kept no per-example rougeL
-    first = registered(proj)
+    first = register_in_process(proj)
     assert first["promotion"]["promote"] is False and first["aliases"] == ["challenger"]
     assert "challenger has no per-example rougeL scores: cannot compare" in first["promotion"]["reasons"]
     assert first["promotion"]["intervals"] == {"base": None}
@@ -261,13 +257,13 @@ def test_challenger_without_per_example_scores_of_the_metric_stays_challenger(pr
 
 def test_the_same_model_is_never_promoted_over_itself(proj):
     set_scores(proj, 0.9)
-    first = registered(proj)
+    first = register_in_process(proj)
     assert first["promotion"]["promote"] is True and first["champion"] is None
     assert first["promotion"]["intervals"]["base"]["estimate"] == pytest.approx(0.8)
     # The same adapter registered again with even better scores: the champion is this very model
     # (adapter_md5 and base_model_md5 equal), so its scores are the challenger's, and the gain is 0.
     set_scores(proj, 0.95)
-    second = registered(proj)
+    second = register_in_process(proj)
     assert second["version"] == "2" and second["promotion"]["promote"] is False
     assert second["champion"]["version"] == "1" and second["champion"]["scored"].startswith("same model")
     assert second["champion"]["logged_metrics"]["rougeL"] == pytest.approx(0.9)
@@ -295,12 +291,12 @@ def test_the_champion_is_scored_again_on_the_current_split(proj):
     scored = generations(proj)  # evaluate's own scores of the fine-tuned model, before any edit
     originals = {name: (proj / "reports" / name).read_text() for name in ("metrics.json", "generations.jsonl")}
     set_scores(proj, 0.9)
-    assert registered(proj)["aliases"] == ["challenger", "champion"]  # v1 logs rougeL 0.9
+    assert register_in_process(proj)["aliases"] == ["challenger", "champion"]  # v1 logs rougeL 0.9
     # v1 as a champion from another training run: the gate must score it, not trust its logged 0.9.
     client(proj).set_model_version_tag(MODEL, "1", "adapter_md5", "from-another-run")
     for name, text in originals.items():
         (proj / "reports" / name).write_text(text)
-    second = registered(proj)
+    second = register_in_process(proj)
     champion = second["champion"]
     assert champion["version"] == "1" and champion["scored"] == "generated again on this test split"
     assert champion["logged_metrics"]["rougeL"] == pytest.approx(0.9)
