@@ -20,7 +20,7 @@ from ftpipe import paths
 from ftpipe.errors import EXIT_USER_ERROR, PipelineError, terminate
 from ftpipe.secrets import redact
 
-STAGES = ("validate", "prepare_base", "prepare_data", "quantize", "train", "evaluate", "register")
+STAGES = ("validate", "prepare_base", "prepare_data", "quantize", "train", "evaluate", "export", "register")
 # Hub downloads can fail transiently; compute stages fail for real. register is never rerun by a
 # flow: a rerun could register a second version, and MLflow's HTTP layer already retries each
 # request (ftpipe.tracking.bound_http_retries).

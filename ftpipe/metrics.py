@@ -72,6 +72,21 @@ def per_example(predictions: list[str], references: list[str], *, stemmer: bool,
     return [{"bleu": b, **r, "nll": n, "tokens": t} for b, r, (n, t) in zip(bleus, rouges, nll)]
 
 
+def agreement(tokenizer, reference: list[str], outputs: list[str]) -> tuple[float, float]:
+    """(share of outputs identical to the reference's, share of token positions that agree).
+
+    Token agreement compares position by position over the longer of the two outputs, pooled over
+    prompts, so an early divergence costs every later token.
+    """
+    exact = sum(a == b for a, b in zip(reference, outputs)) / len(reference)
+    matched = total = 0
+    for a, b in zip(reference, outputs):
+        ids_a, ids_b = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (a, b))
+        matched += sum(x == y for x, y in zip(ids_a, ids_b))
+        total += max(len(ids_a), len(ids_b))
+    return exact, matched / total if total else 1.0
+
+
 def perplexity_of(nll: list[tuple[float, int]]) -> float:
     """exp(summed NLL / summed tokens) over (NLL sum, token count) pairs."""
     return math.exp(sum(n for n, _ in nll) / sum(t for _, t in nll))

@@ -314,6 +314,27 @@ class EvaluateParams(_Section):
         return self
 
 
+class ExportParams(_Section):
+    """The merged fine-tuned model written as GGUF for llama.cpp and Ollama (ftpipe/gguf_export.py),
+    each file loaded back with transformers and compared with the merged model."""
+
+    gguf: list[Literal["f32", "f16", "bf16", "q8_0"]] = Field(default_factory=lambda: ["f16", "q8_0"])
+    """GGUF files to write to models/gguf/ (f16: half the fp32 size; q8_0: about a quarter, llama.cpp's
+    8-bit blocks); [] writes none. Needs train.merge: true. An Ollama Modelfile points at the smallest."""
+    prompts: int = Field(4, ge=1)
+    """Validation conversations whose logits (teacher-forced) and greedy replies are compared with the
+    merged model's."""
+    max_new_tokens: int = Field(16, ge=1)
+    threads: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ExportParams:
+        repeated = sorted({f for f in self.gguf if self.gguf.count(f) > 1})
+        if repeated:
+            raise FieldProblem("gguf", f"lists {', '.join(map(repr, repeated))} more than once")
+        return self
+
+
 class RegisterParams(_Section):
     """MLflow experiment and registered model name. The tracking URI is not a param: it comes
     from MLFLOW_TRACKING_URI or defaults to a sqlite database in the project."""
@@ -357,6 +378,8 @@ FLOW_SECTIONS: dict[str, type[_Section]] = {"retrain": RetrainParams}
 # settings, so the report and the gate never disagree on them.
 ALSO_READS: dict[str, tuple[str, ...]] = {
     "evaluate": ("register.bootstrap_samples", "register.confidence", "register.bootstrap_seed"),
+    # The embedded base came from a GGUF whose pre-tokenizer name the export carries over.
+    "export": ("prepare_base.source",),
 }
 
 # stage name -> (params.yaml section, its model)
@@ -366,6 +389,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "quantize": QuantizeParams,
     "train": TrainParams,
     "evaluate": EvaluateParams,
+    "export": ExportParams,
     "register": RegisterParams,
 }
 
@@ -423,7 +447,17 @@ def validate_all(path: Path = PARAMS_FILE) -> dict[str, _Section]:
         if section not in known:
             raise PipelineError(f"{path}:{_line_of(text, [str(section)])}: {section}: unknown section "
                                 f"(known: {', '.join(known)})")
-    return {section: load_section(section, model, path) for section, model in known.items()}
+    sections = {section: load_section(section, model, path) for section, model in known.items()}
+    _check_across(sections, text, path)
+    return sections
+
+
+def _check_across(sections: dict[str, _Section], text: str, path: Path) -> None:
+    """Combinations of keys from different sections."""
+    export, train = sections["export"], sections["train"]
+    if export.gguf and not train.merge:
+        raise PipelineError(f"{path}:{_line_of(text, ['export', 'gguf'])}: export.gguf: needs train.merge: true "
+                            "(the GGUF is written from the merged model); set export.gguf: [] to skip it")
 
 
 def _describe(exc: ValidationError, section: str, text: str, path: Path) -> str:

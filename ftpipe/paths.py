@@ -12,6 +12,7 @@ RAW_DIR = Path("data/raw")  # landing folder of training data files; a dep of pr
 PREPARED_DIR = Path("data/prepared")  # {train,val,test}.jsonl
 BASE_DIR = Path("models/base")
 ADAPTER_DIR = Path("models/adapter")  # the adapter (or full model), merged/ inside where it can be merged
+GGUF_DIR = Path("models/gguf")  # the merged model as GGUF files and an Ollama Modelfile
 # Not a DVC out: DVC deletes a stage's outs before rerunning it, and these must survive a kill.
 CHECKPOINTS = Path("checkpoints/train")
 
@@ -29,6 +30,8 @@ LOSS_PLOT = REPORTS / "loss.png"
 METRICS = REPORTS / "metrics.json"
 GENERATIONS = REPORTS / "generations.jsonl"
 COMPARISON = REPORTS / "comparison.md"
+EXPORT_REPORT = REPORTS / "export.json"
+EXPORT_MD = REPORTS / "export.md"
 REGISTRATION = REPORTS / "registration.json"
 
 # Folders a stage may leave half-written temporaries in after kill -9 (swept when a stage starts).

@@ -115,6 +115,30 @@ class MetricsReport(_Report):
         return {"base": self.base, "fewshot": self.fewshot, "finetuned": self.finetuned}[name]
 
 
+class GgufFile(_Nested):
+    file: str  # relative to the project folder
+    bytes: int
+    sha256: str
+    write_s: float
+    load_s: float
+    max_abs_logit_diff: float  # over every position of the compared conversations
+    mean_abs_logit_diff: float
+    top1_agreement: float  # share of positions whose most likely next token is the merged model's
+    exact_match: float  # greedy replies identical to the merged model's
+    token_agreement: float
+
+
+class ExportReport(_Report):
+    """reports/export.json (DVC metrics), written by the export stage."""
+
+    formats: dict[str, GgufFile]
+    modelfile: str | None  # the Ollama Modelfile, None when no GGUF was written
+    pre_tokenizer: str  # tokenizer.ggml.pre written (llama.cpp's pre-tokenizer name)
+    prompts: int
+    logit_positions: int
+    gguf_package: str
+
+
 class Promotion(_Nested):
     promote: bool
     reasons: list[str]

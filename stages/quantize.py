@@ -26,21 +26,6 @@ from ftpipe.paths import BASE_DIR, PREPARED_DIR, QUANTIZE_MD, QUANTIZE_REPORT, R
 MB = 1e6
 
 
-def agreement(tokenizer, reference: list[str], outputs: list[str]) -> tuple[float, float]:
-    """(share of outputs identical to the reference's, share of token positions that agree).
-
-    Token agreement compares position by position over the longer of the two outputs, pooled over
-    prompts, so an early divergence costs every later token.
-    """
-    exact = sum(a == b for a, b in zip(reference, outputs)) / len(reference)
-    matched = total = 0
-    for a, b in zip(reference, outputs):
-        ids_a, ids_b = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (a, b))
-        matched += sum(x == y for x, y in zip(ids_a, ids_b))
-        total += max(len(ids_a), len(ids_b))
-    return exact, matched / total if total else 1.0
-
-
 def saved_bytes(model) -> tuple[int | None, str | None]:
     """(bytes of the safetensors save_pretrained writes, None) or (None, why it cannot be saved)."""
     with tempfile.TemporaryDirectory(prefix="ftpipe-quantize-") as tmp:
@@ -146,7 +131,9 @@ def _public(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _compared(entry: dict[str, Any], ref: dict[str, Any], tokenizer) -> dict[str, Any]:
-    exact, tokens = agreement(tokenizer, ref["outputs"], entry["outputs"])
+    from ftpipe import metrics
+
+    exact, tokens = metrics.agreement(tokenizer, ref["outputs"], entry["outputs"])
     out = _public(entry)
     out["footprint_ratio"] = entry["footprint_bytes"] / ref["footprint_bytes"]
     out["generate_ratio"] = entry["generate_s"] / ref["generate_s"]

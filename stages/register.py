@@ -35,12 +35,13 @@ from ftpipe import paths
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import read_json, read_jsonl
 from ftpipe.params import RegisterParams, load_section, read_params_file
-from ftpipe.paths import ADAPTER_DIR, BASE_DIR, PREPARED_DIR, REGISTRATION, REPORTS
-from ftpipe.schemas import DataReport, MetricsReport, RegistrationReport, TrainReport
+from ftpipe.paths import ADAPTER_DIR, BASE_DIR, GGUF_DIR, PREPARED_DIR, REGISTRATION, REPORTS
+from ftpipe.schemas import DataReport, ExportReport, MetricsReport, RegistrationReport, TrainReport
 
 # Reports logged with the pipeline run (the MLflow UI shows them beside its metrics).
 REPORT_ARTIFACTS = (paths.DATA_REPORT, paths.DATA_REPORT_MD, paths.LEAKS, paths.QUANTIZE_REPORT, paths.QUANTIZE_MD,
-                    paths.TRAIN_REPORT, paths.METRICS, paths.COMPARISON, paths.LOSS_PLOT)
+                    paths.TRAIN_REPORT, paths.METRICS, paths.COMPARISON, paths.LOSS_PLOT, paths.EXPORT_REPORT,
+                    paths.EXPORT_MD)
 # Lineage tags that make a registered version this very model.
 SAME_MODEL_TAGS = ("adapter_md5", "base_model_md5")
 # The model's own runtime needs; explicit because MLflow's inference imports torchvision, which is absent.
@@ -65,6 +66,7 @@ def run(
     adapter_dir: Path,
     reports_dir: Path,
     data_dir: Path = PREPARED_DIR,
+    gguf_dir: Path = GGUF_DIR,
 ) -> RegistrationReport:
     import mlflow
 
@@ -87,9 +89,9 @@ def run(
                 runs["champion"] = _log_champion(experiment_id, champion)
             with mlflow.start_run(experiment_id=experiment_id, run_name="finetuned", nested=True) as tuned_run:
                 runs["finetuned"] = tuned_run.info.run_id
-                _log_training(lineage, reports, reports_dir)
+                _log_training(lineage, reports, reports_dir, gguf_dir)
                 _log_gate(decision)
-                version = _log_model(params.model_name, base_dir, adapter_dir)
+                version = log_model(params.model_name, base_dir, adapter_dir)
         _tag_version(client, params.model_name, version, lineage, all_params, runs["finetuned"])
         _set_aliases(client, params.model_name, version, decision)
         client.set_tag(parent.info.run_id, "promotion", decision.summary())
@@ -240,6 +242,10 @@ def _log_pipeline_run(all_params: dict[str, Any], lineage: dict[str, str], repor
         mlflow.log_metrics({f"pruned_{name}_{key}": v[key]
                             for name, v in quant.get("pruned", {}).items()
                             for key in ("sparsity", "perplexity_ratio", "token_agreement")})
+    if (reports_dir / paths.EXPORT_REPORT.name).is_file():
+        export = ExportReport.read(reports_dir / paths.EXPORT_REPORT.name)
+        mlflow.log_metrics({f"gguf_{fmt}_{key}": getattr(f, key) for fmt, f in export.formats.items()
+                            for key in ("bytes", "top1_agreement", "max_abs_logit_diff", "token_agreement")})
     for report in REPORT_ARTIFACTS:
         if (reports_dir / report.name).is_file():
             mlflow.log_artifact(str(reports_dir / report.name), artifact_path="reports")
@@ -290,7 +296,7 @@ def _log_gate(decision) -> None:
     mlflow.set_tags({**_gate_tags(decision), "promotion": decision.summary()})
 
 
-def _log_training(lineage: dict[str, str], reports: Reports, reports_dir: Path) -> None:
+def _log_training(lineage: dict[str, str], reports: Reports, reports_dir: Path, gguf_dir: Path) -> None:
     """Into the active fine-tuned run: its metrics, training losses and overfitting verdict."""
     import mlflow
 
@@ -307,9 +313,21 @@ def _log_training(lineage: dict[str, str], reports: Reports, reports_dir: Path) 
         mlflow.log_metric("train_loss", loss, step=step)
     for step, loss in _curve(reports_dir / paths.VAL_LOSS.name):
         mlflow.log_metric("val_loss", loss, step=step)
+    _log_gguf(reports_dir, gguf_dir)
 
 
-def _log_model(model_name: str, base_dir: Path, adapter_dir: Path) -> str:
+def _log_gguf(reports_dir: Path, gguf_dir: Path) -> None:
+    """The export stage's GGUF files and Modelfile, so the registered version's run holds what
+    llama.cpp and Ollama users pull (`mlflow artifacts download -r <run> -a gguf`); their checks are
+    metrics of the pipeline run, beside the quantized variants'."""
+    import mlflow
+
+    if (reports_dir / paths.EXPORT_REPORT.name).is_file() and ExportReport.read(
+            reports_dir / paths.EXPORT_REPORT.name).formats:
+        mlflow.log_artifacts(str(gguf_dir), artifact_path="gguf")
+
+
+def log_model(model_name: str, base_dir: Path, adapter_dir: Path) -> str:
     """Log the merged fine-tuned model into the active run and register it; its new version."""
     import mlflow
 
@@ -376,6 +394,7 @@ def main() -> None:
         adapter_dir=ADAPTER_DIR,
         reports_dir=REPORTS,
         data_dir=PREPARED_DIR,
+        gguf_dir=GGUF_DIR,
     )
     result.write(REGISTRATION)
     print(f"register: {result.model_uri} (pipeline run {result.pipeline_run_id}): {gate_line(result)}")

@@ -9,6 +9,7 @@ import typing
 import pytest
 from conftest import qa_rows, write_jsonl
 
+from ftpipe import metrics
 from ftpipe.errors import PipelineError
 from ftpipe.params import QuantizeParams, QuantVariant, load_section
 from ftpipe.quantization import VARIANTS
@@ -68,9 +69,9 @@ def test_agreement_counts_exact_outputs_and_token_positions(tiny_model_dir):
     from ftpipe.models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_dir)
-    assert quantize.agreement(tokenizer, ["red cat", "blue dog"], ["red cat", "blue dog"]) == (1.0, 1.0)
+    assert metrics.agreement(tokenizer, ["red cat", "blue dog"], ["red cat", "blue dog"]) == (1.0, 1.0)
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    exact, tokens = quantize.agreement(tokenizer, ["red cat", "blue dog"], ["red cat", "green"])
+    exact, tokens = metrics.agreement(tokenizer, ["red cat", "blue dog"], ["red cat", "green"])
     assert exact == 0.5
     mismatched = max(len(ids("blue dog")), len(ids("green")))
     assert tokens == pytest.approx(len(ids("red cat")) / (len(ids("red cat")) + mismatched))

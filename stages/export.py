@@ -1,0 +1,176 @@
+"""The merged fine-tuned model as GGUF files (llama.cpp, Ollama), each checked against the merged model.
+
+Per format in `export.gguf` (f16, q8_0, ...): the file written by ftpipe/gguf_export.py, loaded back
+with transformers (`gguf_file=`), its tokenizer compared token for token, its logits compared with
+the merged model's at every position of `prompts` validation conversations (teacher-forced), and its
+greedy replies compared. An Ollama Modelfile (chat template, stop token, greedy) points at the
+smallest file. Reads params.yaml `export` (and `prepare_base.source`: the embedded base's GGUF
+names its pre-tokenizer), models/adapter/merged/, data/prepared/val.jsonl; writes models/gguf/,
+reports/export.json (DVC metrics) and reports/export.md.
+Run: python -m stages.export
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from ftpipe.errors import PipelineError, run_cli
+from ftpipe.io import all_or_nothing, atomic_dir, read_jsonl, write_text
+from ftpipe.params import ExportParams, PrepareBaseParams, load_section
+from ftpipe.paths import ADAPTER_DIR, EXPORT_MD, EXPORT_REPORT, GGUF_DIR, PREPARED_DIR, REPORTS
+from ftpipe.schemas import ExportReport, GgufFile
+
+MB = 1e6
+
+
+def run(*, params: ExportParams, merged_dir: Path, val_file: Path, out_dir: Path, reports_dir: Path,
+        pre_tokenizer: str, name: str) -> ExportReport:
+    import importlib.metadata
+
+    from ftpipe import models
+
+    models.set_threads(params.threads)
+    if params.gguf and not (merged_dir / "config.json").is_file():
+        raise PipelineError(f"{merged_dir}: no merged model to export (train.merge: true writes it)")
+    with all_or_nothing():
+        with atomic_dir(out_dir) as tmp:
+            formats, prompts, positions = _write_and_check(params, merged_dir, val_file, tmp, out_dir,
+                                                           pre_tokenizer, name)
+            modelfile = _write_modelfile(formats, merged_dir, val_file, tmp, out_dir)
+        report = ExportReport(formats=formats, modelfile=modelfile, pre_tokenizer=pre_tokenizer, prompts=prompts,
+                              logit_positions=positions, gguf_package=importlib.metadata.version("gguf"))
+        report.write(reports_dir / EXPORT_REPORT.name)
+        write_text(reports_dir / EXPORT_MD.name, table(report, merged_dir))
+    return report
+
+
+def _write_and_check(params: ExportParams, merged_dir: Path, val_file: Path, tmp: Path, out_dir: Path,
+                     pre_tokenizer: str, name: str) -> tuple[dict[str, GgufFile], int, int]:
+    """(checked file per format, conversations compared, token positions compared)."""
+    from tqdm import tqdm
+
+    from ftpipe import gguf_export, models
+
+    if not params.gguf:
+        return {}, 0, 0
+    tokenizer = models.load_tokenizer(merged_dir)
+    conversations = [r["messages"] for r in read_jsonl(val_file)[: params.prompts]]
+    if not conversations:
+        raise PipelineError(f"{val_file}: no validation rows to check the GGUF files on")
+    reference = _reference(models.load_model(merged_dir), tokenizer, conversations, params)
+    formats = {}
+    for fmt in (bar := tqdm(params.gguf, desc="export", unit="file")):
+        bar.set_postfix_str(fmt)
+        started = time.perf_counter()
+        gguf_export.write_gguf(merged_dir, tmp / gguf_export.file_name(fmt), fmt=fmt, name=name, pre=pre_tokenizer)
+        written = time.perf_counter() - started
+        formats[fmt] = _checked(tmp, gguf_export.file_name(fmt), out_dir, tokenizer, conversations, reference,
+                                params, written)
+    return formats, len(conversations), reference["positions"]
+
+
+def _reference(model, tokenizer, conversations, params: ExportParams) -> dict:
+    """The merged model's logits on each whole conversation and its greedy replies."""
+    from ftpipe import metrics
+    from ftpipe.chat import prompt_text, render
+
+    texts = [render(tokenizer, c, generation_prompt=False) for c in conversations]
+    ids = [tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"] for t in texts]
+    prompts = [prompt_text(tokenizer, c) for c in conversations]
+    return {"texts": texts, "ids": ids, "positions": sum(i.shape[1] for i in ids), "logits": _logits(model, ids),
+            "prompts": prompts, "outputs": metrics.generate(model, tokenizer, prompts, max_new_tokens=params.max_new_tokens,
+                                        batch_size=len(prompts))}
+
+
+def _logits(model, ids) -> list:
+    import torch
+
+    with torch.inference_mode():
+        return [model(input_ids=i).logits[0].float() for i in ids]
+
+
+def _checked(folder: Path, file: str, out_dir: Path, tokenizer, conversations, reference: dict,
+             params: ExportParams, write_s: float) -> GgufFile:
+    """Load the file back with transformers and compare it with the merged model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftpipe import metrics, models
+
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - started
+    gguf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    for text, ids in zip(reference["texts"], reference["ids"]):
+        if gguf_tokenizer(text, add_special_tokens=False)["input_ids"] != ids[0].tolist():
+            raise PipelineError(f"{out_dir / file}: its tokenizer encodes a validation conversation differently "
+                                "from the merged model's")
+    pairs = list(zip(reference["logits"], _logits(model, reference["ids"])))
+    diffs = [(a - b).abs() for a, b in pairs]
+    top1 = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in pairs)
+    outputs = metrics.generate(model, tokenizer, reference["prompts"], max_new_tokens=params.max_new_tokens,
+                               batch_size=len(reference["prompts"]))
+    exact, tokens = metrics.agreement(tokenizer, reference["outputs"], outputs)
+    return GgufFile(file=str(out_dir / file), bytes=(folder / file).stat().st_size,
+                    sha256=models.sha256_of(folder / file), write_s=write_s, load_s=load_s,
+                    max_abs_logit_diff=max(float(d.max()) for d in diffs),
+                    mean_abs_logit_diff=float(sum(d.sum() for d in diffs) / sum(d.numel() for d in diffs)),
+                    top1_agreement=top1 / reference["positions"], exact_match=exact, token_agreement=tokens)
+
+
+def _write_modelfile(formats: dict[str, GgufFile], merged_dir: Path, val_file: Path, tmp: Path,
+                     out_dir: Path) -> str | None:
+    from ftpipe import gguf_export, models
+    from ftpipe.chat import prompt_text
+
+    if not formats:
+        return None
+    smallest = min(formats.values(), key=lambda f: f.bytes)
+    tokenizer = models.load_tokenizer(merged_dir)
+    rows = read_jsonl(val_file)
+    # The system turn the model was trained with: the data's own, or the template's default.
+    system = re.match(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", prompt_text(tokenizer, rows[0]["messages"]), re.S)
+    text = gguf_export.modelfile(Path(smallest.file).name, tokenizer.chat_template, system and system.group(1))
+    write_text(tmp / gguf_export.MODELFILE, text)
+    return str(out_dir / gguf_export.MODELFILE)
+
+
+def table(report: ExportReport, merged_dir: Path) -> str:
+    if not report.formats:
+        return "No GGUF written (`export.gguf: []`).\n"
+    fp32 = sum(f.stat().st_size for f in merged_dir.glob("*.safetensors"))
+    lines = ["| file | size MB | vs merged fp32 | max abs logit diff | mean abs logit diff | top-1 agreement "
+             "| exact match | token agreement | load s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for f in report.formats.values():
+        lines.append(f"| {f.file} | {f.bytes / MB:.1f} | {f.bytes / fp32:.1%} | {f.max_abs_logit_diff:.4f} | "
+                     f"{f.mean_abs_logit_diff:.5f} | {f.top1_agreement:.2%} | {f.exact_match:.0%} | "
+                     f"{f.token_agreement:.1%} | {f.load_s:.1f} |")
+    notes = [f"Each file loaded back with transformers (`gguf_file=`), against the merged fp32 model: logits at "
+             f"all {report.logit_positions} positions of {report.prompts} validation conversations, greedy replies "
+             f"to their prompts; the GGUF's tokenizer encodes them identically. gguf {report.gguf_package}, "
+             f"pre-tokenizer `{report.pre_tokenizer}`."]
+    if report.pre_tokenizer == "default":
+        notes.append("The base did not come from a GGUF, so its llama.cpp pre-tokenizer name is unknown here and "
+                     "`default` was written: llama.cpp may split text before BPE differently from the Hugging Face "
+                     "tokenizer (transformers reads the file correctly).")
+    notes.append(f"Ollama: `ollama create <name> -f {report.modelfile}`; llama.cpp: "
+                 f"`llama-cli -m {min(report.formats.values(), key=lambda f: f.bytes).file} -cnv`.")
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+
+
+def main() -> None:
+    from ftpipe import gguf_export, models
+
+    params = load_section("export", ExportParams)
+    base = load_section("prepare_base", PrepareBaseParams)
+    pre = gguf_export.pre_tokenizer_of(models.embedded_gguf()) if base.source == "embedded" else None
+    report = run(params=params, merged_dir=ADAPTER_DIR / models.MERGED, val_file=PREPARED_DIR / "val.jsonl",
+                 out_dir=GGUF_DIR, reports_dir=REPORTS, pre_tokenizer=pre or gguf_export.DEFAULT_PRE,
+                 name="ftpipe fine-tune")
+    print(table(report, ADAPTER_DIR / models.MERGED))
+
+
+if __name__ == "__main__":
+    run_cli(main)
