@@ -20,7 +20,7 @@ from ftpipe import paths
 from ftpipe.errors import EXIT_USER_ERROR, PipelineError, terminate
 from ftpipe.secrets import redact
 
-STAGES = ("validate", "prepare_base", "prepare_data", "quantize", "train", "evaluate", "export", "register")
+STAGES = ("validate", "prepare_base", "prepare_data", "quantize", "prepare_parent", "train", "evaluate", "export", "register")
 # Hub downloads can fail transiently; compute stages fail for real. register is never rerun by a
 # flow: a rerun could register a second version, and MLflow's HTTP layer already retries each
 # request (ftpipe.tracking.bound_http_retries).
@@ -128,6 +128,15 @@ def stopped(exc: BaseException) -> int:
 
 
 LINEAGE_KEYS = ("data_md5", "base_model_md5", "adapter_md5")
+
+
+def refresh_parent(stage: str, project_dir: Path) -> bool:
+    """Whether to force `stage` because it is prepare_parent and training continues from the champion:
+    DVC cannot see the registry, so the champion is read again on every run (the same champion
+    writes the same files, and nothing downstream reruns)."""
+    from ftpipe.params import TrainParams, load_section
+
+    return stage == "prepare_parent" and load_section("train", TrainParams, project_dir / paths.PARAMS).init_from == "champion"
 
 
 def registry_behind(project_dir: Path) -> list[str]:

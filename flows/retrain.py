@@ -60,6 +60,7 @@ from flows.common import (
     error_exit,
     install_sigterm,
     lineage_differences,
+    refresh_parent,
     retry_unless,
     stage_env,
     stopped,
@@ -275,6 +276,7 @@ def _retrain_locked(project_dir: Path, data_path: str | None) -> dict[str, Any]:
         # changes no output (validate after an edit of another params.yaml section) is no reason
         # to trust a registration.json written for another store.
         force = stage == "register" and (change["latest"] is None or bool(lineage_differences(project_dir, change["latest"])))
+        force = force or refresh_parent(stage, project_dir)  # continual fine-tuning: from today's champion
         timings[stage] = stage_task(stage)(stage, project_dir, force=force)
         update_progress_artifact(progress, 100.0 * done / len(STAGES), description=f"{stage} done")
     if pushed := dvc_push(project_dir):  # what the new version's lineage names, for any clone to pull

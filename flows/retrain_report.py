@@ -23,8 +23,9 @@ def retrain_report(project_dir: Path, change: dict[str, Any], timings: dict[str,
     from ftpipe import paths
     from ftpipe.metrics import LOWER_IS_BETTER, METRIC_KEYS
     from ftpipe.promotion import gate_line
-    from ftpipe.schemas import DataReport, MetricsReport, RegistrationReport
+    from ftpipe.schemas import DataReport, MetricsReport, RegistrationReport, TrainReport
 
+    train = TrainReport.read(project_dir / paths.TRAIN_REPORT)
     registration = RegistrationReport.read(project_dir / paths.REGISTRATION)
     metrics = MetricsReport.read(project_dir / paths.METRICS)
     data = DataReport.read(project_dir / paths.DATA_REPORT)
@@ -41,7 +42,8 @@ def retrain_report(project_dir: Path, change: dict[str, Any], timings: dict[str,
               f"- source `{data.source}`: {data.rows_in} rows in, {data.rows_out} out ({splits})",
               f"- dropped by cleaning: {dropped}",
               f"- leak check: {data.leaks.total} leak(s), action `{data.leak_action}`"
-              f" (full report: the `data-report` artifact)", ""]
+              f" (full report: the `data-report` artifact)", "",
+              f"Trained from: {train.parent} (`train.init_from`), method `{train.method}`, {train.steps} steps.", ""]
     header = ["metric", "base", f"champion v{champion.version} (before)" if champion else "champion (none)",
               f"challenger v{version}"]
     lines += [f"## Metrics ({metrics.examples} test examples)", "",

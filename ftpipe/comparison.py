@@ -56,6 +56,12 @@ def comparison_table(result: dict[str, Any]) -> str:
         text += (f"\nForgetting: general-text perplexity {result['forgetting']:+.1%} after fine-tuning "
                  f"({result['general_text']['tokens']} tokens of {result['general_text']['path']}; "
                  "the few-shot baseline shares the base weights).\n")
+    if result.get("old_task"):
+        old = result["old_task"]
+        text += (f"\nOld task: the parent {old['parent']} and the fine-tuned model on the parent's own test split "
+                 f"({old['examples']} examples): "
+                 + ", ".join(f"{k} {old['parent_scores'][k]:.4g} -> {old['finetuned'][k]:.4g}"
+                             for k in old["finetuned"] if k in old["parent_scores"]) + ".\n")
     if result.get("few_shot_ids"):
         text += f"\nFew-shot examples (training rows): {', '.join(map(str, result['few_shot_ids']))}\n"
     training = result.get("training") or {}

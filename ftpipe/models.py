@@ -96,6 +96,29 @@ def load_tokenizer(
 MERGED = "merged"  # sub-folder of the train output holding the standalone (merged or fully tuned) model
 
 
+PARENT_MANIFEST = "manifest.json"  # in models/parent/: which model a continual fine-tune starts from
+PARENT_OLD_TEST = "test.jsonl"  # in models/parent/: the test split the parent champion was evaluated on
+
+
+def read_parent(parent_dir: Path) -> dict[str, Any]:
+    """models/parent/manifest.json (written by the prepare_parent stage); one line if it is missing."""
+    import json
+
+    path = Path(parent_dir) / PARENT_MANIFEST
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found (run `dvc repro prepare_parent`)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def start_weights(parent_dir: Path, base_dir: Path) -> tuple[Path, str]:
+    """(folder training starts from, its description): the parent champion's weights when
+    prepare_parent materialized one, else the base model."""
+    parent = read_parent(parent_dir)
+    if parent.get("version"):
+        return Path(parent_dir), f"{parent['model_name']} v{parent['version']} (champion)"
+    return Path(base_dir), "base"
+
+
 def has_finetuned(adapter_dir: Path) -> bool:
     """Whether `adapter_dir` holds a train stage result (a peft adapter or a standalone model)."""
     adapter_dir = Path(adapter_dir)

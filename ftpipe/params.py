@@ -236,6 +236,10 @@ class TrainParams(_Section):
     merge: bool = True
     """Also write models/adapter/merged: a standalone model (no peft needed) for serving.
     Always done for full; impossible for the prompt-learning methods (set false there)."""
+    init_from: Literal["base", "champion"] = "base"
+    """base: train from models/base; champion: continual fine-tuning from the registered
+    `<register.model_name>@champion` (its merged weights, materialized in models/parent/ by the
+    prepare_parent stage), on the current data. With no champion yet it starts from the base and says so."""
 
     @model_validator(mode="after")
     def _check_method_options(self) -> TrainParams:
@@ -266,6 +270,9 @@ class TrainParams(_Section):
         if self.merge and method in PROMPT_METHODS:
             raise FieldProblem("merge", f"'{method}' cannot be merged: its virtual tokens need peft at inference "
                                         "(set merge: false)")
+        if self.init_from == "champion" and not self.merge:
+            raise FieldProblem("init_from", "continual fine-tuning needs merge: true (the next run starts from "
+                                            "this run's merged weights)")
         if self.distributed == "fsdp" and self.processes == 1:
             raise FieldProblem("distributed", "fsdp shards the model across processes: set processes > 1")
         if self.distributed == "fsdp" and method == "qlora":
@@ -354,6 +361,10 @@ class RegisterParams(_Section):
     one-sided test at 2.5 %."""
     bootstrap_seed: int = Field(0, ge=0)
     """Seed of the resampling, so the same scores always give the same interval and decision."""
+    max_old_task_drop: float | None = Field(0.1, ge=0)
+    """With train.init_from: champion: largest allowed relative drop of `primary_metric` on the
+    parent champion's own test split, the challenger against the parent (0.1: at most 10 % worse;
+    perplexity: at most 10 % higher); null turns the check off. Catastrophic forgetting of the old task."""
     max_forgetting: float | None = Field(0.1, ge=0)
     """Largest allowed relative rise of general_perplexity of the challenger over the base model
     (0.1: at most 10% higher); null turns the forgetting check off."""
@@ -380,6 +391,8 @@ ALSO_READS: dict[str, tuple[str, ...]] = {
     "evaluate": ("register.bootstrap_samples", "register.confidence", "register.bootstrap_seed"),
     # The embedded base came from a GGUF whose pre-tokenizer name the export carries over.
     "export": ("prepare_base.source",),
+    # The parent of a continual fine-tune: which registered model's champion, if any.
+    "prepare_parent": ("train.init_from", "register.model_name"),
 }
 
 # stage name -> (params.yaml section, its model)

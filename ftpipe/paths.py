@@ -11,6 +11,7 @@ PARAMS = Path("params.yaml")
 RAW_DIR = Path("data/raw")  # landing folder of training data files; a dep of prepare_data
 PREPARED_DIR = Path("data/prepared")  # {train,val,test}.jsonl
 BASE_DIR = Path("models/base")
+PARENT_DIR = Path("models/parent")  # the champion a continual fine-tune starts from (manifest.json only for base)
 ADAPTER_DIR = Path("models/adapter")  # the adapter (or full model), merged/ inside where it can be merged
 GGUF_DIR = Path("models/gguf")  # the merged model as GGUF files and an Ollama Modelfile
 # Not a DVC out: DVC deletes a stage's outs before rerunning it, and these must survive a kill.

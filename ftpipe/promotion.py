@@ -6,7 +6,9 @@ champion (if any), is above `min_improvement` (and so above 0): a difference the
 cannot tell from noise promotes nothing. Both comparisons are on the same test examples: the
 champion is scored again on the current split (stages/register.py). The challenger must also not
 have forgotten general language (its general-text perplexity at most `max_forgetting` above the
-base model's), and the data must have passed the leak check. Every check's reason is kept, pass or
+base model's), and the data must have passed the leak check. A continual fine-tune from the
+champion must also keep the old task: on the parent's own test split, `primary_metric` at most
+`max_old_task_drop` worse than the parent's. Every check's reason is kept, pass or
 fail, so the decision explains itself in MLflow.
 """
 
@@ -19,7 +21,7 @@ from ftpipe.bootstrap import Interval, columns, paired_gain
 from ftpipe.metrics import GENERAL_KEY
 
 if TYPE_CHECKING:
-    from ftpipe.schemas import RegistrationReport
+    from ftpipe.schemas import OldTask, RegistrationReport
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ def decide(
     champion_version: str | None,
     leaks: int,
     max_forgetting: float | None = None,
+    old_task: OldTask | None = None,
+    max_old_task_drop: float | None = None,
     samples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
@@ -69,6 +73,8 @@ def decide(
         ok &= passed
         reasons.append(reason)
     ok &= _forgetting(reasons, challenger.metrics, base.metrics, max_forgetting)
+    if old_task is not None:
+        ok &= _old_task(reasons, metric, old_task, max_old_task_drop)
     if leaks:
         ok = False
         reasons.append(f"data leak check found {leaks} leak(s): fail")
@@ -110,6 +116,30 @@ def _forgetting(reasons: list[str], challenger: dict[str, float], base: dict[str
     passed = rise <= max_forgetting
     reasons.append(f"{GENERAL_KEY} {challenger[GENERAL_KEY]:.4f} vs base {base[GENERAL_KEY]:.4f} "
                    f"({rise:+.1%}, allowed <= {max_forgetting:+.1%}): {'pass' if passed else 'fail'}")
+    return passed
+
+
+def old_task_drop(metric: str, parent: float, challenger: float) -> float:
+    """Relative loss on the old task: how much worse the challenger is than the parent (perplexity:
+    its relative rise; a score: its relative fall, 0 when the parent scored 0, as nothing can fall)."""
+    if metric == "perplexity":
+        return challenger / parent - 1
+    return (parent - challenger) / parent if parent > 0 else 0.0
+
+
+def _old_task(reasons: list[str], metric: str, old: OldTask, max_drop: float | None) -> bool:
+    """Append the old-task check's reason (continual fine-tuning); whether it passed (or is off)."""
+    if max_drop is None:
+        reasons.append("old-task check: off")
+        return True
+    if metric not in old.parent_scores or metric not in old.finetuned:
+        reasons.append(f"old-task check: {metric} not measured on {old.parent}'s test split: fail")
+        return False
+    drop = old_task_drop(metric, old.parent_scores[metric], old.finetuned[metric])
+    passed = drop <= max_drop
+    reasons.append(f"old task ({old.parent}'s test split, {old.examples} examples): {metric} "
+                   f"{old.finetuned[metric]:.4f} vs parent {old.parent_scores[metric]:.4f} ({drop:+.1%} worse, "
+                   f"allowed <= {max_drop:+.1%}): {'pass' if passed else 'fail'}")
     return passed
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from ftpipe import tracking
@@ -115,7 +116,26 @@ def version_tags(client, model_name: str, version: str) -> dict[str, str]:
         return dict(client.get_model_version(model_name, version).tags)
 
 
-def load_model(client, model_name: str, version: str):
+def version_run(client, model_name: str, version: str) -> str | None:
+    """The run id a registered version was logged from."""
+    with errors(client.tracking_uri, f"reading {model_name} v{version}"):
+        return client.get_model_version(model_name, version).run_id or None
+
+
+def download_run_file(client, model_name: str, version: str, artifact_path: str, dst: Path) -> Path | None:
+    """A file logged with the run of `model_name` v`version`, downloaded under `dst`; None if that
+    run holds no such file (a version registered before the file was logged)."""
+    run_id = version_run(client, model_name, version)
+    if run_id is None:
+        return None
+    folder = str(Path(artifact_path).parent)
+    with errors(client.tracking_uri, f"downloading {artifact_path} of {model_name} v{version}"):
+        if artifact_path not in {f.path for f in client.list_artifacts(run_id, folder)}:
+            return None
+        return Path(client.download_artifacts(run_id, artifact_path, str(dst)))
+
+
+def load_model(client, model_name: str, version: str, purpose: str = "score it again"):
     """(model, tokenizer) of a registered transformers model version, as register logged it, to score
     it again. A model that cannot be loaded stops the gate, which would otherwise compare against nothing."""
     import tempfile
@@ -133,7 +153,7 @@ def load_model(client, model_name: str, version: str):
         if isinstance(exc, requests.exceptions.RequestException) or re.search(_UNREACHABLE, str(exc)):
             raise RegistryUnreachable(failure(client.tracking_uri, exc, f"loading {uri}")) from None
         # The registry answered (the champion was just read): its files are gone or not a transformers model.
-        raise PipelineError(f"{where}: cannot load its model to score it again ({short_reason(exc)}); "
+        raise PipelineError(f"{where}: cannot load its model to {purpose} ({short_reason(exc)}); "
                             "restore it or move the alias by hand") from None
     model, tokenizer = components["model"], components.get("tokenizer")
     if tokenizer is None:

@@ -43,6 +43,7 @@ class TrainReport(_Report):
     """reports/train.json (DVC metrics), written by the train stage."""
 
     method: str
+    parent: str = "base"  # what training started from: "base" or "<model> v<N> (champion)"
     steps: int
     epochs: float
     resumed_from_step: int
@@ -95,6 +96,15 @@ class GeneralText(_Nested):
     tokens: int
 
 
+class OldTask(_Nested):
+    """The parent champion and the fine-tuned model on the parent's own test split (continual fine-tuning)."""
+
+    parent: str  # "<model> v<N>"
+    examples: int
+    parent_scores: dict[str, float]
+    finetuned: dict[str, float]
+
+
 class MetricsReport(_Report):
     """reports/metrics.json (DVC metrics), written by evaluate: one block per candidate, same keys."""
 
@@ -110,6 +120,7 @@ class MetricsReport(_Report):
     bleu_signature: str
     intervals: dict[str, dict[str, dict[str, Any]]]  # finetuned_vs_base -> metric -> Interval.as_dict()
     settings: dict[str, Any]  # the resolved evaluate settings (register scores the champion with them)
+    old_task: OldTask | None = None  # with train.init_from: champion and the parent's test split at hand
 
     def candidate(self, name: str) -> dict[str, float]:
         return {"base": self.base, "fewshot": self.fewshot, "finetuned": self.finetuned}[name]

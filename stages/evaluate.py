@@ -7,7 +7,9 @@ gets BLEU, ROUGE-1/2/L/Lsum and the perplexity of the references, and each of th
 gives the confidence interval of fine-tuned - base on every metric (ftpipe/bootstrap.py, with the
 promotion gate's settings: register.bootstrap_samples, confidence, bootstrap_seed). Forgetting: the
 sliding-window perplexity of general text (`general_text`, not in the training data) under the base
-and the fine-tuned weights. Overfitting: the validation losses of reports/train.json.
+and the fine-tuned weights. Overfitting: the validation losses of reports/train.json. Old task (a
+continual fine-tune from the champion, models/parent/): the parent and the fine-tuned model on the
+test split the parent was evaluated on, so learning the new data at the old task's cost shows.
 Reads params.yaml `evaluate` (and those three register keys), models/base/, models/adapter/,
 data/prepared/{train,test}.jsonl, reports/train.json and the general text; writes
 reports/metrics.json (DVC metrics, one block per candidate with the same keys, and the intervals),
@@ -26,8 +28,18 @@ from ftpipe.comparison import comparison_table
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, dumps_jsonl, read_jsonl, write_text
 from ftpipe.params import EvaluateParams, RegisterParams, load_section
-from ftpipe.paths import ADAPTER_DIR, BASE_DIR, COMPARISON, GENERATIONS, METRICS, PREPARED_DIR, REPORTS, TRAIN_REPORT
-from ftpipe.schemas import MetricsReport, TrainReport
+from ftpipe.paths import (
+    ADAPTER_DIR,
+    BASE_DIR,
+    COMPARISON,
+    GENERATIONS,
+    METRICS,
+    PARENT_DIR,
+    PREPARED_DIR,
+    REPORTS,
+    TRAIN_REPORT,
+)
+from ftpipe.schemas import MetricsReport, OldTask, TrainReport
 
 CANDIDATES = {"base": "base", "fewshot": "base few-shot", "finetuned": "fine-tuned"}  # key -> label
 
@@ -109,8 +121,10 @@ def _inputs(params: EvaluateParams, *, adapter_dir: Path, data_dir: Path, genera
 
 
 def _score_candidates(params: EvaluateParams, tokenizer, conversations: list, shots: list, text: str, *,
-                      base_dir: Path, adapter_dir: Path) -> tuple[dict, dict, dict, dict, int]:
-    """Base, few-shot and fine-tuned: (scores, outputs, per-example scores, general perplexity, its tokens)."""
+                      base_dir: Path, adapter_dir: Path, parent_dir: Path | None = None
+                      ) -> tuple[dict, dict, dict, dict, int, OldTask | None]:
+    """Base, few-shot and fine-tuned: (scores, outputs, per-example scores, general perplexity, its
+    tokens, the old-task check when a parent champion's test split is at hand)."""
     from ftpipe import metrics, models
 
     scores, outputs, examples, general = {}, {}, {}, {}
@@ -124,14 +138,34 @@ def _score_candidates(params: EvaluateParams, tokenizer, conversations: list, sh
     scores["finetuned"], outputs["finetuned"], examples["finetuned"] = _candidate(
         tuned, tokenizer, conversations, params, "fine-tuned")
     general["finetuned"], _ = _general_perplexity(tuned, tokenizer, text, params, "fine-tuned")
+    old_task = _old_task(params, tokenizer, tuned, parent_dir) if parent_dir else None
     general["fewshot"] = general["base"]  # the same weights: prompting does not change them
     for name in CANDIDATES:
         scores[name][metrics.GENERAL_KEY] = general[name]
-    return scores, outputs, examples, general, general_tokens
+    return scores, outputs, examples, general, general_tokens, old_task
+
+
+def _old_task(params: EvaluateParams, tokenizer, tuned, parent_dir: Path) -> OldTask | None:
+    """Catastrophic forgetting of the previous task: the fine-tuned model and the parent champion
+    it started from, both on the test split the parent was evaluated on (models/parent/test.jsonl)."""
+    from ftpipe import models
+
+    parent = models.read_parent(parent_dir)
+    old_file = parent_dir / models.PARENT_OLD_TEST
+    if not parent.get("version") or not old_file.is_file():
+        return None
+    rows = read_jsonl(old_file)[: params.max_examples or None]
+    if not rows:
+        raise PipelineError(f"{old_file}: the parent champion's test split holds no rows")
+    old = [r["messages"] for r in rows]
+    tuned_scores, _, _ = _candidate(tuned, tokenizer, old, params, "fine-tuned, old task")
+    parent_scores, _, _ = _candidate(models.load_model(parent_dir), tokenizer, old, params, "parent, old task")
+    return OldTask(parent=f"{parent['model_name']} v{parent['version']}", examples=len(rows),
+                   parent_scores=parent_scores, finetuned=tuned_scores)
 
 
 def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, adapter_dir: Path, data_dir: Path,
-        train_report: Path, general_text: Path, reports_dir: Path) -> MetricsReport:
+        train_report: Path, general_text: Path, reports_dir: Path, parent_dir: Path | None = None) -> MetricsReport:
     from ftpipe import metrics, models
     from ftpipe.chat import prompt_text
 
@@ -142,8 +176,8 @@ def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, ad
     training = training_check(train, margin=params.overfit_margin)
     tokenizer = models.load_tokenizer(base_dir)
     conversations = [r["messages"] for r in rows]
-    scores, outputs, examples, general, general_tokens = _score_candidates(
-        params, tokenizer, conversations, shots, text, base_dir=base_dir, adapter_dir=adapter_dir)
+    scores, outputs, examples, general, general_tokens, old_task = _score_candidates(
+        params, tokenizer, conversations, shots, text, base_dir=base_dir, adapter_dir=adapter_dir, parent_dir=parent_dir)
 
     references = [c[-1]["content"] for c in conversations]
     _, signature = metrics.bleu(outputs["finetuned"], references)
@@ -161,6 +195,7 @@ def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, ad
         # The resolved settings travel with the numbers (and make register rerun when they change);
         # register scores the champion with the same ones.
         "settings": {"decoding": "greedy", **params.model_dump(exclude={"threads"})},
+        "old_task": old_task,
     })
     generations = [
         {"id": r["id"], "prompt": prompt_text(tokenizer, r["messages"]), "reference": references[i],
@@ -179,7 +214,8 @@ def main() -> None:
     params = load_section("evaluate", EvaluateParams)
     bootstrap = load_section("register", RegisterParams)  # only its bootstrap settings (dvc.yaml lists them)
     result = run(params=params, bootstrap=bootstrap, base_dir=BASE_DIR, adapter_dir=ADAPTER_DIR, data_dir=PREPARED_DIR,
-                 train_report=TRAIN_REPORT, general_text=Path(params.general_text), reports_dir=REPORTS)
+                 train_report=TRAIN_REPORT, general_text=Path(params.general_text), reports_dir=REPORTS,
+                 parent_dir=PARENT_DIR)
     print(comparison_table(result.model_dump()))
 
 

@@ -35,7 +35,7 @@ from ftpipe import paths
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import read_json, read_jsonl
 from ftpipe.params import RegisterParams, load_section, read_params_file
-from ftpipe.paths import ADAPTER_DIR, BASE_DIR, GGUF_DIR, PREPARED_DIR, REGISTRATION, REPORTS
+from ftpipe.paths import ADAPTER_DIR, BASE_DIR, GGUF_DIR, PARENT_DIR, PREPARED_DIR, REGISTRATION, REPORTS
 from ftpipe.schemas import DataReport, ExportReport, MetricsReport, RegistrationReport, TrainReport
 
 # Reports logged with the pipeline run (the MLflow UI shows them beside its metrics).
@@ -91,6 +91,8 @@ def run(
                 runs["finetuned"] = tuned_run.info.run_id
                 _log_training(lineage, reports, reports_dir, gguf_dir)
                 _log_gate(decision)
+                # The split this version is evaluated on: a continual fine-tune from it scores it again.
+                mlflow.log_artifact(str(data_dir / "test.jsonl"), artifact_path="data")
                 version = log_model(params.model_name, base_dir, adapter_dir)
         _tag_version(client, params.model_name, version, lineage, all_params, runs["finetuned"])
         _set_aliases(client, params.model_name, version, decision)
@@ -209,6 +211,7 @@ def _decide(params: RegisterParams, reports: Reports, champion: dict[str, Any] |
                   champion=champion and Scores(champion["examples"], champion["metrics"]),
                   champion_version=champion and champion["version"], champion_note=note,
                   leaks=reports.data.leaks.total, max_forgetting=params.max_forgetting,
+                  old_task=metrics.old_task, max_old_task_drop=params.max_old_task_drop,
                   samples=params.bootstrap_samples, confidence=params.confidence, seed=params.bootstrap_seed)
 
 
@@ -376,7 +379,7 @@ def _curve(path: Path) -> list[tuple[int, float]]:
 
 
 def main() -> None:
-    from ftpipe import tracking
+    from ftpipe import models, tracking
     from ftpipe.promotion import gate_line
 
     tracking.bound_http_retries()
@@ -384,10 +387,12 @@ def main() -> None:
     all_params, _ = read_params_file()
     train_config = read_json(ADAPTER_DIR / "train_config.json")
     project = Path(".")
+    lineage = tracking.lineage(project, method=train_config["params"]["method"])
+    lineage["parent"] = models.start_weights(PARENT_DIR, BASE_DIR)[1]  # "base" or "<model> v<N> (champion)"
     result = run(
         params=params,
         all_params=all_params,
-        lineage=tracking.lineage(project, method=train_config["params"]["method"]),
+        lineage=lineage,
         tracking_uri=tracking.tracking_uri(project),
         artifact_location=tracking.artifact_location(project),
         base_dir=BASE_DIR,

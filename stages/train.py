@@ -26,7 +26,18 @@ from typing import Any
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, read_json, read_jsonl, remove_path, write_json, write_text
 from ftpipe.params import TrainParams, load_section
-from ftpipe.paths import ADAPTER_DIR, BASE_DIR, CHECKPOINTS, LOSS_PLOT, PREPARED_DIR, REPORTS, TRAIN_LOSS, TRAIN_REPORT, VAL_LOSS
+from ftpipe.paths import (
+    ADAPTER_DIR,
+    BASE_DIR,
+    CHECKPOINTS,
+    LOSS_PLOT,
+    PARENT_DIR,
+    PREPARED_DIR,
+    REPORTS,
+    TRAIN_LOSS,
+    TRAIN_REPORT,
+    VAL_LOSS,
+)
 from ftpipe.schemas import TrainReport
 
 
@@ -49,7 +60,9 @@ class Setup:
 
 
 def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, reports_dir: Path,
-        checkpoint_root: Path = CHECKPOINTS) -> TrainReport:
+        checkpoint_root: Path = CHECKPOINTS, parent: str = "base") -> TrainReport:
+    """`base_dir`: the weights training starts from (models/base, or models/parent for a continual
+    fine-tune from the champion, which `parent` names in the report)."""
     from transformers import set_seed
 
     from ftpipe import models
@@ -64,7 +77,7 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
     checkpoints = checkpoint_root / checkpoint_key(params, base_dir, data_dir)
     trainer = _setup_trainer(params, setup, data, checkpoints)
     runtime, resumed_step = _train(trainer, checkpoints)  # returns once every process has finished
-    report = _report(params, trainer, setup, data, runtime=runtime, resumed_step=resumed_step)
+    report = _report(params, trainer, setup, data, runtime=runtime, resumed_step=resumed_step, parent=parent)
     setup = _unsharded(params, setup, trainer, base_dir)
     if trainer.is_world_process_zero():  # one writer; the model and its reports go in place together
         with all_or_nothing(), atomic_dir(out_dir) as tmp:
@@ -166,7 +179,8 @@ def _unsharded(params: TrainParams, setup: Setup, trainer, base_dir: Path) -> Se
     return replace(setup, model=model)
 
 
-def _report(params: TrainParams, trainer, setup: Setup, data: Data, *, runtime: float, resumed_step: int) -> TrainReport:
+def _report(params: TrainParams, trainer, setup: Setup, data: Data, *, runtime: float, resumed_step: int,
+            parent: str) -> TrainReport:
     from ftpipe import methods, models, packing
     from ftpipe.trainer import loss_curves
 
@@ -184,7 +198,7 @@ def _report(params: TrainParams, trainer, setup: Setup, data: Data, *, runtime: 
     total, trainable = models.count_parameters(setup.model)
     packs = methods.packs(params)
     return TrainReport(
-        method=params.method, steps=steps, epochs=round(trainer.state.epoch, 3), resumed_from_step=resumed_step,
+        method=params.method, parent=parent, steps=steps, epochs=round(trainer.state.epoch, 3), resumed_from_step=resumed_step,
         early_stopped=bool(params.early_stopping_patience) and steps < trainer.state.max_steps,
         train_loss_final=train_curve[-1][1] if train_curve else None,
         val_loss_final=final_val, val_loss_last_eval=val_curve[-1][1], val_loss_best=best_val, best_step=best_step,
@@ -226,15 +240,18 @@ def _write_reports(trainer, report: TrainReport, reports_dir: Path) -> None:
 
 
 def main() -> None:
+    from ftpipe import models
     from ftpipe.trainer import is_worker, launch, rank
 
     params = load_section("train", TrainParams)
     if params.processes > 1 and not is_worker():
         launch(params, module="stages.train")  # this stage again, once per process, under torchrun
         return
-    report = run(params=params, base_dir=BASE_DIR, data_dir=PREPARED_DIR, out_dir=ADAPTER_DIR, reports_dir=REPORTS)
+    start, parent = models.start_weights(PARENT_DIR, BASE_DIR)
+    report = run(params=params, base_dir=start, data_dir=PREPARED_DIR, out_dir=ADAPTER_DIR, reports_dir=REPORTS,
+                 parent=parent)
     if rank() == 0:
-        print(f"train: {report.steps} steps, val loss {report.val_loss_final:.4f}, "
+        print(f"train: from {parent}, {report.steps} steps, val loss {report.val_loss_final:.4f}, "
               f"{report.tokens_per_s} tokens/s ({report.precision}) -> {ADAPTER_DIR}")
 
 

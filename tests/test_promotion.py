@@ -222,3 +222,24 @@ def test_a_side_without_per_example_scores_of_the_metric_cannot_be_compared_and_
     one = decide(metric="rougeL", min_improvement=0.0, challenger=scores([0.5]), base=scores([0.1]),
                  champion=None, champion_version=None, leaks=0)
     assert not one.promote and "rougeL over base: one test example gives no interval: cannot compare" in one.reasons
+
+
+def test_old_task_check_refuses_a_challenger_that_lost_the_parents_task():
+    """Continual fine-tuning: on the parent champion's own test split the challenger may be at most
+    max_old_task_drop worse than the parent (perplexity: higher), whatever it gained on the new data."""
+    from ftpipe.promotion import old_task_drop
+    from ftpipe.schemas import OldTask
+
+    clear_gain = dict(metric="rougeL", min_improvement=0.0, challenger=scores(shifted(spread(seed=1), 0.1)), base=BASE,
+                      champion=None, champion_version=None, leaks=0)
+    kept = OldTask(parent="m v1", examples=50, parent_scores={"rougeL": 0.40}, finetuned={"rougeL": 0.38})
+    lost = OldTask(parent="m v1", examples=50, parent_scores={"rougeL": 0.40}, finetuned={"rougeL": 0.30})
+    passed = decide(old_task=kept, max_old_task_drop=0.1, **clear_gain)
+    assert passed.promote and "rougeL 0.3800 vs parent 0.4000 (+5.0% worse, allowed <= +10.0%): pass" in passed.summary()
+    failed = decide(old_task=lost, max_old_task_drop=0.1, **clear_gain)
+    assert not failed.promote and "(+25.0% worse, allowed <= +10.0%): fail" in failed.summary()
+    assert decide(old_task=lost, max_old_task_drop=None, **clear_gain).promote  # off
+    assert "old-task check: off" in decide(old_task=lost, max_old_task_drop=None, **clear_gain).summary()
+    assert old_task_drop("perplexity", 10.0, 12.0) == pytest.approx(0.2)  # a rise in perplexity is the loss
+    assert old_task_drop("perplexity", 10.0, 9.0) == pytest.approx(-0.1)
+    assert old_task_drop("rougeL", 0.0, 0.0) == 0.0  # nothing to lose

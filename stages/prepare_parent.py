@@ -1,0 +1,86 @@
+"""The model a continual fine-tune starts from: the registered champion, materialized for DVC.
+
+With `train.init_from: base` (the default) this writes models/parent/manifest.json saying so and
+never touches the registry. With `champion` it reads `<register.model_name>@champion` through
+ftpipe/registry.py and writes its merged weights (safetensors) and tokenizer to models/parent/, with
+the test split that version was evaluated on (logged by register with its run) as
+models/parent/test.jsonl, for evaluate's old-task check. The registry is outside DVC, so this
+stage reruns when its params change, and the flows force it when `init_from` is champion; by hand,
+`dvc repro -f prepare_parent` picks up a champion that moved. The same champion writes the same
+files, so nothing downstream reruns. No champion yet: the manifest says so and train starts from
+the base. A registry that cannot be read stops here with one line (never "no champion").
+Reads params.yaml `train.init_from`, `register.model_name`, the MLflow registry; writes models/parent/.
+Run: python -m stages.prepare_parent
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ftpipe.errors import PipelineError, run_cli
+from ftpipe.io import atomic_dir, write_json
+from ftpipe.models import PARENT_MANIFEST, PARENT_OLD_TEST
+from ftpipe.params import RegisterParams, TrainParams, load_section
+from ftpipe.paths import PARENT_DIR
+
+# Where register logs the test split with the fine-tuned run (the run a registered version points to).
+TEST_ARTIFACT = "data/test.jsonl"
+
+
+def run(*, init_from: str, model_name: str, tracking_uri: str, out_dir: Path) -> dict[str, Any]:
+    manifest: dict[str, Any] = {"init_from": init_from, "model_name": model_name, "version": None}
+    with atomic_dir(out_dir) as tmp:
+        if init_from == "champion":
+            manifest.update(_materialize(model_name, tracking_uri, tmp))
+        write_json(tmp / PARENT_MANIFEST, manifest)
+    return manifest
+
+
+def _materialize(model_name: str, tracking_uri: str, folder: Path) -> dict[str, Any]:
+    import mlflow
+
+    from ftpipe import registry
+    from ftpipe.secrets import redact
+
+    client = registry.connect(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)  # the champion's model loads through its models:/ URI
+    found = registry.champion(client, model_name)
+    if found is None:
+        return {"note": f"no {model_name}@champion in {redact(tracking_uri)} yet: training starts from the base model"}
+    version = found[0]
+    model, tokenizer = registry.load_model(client, model_name, version, purpose="continue training from it")
+    if hasattr(model, "peft_config"):
+        raise PipelineError(f"{model_name} v{version} (champion) is a prompt-learning adapter, not merged weights: "
+                            "continual fine-tuning needs a merged champion (set train.init_from: base)")
+    model.save_pretrained(folder)  # safetensors
+    tokenizer.save_pretrained(folder)
+    tags = registry.version_tags(client, model_name, version)
+    with tempfile.TemporaryDirectory(prefix="ftpipe-parent-") as download:
+        old_test = registry.download_run_file(client, model_name, version, TEST_ARTIFACT, Path(download))
+        if old_test is not None:
+            shutil.move(old_test, folder / PARENT_OLD_TEST)
+    return {"version": version, "run_id": registry.version_run(client, model_name, version),
+            "lineage": {k: v for k, v in tags.items() if not k.startswith(("param.", "gate.", "promotion"))},
+            "old_test_split": PARENT_OLD_TEST if old_test is not None else None,
+            "note": "" if old_test is not None else f"v{version}'s run holds no {TEST_ARTIFACT}: no old-task check"}
+
+
+def main() -> None:
+    from ftpipe import tracking
+
+    train = load_section("train", TrainParams)
+    name = load_section("register", RegisterParams).model_name
+    tracking.bound_http_retries()
+    manifest = run(init_from=train.init_from, model_name=name, tracking_uri=tracking.tracking_uri(Path(".")),
+                   out_dir=PARENT_DIR)
+    if manifest.get("version"):
+        print(f"prepare_parent: {name} v{manifest['version']} (champion) -> {PARENT_DIR}")
+    else:
+        print(f"prepare_parent: training starts from the base model ({manifest.get('note') or 'train.init_from: base'})")
+
+
+if __name__ == "__main__":
+    run_cli(main)

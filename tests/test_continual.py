@@ -1,0 +1,105 @@
+"""Continual fine-tuning from the registered champion (`train.init_from: champion`): the parent is
+materialized by prepare_parent, training starts from its weights, evaluate scores the old task on
+the parent's own test split, and the gate refuses a challenger that lost it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, set_param, stage_env
+
+from ftpipe.errors import PipelineError
+from stages import prepare_parent
+
+
+def test_from_base_writes_a_manifest_and_never_reads_the_registry(tmp_path):
+    # An address nothing listens on: reading it would fail, so passing shows it was not read.
+    manifest = prepare_parent.run(init_from="base", model_name="m", tracking_uri="http://127.0.0.1:9",
+                                  out_dir=tmp_path / "parent")
+    assert manifest == {"init_from": "base", "model_name": "m", "version": None}
+    assert [p.name for p in (tmp_path / "parent").iterdir()] == ["manifest.json"]
+
+
+def test_no_champion_yet_starts_from_the_base_and_says_so(tmp_path):
+    from ftpipe.models import start_weights
+
+    manifest = prepare_parent.run(init_from="champion", model_name="m", tracking_uri=f"sqlite:///{tmp_path / 'db'}",
+                                  out_dir=tmp_path / "parent")
+    assert manifest["version"] is None and "no m@champion" in manifest["note"]
+    assert start_weights(tmp_path / "parent", tmp_path / "base") == (tmp_path / "base", "base")
+
+
+def test_an_unreachable_registry_stops_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with pytest.raises(PipelineError, match=r"127.0.0.1:9"):
+        prepare_parent.run(init_from="champion", model_name="m", tracking_uri="http://127.0.0.1:9",
+                           out_dir=tmp_path / "parent")
+    assert not (tmp_path / "parent").exists()  # never "no champion": nothing written
+
+
+def test_init_from_champion_needs_a_merged_model(tmp_path):
+    from ftpipe.params import validate_all
+
+    text = (ROOT / "params.yaml").read_text().replace("  merge: true", "  merge: false") \
+        .replace("  init_from: base", "  init_from: champion").replace("  gguf: [f16, q8_0]", "  gguf: []")
+    (tmp_path / "params.yaml").write_text(text)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if row.startswith("  init_from:"))
+    with pytest.raises(PipelineError, match=rf"params.yaml:{line}: train.init_from: continual fine-tuning needs merge"):
+        validate_all(tmp_path / "params.yaml")
+
+
+@pytest.mark.slow
+def test_continual_fine_tune_starts_from_the_champion_and_checks_the_old_task(finished_project):
+    """The finished project's v1, made champion, is the parent: `dvc repro` after `init_from: champion`
+    materializes it, trains from it, scores it and the new model on v1's test split, and registers
+    v2 with its parent in the lineage and the old-task check among the gate's reasons."""
+    import torch
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    proj = finished_project
+    client = MlflowClient(f"sqlite:///{proj / 'mlruns.db'}")
+    # The tiny model never beats the base by a clear margin, so v1 is made champion as an operator would.
+    client.set_registered_model_alias("tiny-model", "champion", "1")
+    champion_weights = load_file(proj / "models/adapter/merged/model.safetensors")  # what v1 registered
+    set_param(proj, "train", "init_from", "champion")
+    set_param(proj, "register", "max_old_task_drop", 0.5)
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=proj, env=stage_env(), capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "prepare_parent: tiny-model v1 (champion) -> models/parent" in done.stdout
+    assert "train: from tiny-model v1 (champion)" in done.stdout
+
+    manifest = json.loads((proj / "models/parent/manifest.json").read_text())
+    assert (manifest["version"], manifest["old_test_split"]) == ("1", "test.jsonl")
+    parent = load_file(proj / "models/parent/model.safetensors")
+    assert all(torch.equal(parent[k], champion_weights[k]) for k in champion_weights)
+    assert (proj / "models/parent/test.jsonl").read_text() == (proj / "data/prepared/test.jsonl").read_text()
+    adapter_config = json.loads((proj / "models/adapter/adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"].endswith("models/parent")  # the adapter sits on the champion
+    assert json.loads((proj / "reports/train.json").read_text())["parent"] == "tiny-model v1 (champion)"
+
+    old = json.loads((proj / "reports/metrics.json").read_text())["old_task"]
+    assert old["parent"] == "tiny-model v1" and old["examples"] > 0
+    assert set(old["parent_scores"]) == set(old["finetuned"]) >= {"rougeL", "perplexity"}
+    assert old["parent_scores"]["perplexity"] != old["finetuned"]["perplexity"]  # trained: a different model
+    assert "Old task: the parent tiny-model v1" in (proj / "reports/comparison.md").read_text()
+
+    registration = json.loads((proj / "reports/registration.json").read_text())
+    assert registration["version"] == "2"
+    assert any(r.startswith("old task (tiny-model v1's test split") for r in registration["promotion"]["reasons"])
+    version = client.get_model_version("tiny-model", "2")
+    assert version.tags["parent"] == "tiny-model v1 (champion)"
+    assert [f.path for f in client.list_artifacts(version.run_id, "data")] == ["data/test.jsonl"]
+
+    # The champion read again (as the flows do on every run) writes the same files: nothing downstream reruns.
+    again = subprocess.run([sys.executable, "-m", "dvc", "repro", "-f", "prepare_parent"], cwd=proj, env=stage_env(),
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=proj, env=stage_env(), capture_output=True,
+                            text=True)
+    assert "up to date" in status.stdout, status.stdout
