@@ -306,8 +306,16 @@ def test_report_shows_the_champion_scored_on_this_split_and_the_gate_interval(tm
         "source": "file", "rows_in": 80, "rows_out": 80, "splits": {"train": 64, "val": 8, "test": 8}, "rules": {},
         "near_duplicate_clusters": 0, "split_groups": 80, "leaks": {"total": 0}, "leak_action": "fail",
         "train_rows_dropped_for_leaks": 0, "token_filters": True}))
+    (reports / "train.json").write_text(json.dumps({
+        "method": "lora", "parent": "tiny-model v1 (champion)", "steps": 6, "epochs": 0.4, "resumed_from_step": 0,
+        "early_stopped": False, "train_loss_final": 5.9, "val_loss_final": 5.9, "val_loss_last_eval": 5.9,
+        "val_loss_best": 5.9, "best_step": 6, "kept_step": 6, "train_val_gap": 0.0, "runtime_s": 1.0, "train_s": 1.0,
+        "tokens_per_s": 900.0, "precision": "fp32", "attention": "eager", "optimizer": "adamw_torch", "parameters": 1,
+        "trainable_parameters": 1, "rows": {"train": 64, "val": 8}, "packing": True, "shared_prefix_tokens": 0,
+        "dropped_too_long": {"train": 0, "val": 0}}))
     change = {"reasons": ["prepare_data: changed deps"], "champion": {"version": "1", "metrics": {"rougeL": 0.9}}}
     report, _ = retrain_report(tmp_path, change, {"register": 1.0})
+    assert "Trained from: tiny-model v1 (champion) (`train.init_from`), method `lora`, 6 steps." in report
     assert "| rougeL | 0.0500 | 0.1500 | 0.2000 |" in report  # the re-scored 0.15, not the logged 0.9
     assert "| metric | base | champion v1 (before) | challenger v2 |" in report
     assert "The champion is scored on this test split: the same rows and greedy settings as the challenger" in report
