@@ -110,13 +110,16 @@ def read_parent(parent_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def start_weights(parent_dir: Path, base_dir: Path) -> tuple[Path, str]:
-    """(folder training starts from, its description): the parent champion's weights when
-    prepare_parent materialized one, else the base model."""
+def start_weights(init_from: str, parent_dir: Path, base_dir: Path) -> tuple[Path, str, str | None]:
+    """(folder training starts from, its description, parent champion version or None): with
+    `train.init_from: champion` the champion prepare_parent materialized (if there was one), else
+    the base model. With `base` models/parent/ is not read, so a stage run by hand needs no manifest."""
+    if init_from != "champion":
+        return Path(base_dir), "base", None
     parent = read_parent(parent_dir)
-    if parent.get("version"):
-        return Path(parent_dir), f"{parent['model_name']} v{parent['version']} (champion)"
-    return Path(base_dir), "base"
+    if not parent.get("version"):
+        return Path(base_dir), "base (no champion yet)", None
+    return Path(parent_dir), f"{parent['model_name']} v{parent['version']} (champion)", str(parent["version"])
 
 
 def has_finetuned(adapter_dir: Path) -> bool:

@@ -44,6 +44,7 @@ class TrainReport(_Report):
 
     method: str
     parent: str = "base"  # what training started from: "base" or "<model> v<N> (champion)"
+    parent_version: str | None = None  # the parent champion's registered version
     steps: int
     epochs: float
     resumed_from_step: int

@@ -121,8 +121,8 @@ def _inputs(params: EvaluateParams, *, adapter_dir: Path, data_dir: Path, genera
 
 
 def _score_candidates(params: EvaluateParams, tokenizer, conversations: list, shots: list, text: str, *,
-                      base_dir: Path, adapter_dir: Path, parent_dir: Path | None = None
-                      ) -> tuple[dict, dict, dict, dict, int, OldTask | None]:
+                      base_dir: Path, adapter_dir: Path, parent_dir: Path | None = None,
+                      parent_version: str | None = None) -> tuple[dict, dict, dict, dict, int, OldTask | None]:
     """Base, few-shot and fine-tuned: (scores, outputs, per-example scores, general perplexity, its
     tokens, the old-task check when a parent champion's test split is at hand)."""
     from ftpipe import metrics, models
@@ -138,21 +138,25 @@ def _score_candidates(params: EvaluateParams, tokenizer, conversations: list, sh
     scores["finetuned"], outputs["finetuned"], examples["finetuned"] = _candidate(
         tuned, tokenizer, conversations, params, "fine-tuned")
     general["finetuned"], _ = _general_perplexity(tuned, tokenizer, text, params, "fine-tuned")
-    old_task = _old_task(params, tokenizer, tuned, parent_dir) if parent_dir else None
+    old_task = _old_task(params, tokenizer, tuned, parent_dir, parent_version) if parent_dir and parent_version else None
     general["fewshot"] = general["base"]  # the same weights: prompting does not change them
     for name in CANDIDATES:
         scores[name][metrics.GENERAL_KEY] = general[name]
     return scores, outputs, examples, general, general_tokens, old_task
 
 
-def _old_task(params: EvaluateParams, tokenizer, tuned, parent_dir: Path) -> OldTask | None:
+def _old_task(params: EvaluateParams, tokenizer, tuned, parent_dir: Path, version: str) -> OldTask | None:
     """Catastrophic forgetting of the previous task: the fine-tuned model and the parent champion
-    it started from, both on the test split the parent was evaluated on (models/parent/test.jsonl)."""
+    it started from (v`version`, reports/train.json), both on the test split the parent was
+    evaluated on (models/parent/test.jsonl; None when its run did not log one)."""
     from ftpipe import models
 
     parent = models.read_parent(parent_dir)
+    if str(parent.get("version")) != version:
+        raise PipelineError(f"{parent_dir}: holds v{parent.get('version')}, but the model was trained from v{version} "
+                            "(rerun `dvc repro`)")
     old_file = parent_dir / models.PARENT_OLD_TEST
-    if not parent.get("version") or not old_file.is_file():
+    if not old_file.is_file():
         return None
     rows = read_jsonl(old_file)[: params.max_examples or None]
     if not rows:
@@ -173,11 +177,13 @@ def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, ad
     rows, text = _inputs(params, adapter_dir=adapter_dir, data_dir=data_dir, general_text=general_text)
     shots = pick_shots(read_jsonl(data_dir / "train.jsonl"), k=params.few_shot_k, seed=params.few_shot_seed)
     train = TrainReport.read(train_report).model_dump() if train_report.is_file() else {}
+    parent_version = train.get("parent_version")
     training = training_check(train, margin=params.overfit_margin)
     tokenizer = models.load_tokenizer(base_dir)
     conversations = [r["messages"] for r in rows]
     scores, outputs, examples, general, general_tokens, old_task = _score_candidates(
-        params, tokenizer, conversations, shots, text, base_dir=base_dir, adapter_dir=adapter_dir, parent_dir=parent_dir)
+        params, tokenizer, conversations, shots, text, base_dir=base_dir, adapter_dir=adapter_dir, parent_dir=parent_dir,
+        parent_version=parent_version)
 
     references = [c[-1]["content"] for c in conversations]
     _, signature = metrics.bleu(outputs["finetuned"], references)

@@ -35,7 +35,7 @@ from ftpipe import paths
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import read_json, read_jsonl
 from ftpipe.params import RegisterParams, load_section, read_params_file
-from ftpipe.paths import ADAPTER_DIR, BASE_DIR, GGUF_DIR, PARENT_DIR, PREPARED_DIR, REGISTRATION, REPORTS
+from ftpipe.paths import ADAPTER_DIR, BASE_DIR, GGUF_DIR, PREPARED_DIR, REGISTRATION, REPORTS
 from ftpipe.schemas import DataReport, ExportReport, MetricsReport, RegistrationReport, TrainReport
 
 # Reports logged with the pipeline run (the MLflow UI shows them beside its metrics).
@@ -379,7 +379,7 @@ def _curve(path: Path) -> list[tuple[int, float]]:
 
 
 def main() -> None:
-    from ftpipe import models, tracking
+    from ftpipe import tracking
     from ftpipe.promotion import gate_line
 
     tracking.bound_http_retries()
@@ -388,7 +388,7 @@ def main() -> None:
     train_config = read_json(ADAPTER_DIR / "train_config.json")
     project = Path(".")
     lineage = tracking.lineage(project, method=train_config["params"]["method"])
-    lineage["parent"] = models.start_weights(PARENT_DIR, BASE_DIR)[1]  # "base" or "<model> v<N> (champion)"
+    lineage["parent"] = train_config["summary"].get("parent", "base")  # or "<model> v<N> (champion)"
     result = run(
         params=params,
         all_params=all_params,

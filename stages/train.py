@@ -60,9 +60,9 @@ class Setup:
 
 
 def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, reports_dir: Path,
-        checkpoint_root: Path = CHECKPOINTS, parent: str = "base") -> TrainReport:
+        checkpoint_root: Path = CHECKPOINTS, parent: str = "base", parent_version: str | None = None) -> TrainReport:
     """`base_dir`: the weights training starts from (models/base, or models/parent for a continual
-    fine-tune from the champion, which `parent` names in the report)."""
+    fine-tune from the champion, which `parent` and `parent_version` name in the report)."""
     from transformers import set_seed
 
     from ftpipe import models
@@ -77,7 +77,8 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
     checkpoints = checkpoint_root / checkpoint_key(params, base_dir, data_dir)
     trainer = _setup_trainer(params, setup, data, checkpoints)
     runtime, resumed_step = _train(trainer, checkpoints)  # returns once every process has finished
-    report = _report(params, trainer, setup, data, runtime=runtime, resumed_step=resumed_step, parent=parent)
+    report = _report(params, trainer, setup, data, runtime=runtime, resumed_step=resumed_step, parent=parent,
+                     parent_version=parent_version)
     setup = _unsharded(params, setup, trainer, base_dir)
     if trainer.is_world_process_zero():  # one writer; the model and its reports go in place together
         with all_or_nothing(), atomic_dir(out_dir) as tmp:
@@ -180,7 +181,7 @@ def _unsharded(params: TrainParams, setup: Setup, trainer, base_dir: Path) -> Se
 
 
 def _report(params: TrainParams, trainer, setup: Setup, data: Data, *, runtime: float, resumed_step: int,
-            parent: str) -> TrainReport:
+            parent: str, parent_version: str | None) -> TrainReport:
     from ftpipe import methods, models, packing
     from ftpipe.trainer import loss_curves
 
@@ -198,7 +199,8 @@ def _report(params: TrainParams, trainer, setup: Setup, data: Data, *, runtime: 
     total, trainable = models.count_parameters(setup.model)
     packs = methods.packs(params)
     return TrainReport(
-        method=params.method, parent=parent, steps=steps, epochs=round(trainer.state.epoch, 3), resumed_from_step=resumed_step,
+        method=params.method, parent=parent, parent_version=parent_version, steps=steps,
+        epochs=round(trainer.state.epoch, 3), resumed_from_step=resumed_step,
         early_stopped=bool(params.early_stopping_patience) and steps < trainer.state.max_steps,
         train_loss_final=train_curve[-1][1] if train_curve else None,
         val_loss_final=final_val, val_loss_last_eval=val_curve[-1][1], val_loss_best=best_val, best_step=best_step,
@@ -247,11 +249,11 @@ def main() -> None:
     if params.processes > 1 and not is_worker():
         launch(params, module="stages.train")  # this stage again, once per process, under torchrun
         return
-    start, parent = models.start_weights(PARENT_DIR, BASE_DIR)
+    start, parent, version = models.start_weights(params.init_from, PARENT_DIR, BASE_DIR)
     report = run(params=params, base_dir=start, data_dir=PREPARED_DIR, out_dir=ADAPTER_DIR, reports_dir=REPORTS,
-                 parent=parent)
+                 parent=parent, parent_version=version)
     if rank() == 0:
-        print(f"train: from {parent}, {report.steps} steps, val loss {report.val_loss_final:.4f}, "
+        print(f"train: {report.steps} steps from {parent}, val loss {report.val_loss_final:.4f}, "
               f"{report.tokens_per_s} tokens/s ({report.precision}) -> {ADAPTER_DIR}")
 
 

@@ -29,7 +29,10 @@ def test_no_champion_yet_starts_from_the_base_and_says_so(tmp_path):
     manifest = prepare_parent.run(init_from="champion", model_name="m", tracking_uri=f"sqlite:///{tmp_path / 'db'}",
                                   out_dir=tmp_path / "parent")
     assert manifest["version"] is None and "no m@champion" in manifest["note"]
-    assert start_weights(tmp_path / "parent", tmp_path / "base") == (tmp_path / "base", "base")
+    assert start_weights("champion", tmp_path / "parent", tmp_path / "base") == (
+        tmp_path / "base", "base (no champion yet)", None)
+    # With init_from: base models/parent/ is not even read (a stage run by hand needs no manifest).
+    assert start_weights("base", tmp_path / "absent", tmp_path / "base") == (tmp_path / "base", "base", None)
 
 
 def test_an_unreachable_registry_stops_with_one_line(tmp_path, monkeypatch):
@@ -72,7 +75,7 @@ def test_continual_fine_tune_starts_from_the_champion_and_checks_the_old_task(fi
                           text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "prepare_parent: tiny-model v1 (champion) -> models/parent" in done.stdout
-    assert "train: from tiny-model v1 (champion)" in done.stdout
+    assert "steps from tiny-model v1 (champion), val loss" in done.stdout
 
     manifest = json.loads((proj / "models/parent/manifest.json").read_text())
     assert (manifest["version"], manifest["old_test_split"]) == ("1", "test.jsonl")
@@ -81,7 +84,8 @@ def test_continual_fine_tune_starts_from_the_champion_and_checks_the_old_task(fi
     assert (proj / "models/parent/test.jsonl").read_text() == (proj / "data/prepared/test.jsonl").read_text()
     adapter_config = json.loads((proj / "models/adapter/adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"].endswith("models/parent")  # the adapter sits on the champion
-    assert json.loads((proj / "reports/train.json").read_text())["parent"] == "tiny-model v1 (champion)"
+    train = json.loads((proj / "reports/train.json").read_text())
+    assert (train["parent"], train["parent_version"]) == ("tiny-model v1 (champion)", "1")
 
     old = json.loads((proj / "reports/metrics.json").read_text())["old_task"]
     assert old["parent"] == "tiny-model v1" and old["examples"] > 0
