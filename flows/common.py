@@ -131,9 +131,11 @@ LINEAGE_KEYS = ("data_md5", "base_model_md5", "adapter_md5")
 
 
 def refresh_parent(stage: str, project_dir: Path) -> bool:
-    """Whether to force `stage` because it is prepare_parent and training continues from the champion:
-    DVC cannot see the registry, so the champion is read again on every run (the same champion
-    writes the same files, and nothing downstream reruns)."""
+    """Whether the retraining flow forces `stage`: prepare_parent when training continues from the
+    champion. DVC cannot see the registry, so a retraining (which runs only when data, params or
+    code changed) reads today's champion; the same champion writes the same files. The pipeline
+    flow does not force it, as `dvc repro` does not: after a promotion it would otherwise retrain
+    from the new champion on every run."""
     from ftpipe.params import TrainParams, load_section
 
     return stage == "prepare_parent" and load_section("train", TrainParams, project_dir / paths.PARAMS).init_from == "champion"

@@ -26,7 +26,6 @@ from flows.common import (
     error_exit,
     install_sigterm,
     is_user_error,
-    refresh_parent,
     registry_behind,
     retry_unless,
     stopped,
@@ -78,7 +77,7 @@ def pipeline(project_dir: Path = Path(".")) -> dict[str, Any]:
         behind = registry_behind(project_dir) if stage == "register" else []
         if behind:
             get_run_logger().info("registering again: %s", "; ".join(behind))
-        timings[stage] = stage_task(stage)(stage, project_dir, force=bool(behind) or refresh_parent(stage, project_dir))
+        timings[stage] = stage_task(stage)(stage, project_dir, force=bool(behind))
     table = comparison_markdown(project_dir)
     registration = RegistrationReport.read(project_dir / paths.REGISTRATION)
     create_markdown_artifact(

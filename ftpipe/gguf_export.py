@@ -49,7 +49,7 @@ def write_gguf(model_dir: Path, out: Path, *, fmt: str, name: str, pre: str) -> 
     _check_supported(config, model_dir)
     writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _add_hparams(writer, config, fmt, name)
-    _add_tokenizer(writer, model_dir, pre)
+    _add_tokenizer(writer, model_dir, pre, config["vocab_size"])
     n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
@@ -76,7 +76,8 @@ def _check_supported(config: dict, model_dir: Path) -> None:
     if not set(architectures) & set(SUPPORTED_ARCHITECTURES):
         raise PipelineError(f"{model_dir}/config.json: architecture {architectures} cannot be exported to GGUF here "
                             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}); set export.gguf: []")
-    rope_type = (config.get("rope_parameters") or config.get("rope_scaling") or {}).get("rope_type", "default")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"  # "type": configs before transformers 4.45
     if rope_type != "default" or config.get("sliding_window"):
         raise PipelineError(f"{model_dir}/config.json: rope scaling ({rope_type}) or a sliding window is set, which "
                             "this GGUF export does not write; set export.gguf: []")
@@ -112,7 +113,7 @@ def _add_hparams(writer, config: dict, fmt: str, name: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _add_tokenizer(writer, model_dir: Path, pre: str) -> None:
+def _add_tokenizer(writer, model_dir: Path, pre: str, vocab_size: int) -> None:
     """GPT-2-style byte-level BPE: the vocabulary in id order, special tokens typed CONTROL (so
     llama.cpp parses `<|im_start|>` in a prompt as one token), merges, special ids, chat template."""
     import gguf
@@ -125,10 +126,13 @@ def _add_tokenizer(writer, model_dir: Path, pre: str) -> None:
             "type") != "ByteLevel":
         raise PipelineError(f"{model_dir}/tokenizer.json: only byte-level BPE tokenizers are exported to GGUF here; "
                             "set export.gguf: []")
+    if len(tokenizer) > vocab_size:
+        raise PipelineError(f"{model_dir}: the tokenizer has {len(tokenizer)} tokens, more than the model's "
+                            f"{vocab_size} embeddings")
     by_id = {i: token for token, i in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
-    for i in range(len(tokenizer)):
+    for i in range(vocab_size):  # padded embedding rows get placeholder tokens, as llama.cpp's converter writes
         token = by_id.get(i)
         if token is None:
             tokens.append(f"[PAD{i}]")

@@ -56,6 +56,7 @@ def decide(
     max_forgetting: float | None = None,
     old_task: OldTask | None = None,
     max_old_task_drop: float | None = None,
+    parent_version: str | None = None,
     samples: int = 2000,
     confidence: float = 0.95,
     seed: int = 0,
@@ -75,6 +76,8 @@ def decide(
     ok &= _forgetting(reasons, challenger.metrics, base.metrics, max_forgetting)
     if old_task is not None:
         ok &= _old_task(reasons, metric, old_task, max_old_task_drop)
+    elif parent_version is not None:  # trained from a champion whose run logged no test split
+        reasons.append(f"old-task check: parent v{parent_version}'s run holds no test split: not checked")
     if leaks:
         ok = False
         reasons.append(f"data leak check found {leaks} leak(s): fail")

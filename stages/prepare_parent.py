@@ -5,9 +5,9 @@ never touches the registry. With `champion` it reads `<register.model_name>@cham
 ftpipe/registry.py and writes its merged weights (safetensors) and tokenizer to models/parent/, with
 the test split that version was evaluated on (logged by register with its run) as
 models/parent/test.jsonl, for evaluate's old-task check. The registry is outside DVC, so this
-stage reruns when its params change, and the flows force it when `init_from` is champion; by hand,
-`dvc repro -f prepare_parent` picks up a champion that moved. The same champion writes the same
-files, so nothing downstream reruns. No champion yet: the manifest says so and train starts from
+stage reruns when its params change, and the retraining flow forces it when `init_from` is
+champion; by hand, `dvc repro -f prepare_parent` picks up a champion that moved. The same champion
+writes the same files, so nothing downstream reruns. No champion yet: the manifest says so and train starts from
 the base. A registry that cannot be read stops here with one line (never "no champion").
 Reads params.yaml `train.init_from`, `register.model_name`, the MLflow registry; writes models/parent/.
 Run: python -m stages.prepare_parent
@@ -45,6 +45,11 @@ def _materialize(model_name: str, tracking_uri: str, folder: Path) -> dict[str, 
     from ftpipe import registry
     from ftpipe.secrets import redact
 
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        # MLflow would create an empty database and answer "no champion": a wrong path or a fresh
+        # clone without the registry must not silently train from the base.
+        raise PipelineError(f"train.init_from: champion, but the tracking store {redact(tracking_uri)} does not exist "
+                            "(set MLFLOW_TRACKING_URI to the registry that holds the champion)")
     client = registry.connect(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)  # the champion's model loads through its models:/ URI
     found = registry.champion(client, model_name)

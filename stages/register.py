@@ -212,6 +212,7 @@ def _decide(params: RegisterParams, reports: Reports, champion: dict[str, Any] |
                   champion_version=champion and champion["version"], champion_note=note,
                   leaks=reports.data.leaks.total, max_forgetting=params.max_forgetting,
                   old_task=metrics.old_task, max_old_task_drop=params.max_old_task_drop,
+                  parent_version=reports.train.parent_version,
                   samples=params.bootstrap_samples, confidence=params.confidence, seed=params.bootstrap_seed)
 
 

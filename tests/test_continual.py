@@ -24,15 +24,27 @@ def test_from_base_writes_a_manifest_and_never_reads_the_registry(tmp_path):
 
 
 def test_no_champion_yet_starts_from_the_base_and_says_so(tmp_path):
+    from mlflow import MlflowClient
+
     from ftpipe.models import start_weights
 
-    manifest = prepare_parent.run(init_from="champion", model_name="m", tracking_uri=f"sqlite:///{tmp_path / 'db'}",
-                                  out_dir=tmp_path / "parent")
+    uri = f"sqlite:///{tmp_path / 'db'}"
+    MlflowClient(uri).search_registered_models()  # an existing, empty registry
+    manifest = prepare_parent.run(init_from="champion", model_name="m", tracking_uri=uri, out_dir=tmp_path / "parent")
     assert manifest["version"] is None and "no m@champion" in manifest["note"]
     assert start_weights("champion", tmp_path / "parent", tmp_path / "base") == (
         tmp_path / "base", "base (no champion yet)", None)
     # With init_from: base models/parent/ is not even read (a stage run by hand needs no manifest).
     assert start_weights("base", tmp_path / "absent", tmp_path / "base") == (tmp_path / "base", "base", None)
+
+
+def test_a_tracking_store_that_does_not_exist_is_an_error_not_no_champion(tmp_path):
+    missing = tmp_path / "typo" / "mlruns.db"
+    with pytest.raises(PipelineError, match=r"train.init_from: champion, but the tracking store sqlite:///.*typo/mlruns.db "
+                                            r"does not exist"):
+        prepare_parent.run(init_from="champion", model_name="m", tracking_uri=f"sqlite:///{missing}",
+                           out_dir=tmp_path / "parent")
+    assert not missing.exists() and not (tmp_path / "parent").exists()  # no empty store created, nothing written
 
 
 def test_an_unreachable_registry_stops_with_one_line(tmp_path, monkeypatch):

@@ -243,3 +243,6 @@ def test_old_task_check_refuses_a_challenger_that_lost_the_parents_task():
     assert old_task_drop("perplexity", 10.0, 12.0) == pytest.approx(0.2)  # a rise in perplexity is the loss
     assert old_task_drop("perplexity", 10.0, 9.0) == pytest.approx(-0.1)
     assert old_task_drop("rougeL", 0.0, 0.0) == 0.0  # nothing to lose
+    # Trained from a parent whose run logged no test split: said, not silently skipped.
+    unchecked = decide(old_task=None, max_old_task_drop=0.1, parent_version="3", **clear_gain)
+    assert "old-task check: parent v3's run holds no test split: not checked" in unchecked.summary()
