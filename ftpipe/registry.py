@@ -122,14 +122,13 @@ def version_run(client, model_name: str, version: str) -> str | None:
         return client.get_model_version(model_name, version).run_id or None
 
 
-def download_run_file(client, model_name: str, version: str, artifact_path: str, dst: Path) -> Path | None:
-    """A file logged with the run of `model_name` v`version`, downloaded under `dst`; None if that
-    run holds no such file (a version registered before the file was logged)."""
-    run_id = version_run(client, model_name, version)
+def download_run_file(client, run_id: str | None, artifact_path: str, dst: Path) -> Path | None:
+    """A file logged with run `run_id` (a registered version's, `version_run`), downloaded under
+    `dst`; None if there is no run or it holds no such file (registered before the file was logged)."""
     if run_id is None:
         return None
     folder = str(Path(artifact_path).parent)
-    with errors(client.tracking_uri, f"downloading {artifact_path} of {model_name} v{version}"):
+    with errors(client.tracking_uri, f"downloading {artifact_path} of run {run_id}"):
         if artifact_path not in {f.path for f in client.list_artifacts(run_id, folder)}:
             return None
         return Path(client.download_artifacts(run_id, artifact_path, str(dst)))

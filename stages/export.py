@@ -36,9 +36,8 @@ def run(*, params: ExportParams, merged_dir: Path, val_file: Path, out_dir: Path
         raise PipelineError(f"{merged_dir}: no merged model to export (train.merge: true writes it)")
     with all_or_nothing():
         with atomic_dir(out_dir) as tmp:
-            formats, prompts, positions = _write_and_check(params, merged_dir, val_file, tmp, out_dir,
-                                                           pre_tokenizer, name)
-            modelfile = _write_modelfile(formats, merged_dir, val_file, tmp, out_dir)
+            formats, prompts, positions, modelfile = _write_and_check(params, merged_dir, val_file, tmp, out_dir,
+                                                                      pre_tokenizer, name)
         report = ExportReport(formats=formats, modelfile=modelfile, pre_tokenizer=pre_tokenizer, prompts=prompts,
                               logit_positions=positions, gguf_package=importlib.metadata.version("gguf"))
         report.write(reports_dir / EXPORT_REPORT.name)
@@ -47,14 +46,14 @@ def run(*, params: ExportParams, merged_dir: Path, val_file: Path, out_dir: Path
 
 
 def _write_and_check(params: ExportParams, merged_dir: Path, val_file: Path, tmp: Path, out_dir: Path,
-                     pre_tokenizer: str, name: str) -> tuple[dict[str, GgufFile], int, int]:
-    """(checked file per format, conversations compared, token positions compared)."""
+                     pre_tokenizer: str, name: str) -> tuple[dict[str, GgufFile], int, int, str | None]:
+    """(checked file per format, conversations compared, token positions compared, the Modelfile)."""
     from tqdm import tqdm
 
     from ftpipe import gguf_export, models
 
     if not params.gguf:
-        return {}, 0, 0
+        return {}, 0, 0, None
     tokenizer = models.load_tokenizer(merged_dir)
     conversations = [r["messages"] for r in read_jsonl(val_file)[: params.prompts]]
     if not conversations:
@@ -68,7 +67,8 @@ def _write_and_check(params: ExportParams, merged_dir: Path, val_file: Path, tmp
         written = time.perf_counter() - started
         formats[fmt] = _checked(tmp, gguf_export.file_name(fmt), out_dir, tokenizer, conversations, reference,
                                 params, written)
-    return formats, len(conversations), reference["positions"]
+    modelfile = _write_modelfile(formats, tokenizer, reference["prompts"][0], tmp, out_dir)
+    return formats, len(conversations), reference["positions"], modelfile
 
 
 def _reference(model, tokenizer, conversations, params: ExportParams) -> dict:
@@ -120,18 +120,13 @@ def _checked(folder: Path, file: str, out_dir: Path, tokenizer, conversations, r
                     top1_agreement=top1 / reference["positions"], exact_match=exact, token_agreement=tokens)
 
 
-def _write_modelfile(formats: dict[str, GgufFile], merged_dir: Path, val_file: Path, tmp: Path,
-                     out_dir: Path) -> str | None:
-    from ftpipe import gguf_export, models
-    from ftpipe.chat import prompt_text
+def _write_modelfile(formats: dict[str, GgufFile], tokenizer, prompt: str, tmp: Path, out_dir: Path) -> str:
+    """The Ollama Modelfile for the smallest file; `prompt` is a validation prompt as the model saw it."""
+    from ftpipe import gguf_export
 
-    if not formats:
-        return None
     smallest = min(formats.values(), key=lambda f: f.bytes)
-    tokenizer = models.load_tokenizer(merged_dir)
-    rows = read_jsonl(val_file)
     # The system turn the model was trained with: the data's own, or the template's default.
-    system = re.match(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", prompt_text(tokenizer, rows[0]["messages"]), re.S)
+    system = re.match(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", prompt, re.S)
     text = gguf_export.modelfile(Path(smallest.file).name, tokenizer.chat_template, system and system.group(1))
     write_text(tmp / gguf_export.MODELFILE, text)
     return str(out_dir / gguf_export.MODELFILE)

@@ -63,11 +63,12 @@ def _materialize(model_name: str, tracking_uri: str, folder: Path) -> dict[str, 
     model.save_pretrained(folder)  # safetensors
     tokenizer.save_pretrained(folder)
     tags = registry.version_tags(client, model_name, version)
+    run_id = registry.version_run(client, model_name, version)
     with tempfile.TemporaryDirectory(prefix="ftpipe-parent-") as download:
-        old_test = registry.download_run_file(client, model_name, version, TEST_ARTIFACT, Path(download))
+        old_test = registry.download_run_file(client, run_id, TEST_ARTIFACT, Path(download))
         if old_test is not None:
             shutil.move(old_test, folder / PARENT_OLD_TEST)
-    return {"version": version, "run_id": registry.version_run(client, model_name, version),
+    return {"version": version, "run_id": run_id,
             "lineage": {k: v for k, v in tags.items() if not k.startswith(("param.", "gate.", "promotion"))},
             "old_test_split": PARENT_OLD_TEST if old_test is not None else None,
             "note": "" if old_test is not None else f"v{version}'s run holds no {TEST_ARTIFACT}: no old-task check"}
