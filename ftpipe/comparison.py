@@ -25,24 +25,39 @@ def difference_interval(key: str, interval: dict[str, Any]) -> tuple[float, floa
     return (-interval["high"], -interval["low"]) if key in LOWER_IS_BETTER else (interval["low"], interval["high"])
 
 
+def _difference(key: str, new: float, base: float, intervals: dict[str, Any]) -> list[str]:
+    """The two cells of a candidate vs base: the difference in words, and its interval."""
+    from ftpipe.metrics import gain
+
+    better = gain(key, new, base) > 0
+    ci = ""
+    if key in intervals:
+        low, high = difference_interval(key, intervals[key])
+        ci = f"[{low:+.4g}, {high:+.4g}]"
+        if key == "bleu":  # its interval is of another statistic than the corpus BLEU beside it
+            ci = f"mean sentence BLEU {intervals[key]['estimate']:+.4g} {ci}"
+    return [f"{new - base:+.4g} {'better' if better else 'same' if new == base else 'worse'}", ci]
+
+
 def comparison_table(result: dict[str, Any]) -> str:
-    """Markdown: the three candidates side by side with the interval of fine-tuned - base, then the
-    forgetting and overfitting checks."""
+    """Markdown: the candidates side by side with the interval of fine-tuned - base (and DPO - base),
+    then the forgetting and overfitting checks."""
     intervals = result.get("intervals", {}).get("finetuned_vs_base", {})
+    dpo, dpo_intervals = result.get("dpo"), result.get("intervals", {}).get("dpo_vs_base", {})
     any_interval = next(iter(intervals.values()), None)
     ci_label = f"{any_interval['confidence'] * 100:g} % CI" if any_interval else "CI"
-    lines = [f"| metric | base | base few-shot | fine-tuned | fine-tuned vs base | {ci_label} |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for key, b, t, better in comparison_rows(result):
+    header = ["metric", "base", "base few-shot", "fine-tuned", *(["DPO"] if dpo else []), "fine-tuned vs base",
+              ci_label, *(["DPO vs base", ci_label] if dpo else [])]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for key, b, t, _ in comparison_rows(result):
         fewshot = result.get("fewshot", {}).get(key)
-        ci = ""
-        if key in intervals:
-            low, high = difference_interval(key, intervals[key])
-            ci = f"[{low:+.4g}, {high:+.4g}]"
-            if key == "bleu":  # its interval is of another statistic than the corpus BLEU beside it
-                ci = f"mean sentence BLEU {intervals[key]['estimate']:+.4g} {ci}"
-        lines.append(f"| {key} | {b:.4g} | {'' if fewshot is None else f'{fewshot:.4g}'} | {t:.4g} "
-                     f"| {t - b:+.4g} {'better' if better else 'same' if t == b else 'worse'} | {ci} |")
+        cells = [key, f"{b:.4g}", "" if fewshot is None else f"{fewshot:.4g}", f"{t:.4g}"]
+        if dpo:
+            cells.append(f"{dpo[key]:.4g}" if key in dpo else "")
+        cells += _difference(key, t, b, intervals)
+        if dpo:
+            cells += _difference(key, dpo[key], b, dpo_intervals) if key in dpo else ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + f"\n\n{result['examples']} test examples; BLEU {result['bleu_signature']}\n"
     if any_interval:
         text += (f"\n{ci_label}: paired bootstrap of fine-tuned - base over the {any_interval['examples']} test "
@@ -53,7 +68,8 @@ def comparison_table(result: dict[str, Any]) -> str:
                  "on register.primary_metric must be above register.min_improvement, over the base and over "
                  "the champion.\n")
     if "forgetting" in result:
-        text += (f"\nForgetting: general-text perplexity {result['forgetting']:+.1%} after fine-tuning "
+        text += (f"\nForgetting: general-text perplexity {result['forgetting']:+.1%} after fine-tuning"
+                 f"{' and DPO' if dpo else ''} "
                  f"({result['general_text']['tokens']} tokens of {result['general_text']['path']}; "
                  "the few-shot baseline shares the base weights).\n")
     if result.get("old_task"):

@@ -122,6 +122,23 @@ def start_weights(init_from: str, parent_dir: Path, base_dir: Path) -> tuple[Pat
     return Path(parent_dir), f"{parent['model_name']} v{parent['version']} (champion)", str(parent["version"])
 
 
+DPO_MANIFEST = "manifest.json"  # in models/dpo/: {"enabled": bool, "start": ...} (the dpo stage)
+
+
+def dpo_result(dpo_dir: Path) -> Path | None:
+    """models/dpo when the dpo stage trained a model there (dpo.enabled), else None."""
+    import json
+
+    path = Path(dpo_dir) / DPO_MANIFEST
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found (run `dvc repro dpo`)")
+    if not json.loads(path.read_text(encoding="utf-8")).get("enabled"):
+        return None
+    if not (Path(dpo_dir) / MERGED / "config.json").is_file():
+        raise PipelineError(f"{dpo_dir}: the manifest says enabled but holds no merged model (run `dvc repro dpo`)")
+    return Path(dpo_dir)
+
+
 def has_finetuned(adapter_dir: Path) -> bool:
     """Whether `adapter_dir` holds a train stage result (a peft adapter or a standalone model)."""
     adapter_dir = Path(adapter_dir)

@@ -287,6 +287,83 @@ class TrainParams(_Section):
         return self
 
 
+class PreparePrefsParams(_Section):
+    """Preference pairs for the dpo stage (ftpipe/preferences.py), built only when dpo.enabled:
+    split like the SFT data and leak-checked with prepare_data's settings."""
+
+    source: Literal["self", "file"] = "self"
+    """self: each SFT row's prompt, its reference reply as `chosen` and the base model's own greedy
+    reply as `rejected` (self-generated negatives, generated once and kept by DVC); file: a .jsonl of
+    pairs at `path` (under data/raw/)."""
+    path: str | None = None
+    prompt_field: str = "prompt"
+    """file: the prompt, a string (a user turn) or a list of {role, content} messages."""
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    max_train_pairs: int = Field(300, ge=0)
+    """Training pairs kept (the first N of the shuffled split; 0: all). self: every pair costs a
+    generation; the validation and test pairs are always all kept."""
+    max_new_tokens: int = Field(48, ge=1)
+    """self: length of the base model's generated replies (evaluate's default, so they are what the
+    base is scored on)."""
+    batch_size: int = Field(16, ge=1)
+    threads: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> PreparePrefsParams:
+        if self.source == "file" and not self.path:
+            raise FieldProblem("path", "required when source is 'file'")
+        if self.source != "file" and self.path:
+            raise FieldProblem("path", f"only used with source 'file', not '{self.source}' (set it to null)")
+        fields = [self.prompt_field, self.chosen_field, self.rejected_field]
+        if len(set(fields)) < 3:
+            raise FieldProblem("rejected_field", "prompt_field, chosen_field and rejected_field must differ")
+        return self
+
+
+class DpoParams(_Section):
+    """Direct preference optimization (TRL's DPOTrainer) of a LoRA adapter on the preference pairs,
+    after SFT or on the base; the result is evaluated and, when enabled, registered instead of the
+    SFT model."""
+
+    enabled: bool = False
+    """Off by default: it adds the preference generation and a second training run."""
+    init_from: Literal["sft", "base"] = "sft"
+    """sft: the train stage's model (merged into the weights DPO starts from, which are also its
+    reference model); base: the base model (DPO without SFT)."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the pull towards the reference model (the KL penalty's inverse temperature)."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "sppo_hard"] = "sigmoid"
+    """sigmoid: the DPO paper's loss; ipo: identity preference optimization (beta is its
+    regularization); hinge: SLiC; robust: label-noise robust DPO; apo_zero, sppo_hard: TRL's."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """robust only: the assumed share of pairs whose preference is wrong."""
+    seed: int = 42
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1)
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    """Pairs per step (each pair is two sequences)."""
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "cosine"
+    max_length: int = Field(256, ge=16)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    eval_steps: int = Field(10, ge=1)
+    logging_steps: int = Field(5, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    threads: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DpoParams:
+        if self.label_smoothing and self.loss_type != "robust":
+            raise FieldProblem("label_smoothing", f"only used by loss_type 'robust', not '{self.loss_type}'")
+        return self
+
+
 class EvaluateParams(_Section):
     """Base zero-shot, base few-shot and fine-tuned on the test split (BLEU, ROUGE, perplexity of
     the references), and the forgetting check: perplexity of general text, base vs fine-tuned."""
@@ -393,6 +470,12 @@ ALSO_READS: dict[str, tuple[str, ...]] = {
     "export": ("prepare_base.source",),
     # The parent of a continual fine-tune: which registered model's champion, if any.
     "prepare_parent": ("train.init_from", "register.model_name"),
+    # Pairs are built only for an enabled dpo stage, cleaned, split and leak-checked like the SFT data.
+    "prepare_prefs": ("dpo.enabled", "prepare_data.system_prompt", "prepare_data.normalize_unicode",
+                      "prepare_data.strip_control", "prepare_data.collapse_whitespace", "prepare_data.strip_markup",
+                      "prepare_data.scrub_pii", "prepare_data.seed", "prepare_data.val_fraction",
+                      "prepare_data.test_fraction", "prepare_data.near_dup_threshold", "prepare_data.ngram_leak",
+                      "prepare_data.min_leak_response_words", "prepare_data.leak_action"),
 }
 
 # stage name -> (params.yaml section, its model)
@@ -400,7 +483,9 @@ SECTIONS: dict[str, type[_Section]] = {
     "prepare_base": PrepareBaseParams,
     "prepare_data": PrepareDataParams,
     "quantize": QuantizeParams,
+    "prepare_prefs": PreparePrefsParams,
     "train": TrainParams,
+    "dpo": DpoParams,
     "evaluate": EvaluateParams,
     "export": ExportParams,
     "register": RegisterParams,
@@ -467,10 +552,13 @@ def validate_all(path: Path = PARAMS_FILE) -> dict[str, _Section]:
 
 def _check_across(sections: dict[str, _Section], text: str, path: Path) -> None:
     """Combinations of keys from different sections."""
-    export, train = sections["export"], sections["train"]
-    if export.gguf and not train.merge:
+    export, train, dpo = sections["export"], sections["train"], sections["dpo"]
+    if export.gguf and not train.merge and not dpo.enabled:  # DPO always writes a merged model
         raise PipelineError(f"{path}:{_line_of(text, ['export', 'gguf'])}: export.gguf: needs train.merge: true "
                             "(the GGUF is written from the merged model); set export.gguf: [] to skip it")
+    if dpo.enabled and dpo.init_from == "sft" and train.method in PROMPT_METHODS:
+        raise PipelineError(f"{path}:{_line_of(text, ['dpo', 'init_from'])}: dpo.init_from: 'sft' needs a train "
+                            f"method whose result merges into the weights, not '{train.method}' (use base)")
 
 
 def _describe(exc: ValidationError, section: str, text: str, path: Path) -> str:

@@ -8,7 +8,8 @@ from pathlib import Path
 from ftpipe.io import write_bytes
 
 
-def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], path: Path) -> None:
+def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], path: Path, *,
+                ylabel: str = "cross-entropy (response tokens)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
@@ -20,7 +21,7 @@ def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], pa
     if val:
         ax.plot(*zip(*val), marker="o", label="validation loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (response tokens)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

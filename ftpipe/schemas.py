@@ -92,6 +92,46 @@ class DataReport(_Report):
     token_filters: bool
 
 
+class PrefsReport(_Report):
+    """reports/preferences.json (DVC metrics), written by prepare_prefs."""
+
+    enabled: bool  # false: dpo is off and no pair was built
+    source: str | None = None
+    pairs: dict[str, int] = {}  # split -> pairs written
+    dropped: dict[str, int] = {}  # reason -> pairs left out
+    leaks: dict[str, int] = {}  # kind -> evaluation pairs leaking from training pairs, and "total"
+    leak_action: str | None = None
+    train_pairs_dropped_for_leaks: int = 0
+    generated: int = 0  # self: base model replies generated
+    generate_s: float = 0.0
+
+
+class DpoReport(_Report):
+    """reports/dpo.json (DVC metrics), written by the dpo stage."""
+
+    enabled: bool  # false: dpo is off and no model was written
+    start: str | None = None  # what DPO started from (also its reference model)
+    loss_type: str | None = None
+    beta: float | None = None
+    steps: int = 0
+    epochs: float = 0.0
+    pairs: dict[str, int] = {}
+    train_loss_final: float | None = None
+    val_loss_final: float | None = None
+    # TRL's implicit rewards (beta x log-ratio to the reference) on the held-out test pairs.
+    test_reward_accuracy: float | None = None  # share of pairs whose chosen reply gets the higher reward
+    test_reward_margin: float | None = None  # mean reward of chosen - rejected
+    val_curve: list[dict[str, float]] = []  # step, loss, reward_accuracy, reward_margin per evaluation
+    # The policy's own log-probability of chosen - rejected (summed over reply tokens), averaged over
+    # the test pairs, before and after: the preference the model actually learned.
+    test_logp_margin_before: float | None = None
+    test_logp_margin_after: float | None = None
+    runtime_s: float = 0.0
+    precision: str | None = None
+    parameters: int = 0
+    trainable_parameters: int = 0
+
+
 class GeneralText(_Nested):
     path: str
     tokens: int
@@ -113,6 +153,7 @@ class MetricsReport(_Report):
     base: dict[str, float]
     fewshot: dict[str, float]
     finetuned: dict[str, float]
+    dpo: dict[str, float] | None = None  # the DPO model, when the dpo stage is enabled
     delta: dict[str, float]  # fine-tuned - base
     forgetting: float  # general-text perplexity change after fine-tuning
     training: dict[str, Any]  # evaluate.training_check's facts about reports/train.json
@@ -124,7 +165,15 @@ class MetricsReport(_Report):
     old_task: OldTask | None = None  # with train.init_from: champion and the parent's test split at hand
 
     def candidate(self, name: str) -> dict[str, float]:
-        return {"base": self.base, "fewshot": self.fewshot, "finetuned": self.finetuned}[name]
+        found = {"base": self.base, "fewshot": self.fewshot, "finetuned": self.finetuned, "dpo": self.dpo}[name]
+        if found is None:
+            raise PipelineError(f"reports/metrics.json: no '{name}' candidate (rerun `dvc repro evaluate`)")
+        return found
+
+    @property
+    def product(self) -> str:
+        """The candidate this pipeline registers: the DPO model when it ran, else the SFT one."""
+        return "dpo" if self.dpo is not None else "finetuned"
 
 
 class GgufFile(_Nested):
@@ -143,6 +192,7 @@ class GgufFile(_Nested):
 class ExportReport(_Report):
     """reports/export.json (DVC metrics), written by the export stage."""
 
+    model: str | None = None  # the merged model exported (the SFT one, or the DPO one when dpo is enabled)
     formats: dict[str, GgufFile]
     modelfile: str | None  # the Ollama Modelfile, None when no GGUF was written
     pre_tokenizer: str  # tokenizer.ggml.pre written (llama.cpp's pre-tokenizer name)
@@ -177,7 +227,9 @@ class RegistrationReport(_Report):
     pipeline_run_id: str
     base_run_id: str
     fewshot_run_id: str
-    finetuned_run_id: str
+    finetuned_run_id: str  # the run holding the registered model (the DPO model's, with dpo enabled)
+    candidate: str = "finetuned"  # which candidate was registered: finetuned | dpo
+    sft_run_id: str | None = None  # with dpo enabled: the SFT model's metrics (not registered)
     tracking_uri: str  # credentials masked
     aliases: list[str]
     promotion: Promotion

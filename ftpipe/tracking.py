@@ -94,6 +94,7 @@ def lineage(project_dir: Path, *, method: str) -> dict[str, str]:
         "data_md5": pick(f"prepare_data:{paths.PREPARED_DIR}"),
         "base_model_md5": pick(f"prepare_base:{paths.BASE_DIR}"),
         "adapter_md5": pick(f"train:{paths.ADAPTER_DIR}"),
+        "dpo_md5": pick(f"dpo:{paths.DPO_DIR}"),
         "method": method,
     }
 

@@ -1,6 +1,7 @@
-"""Base zero-shot, base few-shot and fine-tuned on the test split, plus forgetting and overfitting checks.
+"""Base zero-shot, base few-shot, fine-tuned (and DPO, when the dpo stage trained one) on the test
+split, plus forgetting and overfitting checks.
 
-The three candidates get the same test prompts and the same greedy batched generation settings;
+The candidates get the same test prompts and the same greedy batched generation settings;
 the few-shot one sees `few_shot_k` training examples (a seeded draw) as earlier chat turns. Each
 gets BLEU, ROUGE-1/2/L/Lsum and the perplexity of the references, and each of these per example
 (sentence-level BLEU; the reference's summed NLL and token count), from which a paired bootstrap
@@ -32,6 +33,7 @@ from ftpipe.paths import (
     ADAPTER_DIR,
     BASE_DIR,
     COMPARISON,
+    DPO_DIR,
     GENERATIONS,
     METRICS,
     PARENT_DIR,
@@ -41,7 +43,7 @@ from ftpipe.paths import (
 )
 from ftpipe.schemas import MetricsReport, OldTask, TrainReport
 
-CANDIDATES = {"base": "base", "fewshot": "base few-shot", "finetuned": "fine-tuned"}  # key -> label
+CANDIDATES = {"base": "base", "fewshot": "base few-shot", "finetuned": "fine-tuned", "dpo": "DPO"}  # key -> label
 
 
 def pick_shots(train_rows: list[dict[str, Any]], *, k: int, seed: int) -> list[dict[str, Any]]:
@@ -66,14 +68,15 @@ def _candidate(model, tokenizer, conversations, params: EvaluateParams, name: st
                                batch_size=params.batch_size, stemmer=params.rouge_stemmer, name=name)
 
 
-def intervals_over_base(rows: dict[str, list[dict[str, float]]], bootstrap: RegisterParams) -> dict[str, Any]:
-    """{metric: interval dict} of fine-tuned - base (the gain: base - fine-tuned for perplexity)."""
+def intervals_over_base(rows: dict[str, list[dict[str, float]]], bootstrap: RegisterParams,
+                        candidate: str = "finetuned") -> dict[str, Any]:
+    """{metric: interval dict} of `candidate` - base (the gain: base - candidate for perplexity)."""
     from ftpipe.bootstrap import paired_gain
     from ftpipe.metrics import METRIC_KEYS
 
     found = {}
     for key in METRIC_KEYS:
-        interval = paired_gain(key, rows["finetuned"], rows["base"], samples=bootstrap.bootstrap_samples,
+        interval = paired_gain(key, rows[candidate], rows["base"], samples=bootstrap.bootstrap_samples,
                                confidence=bootstrap.confidence, seed=bootstrap.bootstrap_seed)
         if interval is not None:
             found[key] = interval.as_dict()
@@ -121,10 +124,11 @@ def _inputs(params: EvaluateParams, *, adapter_dir: Path, data_dir: Path, genera
 
 
 def _score_candidates(params: EvaluateParams, tokenizer, conversations: list, shots: list, text: str, *,
-                      base_dir: Path, adapter_dir: Path, parent_dir: Path | None = None,
+                      base_dir: Path, adapter_dir: Path, dpo_dir: Path | None = None, parent_dir: Path | None = None,
                       parent_version: str | None = None) -> tuple[dict, dict, dict, dict, int, OldTask | None]:
-    """Base, few-shot and fine-tuned: (scores, outputs, per-example scores, general perplexity, its
-    tokens, the old-task check when a parent champion's test split is at hand)."""
+    """Base, few-shot, fine-tuned and (with `dpo_dir`) DPO: (scores, outputs, per-example scores,
+    general perplexity, its tokens, the old-task check of the last of them when a parent champion's
+    test split is at hand)."""
     from ftpipe import metrics, models
 
     scores, outputs, examples, general = {}, {}, {}, {}
@@ -133,14 +137,19 @@ def _score_candidates(params: EvaluateParams, tokenizer, conversations: list, sh
     scores["fewshot"], outputs["fewshot"], examples["fewshot"] = _candidate(
         base, tokenizer, [with_shots(c, shots) for c in conversations], params, "base few-shot")
     general["base"], general_tokens = _general_perplexity(base, tokenizer, text, params, "base")
-    del base
-    tuned = models.load_finetuned(base_dir, adapter_dir)
-    scores["finetuned"], outputs["finetuned"], examples["finetuned"] = _candidate(
-        tuned, tokenizer, conversations, params, "fine-tuned")
-    general["finetuned"], _ = _general_perplexity(tuned, tokenizer, text, params, "fine-tuned")
-    old_task = _old_task(params, tokenizer, tuned, parent_dir, parent_version) if parent_dir and parent_version else None
     general["fewshot"] = general["base"]  # the same weights: prompting does not change them
-    for name in CANDIDATES:
+    del base
+    tuned = {"finetuned": lambda: models.load_finetuned(base_dir, adapter_dir)}
+    if dpo_dir:
+        tuned["dpo"] = lambda: models.load_model(dpo_dir / models.MERGED)
+    for name, load in tuned.items():
+        model = load()
+        scores[name], outputs[name], examples[name] = _candidate(model, tokenizer, conversations, params,
+                                                                 CANDIDATES[name])
+        general[name], _ = _general_perplexity(model, tokenizer, text, params, CANDIDATES[name])
+    # The old task is checked on the model register registers (the last one scored).
+    old_task = _old_task(params, tokenizer, model, parent_dir, parent_version) if parent_dir and parent_version else None
+    for name in scores:
         scores[name][metrics.GENERAL_KEY] = general[name]
     return scores, outputs, examples, general, general_tokens, old_task
 
@@ -169,7 +178,9 @@ def _old_task(params: EvaluateParams, tokenizer, tuned, parent_dir: Path, versio
 
 
 def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, adapter_dir: Path, data_dir: Path,
-        train_report: Path, general_text: Path, reports_dir: Path, parent_dir: Path | None = None) -> MetricsReport:
+        train_report: Path, general_text: Path, reports_dir: Path, parent_dir: Path | None = None,
+        dpo_dir: Path | None = None) -> MetricsReport:
+    """`dpo_dir`: models/dpo, scored as one more candidate when the dpo stage trained a model there."""
     from ftpipe import metrics, models
     from ftpipe.chat import prompt_text
 
@@ -181,9 +192,11 @@ def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, ad
     training = training_check(train, margin=params.overfit_margin)
     tokenizer = models.load_tokenizer(base_dir)
     conversations = [r["messages"] for r in rows]
+    dpo = models.dpo_result(dpo_dir) if dpo_dir else None
     scores, outputs, examples, general, general_tokens, old_task = _score_candidates(
-        params, tokenizer, conversations, shots, text, base_dir=base_dir, adapter_dir=adapter_dir, parent_dir=parent_dir,
-        parent_version=parent_version)
+        params, tokenizer, conversations, shots, text, base_dir=base_dir, adapter_dir=adapter_dir, dpo_dir=dpo,
+        parent_dir=parent_dir, parent_version=parent_version)
+    names = list(scores)  # the candidates scored, in CANDIDATES order
 
     references = [c[-1]["content"] for c in conversations]
     _, signature = metrics.bleu(outputs["finetuned"], references)
@@ -191,13 +204,14 @@ def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, ad
         "examples": len(rows),
         **scores,
         "delta": {k: scores["finetuned"][k] - scores["base"][k] for k in metrics.CANDIDATE_KEYS},
-        "forgetting": general["finetuned"] / general["base"] - 1,
+        "forgetting": general[names[-1]] / general["base"] - 1,  # of the model register registers
         "training": training,
         "few_shot_ids": [s["id"] for s in shots],
         "general_text": {"path": str(general_text), "tokens": general_tokens},
         "bleu_signature": signature,
         # fine-tuned - base with its paired-bootstrap interval per metric (gain: positive is better).
-        "intervals": {"finetuned_vs_base": intervals_over_base(examples, bootstrap)},
+        "intervals": {f"{name}_vs_base": intervals_over_base(examples, bootstrap, name)
+                      for name in names if name in ("finetuned", "dpo")},
         # The resolved settings travel with the numbers (and make register rerun when they change);
         # register scores the champion with the same ones.
         "settings": {"decoding": "greedy", **params.model_dump(exclude={"threads"})},
@@ -205,8 +219,8 @@ def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, ad
     })
     generations = [
         {"id": r["id"], "prompt": prompt_text(tokenizer, r["messages"]), "reference": references[i],
-         **{name: outputs[name][i] for name in CANDIDATES},
-         **{f"{key}_{name}": examples[name][i][key] for key in metrics.EXAMPLE_KEYS for name in CANDIDATES}}
+         **{name: outputs[name][i] for name in names},
+         **{f"{key}_{name}": examples[name][i][key] for key in metrics.EXAMPLE_KEYS for name in names}}
         for i, r in enumerate(rows)
     ]
     with all_or_nothing():  # the three reports describe one evaluation
@@ -221,7 +235,7 @@ def main() -> None:
     bootstrap = load_section("register", RegisterParams)  # only its bootstrap settings (dvc.yaml lists them)
     result = run(params=params, bootstrap=bootstrap, base_dir=BASE_DIR, adapter_dir=ADAPTER_DIR, data_dir=PREPARED_DIR,
                  train_report=TRAIN_REPORT, general_text=Path(params.general_text), reports_dir=REPORTS,
-                 parent_dir=PARENT_DIR)
+                 parent_dir=PARENT_DIR, dpo_dir=DPO_DIR)
     print(comparison_table(result.model_dump()))
 
 

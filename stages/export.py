@@ -5,7 +5,8 @@ with transformers (`gguf_file=`), its tokenizer compared token for token, its lo
 the merged model's at every position of `prompts` validation conversations (teacher-forced), and its
 greedy replies compared. An Ollama Modelfile (chat template, stop token, greedy) points at the
 smallest file. Reads params.yaml `export` (and `prepare_base.source`: the embedded base's GGUF
-names its pre-tokenizer), models/adapter/merged/, data/prepared/val.jsonl; writes models/gguf/,
+names its pre-tokenizer), models/adapter/merged/ (models/dpo/merged/ when dpo is enabled: the model
+register registers), data/prepared/val.jsonl; writes models/gguf/,
 reports/export.json (DVC metrics) and reports/export.md.
 Run: python -m stages.export
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, read_jsonl, write_text
 from ftpipe.params import ExportParams, PrepareBaseParams, load_section
-from ftpipe.paths import ADAPTER_DIR, EXPORT_MD, EXPORT_REPORT, GGUF_DIR, PREPARED_DIR, REPORTS
+from ftpipe.paths import ADAPTER_DIR, DPO_DIR, EXPORT_MD, EXPORT_REPORT, GGUF_DIR, PREPARED_DIR, REPORTS
 from ftpipe.schemas import ExportReport, GgufFile
 
 MB = 1e6
@@ -38,7 +39,8 @@ def run(*, params: ExportParams, merged_dir: Path, val_file: Path, out_dir: Path
         with atomic_dir(out_dir) as tmp:
             formats, prompts, positions, modelfile = _write_and_check(params, merged_dir, val_file, tmp, out_dir,
                                                                       pre_tokenizer, name)
-        report = ExportReport(formats=formats, modelfile=modelfile, pre_tokenizer=pre_tokenizer, prompts=prompts,
+        report = ExportReport(model=str(merged_dir), formats=formats, modelfile=modelfile,
+                              pre_tokenizer=pre_tokenizer, prompts=prompts,
                               logit_positions=positions, gguf_package=importlib.metadata.version("gguf"))
         report.write(reports_dir / EXPORT_REPORT.name)
         write_text(reports_dir / EXPORT_MD.name, table(report, merged_dir))
@@ -142,7 +144,8 @@ def table(report: ExportReport, merged_dir: Path) -> str:
         lines.append(f"| {f.file} | {f.bytes / MB:.1f} | {f.bytes / fp32:.1%} | {f.max_abs_logit_diff:.4f} | "
                      f"{f.mean_abs_logit_diff:.5f} | {f.top1_agreement:.2%} | {f.exact_match:.0%} | "
                      f"{f.token_agreement:.1%} | {f.load_s:.1f} |")
-    notes = [f"Each file loaded back with transformers (`gguf_file=`), against the merged fp32 model: logits at "
+    notes = [f"Exported from `{report.model}`. Each file loaded back with transformers (`gguf_file=`), against "
+             "that merged fp32 model: logits at "
              f"all {report.logit_positions} positions of {report.prompts} validation conversations, greedy replies "
              f"to their prompts; the GGUF's tokenizer encodes them identically. gguf {report.gguf_package}, "
              f"pre-tokenizer `{report.pre_tokenizer}`."]
@@ -161,10 +164,10 @@ def main() -> None:
     params = load_section("export", ExportParams)
     base = load_section("prepare_base", PrepareBaseParams)
     pre = gguf_export.pre_tokenizer_of(models.embedded_gguf()) if base.source == "embedded" else None
-    report = run(params=params, merged_dir=ADAPTER_DIR / models.MERGED, val_file=PREPARED_DIR / "val.jsonl",
-                 out_dir=GGUF_DIR, reports_dir=REPORTS, pre_tokenizer=pre or gguf_export.DEFAULT_PRE,
-                 name="ftpipe fine-tune")
-    print(table(report, ADAPTER_DIR / models.MERGED))
+    merged = (models.dpo_result(DPO_DIR) or ADAPTER_DIR) / models.MERGED  # the model register registers
+    report = run(params=params, merged_dir=merged, val_file=PREPARED_DIR / "val.jsonl", out_dir=GGUF_DIR,
+                 reports_dir=REPORTS, pre_tokenizer=pre or gguf_export.DEFAULT_PRE, name="ftpipe fine-tune")
+    print(table(report, merged))
 
 
 if __name__ == "__main__":

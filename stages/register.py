@@ -3,7 +3,9 @@
 One parent run per pipeline run holds the params, reports, loss curve and the per-example
 generations table (prompt, reference, each candidate's output and ROUGE-L); under it a `base`, a
 `fewshot` and a `finetuned` run carry the same metric keys, so selecting them and pressing Compare
-lines them up. The fine-tuned run also carries the training losses, the best validation step and
+lines them up. With dpo enabled the registered model is the DPO one: its run is named `dpo` (with the
+preference metrics and DPO curves beside the SFT training losses) and the SFT model's metrics go in
+a sibling `sft` run. The fine-tuned run also carries the training losses, the best validation step and
 the overfitting verdict. The merged fine-tuned model is logged and registered as a new version of
 `register.model_name`, tagged with git commit, dvc.lock hashes of data and base model, method and
 params. The new version becomes `challenger`; `champion` moves to it only if the promotion gate
@@ -35,15 +37,15 @@ from ftpipe import paths
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import read_json, read_jsonl
 from ftpipe.params import RegisterParams, load_section, read_params_file
-from ftpipe.paths import ADAPTER_DIR, BASE_DIR, GGUF_DIR, PREPARED_DIR, REGISTRATION, REPORTS
-from ftpipe.schemas import DataReport, ExportReport, MetricsReport, RegistrationReport, TrainReport
+from ftpipe.paths import ADAPTER_DIR, BASE_DIR, DPO_DIR, GGUF_DIR, PREPARED_DIR, REGISTRATION, REPORTS
+from ftpipe.schemas import DataReport, DpoReport, ExportReport, MetricsReport, RegistrationReport, TrainReport
 
 # Reports logged with the pipeline run (the MLflow UI shows them beside its metrics).
 REPORT_ARTIFACTS = (paths.DATA_REPORT, paths.DATA_REPORT_MD, paths.LEAKS, paths.QUANTIZE_REPORT, paths.QUANTIZE_MD,
                     paths.TRAIN_REPORT, paths.METRICS, paths.COMPARISON, paths.LOSS_PLOT, paths.EXPORT_REPORT,
-                    paths.EXPORT_MD)
+                    paths.EXPORT_MD, paths.PREFS_REPORT, paths.DPO_REPORT)
 # Lineage tags that make a registered version this very model.
-SAME_MODEL_TAGS = ("adapter_md5", "base_model_md5")
+SAME_MODEL_TAGS = ("adapter_md5", "base_model_md5", "dpo_md5")
 # The model's own runtime needs; explicit because MLflow's inference imports torchvision, which is absent.
 MODEL_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
 
@@ -67,6 +69,7 @@ def run(
     reports_dir: Path,
     data_dir: Path = PREPARED_DIR,
     gguf_dir: Path = GGUF_DIR,
+    dpo_dir: Path = DPO_DIR,
 ) -> RegistrationReport:
     import mlflow
 
@@ -74,6 +77,7 @@ def run(
     from ftpipe.tracking import redact
 
     reports = _read_reports(reports_dir)
+    product = reports.metrics.product  # the DPO model when the dpo stage ran, else the SFT one
     client = registry.connect(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)  # the champion loads through its models:/ URI
     # Decided before anything is created: a registry that cannot be read (server down, champion's
@@ -87,13 +91,15 @@ def run(
             runs = _log_candidates(experiment_id, lineage, reports.metrics)
             if champion:
                 runs["champion"] = _log_champion(experiment_id, champion)
-            with mlflow.start_run(experiment_id=experiment_id, run_name="finetuned", nested=True) as tuned_run:
+            with mlflow.start_run(experiment_id=experiment_id, run_name=product, nested=True) as tuned_run:
                 runs["finetuned"] = tuned_run.info.run_id
                 _log_training(lineage, reports, reports_dir, gguf_dir)
+                if product == "dpo":
+                    _log_dpo(reports, dpo_dir)
                 _log_gate(decision)
                 # The split this version is evaluated on: a continual fine-tune from it scores it again.
                 mlflow.log_artifact(str(data_dir / "test.jsonl"), artifact_path="data")
-                version = log_model(params.model_name, base_dir, adapter_dir)
+                version = log_model(params.model_name, base_dir, dpo_dir if product == "dpo" else adapter_dir)
         _tag_version(client, params.model_name, version, lineage, all_params, runs["finetuned"])
         _set_aliases(client, params.model_name, version, decision)
         client.set_tag(parent.info.run_id, "promotion", decision.summary())
@@ -112,6 +118,8 @@ def _registration(params: RegisterParams, *, tracking_uri: str, version: str, pi
         "base_run_id": runs["base"],
         "fewshot_run_id": runs["fewshot"],
         "finetuned_run_id": runs["finetuned"],
+        "candidate": "dpo" if "sft" in runs else "finetuned",
+        "sft_run_id": runs.get("sft"),
         "tracking_uri": tracking_uri,
         "aliases": ["challenger", "champion"] if decision.promote else ["challenger"],
         "promotion": {
@@ -141,13 +149,18 @@ class Reports:
     train: TrainReport
     data: DataReport
     generations: list[dict[str, Any]]  # per-example outputs and scores (reports/generations.jsonl)
+    dpo: DpoReport | None  # the dpo stage's report when it trained a model
 
 
 def _read_reports(reports_dir: Path) -> Reports:
-    return Reports(metrics=MetricsReport.read(reports_dir / paths.METRICS.name),
-                   train=TrainReport.read(reports_dir / paths.TRAIN_REPORT.name),
+    metrics = MetricsReport.read(reports_dir / paths.METRICS.name)
+    dpo = DpoReport.read(reports_dir / paths.DPO_REPORT.name) if metrics.product == "dpo" else None
+    if dpo is not None and not dpo.enabled:
+        raise PipelineError(f"{paths.METRICS} scores a DPO model but {paths.DPO_REPORT} says dpo is off: "
+                            "rerun `dvc repro evaluate`")
+    return Reports(metrics=metrics, train=TrainReport.read(reports_dir / paths.TRAIN_REPORT.name),
                    data=DataReport.read(reports_dir / paths.DATA_REPORT.name),
-                   generations=read_jsonl(reports_dir / paths.GENERATIONS.name))
+                   generations=read_jsonl(reports_dir / paths.GENERATIONS.name), dpo=dpo)
 
 
 def _examples(generations: list[dict[str, Any]], candidate: str) -> list[dict[str, float]]:
@@ -184,10 +197,11 @@ def _score_champion(client, params: RegisterParams, lineage: dict[str, str], rep
     if all(lineage[key] != "unknown" and tags.get(key) == lineage[key] for key in SAME_MODEL_TAGS):
         # The same adapter on the same base: the fine-tuned scores are its scores on these rows with
         # these settings; generating again would cost minutes to reproduce them.
-        tuned = reports.metrics.finetuned
+        product = reports.metrics.product
+        tuned = reports.metrics.candidate(product)
         return {"version": version, "scored": "same model as the challenger: its fine-tuned scores",
                 "metrics": {k: tuned[k] for k in metrics.METRIC_KEYS if k in tuned},
-                "examples": _examples(generations, "finetuned"), "outputs": [row["finetuned"] for row in generations],
+                "examples": _examples(generations, product), "outputs": [row[product] for row in generations],
                 "logged_metrics": logged}
     conversations = _test_conversations(data_dir, generations)
     settings = reports.metrics.settings
@@ -206,7 +220,7 @@ def _decide(params: RegisterParams, reports: Reports, champion: dict[str, Any] |
     metrics, generations = reports.metrics, reports.generations
     note = " (the same model as this challenger)" if champion and champion["scored"].startswith("same") else ""
     return decide(metric=params.primary_metric, min_improvement=params.min_improvement,
-                  challenger=Scores(_examples(generations, "finetuned"), metrics.finetuned),
+                  challenger=Scores(_examples(generations, metrics.product), metrics.candidate(metrics.product)),
                   base=Scores(_examples(generations, "base"), metrics.base),
                   champion=champion and Scores(champion["examples"], champion["metrics"]),
                   champion_version=champion and champion["version"], champion_note=note,
@@ -257,14 +271,14 @@ def _log_pipeline_run(all_params: dict[str, Any], lineage: dict[str, str], repor
 
 
 def _log_candidates(experiment_id: str, lineage: dict[str, str], metrics: MetricsReport) -> dict[str, str]:
-    """The base and few-shot sibling runs; {name: run id}."""
+    """The base and few-shot sibling runs, and the SFT model's when DPO is what is registered; {name: run id}."""
     import mlflow
 
     runs = {}
-    for name in ("base", "fewshot"):
+    for name in ("base", "fewshot", *(["sft"] if metrics.product == "dpo" else [])):
         with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True) as child:
             mlflow.set_tags({"role": "candidate", "candidate": name, **lineage})
-            mlflow.log_metrics(metrics.candidate(name))
+            mlflow.log_metrics(metrics.candidate("finetuned" if name == "sft" else name))
             runs[name] = child.info.run_id
     return runs
 
@@ -305,8 +319,8 @@ def _log_training(lineage: dict[str, str], reports: Reports, reports_dir: Path, 
     import mlflow
 
     metrics, train = reports.metrics, reports.train
-    mlflow.set_tags({"role": "candidate", "candidate": "finetuned", **lineage})
-    mlflow.log_metrics(metrics.finetuned)
+    mlflow.set_tags({"role": "candidate", "candidate": metrics.product, **lineage})
+    mlflow.log_metrics(metrics.candidate(metrics.product))
     mlflow.log_metrics({k: v for k, v in train.model_dump().items()
                         if k in ("val_loss_final", "val_loss_best", "train_loss_final", "train_val_gap", "best_step")})
     training = metrics.training
@@ -318,6 +332,21 @@ def _log_training(lineage: dict[str, str], reports: Reports, reports_dir: Path, 
     for step, loss in _curve(reports_dir / paths.VAL_LOSS.name):
         mlflow.log_metric("val_loss", loss, step=step)
     _log_gguf(reports_dir, gguf_dir)
+
+
+def _log_dpo(reports: Reports, dpo_dir: Path) -> None:
+    """Into the active DPO run: the preference metrics, the DPO validation curve and its plot."""
+    import mlflow
+
+    dpo = reports.dpo
+    mlflow.log_metrics({f"dpo_{k}": v for k, v in dpo.model_dump().items() if isinstance(v, float)
+                        and k not in ("beta", "epochs") and v is not None})
+    mlflow.log_params({"dpo_start": dpo.start, "dpo_loss_type": dpo.loss_type, "dpo_beta": dpo.beta})
+    for point in dpo.val_curve:
+        mlflow.log_metrics({f"dpo_val_{k}": v for k, v in point.items() if k != "step" and v is not None},
+                           step=int(point["step"]))
+    if (dpo_dir / paths.DPO_LOSS_PLOT_NAME).is_file():
+        mlflow.log_artifact(str(dpo_dir / paths.DPO_LOSS_PLOT_NAME), artifact_path="dpo")
 
 
 def _log_gguf(reports_dir: Path, gguf_dir: Path) -> None:
@@ -332,7 +361,8 @@ def _log_gguf(reports_dir: Path, gguf_dir: Path) -> None:
 
 
 def log_model(model_name: str, base_dir: Path, adapter_dir: Path) -> str:
-    """Log the merged fine-tuned model into the active run and register it; its new version."""
+    """Log the merged fine-tuned model into the active run and register it; its new version.
+    `adapter_dir`: the train stage's output, or the dpo stage's (models/dpo, merged/ inside)."""
     import mlflow
 
     from ftpipe import models
@@ -380,7 +410,7 @@ def _curve(path: Path) -> list[tuple[int, float]]:
 
 
 def main() -> None:
-    from ftpipe import tracking
+    from ftpipe import models, tracking
     from ftpipe.promotion import gate_line
 
     tracking.bound_http_retries()
@@ -390,6 +420,9 @@ def main() -> None:
     project = Path(".")
     lineage = tracking.lineage(project, method=train_config["params"]["method"])
     lineage["parent"] = train_config["summary"].get("parent", "base")  # or "<model> v<N> (champion)"
+    if models.dpo_result(DPO_DIR):  # the registered model is the DPO one: say how it was tuned
+        dpo = read_json(DPO_DIR / "train_config.json")
+        lineage["dpo"] = f"{dpo['params']['loss_type']} beta {dpo['params']['beta']} from {dpo['summary']['start']}"
     result = run(
         params=params,
         all_params=all_params,
@@ -401,6 +434,7 @@ def main() -> None:
         reports_dir=REPORTS,
         data_dir=PREPARED_DIR,
         gguf_dir=GGUF_DIR,
+        dpo_dir=DPO_DIR,
     )
     result.write(REGISTRATION)
     print(f"register: {result.model_uri} (pipeline run {result.pipeline_run_id}): {gate_line(result)}")

@@ -70,6 +70,37 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def talking_model(tmp_path_factory, tiny_model_dir):
+    """The tiny model fully fine-tuned for 150 steps on the qa rows, so that it answers with words
+    (the random tiny model, and the suite's 6-step fine-tune of it, answer with newlines only).
+    Saved as the train stage's merged/ folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftpipe.chat import IGNORE_INDEX, encode
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = [encode(tokenizer, [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}])
+            for r in qa_rows(80)]
+    width = max(len(r["input_ids"]) for r in rows)
+    pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
+    ids = torch.tensor([pad(r["input_ids"], tokenizer.pad_token_id) for r in rows])
+    labels = torch.tensor([pad(r["labels"], IGNORE_INDEX) for r in rows])
+    mask = torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows])
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    adapter_dir = tmp_path_factory.mktemp("talking") / "adapter"
+    model.save_pretrained(adapter_dir / "merged")
+    tokenizer.save_pretrained(adapter_dir / "merged")
+    return adapter_dir
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-data")
     rows = qa_rows(80)

@@ -1,0 +1,98 @@
+"""The training library of the dpo stage: TRL's DPOTrainer arguments, the pairs as a dataset,
+curves from its log history, and the policy's log-probability margin of chosen over rejected.
+
+TRL's conversational format is used as is: `prompt` is the list of messages before the reply and
+`chosen` / `rejected` are one assistant message each, so the chat template (and its end-of-turn
+token) is applied by TRL exactly as the SFT rows were encoded. A LoRA adapter on the start weights is
+trained and the same weights with the adapter switched off are the reference model, so no second
+copy of the model is held.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ftpipe.params import DpoParams
+
+REWARD_ACCURACY = "rewards/accuracies"  # TRL's metric names (prefixed with eval_ / test_)
+REWARD_MARGIN = "rewards/margins"
+
+
+def lora_config(params: DpoParams):
+    from peft import LoraConfig
+
+    return LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
+                      target_modules=list(params.target_modules), task_type="CAUSAL_LM")
+
+
+def arguments(params: DpoParams, *, output_dir: Path, bf16: bool, cuda: bool):
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=str(output_dir),
+        beta=params.beta,
+        loss_type=[params.loss_type],
+        label_smoothing=params.label_smoothing,
+        max_length=params.max_length,
+        truncation_mode="keep_start",  # rows over max_length were left out before (dataset)
+        per_device_train_batch_size=params.batch_size,
+        per_device_eval_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.grad_accum,
+        learning_rate=params.learning_rate,
+        num_train_epochs=params.epochs,
+        max_steps=params.max_steps,
+        lr_scheduler_type=params.lr_scheduler,
+        warmup_steps=params.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        bf16=bf16,
+        logging_steps=params.logging_steps,
+        eval_strategy="steps",
+        eval_steps=params.eval_steps,
+        save_strategy="no",  # a DPO run on the pairs takes minutes: rerun rather than resume
+        report_to="none",
+        seed=params.seed,
+        data_seed=params.seed,
+        use_cpu=not cuda,
+    )
+
+
+def to_dataset(pairs: list[dict[str, Any]]):
+    """The pairs in TRL's conversational preference format."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+
+
+def fitting(pairs: list[dict[str, Any]], tokenizer, max_length: int) -> tuple[list[dict[str, Any]], int]:
+    """(pairs whose prompt + longer reply fit in max_length tokens, pairs left out): TRL would cut the
+    others, and a cut reply's log-probability is not the reply's."""
+    from ftpipe.chat import encode
+
+    kept = []
+    for pair in pairs:
+        longest = max(len(encode(tokenizer, [*pair["prompt"], {"role": "assistant", "content": reply}])["input_ids"])
+                      for reply in (pair["chosen"], pair["rejected"]))
+        if longest <= max_length:
+            kept.append(pair)
+    return kept, len(pairs) - len(kept)
+
+
+def logp_margin(model, tokenizer, pairs: list[dict[str, Any]], *, batch_size: int) -> float:
+    """Mean over pairs of log p(chosen | prompt) - log p(rejected | prompt) under `model` (each reply's
+    token log-probabilities summed): positive when the model prefers the chosen replies."""
+    from ftpipe.metrics import response_nll
+
+    def nll(key: str) -> list[float]:
+        conversations = [[*p["prompt"], {"role": "assistant", "content": p[key]}] for p in pairs]
+        return [total for total, _ in response_nll(model, tokenizer, conversations, batch_size=batch_size)]
+
+    return sum(r - c for c, r in zip(nll("chosen"), nll("rejected"))) / len(pairs)
+
+
+def curves(log_history: list[dict[str, Any]]) -> tuple[list[tuple[int, float]], list[dict[str, float]]]:
+    """(step, training loss) and one {step, loss, reward_accuracy, reward_margin} per evaluation."""
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    val = [{"step": h["step"], "loss": h["eval_loss"], "reward_accuracy": h.get(f"eval_{REWARD_ACCURACY}"),
+            "reward_margin": h.get(f"eval_{REWARD_MARGIN}")} for h in log_history if "eval_loss" in h]
+    return train, val

@@ -1,0 +1,182 @@
+"""Direct preference optimization (TRL's DPOTrainer) of a LoRA adapter on the preference pairs.
+
+Starts from the SFT model (`init_from: sft`, models/adapter merged into the weights) or the base
+model; those start weights with the adapter off are the reference model. Validation pairs are scored
+every `eval_steps` (DPO loss, reward accuracy and margin), the held-out test pairs once at the end,
+and the policy's own log-probability margin of chosen over rejected before and after on the test
+pairs. The evaluate stage scores the merged result beside base, few-shot and SFT; with dpo enabled
+the register stage registers and gates it instead of the SFT model.
+Reads params.yaml `dpo`, models/base/, models/adapter/, data/preferences/; writes models/dpo/
+(the adapter, merged/ model, loss.png, train_config.json, manifest.json) and reports/dpo.json. With
+dpo off: the manifest and report only, saying so.
+Run: python -m stages.dpo
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ftpipe.errors import PipelineError, run_cli
+from ftpipe.io import all_or_nothing, atomic_dir, read_json, read_jsonl, write_json
+from ftpipe.models import DPO_MANIFEST
+from ftpipe.params import DpoParams, load_section
+from ftpipe.paths import ADAPTER_DIR, BASE_DIR, DPO_DIR, DPO_LOSS_PLOT_NAME, DPO_REPORT, PREFS_DIR
+from ftpipe.schemas import DpoReport
+
+
+def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path, out_dir: Path,
+        report_path: Path) -> DpoReport:
+    if not params.enabled:
+        report = DpoReport(enabled=False)
+        with all_or_nothing(), atomic_dir(out_dir) as tmp:
+            write_json(tmp / DPO_MANIFEST, {"enabled": False})
+            report.write(report_path)
+        return report
+    from transformers import set_seed
+
+    from ftpipe import models
+
+    models.set_threads(params.threads)
+    set_seed(params.seed)
+    tokenizer = models.load_tokenizer(base_dir)
+    pairs, too_long = _setup_pairs(params, prefs_dir, tokenizer)
+    start, described = _start_model(params, base_dir, adapter_dir)
+    before = _margin(start, tokenizer, pairs["test"], params)
+    model, bf16 = _setup_model(params, start)
+    with tempfile.TemporaryDirectory(prefix="dpo-") as scratch:  # TRL's output_dir; nothing is saved there
+        trainer = _setup_trainer(params, model, tokenizer, pairs, Path(scratch), bf16)
+        started = time.perf_counter()
+        trainer.train()
+        runtime = time.perf_counter() - started
+        trainer.evaluate(_dataset(pairs["test"]), metric_key_prefix="test")
+        test = trainer.state.log_history[-1]  # TRL adds its reward metrics to the log entry, named eval_*
+    report = _report(params, trainer, model, pairs, test, start=described, before=before,
+                     after=_margin(model, tokenizer, pairs["test"], params), runtime=runtime, bf16=bf16,
+                     too_long=too_long)
+    with all_or_nothing(), atomic_dir(out_dir) as tmp:  # the model and its report go in place together
+        _save(params, trainer, model, tokenizer, report, tmp)
+        report.write(report_path)
+    return report
+
+
+def _setup_pairs(params: DpoParams, prefs_dir: Path, tokenizer) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    from ftpipe.dpo import fitting
+    from ftpipe.preferences import MANIFEST as PREFS_MANIFEST
+    from ftpipe.preferences import SPLITS
+
+    manifest = read_json(prefs_dir / PREFS_MANIFEST)
+    if not manifest.get("enabled"):
+        raise PipelineError(f"{prefs_dir}: no preference pairs were built (run `dvc repro prepare_prefs`)")
+    pairs, too_long = {}, 0
+    for split in SPLITS:
+        pairs[split], dropped = fitting(read_jsonl(prefs_dir / f"{split}.jsonl"), tokenizer, params.max_length)
+        too_long += dropped
+        if not pairs[split]:
+            raise PipelineError(f"dpo.max_length: {params.max_length} tokens leaves no {split} pairs")
+    return pairs, too_long
+
+
+def _start_model(params: DpoParams, base_dir: Path, adapter_dir: Path):
+    """(weights DPO starts from, which are also its reference, their description)."""
+    from ftpipe import models
+
+    if params.init_from == "base":
+        return models.load_model(base_dir), "base"
+    if not models.has_finetuned(adapter_dir):
+        raise PipelineError(f"{adapter_dir}: no SFT model found for dpo.init_from: sft (run the train stage)")
+    model = models.load_finetuned(base_dir, adapter_dir)
+    if hasattr(model, "peft_config"):  # prompt-learning adapters cannot be merged (params refuse it too)
+        raise PipelineError("dpo.init_from: sft needs a train method that merges into the weights (or use base)")
+    config = adapter_dir / "train_config.json"
+    return model, f"sft ({read_json(config)['params']['method']})" if config.is_file() else "sft"
+
+
+def _margin(model, tokenizer, pairs, params: DpoParams) -> float:
+    from ftpipe.dpo import logp_margin
+
+    model.eval()
+    return logp_margin(model, tokenizer, pairs, batch_size=params.batch_size)
+
+
+def _setup_model(params: DpoParams, start):
+    from peft import get_peft_model
+
+    from ftpipe import models
+    from ftpipe.dpo import lora_config
+
+    bf16 = params.precision == "bf16" or (params.precision == "auto" and models.bf16_supported())
+    return get_peft_model(start, lora_config(params)), bf16
+
+
+def _dataset(pairs):
+    from ftpipe.dpo import to_dataset
+
+    return to_dataset(pairs)
+
+
+def _setup_trainer(params: DpoParams, model, tokenizer, pairs, scratch: Path, bf16: bool):
+    import torch
+    from trl import DPOTrainer
+
+    from ftpipe.dpo import arguments
+
+    args = arguments(params, output_dir=scratch, bf16=bf16, cuda=torch.cuda.is_available())
+    return DPOTrainer(model=model, args=args, train_dataset=_dataset(pairs["train"]),
+                      eval_dataset=_dataset(pairs["val"]), processing_class=tokenizer)
+
+
+def _report(params: DpoParams, trainer, model, pairs, test: dict[str, float], *, start: str, before: float,
+            after: float, runtime: float, bf16: bool, too_long: int) -> DpoReport:
+    from ftpipe import models
+    from ftpipe.dpo import REWARD_ACCURACY, REWARD_MARGIN, curves
+
+    train_curve, val_curve = curves(trainer.state.log_history)
+    total, trainable = models.count_parameters(model)
+    return DpoReport(
+        enabled=True, start=start, loss_type=params.loss_type, beta=params.beta, steps=trainer.state.global_step,
+        epochs=round(trainer.state.epoch or 0.0, 3), pairs={**{s: len(p) for s, p in pairs.items()},
+                                                             "too_long": too_long},
+        train_loss_final=train_curve[-1][1] if train_curve else None,
+        val_loss_final=val_curve[-1]["loss"] if val_curve else None,
+        test_reward_accuracy=test[f"eval_{REWARD_ACCURACY}"], test_reward_margin=test[f"eval_{REWARD_MARGIN}"],
+        val_curve=val_curve, test_logp_margin_before=before, test_logp_margin_after=after,
+        runtime_s=round(runtime, 1), precision="bf16" if bf16 else "fp32", parameters=total,
+        trainable_parameters=trainable,
+    )
+
+
+def _save(params: DpoParams, trainer, model, tokenizer, report: DpoReport, out_dir: Path) -> None:
+    """The adapter (safetensors, on the start weights), the merged model evaluate and register load,
+    the loss curves as a PNG, and what produced them."""
+    from ftpipe import models
+    from ftpipe.dpo import curves
+    from ftpipe.plots import plot_losses
+
+    model.save_pretrained(out_dir)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out_dir / models.MERGED, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir / models.MERGED)
+    train_curve, val_curve = curves(trainer.state.log_history)
+    plot_losses(train_curve, [(v["step"], v["loss"]) for v in val_curve], out_dir / DPO_LOSS_PLOT_NAME,
+                ylabel="DPO loss")
+    write_json(out_dir / "train_config.json", {"params": params.model_dump(), "summary": report.model_dump(mode="json")})
+    write_json(out_dir / DPO_MANIFEST, {"enabled": True, "start": report.start})
+
+
+def main() -> None:
+    params = load_section("dpo", DpoParams)
+    report = run(params=params, base_dir=BASE_DIR, adapter_dir=ADAPTER_DIR, prefs_dir=PREFS_DIR, out_dir=DPO_DIR,
+                 report_path=DPO_REPORT)
+    if not report.enabled:
+        print("dpo: dpo.enabled is false, nothing trained")
+        return
+    print(f"dpo: {report.steps} steps from {report.start}; test pairs: reward accuracy {report.test_reward_accuracy:.3f}, "
+          f"margin {report.test_reward_margin:+.4f}; log-prob margin {report.test_logp_margin_before:+.3f} -> "
+          f"{report.test_logp_margin_after:+.3f} -> {DPO_DIR}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,113 @@
+"""Preference pairs (prompt, chosen, rejected) for the dpo stage, built only when dpo.enabled.
+
+source self: every SFT row's prompt with its reference reply as chosen and the base model's own
+greedy reply as rejected (self-generated negatives; generated once here, kept by DVC, so changing a
+DPO hyperparameter does not generate them again). source file: a .jsonl of pairs under data/raw/
+(field names in params), cleaned with prepare_data's text rules. Either way the pairs follow the SFT
+split (ftpipe/preferences.py) and are leak-checked with prepare_data's settings and leak_action.
+Reads params.yaml `prepare_prefs`, dpo.enabled and prepare_data's cleaning and split keys,
+models/base/, data/prepared/; writes data/preferences/{train,val,test}.jsonl + manifest.json and
+reports/preferences.json (with dpo off: the manifest and report only, saying so).
+Run: python -m stages.prepare_prefs
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ftpipe.errors import PipelineError, run_cli
+from ftpipe.io import all_or_nothing, atomic_dir, dumps_jsonl, read_jsonl, write_json, write_text
+from ftpipe.params import DpoParams, PrepareDataParams, PreparePrefsParams, load_section
+from ftpipe.paths import BASE_DIR, PREFS_DIR, PREFS_REPORT, PREPARED_DIR, RAW_DIR
+from ftpipe.schemas import PrefsReport
+
+
+def run(*, params: PreparePrefsParams, data: PrepareDataParams, enabled: bool, base_dir: Path, prepared_dir: Path,
+        out_dir: Path, report_path: Path, project_dir: Path = Path(".")) -> PrefsReport:
+    from ftpipe import preferences
+
+    if not enabled:
+        report = PrefsReport(enabled=False)
+        _write(out_dir, report_path, report, {})
+        return report
+    started, generated, dropped = time.perf_counter(), 0, {}
+    if params.source == "self":
+        sft = _sft_rows(prepared_dir)
+        if params.max_train_pairs:
+            sft["train"] = sft["train"][: params.max_train_pairs]  # the split is shuffled: a random draw
+        splits, dropped = _self_pairs(params, sft, base_dir)
+        generated = sum(len(rows) for rows in sft.values())
+        extra_eval = {}  # the pairs' splits are the SFT splits themselves
+    else:  # the file is checked before anything else is read
+        pairs, dropped["duplicate"] = preferences.read_file(_data_file(params.path, project_dir), params, data)
+        sft = _sft_rows(prepared_dir)
+        splits = preferences.cap_train(preferences.assign_splits(pairs, sft, data), params.max_train_pairs, data.seed)
+        extra_eval = {"sft_val": sft["val"], "sft_test": sft["test"]}
+    kept, leaks = preferences.check_leaks(splits, extra_eval, data)
+    if not kept["train"] or not kept["test"]:
+        raise PipelineError(f"prepare_prefs: no {'training' if not kept['train'] else 'test'} pairs left "
+                            f"(pairs per split: { {s: len(p) for s, p in kept.items()} }; left out: {dropped})")
+    from ftpipe.leaks import count_by_kind
+
+    report = PrefsReport(
+        enabled=True, source=params.source if params.source == "self" else f"file {params.path}",
+        pairs={s: len(p) for s, p in kept.items()}, dropped=dropped,
+        leaks={**count_by_kind(leaks), "total": len(leaks)}, leak_action=data.leak_action,
+        train_pairs_dropped_for_leaks=len(splits["train"]) - len(kept["train"]),
+        generated=generated, generate_s=round(time.perf_counter() - started, 1) if generated else 0.0,
+    )
+    _write(out_dir, report_path, report, kept)
+    return report
+
+
+def _sft_rows(prepared_dir: Path) -> dict[str, list]:
+    from ftpipe.preferences import SPLITS
+
+    return {split: read_jsonl(prepared_dir / f"{split}.jsonl") for split in SPLITS}
+
+
+def _self_pairs(params: PreparePrefsParams, sft, base_dir: Path):
+    from ftpipe import models, preferences
+
+    models.set_threads(params.threads)
+    model, tokenizer = models.load_model(base_dir), models.load_tokenizer(base_dir)
+    return preferences.self_pairs(sft, model, tokenizer, max_new_tokens=params.max_new_tokens,
+                                  batch_size=params.batch_size)
+
+
+def _data_file(given: str, project_dir: Path) -> Path:
+    """The pairs file, which must be under data/raw/ (symlinks followed): DVC hashes that folder."""
+    path = project_dir / given
+    raw = (project_dir / RAW_DIR).resolve()
+    if path.exists() and not path.resolve().is_relative_to(raw):
+        raise PipelineError(f"prepare_prefs.path: {given} resolves to {path.resolve()}, outside {RAW_DIR}/: put "
+                            "the pairs there, where DVC hashes them (so a change reruns the pipeline)")
+    return path
+
+
+def _write(out_dir: Path, report_path: Path, report: PrefsReport, splits) -> None:
+    from ftpipe.preferences import MANIFEST
+
+    with all_or_nothing(), atomic_dir(out_dir) as tmp:  # the pairs and their report go in place together
+        for split, pairs in splits.items():
+            write_text(tmp / f"{split}.jsonl", dumps_jsonl(pairs))
+        write_json(tmp / MANIFEST, {"enabled": report.enabled, "source": report.source, "pairs": report.pairs})
+        report.write(report_path)
+
+
+def main() -> None:
+    params = load_section("prepare_prefs", PreparePrefsParams)
+    enabled = load_section("dpo", DpoParams).enabled
+    data = load_section("prepare_data", PrepareDataParams)
+    report = run(params=params, data=data, enabled=enabled, base_dir=BASE_DIR, prepared_dir=PREPARED_DIR,
+                 out_dir=PREFS_DIR, report_path=PREFS_REPORT)
+    if not report.enabled:
+        print("prepare_prefs: dpo.enabled is false, no pairs built")
+        return
+    print(f"prepare_prefs: {report.pairs} pairs ({report.source}; left out {report.dropped}; "
+          f"leaks {report.leaks['total']}, {report.leak_action}) -> {PREFS_DIR}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

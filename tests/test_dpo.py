@@ -1,0 +1,271 @@
+"""Preference pairs (prepare_prefs) and DPO (dpo) on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from ftpipe.errors import PipelineError
+from ftpipe.params import DpoParams, PrepareDataParams, PreparePrefsParams, validate_all
+from tests.conftest import ROOT, qa_rows, stage_env, write_jsonl
+
+
+def prepared(folder: Path, n: int = 40, offset: int = 0) -> Path:
+    """data/prepared-like splits of the tiny QA rows (ids as prepare_data writes them)."""
+    rows = qa_rows(n, offset)
+    cut = {"train": rows[: n - 10], "val": rows[n - 10: n - 5], "test": rows[n - 5:]}
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, part in cut.items():
+        write_jsonl(folder / f"{split}.jsonl", [
+            {"id": f"{split}-{i:06d}", "messages": [{"role": "user", "content": r["prompt"]},
+                                                    {"role": "assistant", "content": r["response"]}]}
+            for i, r in enumerate(part)])
+    return folder
+
+
+def wrong(response: str) -> str:
+    """A rejected reply: the right words in the wrong order, and a wrong number."""
+    words = response.split()
+    return " ".join([*reversed(words[:-1]), str(int(words[-1]) + 1)])
+
+
+def pairs_file(path: Path, rows: list[dict]) -> Path:
+    return write_jsonl(path, [{"prompt": r["prompt"], "chosen": r["response"], "rejected": wrong(r["response"])}
+                              for r in rows])
+
+
+def build(tmp_path: Path, model_dir: Path, offset: int = 0, **prefs) -> tuple:
+    from stages import prepare_prefs
+
+    data = PrepareDataParams(source="file", path="x.jsonl", leak_action=prefs.pop("leak_action", "fail"))
+    params = PreparePrefsParams(**prefs)
+    report = prepare_prefs.run(params=params, data=data, enabled=True, base_dir=model_dir,
+                               prepared_dir=prepared(tmp_path / "prepared", offset=offset),
+                               out_dir=tmp_path / "prefs", report_path=tmp_path / "preferences.json",
+                               project_dir=tmp_path)
+    return report, {s: [json.loads(x) for x in (tmp_path / "prefs" / f"{s}.jsonl").read_text().splitlines()]
+                    for s in ("train", "val", "test")}
+
+
+def test_self_generated_pairs_keep_the_sft_split_with_the_base_reply_rejected(tmp_path, talking_model):
+    from ftpipe import metrics, models
+    from ftpipe.chat import prompt_text
+
+    # The random tiny model answers nothing but newlines; this one answers its 80 training rows
+    # right, and these unseen prompts half right.
+    model_dir = talking_model / "merged"
+    report, splits = build(tmp_path, model_dir, offset=200, max_train_pairs=12, max_new_tokens=6, batch_size=8)
+    assert report.pairs["train"] and report.pairs["test"]
+    assert report.source == "self" and report.generated == 12 + 5 + 5
+    assert sum(report.pairs.values()) + sum(report.dropped.values()) == 22
+    sft = {s: {json.loads(x)["id"]: json.loads(x) for x in (tmp_path / "prepared" / f"{s}.jsonl").read_text().splitlines()}
+           for s in ("train", "val", "test")}
+    tokenizer, model = models.load_tokenizer(model_dir), models.load_model(model_dir)
+    for split, pairs in splits.items():
+        for pair in pairs:
+            row = sft[split][pair["id"]]  # the same split as its SFT row
+            assert pair["prompt"] == row["messages"][:-1] and pair["chosen"] == row["messages"][-1]["content"]
+            greedy = metrics.generate(model, tokenizer, [prompt_text(tokenizer, row["messages"])], max_new_tokens=6,
+                                      batch_size=1)[0]
+            assert pair["rejected"] == greedy and pair["rejected"] != pair["chosen"]
+    manifest = json.loads((tmp_path / "prefs" / "manifest.json").read_text())
+    assert manifest["enabled"] and manifest["pairs"] == report.pairs
+
+
+def test_file_pairs_follow_the_split_of_their_prompt_and_a_leak_is_refused(tmp_path, tiny_model_dir):
+    from ftpipe import preferences
+
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    rows = qa_rows(40)  # the same prompts as the SFT splits, so each pair takes its prompt's split
+    pairs_file(raw / "prefs.jsonl", rows + rows[:3])  # three exact duplicates
+    report, splits = build(tmp_path, tiny_model_dir, source="file", path="data/raw/prefs.jsonl")
+    assert report.pairs == {"train": 30, "val": 5, "test": 5} and report.dropped == {"duplicate": 3}
+    assert {p["chosen"] for p in splits["test"]} == {r["response"] for r in rows[35:]}
+    assert report.generated == 0 and report.leaks["total"] == 0
+
+    # A new prompt that differs from a test prompt by one word, hashed into train: a near-duplicate leak.
+    data = PrepareDataParams(source="file", path="x.jsonl")
+    variants = [f"{rows[36]['prompt']} {word}" for word in ("please", "now", "again", "today", "quickly", "slowly")]
+    extra = next(v for v in variants
+                 if preferences._hashed_split(preferences.prompt_key([{"role": "user", "content": v}]), data) == "train")
+    pairs_file(raw / "prefs.jsonl", rows + [{"prompt": extra, "response": rows[36]["response"]}])
+    before = (tmp_path / "prefs" / "train.jsonl").read_bytes()
+    # The test pair leaks from it, as does the SFT test row with the same prompt.
+    with pytest.raises(PipelineError, match=r"^2 preference pair\(s\) leak .* near_prompt: preference_test/line37 "
+                                            r"~ train/line41 .*leak_action: fail"):
+        build(tmp_path, tiny_model_dir, source="file", path="data/raw/prefs.jsonl")
+    assert (tmp_path / "prefs" / "train.jsonl").read_bytes() == before  # the previous pairs are kept
+    report, splits = build(tmp_path, tiny_model_dir, source="file", path="data/raw/prefs.jsonl", leak_action="drop")
+    assert report.train_pairs_dropped_for_leaks == 1 and report.leaks["total"] == 2
+    assert "line41" not in {p["id"] for p in splits["train"]} and report.pairs["train"] == 30
+
+
+@pytest.mark.parametrize("line, expected", [
+    ({"prompt": "hi", "chosen": "yes"}, "missing field 'rejected'"),
+    ({"prompt": "hi", "chosen": "yes", "rejected": ""}, "field 'rejected' is empty"),
+    ({"prompt": "hi", "chosen": "yes", "rejected": " \t "}, "field 'rejected' is empty"),
+    ({"prompt": "hi", "chosen": "yes", "rejected": None}, "field 'rejected' is empty"),
+    ({"prompt": "hi", "chosen": ["yes"], "rejected": "no"}, "field 'chosen' must be a string, got list"),
+    ({"chosen": "yes", "rejected": "no"}, "missing field 'prompt'"),
+    ({"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "chosen": "a",
+      "rejected": "b"}, "the last of 'prompt' must be a user message"),
+])
+def test_a_bad_preference_line_fails_naming_file_line_and_field(tmp_path, line, expected):
+    from ftpipe.preferences import read_file
+
+    path = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "ok", "chosen": "a", "rejected": "b"}, line])
+    with pytest.raises(PipelineError) as caught:
+        read_file(path, PreparePrefsParams(source="file", path=str(path)), PrepareDataParams(source="file", path="x"))
+    assert str(caught.value) == f"{path}:2: {expected}"
+
+
+def test_the_stage_refuses_a_bad_file_with_one_line_and_writes_nothing(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["dpo"]["enabled"] = True
+    params["prepare_prefs"].update(source="file", path="data/raw/prefs.jsonl")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_jsonl(project / "data" / "raw" / "prefs.jsonl", [{"prompt": "hi", "chosen": "yes", "rejected": ""}])
+    result = subprocess.run([sys.executable, "-m", "stages.prepare_prefs"], cwd=project, env=stage_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: data/raw/prefs.jsonl:1: field 'rejected' is empty"]
+    assert not (project / "data" / "preferences").exists() and not (project / "reports" / "preferences.json").exists()
+
+
+def test_with_dpo_off_both_stages_write_only_a_manifest_saying_so(tmp_path):
+    from stages import dpo, prepare_prefs
+
+    prefs = prepare_prefs.run(params=PreparePrefsParams(), data=PrepareDataParams(), enabled=False,
+                              base_dir=tmp_path / "none", prepared_dir=tmp_path / "none", out_dir=tmp_path / "prefs",
+                              report_path=tmp_path / "preferences.json")
+    trained = dpo.run(params=DpoParams(), base_dir=tmp_path / "none", adapter_dir=tmp_path / "none",
+                      prefs_dir=tmp_path / "prefs", out_dir=tmp_path / "dpo", report_path=tmp_path / "dpo.json")
+    assert not prefs.enabled and not trained.enabled
+    assert sorted(p.name for p in (tmp_path / "prefs").iterdir()) == ["manifest.json"]
+    assert json.loads((tmp_path / "dpo" / "manifest.json").read_text()) == {"enabled": False}
+    from ftpipe.models import dpo_result
+
+    assert dpo_result(tmp_path / "dpo") is None
+
+
+def test_dpo_after_sft_raises_the_chosen_margin_and_changes_only_the_adapted_weights(tmp_path, tiny_model_dir,
+                                                                                    talking_model):
+    from ftpipe import models
+    from ftpipe.dpo import logp_margin
+    from stages import dpo, prepare_prefs
+
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    pairs_file(raw / "prefs.jsonl", qa_rows(40, offset=200))  # prompts the SFT model has not seen
+    prepare_prefs.run(params=PreparePrefsParams(source="file", path="data/raw/prefs.jsonl"),
+                      data=PrepareDataParams(source="file", path="x"), enabled=True, base_dir=tiny_model_dir,
+                      prepared_dir=prepared(tmp_path / "prepared", offset=200), out_dir=tmp_path / "prefs",
+                      report_path=tmp_path / "preferences.json", project_dir=tmp_path)
+    params = DpoParams(enabled=True, init_from="sft", max_steps=24, batch_size=8, learning_rate=1e-2, beta=0.5,
+                       eval_steps=12, logging_steps=1, precision="fp32", max_length=64, warmup_ratio=0.0)
+    # talking_model: the tiny model fully fine-tuned to answer (the train stage's merged/ layout).
+    report = dpo.run(params=params, base_dir=tiny_model_dir, adapter_dir=talking_model, prefs_dir=tmp_path / "prefs",
+                     out_dir=tmp_path / "dpo", report_path=tmp_path / "dpo.json")
+    assert report.steps == 24 and report.pairs["train"] == 30 and len(report.val_curve) == 2
+    assert report.start == "sft" and 0 <= report.test_reward_accuracy <= 1
+
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    train = [json.loads(x) for x in (tmp_path / "prefs" / "train.jsonl").read_text().splitlines()]
+    start, tuned = models.load_model(talking_model / "merged"), models.load_model(tmp_path / "dpo" / "merged")
+    before, after = logp_margin(start, tokenizer, train, batch_size=8), logp_margin(tuned, tokenizer, train, batch_size=8)
+    assert after > before + 1.0  # nats: the chosen replies became more likely relative to the rejected ones
+
+    adapted = ("q_proj", "k_proj", "v_proj", "o_proj")
+    weights_before, weights_after = start.state_dict(), tuned.state_dict()
+    assert set(weights_before) == set(weights_after)
+    changed = {name for name in weights_before if not (weights_before[name] == weights_after[name]).all()}
+    assert all(any(m in name for m in adapted) for name in changed)  # frozen weights untouched
+    assert {f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in adapted} == changed
+    adapter = load_file(tmp_path / "dpo" / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # lora_B starts at zero
+    assert json.loads((tmp_path / "dpo" / "manifest.json").read_text()) == {"enabled": True, "start": "sft"}
+    assert models.dpo_result(tmp_path / "dpo") == tmp_path / "dpo"
+
+
+def test_dpo_params_are_checked_naming_the_key(tmp_path):
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def problem(edit) -> str:
+        params = json.loads(json.dumps(shipped))
+        edit(params)
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        with pytest.raises(PipelineError) as caught:
+            validate_all(path)
+        return str(caught.value)
+
+    assert "dpo.label_smoothing: only used by loss_type 'robust'" in problem(
+        lambda p: p["dpo"].update(label_smoothing=0.1))
+    assert "dpo.loss_type: Input should be" in problem(lambda p: p["dpo"].update(loss_type="kto"))
+    assert "prepare_prefs.path: required when source is 'file'" in problem(
+        lambda p: p["prepare_prefs"].update(source="file"))
+    assert "dpo.init_from: 'sft' needs a train method" in problem(lambda p: (
+        p["dpo"].update(enabled=True), p["train"].update(method="prompt_tuning", merge=False)))
+    assert "dpo.beta: Input should be greater than 0" in problem(lambda p: p["dpo"].update(beta=0))
+
+
+def test_dvc_repro_with_dpo_evaluates_registers_and_exports_the_dpo_model(finished_project):
+    """The finished tiny project with dpo turned on: `dvc repro` builds the pairs from a file, trains
+    DPO on the SFT model, scores it as a fourth candidate, exports it and registers it (the SFT
+    model's metrics in a sibling run), and the lock records both new stages."""
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    from ftpipe import registry
+
+    proj = finished_project
+    pairs_file(proj / "data" / "raw" / "prefs.jsonl", qa_rows(80))  # the tiny data's prompts
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["prepare_prefs"].update(source="file", path="data/raw/prefs.jsonl", max_train_pairs=16)
+    params["dpo"].update(enabled=True, max_steps=4, batch_size=4, eval_steps=2, logging_steps=1, max_length=64,
+                         learning_rate=1e-3)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=proj, env=stage_env(), capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Running stage 'train'" not in done.stdout  # the SFT model is reused
+    assert "dpo: 4 steps from sft (lora); test pairs: reward accuracy" in done.stdout
+
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
+    assert {"prepare_prefs", "dpo"} <= set(lock)
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=proj, env=stage_env(), capture_output=True,
+                            text=True)
+    assert "up to date" in status.stdout, status.stdout
+
+    metrics = json.loads((proj / "reports/metrics.json").read_text())
+    assert set(metrics["dpo"]) == set(metrics["finetuned"]) and "dpo_vs_base" in metrics["intervals"]
+    assert "| DPO |" in (proj / "reports/comparison.md").read_text().splitlines()[0].replace(" DPO vs base |", "")
+    assert all("dpo" in row for row in map(json.loads, (proj / "reports/generations.jsonl").read_text().splitlines()))
+    export = json.loads((proj / "reports/export.json").read_text())
+    assert export["model"] == "models/dpo/merged" and export["formats"]
+
+    registration = json.loads((proj / "reports/registration.json").read_text())
+    assert registration["candidate"] == "dpo" and registration["sft_run_id"]
+    client = MlflowClient(f"sqlite:///{proj / 'mlruns.db'}")
+    dpo_run = client.get_run(registration["finetuned_run_id"])
+    assert dpo_run.info.run_name == "dpo" and "dpo_test_reward_accuracy" in dpo_run.data.metrics
+    assert client.get_run(registration["sft_run_id"]).data.metrics["rougeL"] == metrics["finetuned"]["rougeL"]
+    version = registration["version"]
+    assert client.get_model_version("tiny-model", version).tags["dpo"] == "sigmoid beta 0.1 from sft (lora)"
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        registered, _ = registry.load_model(client, "tiny-model", version)
+    finally:
+        mlflow.set_tracking_uri(None)
+    merged = load_file(proj / "models/dpo/merged/model.safetensors")
+    weights = registered.state_dict()
+    assert all(torch.equal(weights[k], merged[k]) for k in merged)  # the DPO model is what was registered
