@@ -128,7 +128,7 @@ def stopped(exc: BaseException) -> int:
     return 128 + (signal.SIGINT if name == "SIGINT" else signal.SIGTERM)
 
 
-LINEAGE_KEYS = ("data_md5", "base_model_md5", "adapter_md5")
+LINEAGE_KEYS = ("data_md5", "base_model_md5", "adapter_md5", "dpo_md5")
 
 
 def refresh_parent(stage: str, project_dir: Path) -> bool:

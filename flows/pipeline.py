@@ -105,11 +105,13 @@ def print_summary(result: dict[str, Any], project_dir: Path) -> None:
     from ftpipe.schemas import MetricsReport, RegistrationReport
     from ftpipe.tracking import ui_command
 
-    metrics = MetricsReport.read(project_dir / paths.METRICS).model_dump()
-    table = Table(title=f"Base vs fine-tuned on {metrics['examples']} test examples")
-    for column in ("metric", "base", "fine-tuned", "change"):
+    report = MetricsReport.read(project_dir / paths.METRICS)
+    label = "DPO" if report.product == "dpo" else "fine-tuned"  # the model the gate line below is about
+    table = Table(title=f"Base vs {label} on {report.examples} test examples")
+    for column in ("metric", "base", label, "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    for key, b, t, better in comparison_rows(metrics):
+    # comparison_rows reads the "finetuned" block: point it at the registered candidate's.
+    for key, b, t, better in comparison_rows({**report.model_dump(), "finetuned": report.candidate(report.product)}):
         table.add_row(key + (" (lower is better)" if key in LOWER_IS_BETTER else ""), f"{b:.4f}", f"{t:.4f}",
                       f"[{'green' if better else 'red'}]{t - b:+.4f}[/]")
     console = Console()

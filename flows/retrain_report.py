@@ -43,7 +43,10 @@ def retrain_report(project_dir: Path, change: dict[str, Any], timings: dict[str,
               f"- dropped by cleaning: {dropped}",
               f"- leak check: {data.leaks.total} leak(s), action `{data.leak_action}`"
               f" (full report: the `data-report` artifact)", "",
-              f"Trained from: {train.parent} (`train.init_from`), method `{train.method}`, {train.steps} steps.", ""]
+              f"Trained from: {train.parent} (`train.init_from`), method `{train.method}`, {train.steps} steps"
+              + ("; the registered model is the DPO one (`dpo.init_from` says what it started from)."
+                 if registration.candidate == "dpo" else "."),
+              ""]
     header = ["metric", "base", f"champion v{champion.version} (before)" if champion else "champion (none)",
               f"challenger v{version}"]
     lines += [f"## Metrics ({metrics.examples} test examples)", "",
@@ -52,7 +55,7 @@ def retrain_report(project_dir: Path, change: dict[str, Any], timings: dict[str,
         previous = champion.metrics.get(key) if champion else None
         lines.append(f"| {key}{' (lower is better)' if key in LOWER_IS_BETTER else ''} | "
                      f"{metrics.base[key]:.4f} | {'-' if previous is None else f'{previous:.4f}'} | "
-                     f"{metrics.finetuned[key]:.4f} |")
+                     f"{metrics.candidate(metrics.product)[key]:.4f} |")
     if champion:
         lines += ["", f"The champion is scored on this test split: the same rows and greedy settings as the "
                       f"challenger ({champion.scored})."]

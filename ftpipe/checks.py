@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ftpipe.errors import PipelineError
 from ftpipe.params import validate_all
 from ftpipe.sources import check_data_location
 
@@ -13,4 +14,18 @@ def check_params(params_file: Path, project_dir: Path) -> list[str]:
     return the sections checked. Raises PipelineError naming the file, line and key."""
     sections = validate_all(params_file)
     check_data_location(sections["prepare_data"], project_dir)
+    prefs = sections["prepare_prefs"]
+    if sections["dpo"].enabled and prefs.source == "file":
+        check_under_raw("prepare_prefs.path", prefs.path, project_dir)
     return sorted(sections)
+
+
+def check_under_raw(key: str, given: str, project_dir: Path) -> None:
+    """A data file must resolve (symlinks followed) under data/raw/, which DVC hashes; a missing
+    one is left to its stage's "not found"."""
+    from ftpipe.paths import RAW_DIR
+    from ftpipe.sources import RAW_HINT
+
+    path = project_dir / given
+    if path.exists() and not path.resolve().is_relative_to((project_dir / RAW_DIR).resolve()):
+        raise PipelineError(f"{key}: {given} resolves to {path.resolve()}, outside {RAW_DIR}/: {RAW_HINT}")

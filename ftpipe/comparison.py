@@ -72,10 +72,17 @@ def comparison_table(result: dict[str, Any]) -> str:
                  f"{' and DPO' if dpo else ''} "
                  f"({result['general_text']['tokens']} tokens of {result['general_text']['path']}; "
                  "the few-shot baseline shares the base weights).\n")
-    if result.get("old_task"):
+    if result.get("old_task") and not result["old_task"]["examples"]:
         old = result["old_task"]
-        text += (f"\nOld task: the parent {old['parent']} and the fine-tuned model on the parent's own test split "
-                 f"({old['examples']} examples): "
+        text += (f"\nOld task: all {old['left_out_seen']} rows of the parent {old['parent']}'s test split are in "
+                 "the current train or val split: not measured.\n")
+    elif result.get("old_task"):
+        old = result["old_task"]
+        text += (f"\nOld task: the parent {old['parent']} and the {'DPO' if dpo else 'fine-tuned'} model on the "
+                 "parent's own test split "
+                 f"({old['examples']} examples"
+                 + (f"; {old['left_out_seen']} left out, now in train or val" if old.get("left_out_seen") else "")
+                 + "): "
                  + ", ".join(f"{k} {old['parent_scores'][k]:.4g} -> {old['finetuned'][k]:.4g}"
                              for k in old["finetuned"] if k in old["parent_scores"]) + ".\n")
     if result.get("few_shot_ids"):

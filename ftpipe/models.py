@@ -125,17 +125,17 @@ def start_weights(init_from: str, parent_dir: Path, base_dir: Path) -> tuple[Pat
 DPO_MANIFEST = "manifest.json"  # in models/dpo/: {"enabled": bool, "start": ...} (the dpo stage)
 
 
-def dpo_result(dpo_dir: Path) -> Path | None:
-    """models/dpo when the dpo stage trained a model there (dpo.enabled), else None."""
+def dpo_result(dpo_dir: Path, *, enabled: bool) -> Path | None:
+    """models/dpo, checked to hold the dpo stage's model, when `dpo.enabled`; None when it is off (and
+    models/dpo is not read, so a project from before the stage needs none)."""
     import json
 
-    path = Path(dpo_dir) / DPO_MANIFEST
-    if not path.is_file():
-        raise PipelineError(f"{path}: not found (run `dvc repro dpo`)")
-    if not json.loads(path.read_text(encoding="utf-8")).get("enabled"):
+    if not enabled:
         return None
-    if not (Path(dpo_dir) / MERGED / "config.json").is_file():
-        raise PipelineError(f"{dpo_dir}: the manifest says enabled but holds no merged model (run `dvc repro dpo`)")
+    path = Path(dpo_dir) / DPO_MANIFEST
+    trained = path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("enabled")
+    if not trained or not (Path(dpo_dir) / MERGED / "config.json").is_file():
+        raise PipelineError(f"{dpo_dir}: no DPO model, though dpo.enabled is true (run `dvc repro dpo`)")
     return Path(dpo_dir)
 
 

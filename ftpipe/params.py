@@ -350,7 +350,8 @@ class DpoParams(_Section):
     max_length: int = Field(256, ge=16)
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    # No lora_dropout: TRL turns every dropout off for DPO (the policy's and reference's
+    # log-probabilities must come from the same deterministic forward).
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
     eval_steps: int = Field(10, ge=1)
     logging_steps: int = Field(5, ge=1)
@@ -465,9 +466,11 @@ FLOW_SECTIONS: dict[str, type[_Section]] = {"retrain": RetrainParams}
 # comparison.md shows the fine-tuned model's interval over the base with the gate's own bootstrap
 # settings, so the report and the gate never disagree on them.
 ALSO_READS: dict[str, tuple[str, ...]] = {
-    "evaluate": ("register.bootstrap_samples", "register.confidence", "register.bootstrap_seed"),
+    # With dpo enabled the DPO model is scored too, exported, and registered instead of the SFT one.
+    "evaluate": ("register.bootstrap_samples", "register.confidence", "register.bootstrap_seed", "dpo.enabled"),
     # The embedded base came from a GGUF whose pre-tokenizer name the export carries over.
-    "export": ("prepare_base.source",),
+    "export": ("prepare_base.source", "dpo.enabled"),
+    "register": ("dpo.enabled",),
     # The parent of a continual fine-tune: which registered model's champion, if any.
     "prepare_parent": ("train.init_from", "register.model_name"),
     # Pairs are built only for an enabled dpo stage, cleaned, split and leak-checked like the SFT data.

@@ -14,6 +14,7 @@ BASE_DIR = Path("models/base")
 PARENT_DIR = Path("models/parent")  # the champion a continual fine-tune starts from (manifest.json only for base)
 ADAPTER_DIR = Path("models/adapter")  # the adapter (or full model), merged/ inside where it can be merged
 PREFS_DIR = Path("data/preferences")  # {train,val,test}.jsonl preference pairs and manifest.json
+PREFS_MANIFEST_NAME = "manifest.json"  # in data/preferences/: whether pairs were built, and from what
 DPO_DIR = Path("models/dpo")  # the DPO adapter and merged/ model (manifest.json only when dpo is off)
 DPO_LOSS_PLOT_NAME = "loss.png"  # in models/dpo/ (inside its folder out: written only when dpo runs)
 GGUF_DIR = Path("models/gguf")  # the merged model as GGUF files and an Ollama Modelfile

@@ -20,7 +20,6 @@ from ftpipe.io import iter_jsonl
 from ftpipe.params import PrepareDataParams, PreparePrefsParams
 
 SPLITS = ("train", "val", "test")
-MANIFEST = "manifest.json"  # in data/preferences/: whether pairs were built, and from what
 ROLES = ("system", "user", "assistant")
 TEXT_RULES = ("normalize_unicode", "strip_control", "strip_markup", "collapse_whitespace")  # prepare_data's order
 
@@ -43,14 +42,17 @@ def prompt_key(messages: list[dict[str, str]]) -> str:
     return norm_key("\n".join(m["content"] for m in messages if m["role"] != "system"))
 
 
-def read_file(path: Path, params: PreparePrefsParams, data: PrepareDataParams) -> tuple[list[dict[str, Any]], int]:
-    """(pairs, exact duplicates left out) of a .jsonl preference file; a bad line fails naming the
-    file, the line and the field."""
+def read_file(path: Path, params: PreparePrefsParams,
+              data: PrepareDataParams) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """(pairs, pairs left out by reason: exact duplicates, chosen equal to rejected) of a .jsonl
+    preference file; a bad line fails naming the file, the line and the field."""
+    from ftpipe.cleaning import norm_key
+
     if path.suffix.lower() != ".jsonl":
         raise PipelineError(f"prepare_prefs.path: {path}: unsupported file type '{path.suffix}' (use .jsonl)")
     if not path.is_file():
         raise PipelineError(f"prepare_prefs.path: preference file not found: {path}")
-    pairs, seen, duplicates = [], set(), 0
+    pairs, seen, dropped = [], set(), {"duplicate": 0, "chosen_equals_rejected": 0}
     for line, row in iter_jsonl(path):
         where = f"{path}:{line}"
         prompt = _prompt(row, params.prompt_field, where, data)
@@ -62,14 +64,14 @@ def read_file(path: Path, params: PreparePrefsParams, data: PrepareDataParams) -
         if data.system_prompt and prompt[0]["role"] != "system":
             prompt = [{"role": "system", "content": data.system_prompt}, *prompt]
         key = (prompt_key(prompt), chosen, rejected)
-        if key in seen:
-            duplicates += 1
+        if key in seen or norm_key(chosen) == norm_key(rejected):  # nothing to learn from either
+            dropped["duplicate" if key in seen else "chosen_equals_rejected"] += 1
             continue
         seen.add(key)
         pairs.append({"id": f"line{line}", "prompt": prompt, "chosen": chosen, "rejected": rejected, "origin": where})
     if not pairs:
-        raise PipelineError(f"{path}: no preference pairs")
-    return pairs, duplicates
+        raise PipelineError(f"{path}: no preference pairs (left out: {dropped})")
+    return pairs, dropped
 
 
 def _reply(row: dict[str, Any], field: str, where: str) -> str:

@@ -118,6 +118,7 @@ class DpoReport(_Report):
     pairs: dict[str, int] = {}
     train_loss_final: float | None = None
     val_loss_final: float | None = None
+    test_loss: float | None = None  # DPO loss on the held-out test pairs
     # TRL's implicit rewards (beta x log-ratio to the reference) on the held-out test pairs.
     test_reward_accuracy: float | None = None  # share of pairs whose chosen reply gets the higher reward
     test_reward_margin: float | None = None  # mean reward of chosen - rejected
@@ -142,6 +143,7 @@ class OldTask(_Nested):
 
     parent: str  # "<model> v<N>"
     examples: int
+    left_out_seen: int = 0  # old test rows left out: their prompt is in the current train or val split
     parent_scores: dict[str, float]
     finetuned: dict[str, float]
 

@@ -23,7 +23,7 @@ from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, read_json, read_jsonl, write_json
 from ftpipe.models import DPO_MANIFEST
 from ftpipe.params import DpoParams, load_section
-from ftpipe.paths import ADAPTER_DIR, BASE_DIR, DPO_DIR, DPO_LOSS_PLOT_NAME, DPO_REPORT, PREFS_DIR
+from ftpipe.paths import ADAPTER_DIR, BASE_DIR, DPO_DIR, DPO_LOSS_PLOT_NAME, DPO_REPORT, PREFS_DIR, PREFS_MANIFEST_NAME
 from ftpipe.schemas import DpoReport
 
 
@@ -45,14 +45,14 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
     pairs, too_long = _setup_pairs(params, prefs_dir, tokenizer)
     start, described = _start_model(params, base_dir, adapter_dir)
     before = _margin(start, tokenizer, pairs["test"], params)
-    model, bf16 = _setup_model(params, start)
+    bf16 = params.precision == "bf16" or (params.precision == "auto" and models.bf16_supported())
     with tempfile.TemporaryDirectory(prefix="dpo-") as scratch:  # TRL's output_dir; nothing is saved there
-        trainer = _setup_trainer(params, model, tokenizer, pairs, Path(scratch), bf16)
+        trainer = _setup_trainer(params, start, tokenizer, pairs, Path(scratch), bf16)
         started = time.perf_counter()
         trainer.train()
         runtime = time.perf_counter() - started
-        trainer.evaluate(_dataset(pairs["test"]), metric_key_prefix="test")
-        test = trainer.state.log_history[-1]  # TRL adds its reward metrics to the log entry, named eval_*
+        test = _test_metrics(trainer, pairs["test"])
+    model = trainer.model  # the start weights inside TRL's LoRA wrapper
     report = _report(params, trainer, model, pairs, test, start=described, before=before,
                      after=_margin(model, tokenizer, pairs["test"], params), runtime=runtime, bf16=bf16,
                      too_long=too_long)
@@ -64,15 +64,16 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
 
 def _setup_pairs(params: DpoParams, prefs_dir: Path, tokenizer) -> tuple[dict[str, list[dict[str, Any]]], int]:
     from ftpipe.dpo import fitting
-    from ftpipe.preferences import MANIFEST as PREFS_MANIFEST
-    from ftpipe.preferences import SPLITS
 
-    manifest = read_json(prefs_dir / PREFS_MANIFEST)
+    manifest = read_json(prefs_dir / PREFS_MANIFEST_NAME)
     if not manifest.get("enabled"):
         raise PipelineError(f"{prefs_dir}: no preference pairs were built (run `dvc repro prepare_prefs`)")
     pairs, too_long = {}, 0
-    for split in SPLITS:
-        pairs[split], dropped = fitting(read_jsonl(prefs_dir / f"{split}.jsonl"), tokenizer, params.max_length)
+    for split in ("train", "val", "test"):
+        rows = read_jsonl(prefs_dir / f"{split}.jsonl")
+        if not rows:
+            raise PipelineError(f"{prefs_dir / f'{split}.jsonl'}: no pairs (rerun `dvc repro prepare_prefs`)")
+        pairs[split], dropped = fitting(rows, tokenizer, params.max_length)
         too_long += dropped
         if not pairs[split]:
             raise PipelineError(f"dpo.max_length: {params.max_length} tokens leaves no {split} pairs")
@@ -101,37 +102,43 @@ def _margin(model, tokenizer, pairs, params: DpoParams) -> float:
     return logp_margin(model, tokenizer, pairs, batch_size=params.batch_size)
 
 
-def _setup_model(params: DpoParams, start):
-    from peft import get_peft_model
-
-    from ftpipe import models
-    from ftpipe.dpo import lora_config
-
-    bf16 = params.precision == "bf16" or (params.precision == "auto" and models.bf16_supported())
-    return get_peft_model(start, lora_config(params)), bf16
-
-
 def _dataset(pairs):
     from ftpipe.dpo import to_dataset
 
     return to_dataset(pairs)
 
 
-def _setup_trainer(params: DpoParams, model, tokenizer, pairs, scratch: Path, bf16: bool):
+def _setup_trainer(params: DpoParams, start, tokenizer, pairs, scratch: Path, bf16: bool):
+    """TRL's DPOTrainer with the LoRA adapter as `peft_config`: it wraps the start weights and uses
+    them with the adapter off as the reference model."""
     import torch
     from trl import DPOTrainer
 
-    from ftpipe.dpo import arguments
+    from ftpipe.dpo import arguments, lora_config
 
     args = arguments(params, output_dir=scratch, bf16=bf16, cuda=torch.cuda.is_available())
-    return DPOTrainer(model=model, args=args, train_dataset=_dataset(pairs["train"]),
-                      eval_dataset=_dataset(pairs["val"]), processing_class=tokenizer)
+    return DPOTrainer(model=start, args=args, train_dataset=_dataset(pairs["train"]),
+                      eval_dataset=_dataset(pairs["val"]), processing_class=tokenizer,
+                      peft_config=lora_config(params))
+
+
+def _test_metrics(trainer, pairs) -> dict[str, float]:
+    """DPO loss and TRL's reward accuracy and margin on the held-out pairs (TRL names its own
+    metrics eval_* whatever the prefix)."""
+    from ftpipe.dpo import REWARD_ACCURACY, REWARD_MARGIN
+
+    found = trainer.evaluate(_dataset(pairs), metric_key_prefix="test")
+    wanted = {"loss": "test_loss", "accuracy": f"eval_{REWARD_ACCURACY}", "margin": f"eval_{REWARD_MARGIN}"}
+    missing = [key for key in wanted.values() if key not in found]
+    if missing:
+        raise PipelineError(f"dpo: TRL's evaluation returned no {missing[0]} (keys: {', '.join(sorted(found))})")
+    return {name: found[key] for name, key in wanted.items()}
 
 
 def _report(params: DpoParams, trainer, model, pairs, test: dict[str, float], *, start: str, before: float,
             after: float, runtime: float, bf16: bool, too_long: int) -> DpoReport:
     from ftpipe import models
-    from ftpipe.dpo import REWARD_ACCURACY, REWARD_MARGIN, curves
+    from ftpipe.dpo import curves
 
     train_curve, val_curve = curves(trainer.state.log_history)
     total, trainable = models.count_parameters(model)
@@ -141,7 +148,7 @@ def _report(params: DpoParams, trainer, model, pairs, test: dict[str, float], *,
                                                              "too_long": too_long},
         train_loss_final=train_curve[-1][1] if train_curve else None,
         val_loss_final=val_curve[-1]["loss"] if val_curve else None,
-        test_reward_accuracy=test[f"eval_{REWARD_ACCURACY}"], test_reward_margin=test[f"eval_{REWARD_MARGIN}"],
+        test_loss=test["loss"], test_reward_accuracy=test["accuracy"], test_reward_margin=test["margin"],
         val_curve=val_curve, test_logp_margin_before=before, test_logp_margin_after=after,
         runtime_s=round(runtime, 1), precision="bf16" if bf16 else "fp32", parameters=total,
         trainable_parameters=trainable,

@@ -11,7 +11,8 @@ sliding-window perplexity of general text (`general_text`, not in the training d
 and the fine-tuned weights. Overfitting: the validation losses of reports/train.json. Old task (a
 continual fine-tune from the champion, models/parent/): the parent and the fine-tuned model on the
 test split the parent was evaluated on, so learning the new data at the old task's cost shows.
-Reads params.yaml `evaluate` (and those three register keys), models/base/, models/adapter/,
+Reads params.yaml `evaluate` (and those three register keys, and dpo.enabled), models/base/,
+models/adapter/, models/dpo/ (with dpo enabled),
 data/prepared/{train,test}.jsonl, reports/train.json and the general text; writes
 reports/metrics.json (DVC metrics, one block per candidate with the same keys, and the intervals),
 reports/generations.jsonl (prompt, reference, every candidate's output and its per-example scores,
@@ -28,7 +29,7 @@ from typing import Any
 from ftpipe.comparison import comparison_table
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, dumps_jsonl, read_jsonl, write_text
-from ftpipe.params import EvaluateParams, RegisterParams, load_section
+from ftpipe.params import DpoParams, EvaluateParams, RegisterParams, load_section
 from ftpipe.paths import (
     ADAPTER_DIR,
     BASE_DIR,
@@ -124,7 +125,8 @@ def _inputs(params: EvaluateParams, *, adapter_dir: Path, data_dir: Path, genera
 
 
 def _score_candidates(params: EvaluateParams, tokenizer, conversations: list, shots: list, text: str, *,
-                      base_dir: Path, adapter_dir: Path, dpo_dir: Path | None = None, parent_dir: Path | None = None,
+                      base_dir: Path, adapter_dir: Path, data_dir: Path, dpo_dir: Path | None = None,
+                      parent_dir: Path | None = None,
                       parent_version: str | None = None) -> tuple[dict, dict, dict, dict, int, OldTask | None]:
     """Base, few-shot, fine-tuned and (with `dpo_dir`) DPO: (scores, outputs, per-example scores,
     general perplexity, its tokens, the old-task check of the last of them when a parent champion's
@@ -148,17 +150,23 @@ def _score_candidates(params: EvaluateParams, tokenizer, conversations: list, sh
                                                                  CANDIDATES[name])
         general[name], _ = _general_perplexity(model, tokenizer, text, params, CANDIDATES[name])
     # The old task is checked on the model register registers (the last one scored).
-    old_task = _old_task(params, tokenizer, model, parent_dir, parent_version) if parent_dir and parent_version else None
+    old_task = (_old_task(params, tokenizer, model, parent_dir, parent_version, data_dir)
+                if parent_dir and parent_version else None)
     for name in scores:
         scores[name][metrics.GENERAL_KEY] = general[name]
     return scores, outputs, examples, general, general_tokens, old_task
 
 
-def _old_task(params: EvaluateParams, tokenizer, tuned, parent_dir: Path, version: str) -> OldTask | None:
+def _old_task(params: EvaluateParams, tokenizer, tuned, parent_dir: Path, version: str,
+              data_dir: Path) -> OldTask | None:
     """Catastrophic forgetting of the previous task: the fine-tuned model and the parent champion
     it started from (v`version`, reports/train.json), both on the test split the parent was
-    evaluated on (models/parent/test.jsonl; None when its run did not log one)."""
+    evaluated on (models/parent/test.jsonl; None when its run did not log one). Old test rows whose
+    prompt (normalized) is now in the train or val split are left out: new data holding them would
+    flatter the fine-tuned model's score on the old task."""
     from ftpipe import models
+    from ftpipe.cleaning import norm_key
+    from ftpipe.leaks import prompt_of
 
     parent = models.read_parent(parent_dir)
     if str(parent.get("version")) != version:
@@ -167,20 +175,25 @@ def _old_task(params: EvaluateParams, tokenizer, tuned, parent_dir: Path, versio
     old_file = parent_dir / models.PARENT_OLD_TEST
     if not old_file.is_file():
         return None
-    rows = read_jsonl(old_file)[: params.max_examples or None]
-    if not rows:
-        raise PipelineError(f"{old_file}: the parent champion's test split holds no rows")
+    seen = {norm_key(prompt_of(r)) for split in ("train", "val") for r in read_jsonl(data_dir / f"{split}.jsonl")}
+    every = read_jsonl(old_file)
+    unseen = [r for r in every if norm_key(prompt_of(r)) not in seen]
+    rows = unseen[: params.max_examples or None]
+    described = f"{parent['model_name']} v{parent['version']}"
+    if not rows:  # every old test row is trained on now: nothing left to measure the old task on
+        return OldTask(parent=described, examples=0, left_out_seen=len(every), parent_scores={}, finetuned={})
     old = [r["messages"] for r in rows]
     tuned_scores, _, _ = _candidate(tuned, tokenizer, old, params, "fine-tuned, old task")
     parent_scores, _, _ = _candidate(models.load_model(parent_dir), tokenizer, old, params, "parent, old task")
-    return OldTask(parent=f"{parent['model_name']} v{parent['version']}", examples=len(rows),
+    return OldTask(parent=described, examples=len(rows),
+                   left_out_seen=len(every) - len(unseen),
                    parent_scores=parent_scores, finetuned=tuned_scores)
 
 
 def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, adapter_dir: Path, data_dir: Path,
         train_report: Path, general_text: Path, reports_dir: Path, parent_dir: Path | None = None,
         dpo_dir: Path | None = None) -> MetricsReport:
-    """`dpo_dir`: models/dpo, scored as one more candidate when the dpo stage trained a model there."""
+    """`dpo_dir`: the dpo stage's model folder (models/dpo), scored as one more candidate; None: dpo off."""
     from ftpipe import metrics, models
     from ftpipe.chat import prompt_text
 
@@ -192,10 +205,9 @@ def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, ad
     training = training_check(train, margin=params.overfit_margin)
     tokenizer = models.load_tokenizer(base_dir)
     conversations = [r["messages"] for r in rows]
-    dpo = models.dpo_result(dpo_dir) if dpo_dir else None
     scores, outputs, examples, general, general_tokens, old_task = _score_candidates(
-        params, tokenizer, conversations, shots, text, base_dir=base_dir, adapter_dir=adapter_dir, dpo_dir=dpo,
-        parent_dir=parent_dir, parent_version=parent_version)
+        params, tokenizer, conversations, shots, text, base_dir=base_dir, adapter_dir=adapter_dir, data_dir=data_dir,
+        dpo_dir=dpo_dir, parent_dir=parent_dir, parent_version=parent_version)
     names = list(scores)  # the candidates scored, in CANDIDATES order
 
     references = [c[-1]["content"] for c in conversations]
@@ -231,11 +243,14 @@ def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, ad
 
 
 def main() -> None:
+    from ftpipe import models
+
     params = load_section("evaluate", EvaluateParams)
     bootstrap = load_section("register", RegisterParams)  # only its bootstrap settings (dvc.yaml lists them)
+    dpo_dir = models.dpo_result(DPO_DIR, enabled=load_section("dpo", DpoParams).enabled)
     result = run(params=params, bootstrap=bootstrap, base_dir=BASE_DIR, adapter_dir=ADAPTER_DIR, data_dir=PREPARED_DIR,
                  train_report=TRAIN_REPORT, general_text=Path(params.general_text), reports_dir=REPORTS,
-                 parent_dir=PARENT_DIR, dpo_dir=DPO_DIR)
+                 parent_dir=PARENT_DIR, dpo_dir=dpo_dir)
     print(comparison_table(result.model_dump()))
 
 

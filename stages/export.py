@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, read_jsonl, write_text
-from ftpipe.params import ExportParams, PrepareBaseParams, load_section
+from ftpipe.params import DpoParams, ExportParams, PrepareBaseParams, load_section
 from ftpipe.paths import ADAPTER_DIR, DPO_DIR, EXPORT_MD, EXPORT_REPORT, GGUF_DIR, PREPARED_DIR, REPORTS
 from ftpipe.schemas import ExportReport, GgufFile
 
@@ -164,7 +164,8 @@ def main() -> None:
     params = load_section("export", ExportParams)
     base = load_section("prepare_base", PrepareBaseParams)
     pre = gguf_export.pre_tokenizer_of(models.embedded_gguf()) if base.source == "embedded" else None
-    merged = (models.dpo_result(DPO_DIR) or ADAPTER_DIR) / models.MERGED  # the model register registers
+    dpo = models.dpo_result(DPO_DIR, enabled=load_section("dpo", DpoParams).enabled)
+    merged = (dpo or ADAPTER_DIR) / models.MERGED  # the model register registers
     report = run(params=params, merged_dir=merged, val_file=PREPARED_DIR / "val.jsonl", out_dir=GGUF_DIR,
                  reports_dir=REPORTS, pre_tokenizer=pre or gguf_export.DEFAULT_PRE, name="ftpipe fine-tune")
     print(table(report, merged))

@@ -19,7 +19,7 @@ from pathlib import Path
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, dumps_jsonl, read_jsonl, write_json, write_text
 from ftpipe.params import DpoParams, PrepareDataParams, PreparePrefsParams, load_section
-from ftpipe.paths import BASE_DIR, PREFS_DIR, PREFS_REPORT, PREPARED_DIR, RAW_DIR
+from ftpipe.paths import BASE_DIR, PREFS_DIR, PREFS_MANIFEST_NAME, PREFS_REPORT, PREPARED_DIR
 from ftpipe.schemas import PrefsReport
 
 
@@ -40,14 +40,15 @@ def run(*, params: PreparePrefsParams, data: PrepareDataParams, enabled: bool, b
         generated = sum(len(rows) for rows in sft.values())
         extra_eval = {}  # the pairs' splits are the SFT splits themselves
     else:  # the file is checked before anything else is read
-        pairs, dropped["duplicate"] = preferences.read_file(_data_file(params.path, project_dir), params, data)
+        pairs, dropped = preferences.read_file(_data_file(params.path, project_dir), params, data)
         sft = _sft_rows(prepared_dir)
         splits = preferences.cap_train(preferences.assign_splits(pairs, sft, data), params.max_train_pairs, data.seed)
         extra_eval = {"sft_val": sft["val"], "sft_test": sft["test"]}
     kept, leaks = preferences.check_leaks(splits, extra_eval, data)
-    if not kept["train"] or not kept["test"]:
-        raise PipelineError(f"prepare_prefs: no {'training' if not kept['train'] else 'test'} pairs left "
-                            f"(pairs per split: { {s: len(p) for s, p in kept.items()} }; left out: {dropped})")
+    empty = [split for split in preferences.SPLITS if not kept[split]]
+    if empty:  # DPO needs pairs to train on, to validate on and to report on
+        raise PipelineError(f"prepare_prefs: no {empty[0]} pairs left (pairs per split: "
+                            f"{ {s: len(p) for s, p in kept.items()} }; left out: {dropped})")
     from ftpipe.leaks import count_by_kind
 
     report = PrefsReport(
@@ -78,21 +79,17 @@ def _self_pairs(params: PreparePrefsParams, sft, base_dir: Path):
 
 def _data_file(given: str, project_dir: Path) -> Path:
     """The pairs file, which must be under data/raw/ (symlinks followed): DVC hashes that folder."""
-    path = project_dir / given
-    raw = (project_dir / RAW_DIR).resolve()
-    if path.exists() and not path.resolve().is_relative_to(raw):
-        raise PipelineError(f"prepare_prefs.path: {given} resolves to {path.resolve()}, outside {RAW_DIR}/: put "
-                            "the pairs there, where DVC hashes them (so a change reruns the pipeline)")
-    return path
+    from ftpipe.checks import check_under_raw
+
+    check_under_raw("prepare_prefs.path", given, project_dir)
+    return project_dir / given
 
 
 def _write(out_dir: Path, report_path: Path, report: PrefsReport, splits) -> None:
-    from ftpipe.preferences import MANIFEST
-
     with all_or_nothing(), atomic_dir(out_dir) as tmp:  # the pairs and their report go in place together
         for split, pairs in splits.items():
             write_text(tmp / f"{split}.jsonl", dumps_jsonl(pairs))
-        write_json(tmp / MANIFEST, {"enabled": report.enabled, "source": report.source, "pairs": report.pairs})
+        write_json(tmp / PREFS_MANIFEST_NAME, {"enabled": report.enabled, "source": report.source, "pairs": report.pairs})
         report.write(report_path)
 
 

@@ -16,7 +16,7 @@ The champion is scored again here, on the current test split: the same rows as t
 (reports/metrics.json `settings`), because the figures it logged when it was registered come from
 its own, older split. It is scored here and not in evaluate because it lives in the registry, which
 DVC does not hash: evaluate's outputs would not rerun when the champion moves. A champion that is
-this very model (its lineage tags adapter_md5 and base_model_md5 equal the current ones) is not run
+this very model (its lineage tags adapter_md5, base_model_md5 and dpo_md5 equal the current ones) is not run
 again: the fine-tuned scores are its scores, and it cannot beat itself.
 The gate is decided first, against the champion read through ftpipe/registry.py: a registry that
 cannot be read (server down, champion's run deleted, its model unloadable) stops the stage with one
@@ -36,9 +36,17 @@ from typing import Any
 from ftpipe import paths
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import read_json, read_jsonl
-from ftpipe.params import RegisterParams, load_section, read_params_file
+from ftpipe.params import DpoParams, RegisterParams, load_section, read_params_file
 from ftpipe.paths import ADAPTER_DIR, BASE_DIR, DPO_DIR, GGUF_DIR, PREPARED_DIR, REGISTRATION, REPORTS
-from ftpipe.schemas import DataReport, DpoReport, ExportReport, MetricsReport, RegistrationReport, TrainReport
+from ftpipe.schemas import (
+    DataReport,
+    DpoReport,
+    ExportReport,
+    MetricsReport,
+    PrefsReport,
+    RegistrationReport,
+    TrainReport,
+)
 
 # Reports logged with the pipeline run (the MLflow UI shows them beside its metrics).
 REPORT_ARTIFACTS = (paths.DATA_REPORT, paths.DATA_REPORT_MD, paths.LEAKS, paths.QUANTIZE_REPORT, paths.QUANTIZE_MD,
@@ -69,15 +77,17 @@ def run(
     reports_dir: Path,
     data_dir: Path = PREPARED_DIR,
     gguf_dir: Path = GGUF_DIR,
-    dpo_dir: Path = DPO_DIR,
+    dpo_dir: Path | None = None,
 ) -> RegistrationReport:
+    """`dpo_dir`: the dpo stage's model folder (models/dpo) when dpo is enabled: that model is
+    registered and gated instead of the SFT one; None: dpo off."""
     import mlflow
 
-    from ftpipe import registry
+    from ftpipe import models, registry
     from ftpipe.tracking import redact
 
-    reports = _read_reports(reports_dir)
-    product = reports.metrics.product  # the DPO model when the dpo stage ran, else the SFT one
+    reports = _read_reports(reports_dir, registered=(dpo_dir or adapter_dir) / models.MERGED, dpo=dpo_dir is not None)
+    product = reports.metrics.product  # the DPO model when dpo is enabled, else the SFT one
     client = registry.connect(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)  # the champion loads through its models:/ URI
     # Decided before anything is created: a registry that cannot be read (server down, champion's
@@ -94,12 +104,12 @@ def run(
             with mlflow.start_run(experiment_id=experiment_id, run_name=product, nested=True) as tuned_run:
                 runs["finetuned"] = tuned_run.info.run_id
                 _log_training(lineage, reports, reports_dir, gguf_dir)
-                if product == "dpo":
+                if dpo_dir:
                     _log_dpo(reports, dpo_dir)
                 _log_gate(decision)
                 # The split this version is evaluated on: a continual fine-tune from it scores it again.
                 mlflow.log_artifact(str(data_dir / "test.jsonl"), artifact_path="data")
-                version = log_model(params.model_name, base_dir, dpo_dir if product == "dpo" else adapter_dir)
+                version = log_model(params.model_name, base_dir, dpo_dir or adapter_dir)
         _tag_version(client, params.model_name, version, lineage, all_params, runs["finetuned"])
         _set_aliases(client, params.model_name, version, decision)
         client.set_tag(parent.info.run_id, "promotion", decision.summary())
@@ -149,18 +159,29 @@ class Reports:
     train: TrainReport
     data: DataReport
     generations: list[dict[str, Any]]  # per-example outputs and scores (reports/generations.jsonl)
-    dpo: DpoReport | None  # the dpo stage's report when it trained a model
+    dpo: DpoReport | None  # with dpo enabled: the dpo stage's report
+    prefs: PrefsReport | None  # with dpo enabled: the preference pairs' report (their leak check)
 
 
-def _read_reports(reports_dir: Path) -> Reports:
+def _read_reports(reports_dir: Path, *, registered: Path, dpo: bool) -> Reports:
+    """The reports, checked to describe the model about to be registered (`registered`, a merged/
+    folder): a report written before dpo was turned on or off would gate or export another model."""
     metrics = MetricsReport.read(reports_dir / paths.METRICS.name)
-    dpo = DpoReport.read(reports_dir / paths.DPO_REPORT.name) if metrics.product == "dpo" else None
-    if dpo is not None and not dpo.enabled:
-        raise PipelineError(f"{paths.METRICS} scores a DPO model but {paths.DPO_REPORT} says dpo is off: "
-                            "rerun `dvc repro evaluate`")
+    if metrics.product != ("dpo" if dpo else "finetuned"):
+        raise PipelineError(f"{paths.METRICS}: scores {'a DPO model' if metrics.product == 'dpo' else 'no DPO model'}"
+                            f" but dpo.enabled is {str(dpo).lower()}: rerun `dvc repro evaluate`")
+    export_path = reports_dir / paths.EXPORT_REPORT.name
+    export = ExportReport.read(export_path) if export_path.is_file() else None
+    if export and export.formats and export.model and Path(export.model) != registered:
+        raise PipelineError(f"{paths.EXPORT_REPORT}: the GGUF files are of {export.model}, not {registered}: "
+                            "rerun `dvc repro export`")
+    trained = DpoReport.read(reports_dir / paths.DPO_REPORT.name) if dpo else None
+    if trained is not None and not trained.enabled:
+        raise PipelineError(f"{paths.DPO_REPORT}: says dpo is off, though dpo.enabled is true: rerun `dvc repro dpo`")
     return Reports(metrics=metrics, train=TrainReport.read(reports_dir / paths.TRAIN_REPORT.name),
                    data=DataReport.read(reports_dir / paths.DATA_REPORT.name),
-                   generations=read_jsonl(reports_dir / paths.GENERATIONS.name), dpo=dpo)
+                   generations=read_jsonl(reports_dir / paths.GENERATIONS.name), dpo=trained,
+                   prefs=PrefsReport.read(reports_dir / paths.PREFS_REPORT.name) if dpo else None)
 
 
 def _examples(generations: list[dict[str, Any]], candidate: str) -> list[dict[str, float]]:
@@ -224,7 +245,9 @@ def _decide(params: RegisterParams, reports: Reports, champion: dict[str, Any] |
                   base=Scores(_examples(generations, "base"), metrics.base),
                   champion=champion and Scores(champion["examples"], champion["metrics"]),
                   champion_version=champion and champion["version"], champion_note=note,
-                  leaks=reports.data.leaks.total, max_forgetting=params.max_forgetting,
+                  # With DPO the preference pairs trained the model too: their leaks count as well.
+                  leaks=reports.data.leaks.total + (reports.prefs.leaks.get("total", 0) if reports.prefs else 0),
+                  max_forgetting=params.max_forgetting,
                   old_task=metrics.old_task, max_old_task_drop=params.max_old_task_drop,
                   parent_version=reports.train.parent_version,
                   samples=params.bootstrap_samples, confidence=params.confidence, seed=params.bootstrap_seed)
@@ -389,8 +412,8 @@ def _tag_version(client, model_name: str, version: str, lineage: dict[str, str],
 
     for key, value in {**lineage, **{f"param.{k}": v for k, v in flatten(all_params).items()}}.items():
         client.set_model_version_tag(model_name, version, key, str(value))
-    client.update_model_version(model_name, version,
-                                description=f"{lineage['method']} fine-tune; metrics in run {tuned_run_id}")
+    tuning = f"{lineage['method']} fine-tune" + (f", then DPO ({lineage['dpo']})" if "dpo" in lineage else "")
+    client.update_model_version(model_name, version, description=f"{tuning}; metrics in run {tuned_run_id}")
 
 
 def _set_aliases(client, model_name: str, version: str, decision) -> None:
@@ -420,7 +443,8 @@ def main() -> None:
     project = Path(".")
     lineage = tracking.lineage(project, method=train_config["params"]["method"])
     lineage["parent"] = train_config["summary"].get("parent", "base")  # or "<model> v<N> (champion)"
-    if models.dpo_result(DPO_DIR):  # the registered model is the DPO one: say how it was tuned
+    dpo_dir = models.dpo_result(DPO_DIR, enabled=load_section("dpo", DpoParams).enabled)
+    if dpo_dir:  # the registered model is the DPO one: say how it was tuned
         dpo = read_json(DPO_DIR / "train_config.json")
         lineage["dpo"] = f"{dpo['params']['loss_type']} beta {dpo['params']['beta']} from {dpo['summary']['start']}"
     result = run(
@@ -434,7 +458,7 @@ def main() -> None:
         reports_dir=REPORTS,
         data_dir=PREPARED_DIR,
         gguf_dir=GGUF_DIR,
-        dpo_dir=DPO_DIR,
+        dpo_dir=dpo_dir,
     )
     result.write(REGISTRATION)
     print(f"register: {result.model_uri} (pipeline run {result.pipeline_run_id}): {gate_line(result)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, set_param, stage_env
@@ -21,6 +22,43 @@ def test_from_base_writes_a_manifest_and_never_reads_the_registry(tmp_path):
                                   out_dir=tmp_path / "parent")
     assert manifest == {"init_from": "base", "model_name": "m", "version": None}
     assert [p.name for p in (tmp_path / "parent").iterdir()] == ["manifest.json"]
+
+
+def test_old_test_rows_now_in_train_or_val_are_left_out_of_the_old_task(tmp_path, tiny_model_dir):
+    """New data can hold rows of the parent's test split: scoring the new model on them would
+    flatter its old-task score, so they are left out (normalized prompts compared) and counted."""
+    import shutil
+
+    from conftest import qa_rows, write_jsonl
+
+    from ftpipe import promotion
+    from ftpipe.models import load_model, load_tokenizer
+    from ftpipe.params import EvaluateParams
+    from stages import evaluate
+
+    def rows(qa):
+        return [{"id": f"r{i}", "messages": [{"role": "user", "content": r["prompt"]},
+                                             {"role": "assistant", "content": r["response"]}]} for i, r in enumerate(qa)]
+
+    parent = Path(shutil.copytree(tiny_model_dir, tmp_path / "parent"))
+    (parent / "manifest.json").write_text(json.dumps({"model_name": "m", "version": "3"}))
+    old = qa_rows(10)
+    write_jsonl(parent / "test.jsonl", rows(old))
+    data = tmp_path / "prepared"
+    data.mkdir()
+    seen = [{**old[1], "prompt": old[1]["prompt"].upper() + "?"}, old[4]]  # the same prompts, normalized
+    write_jsonl(data / "train.jsonl", rows(qa_rows(20, offset=50) + seen[:1]))
+    write_jsonl(data / "val.jsonl", rows(seen[1:]))
+    params = EvaluateParams(max_new_tokens=2, batch_size=8)
+    found = evaluate._old_task(params, load_tokenizer(tiny_model_dir), load_model(tiny_model_dir), parent, "3", data)
+    assert (found.examples, found.left_out_seen, found.parent) == (8, 2, "m v3")
+    write_jsonl(data / "train.jsonl", rows(old))  # every old test row trained on now: nothing to measure
+    found = evaluate._old_task(params, load_tokenizer(tiny_model_dir), load_model(tiny_model_dir), parent, "3", data)
+    assert (found.examples, found.left_out_seen, found.finetuned) == (0, 10, {})
+    reasons = []
+    assert promotion._old_task(reasons, "rougeL", found, 0.1)  # not a reason to refuse the challenger
+    assert reasons == ["old-task check: all 10 rows of m v3's test split are in the current train or val split: "
+                       "not checked"]
 
 
 def test_no_champion_yet_starts_from_the_base_and_says_so(tmp_path):

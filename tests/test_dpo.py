@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, qa_rows, stage_env, write_jsonl
 from safetensors.torch import load_file
 
 from ftpipe.errors import PipelineError
 from ftpipe.params import DpoParams, PrepareDataParams, PreparePrefsParams, validate_all
-from tests.conftest import ROOT, qa_rows, stage_env, write_jsonl
 
 
 def prepared(folder: Path, n: int = 40, offset: int = 0) -> Path:
@@ -85,8 +85,11 @@ def test_file_pairs_follow_the_split_of_their_prompt_and_a_leak_is_refused(tmp_p
     raw.mkdir(parents=True)
     rows = qa_rows(40)  # the same prompts as the SFT splits, so each pair takes its prompt's split
     pairs_file(raw / "prefs.jsonl", rows + rows[:3])  # three exact duplicates
+    with (raw / "prefs.jsonl").open("a") as out:  # and a pair with nothing to prefer
+        out.write(json.dumps({"prompt": "say it", "chosen": "Red cat.", "rejected": "red  CAT"}) + "\n")
     report, splits = build(tmp_path, tiny_model_dir, source="file", path="data/raw/prefs.jsonl")
-    assert report.pairs == {"train": 30, "val": 5, "test": 5} and report.dropped == {"duplicate": 3}
+    assert report.pairs == {"train": 30, "val": 5, "test": 5}
+    assert report.dropped == {"duplicate": 3, "chosen_equals_rejected": 1}
     assert {p["chosen"] for p in splits["test"]} == {r["response"] for r in rows[35:]}
     assert report.generated == 0 and report.leaks["total"] == 0
 
@@ -152,7 +155,10 @@ def test_with_dpo_off_both_stages_write_only_a_manifest_saying_so(tmp_path):
     assert json.loads((tmp_path / "dpo" / "manifest.json").read_text()) == {"enabled": False}
     from ftpipe.models import dpo_result
 
-    assert dpo_result(tmp_path / "dpo") is None
+    # evaluate, export and register read models/dpo only with dpo on, so older projects need none.
+    assert dpo_result(tmp_path / "missing", enabled=False) is None
+    with pytest.raises(PipelineError, match=r"dpo: no DPO model, though dpo.enabled is true \(run `dvc repro dpo`\)"):
+        dpo_result(tmp_path / "dpo", enabled=True)
 
 
 def test_dpo_after_sft_raises_the_chosen_margin_and_changes_only_the_adapted_weights(tmp_path, tiny_model_dir,
@@ -191,7 +197,7 @@ def test_dpo_after_sft_raises_the_chosen_margin_and_changes_only_the_adapted_wei
     adapter = load_file(tmp_path / "dpo" / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # lora_B starts at zero
     assert json.loads((tmp_path / "dpo" / "manifest.json").read_text()) == {"enabled": True, "start": "sft"}
-    assert models.dpo_result(tmp_path / "dpo") == tmp_path / "dpo"
+    assert models.dpo_result(tmp_path / "dpo", enabled=True) == tmp_path / "dpo"
 
 
 def test_dpo_params_are_checked_naming_the_key(tmp_path):
@@ -206,14 +212,23 @@ def test_dpo_params_are_checked_naming_the_key(tmp_path):
             validate_all(path)
         return str(caught.value)
 
-    assert "dpo.label_smoothing: only used by loss_type 'robust'" in problem(
-        lambda p: p["dpo"].update(label_smoothing=0.1))
-    assert "dpo.loss_type: Input should be" in problem(lambda p: p["dpo"].update(loss_type="kto"))
-    assert "prepare_prefs.path: required when source is 'file'" in problem(
-        lambda p: p["prepare_prefs"].update(source="file"))
-    assert "dpo.init_from: 'sft' needs a train method" in problem(lambda p: (
-        p["dpo"].update(enabled=True), p["train"].update(method="prompt_tuning", merge=False)))
-    assert "dpo.beta: Input should be greater than 0" in problem(lambda p: p["dpo"].update(beta=0))
+    def line_of(key: str) -> int:  # the line problem() writes `key` on, in its dumped params.yaml
+        section, name = key.split(".")
+        lines = (tmp_path / "params.yaml").read_text().splitlines()
+        start = lines.index(f"{section}:")
+        return next(i for i in range(start, len(lines)) if lines[i].strip().startswith(f"{name}:")) + 1
+
+    for key, edit, message in [
+        ("dpo.label_smoothing", lambda p: p["dpo"].update(label_smoothing=0.1), "only used by loss_type 'robust'"),
+        ("dpo.loss_type", lambda p: p["dpo"].update(loss_type="kto"), "Input should be 'sigmoid', 'ipo'"),
+        ("prepare_prefs.path", lambda p: p["prepare_prefs"].update(source="file"), "required when source is 'file'"),
+        ("dpo.init_from", lambda p: (p["dpo"].update(enabled=True),
+                                     p["train"].update(method="prompt_tuning", merge=False)),
+         "'sft' needs a train method"),
+        ("dpo.beta", lambda p: p["dpo"].update(beta=0), "Input should be greater than 0"),
+    ]:
+        found = problem(edit)
+        assert found.startswith(f"{tmp_path / 'params.yaml'}:{line_of(key)}: {key}: {message}"), found
 
 
 def test_dvc_repro_with_dpo_evaluates_registers_and_exports_the_dpo_model(finished_project):
@@ -269,3 +284,14 @@ def test_dvc_repro_with_dpo_evaluates_registers_and_exports_the_dpo_model(finish
     merged = load_file(proj / "models/dpo/merged/model.safetensors")
     weights = registered.state_dict()
     assert all(torch.equal(weights[k], merged[k]) for k in merged)  # the DPO model is what was registered
+
+    # Reports that describe another model than the one register would register stop it, before any run.
+    versions = len(client.search_model_versions("name = 'tiny-model'"))
+    params["dpo"]["enabled"] = False
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stale = subprocess.run([sys.executable, "-m", "stages.register"], cwd=proj, env=stage_env(), capture_output=True,
+                           text=True)
+    assert stale.returncode == 2
+    assert stale.stderr.strip().splitlines() == ["error: reports/metrics.json: scores a DPO model but dpo.enabled is "
+                                                 "false: rerun `dvc repro evaluate`"]
+    assert len(client.search_model_versions("name = 'tiny-model'")) == versions
