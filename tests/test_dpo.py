@@ -231,6 +231,7 @@ def test_dpo_params_are_checked_naming_the_key(tmp_path):
         assert found.startswith(f"{tmp_path / 'params.yaml'}:{line_of(key)}: {key}: {message}"), found
 
 
+@pytest.mark.slow  # one more pipeline scenario (about 45 s)
 def test_dvc_repro_with_dpo_evaluates_registers_and_exports_the_dpo_model(finished_project):
     """The finished tiny project with dpo turned on: `dvc repro` builds the pairs from a file, trains
     DPO on the SFT model, scores it as a fourth candidate, exports it and registers it (the SFT
