@@ -122,6 +122,7 @@ class DpoReport(_Report):
     # TRL's implicit rewards (beta x log-ratio to the reference) on the held-out test pairs.
     test_reward_accuracy: float | None = None  # share of pairs whose chosen reply gets the higher reward
     test_reward_margin: float | None = None  # mean reward of chosen - rejected
+    train_curve: list[dict[str, float]] = []  # step, loss per logged training step
     val_curve: list[dict[str, float]] = []  # step, loss, reward_accuracy, reward_margin per evaluation
     # The policy's own log-probability of chosen - rejected (summed over reply tokens), averaged over
     # the test pairs, before and after: the preference the model actually learned.

@@ -365,6 +365,8 @@ def _log_dpo(reports: Reports, dpo_dir: Path) -> None:
     mlflow.log_metrics({f"dpo_{k}": v for k, v in dpo.model_dump().items() if isinstance(v, float)
                         and k not in ("beta", "epochs") and v is not None})
     mlflow.log_params({"dpo_start": dpo.start, "dpo_loss_type": dpo.loss_type, "dpo_beta": dpo.beta})
+    for point in dpo.train_curve:
+        mlflow.log_metric("dpo_train_loss", point["loss"], step=int(point["step"]))
     for point in dpo.val_curve:
         mlflow.log_metrics({f"dpo_val_{k}": v for k, v in point.items() if k != "step" and v is not None},
                            step=int(point["step"]))

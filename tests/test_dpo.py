@@ -274,6 +274,8 @@ def test_dvc_repro_with_dpo_evaluates_registers_and_exports_the_dpo_model(finish
     client = MlflowClient(f"sqlite:///{proj / 'mlruns.db'}")
     dpo_run = client.get_run(registration["finetuned_run_id"])
     assert dpo_run.info.run_name == "dpo" and "dpo_test_reward_accuracy" in dpo_run.data.metrics
+    assert len(client.get_metric_history(dpo_run.info.run_id, "dpo_train_loss")) == 4  # a point per step
+    assert len(client.get_metric_history(dpo_run.info.run_id, "dpo_val_reward_margin")) == 2
     assert client.get_run(registration["sft_run_id"]).data.metrics["rougeL"] == metrics["finetuned"]["rougeL"]
     version = registration["version"]
     assert client.get_model_version("tiny-model", version).tags["dpo"] == "sigmoid beta 0.1 from sft (lora)"
