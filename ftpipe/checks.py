@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ftpipe.errors import PipelineError
 from ftpipe.params import validate_all
-from ftpipe.sources import check_data_location
+from ftpipe.sources import check_data_location, check_under_raw
 
 
 def check_params(params_file: Path, project_dir: Path) -> list[str]:
@@ -19,13 +18,3 @@ def check_params(params_file: Path, project_dir: Path) -> list[str]:
         check_under_raw("prepare_prefs.path", prefs.path, project_dir)
     return sorted(sections)
 
-
-def check_under_raw(key: str, given: str, project_dir: Path) -> None:
-    """A data file must resolve (symlinks followed) under data/raw/, which DVC hashes; a missing
-    one is left to its stage's "not found"."""
-    from ftpipe.paths import RAW_DIR
-    from ftpipe.sources import RAW_HINT
-
-    path = project_dir / given
-    if path.exists() and not path.resolve().is_relative_to((project_dir / RAW_DIR).resolve()):
-        raise PipelineError(f"{key}: {given} resolves to {path.resolve()}, outside {RAW_DIR}/: {RAW_HINT}")

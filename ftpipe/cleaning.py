@@ -24,6 +24,9 @@ _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 # International or local numbers of 8+ digits with the usual separators; not years or small counts.
 _PHONE = re.compile(r"(?<![\w+])\+?\d(?:[\s().-]?\d){7,14}(?!\w)")
 _WORD = re.compile(r"\w+")
+# The text rules prepare_data applies (each when its param is on), in this order; preference pairs
+# are cleaned with the same.
+TEXT_RULES = ("normalize_unicode", "strip_control", "strip_markup", "collapse_whitespace")
 NUM_PERM = 96  # MinHash permutations; LSH only proposes candidates, the exact Jaccard decides
 LSH_SLACK = 0.75  # candidate threshold as a fraction of the confirmed one: 0.6 for 0.8
 # With 96 permutations and weights (0.3, 0.7), datasketch picks 17 bands of 5 rows: a pair at

@@ -21,14 +21,13 @@ from ftpipe.params import PrepareDataParams, PreparePrefsParams
 
 SPLITS = ("train", "val", "test")
 ROLES = ("system", "user", "assistant")
-TEXT_RULES = ("normalize_unicode", "strip_control", "strip_markup", "collapse_whitespace")  # prepare_data's order
 
 
 def clean_text(text: str, data: PrepareDataParams) -> str:
     """prepare_data's text rules, in its order, so pairs compare with the SFT rows they may match."""
     from ftpipe import cleaning
 
-    for name in TEXT_RULES:
+    for name in cleaning.TEXT_RULES:
         if getattr(data, name):
             text = getattr(cleaning, name)(text)
     text = text.strip()

@@ -35,19 +35,23 @@ def check_data_location(params: PrepareDataParams, project_dir: Path) -> None:
         places.insert(0, ("prepare_data.path", params.path, False))
     elif params.source == "hf_dataset":
         places.insert(0, ("prepare_data.path", params.path, True))
-    raw = (project_dir / RAW_DIR).resolve()
     for key, given, hub_allowed in places:
-        path = project_dir / given
-        if not path.exists():
-            # A missing file gets the loader's "not found"; a Hub dataset name is remote, unless it
-            # looks like a local path.
-            parents = [project_dir / parent for parent in Path(given).parents if parent != Path(".")]
-            local = given.startswith((".", "/")) or any(parent.exists() for parent in parents)
-            if not hub_allowed or not local:
-                continue
-        resolved = path.resolve()
-        if not resolved.is_relative_to(raw):
-            raise PipelineError(f"{key}: {given} resolves to {resolved}, outside {RAW_DIR}/: {RAW_HINT}")
+        check_under_raw(key, given, project_dir, hub_allowed=hub_allowed)
+
+
+def check_under_raw(key: str, given: str, project_dir: Path, *, hub_allowed: bool = False) -> None:
+    """The data file `given` (param `key`) must resolve, symlinks followed, under data/raw/. A missing
+    file is left to its loader's "not found"; with `hub_allowed` a missing name is a Hub dataset,
+    unless it looks like a local path."""
+    path = project_dir / given
+    if not path.exists():
+        parents = [project_dir / parent for parent in Path(given).parents if parent != Path(".")]
+        local = given.startswith((".", "/")) or any(parent.exists() for parent in parents)
+        if not hub_allowed or not local:
+            return
+    resolved, raw = path.resolve(), (project_dir / RAW_DIR).resolve()
+    if not resolved.is_relative_to(raw):
+        raise PipelineError(f"{key}: {given} resolves to {resolved}, outside {RAW_DIR}/: {RAW_HINT}")
 
 
 def load_records(params: PrepareDataParams) -> tuple[list[dict[str, Any]], dict[str, int], str]:

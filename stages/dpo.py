@@ -57,7 +57,7 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
                      after=_margin(model, tokenizer, pairs["test"], params), runtime=runtime, bf16=bf16,
                      too_long=too_long)
     with all_or_nothing(), atomic_dir(out_dir) as tmp:  # the model and its report go in place together
-        _save(params, trainer, model, tokenizer, report, tmp)
+        _save(params, model, tokenizer, report, tmp)
         report.write(report_path)
     return report
 
@@ -102,32 +102,26 @@ def _margin(model, tokenizer, pairs, params: DpoParams) -> float:
     return logp_margin(model, tokenizer, pairs, batch_size=params.batch_size)
 
 
-def _dataset(pairs):
-    from ftpipe.dpo import to_dataset
-
-    return to_dataset(pairs)
-
-
 def _setup_trainer(params: DpoParams, start, tokenizer, pairs, scratch: Path, bf16: bool):
     """TRL's DPOTrainer with the LoRA adapter as `peft_config`: it wraps the start weights and uses
     them with the adapter off as the reference model."""
     import torch
     from trl import DPOTrainer
 
-    from ftpipe.dpo import arguments, lora_config
+    from ftpipe.dpo import arguments, lora_config, to_dataset
 
     args = arguments(params, output_dir=scratch, bf16=bf16, cuda=torch.cuda.is_available())
-    return DPOTrainer(model=start, args=args, train_dataset=_dataset(pairs["train"]),
-                      eval_dataset=_dataset(pairs["val"]), processing_class=tokenizer,
+    return DPOTrainer(model=start, args=args, train_dataset=to_dataset(pairs["train"]),
+                      eval_dataset=to_dataset(pairs["val"]), processing_class=tokenizer,
                       peft_config=lora_config(params))
 
 
 def _test_metrics(trainer, pairs) -> dict[str, float]:
     """DPO loss and TRL's reward accuracy and margin on the held-out pairs (TRL names its own
     metrics eval_* whatever the prefix)."""
-    from ftpipe.dpo import REWARD_ACCURACY, REWARD_MARGIN
+    from ftpipe.dpo import REWARD_ACCURACY, REWARD_MARGIN, to_dataset
 
-    found = trainer.evaluate(_dataset(pairs), metric_key_prefix="test")
+    found = trainer.evaluate(to_dataset(pairs), metric_key_prefix="test")
     wanted = {"loss": "test_loss", "accuracy": f"eval_{REWARD_ACCURACY}", "margin": f"eval_{REWARD_MARGIN}"}
     missing = [key for key in wanted.values() if key not in found]
     if missing:
@@ -156,20 +150,18 @@ def _report(params: DpoParams, trainer, model, pairs, test: dict[str, float], *,
     )
 
 
-def _save(params: DpoParams, trainer, model, tokenizer, report: DpoReport, out_dir: Path) -> None:
+def _save(params: DpoParams, model, tokenizer, report: DpoReport, out_dir: Path) -> None:
     """The adapter (safetensors, on the start weights), the merged model evaluate and register load,
-    the loss curves as a PNG, and what produced them."""
+    the report's loss curves as a PNG, and what produced them."""
     from ftpipe import models
-    from ftpipe.dpo import curves
     from ftpipe.plots import plot_losses
 
     model.save_pretrained(out_dir)
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir / models.MERGED, safe_serialization=True)
     tokenizer.save_pretrained(out_dir / models.MERGED)
-    train_curve, val_curve = curves(trainer.state.log_history)
-    plot_losses(train_curve, [(v["step"], v["loss"]) for v in val_curve], out_dir / DPO_LOSS_PLOT_NAME,
-                ylabel="DPO loss")
+    plot_losses([(p["step"], p["loss"]) for p in report.train_curve], [(v["step"], v["loss"]) for v in report.val_curve],
+                out_dir / DPO_LOSS_PLOT_NAME, ylabel="DPO loss")
     write_json(out_dir / "train_config.json", {"params": params.model_dump(), "summary": report.model_dump(mode="json")})
     write_json(out_dir / DPO_MANIFEST, {"enabled": True, "start": report.start})
 

@@ -24,7 +24,6 @@ from ftpipe.paths import BASE_DIR, DATA_REPORT, DATA_REPORT_MD, LEAKS, PREPARED_
 from ftpipe.schemas import DataReport
 
 SPLITS = ("train", "val", "test")
-TEXT_RULES = ("normalize_unicode", "strip_control", "strip_markup", "collapse_whitespace")
 EXAMPLES = 3  # examples kept per rule for the markdown report
 
 
@@ -48,7 +47,7 @@ def clean(records: list[dict[str, Any]], params: PrepareDataParams, tally: Tally
     """Apply the text rules, scrub PII, prepend the system prompt, drop rows with an empty turn."""
     from ftpipe import cleaning
 
-    rules = [(name, getattr(cleaning, name)) for name in TEXT_RULES if getattr(params, name)]
+    rules = [(name, getattr(cleaning, name)) for name in cleaning.TEXT_RULES if getattr(params, name)]
     kept = []
     for record in records:
         messages = []

@@ -79,7 +79,7 @@ def _self_pairs(params: PreparePrefsParams, sft, base_dir: Path):
 
 def _data_file(given: str, project_dir: Path) -> Path:
     """The pairs file, which must be under data/raw/ (symlinks followed): DVC hashes that folder."""
-    from ftpipe.checks import check_under_raw
+    from ftpipe.sources import check_under_raw
 
     check_under_raw("prepare_prefs.path", given, project_dir)
     return project_dir / given
