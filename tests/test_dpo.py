@@ -298,3 +298,20 @@ def test_dvc_repro_with_dpo_evaluates_registers_and_exports_the_dpo_model(finish
     assert stale.stderr.strip().splitlines() == ["error: reports/metrics.json: scores a DPO model but dpo.enabled is "
                                                  "false: rerun `dvc repro evaluate`"]
     assert len(client.search_model_versions("name = 'tiny-model'")) == versions
+
+
+def test_a_pairs_file_outside_data_raw_is_refused_before_any_stage(tmp_path):
+    from ftpipe.checks import check_params
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["dpo"]["enabled"] = True
+    params["prepare_prefs"].update(source="file", path="elsewhere/prefs.jsonl")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (tmp_path / "elsewhere").mkdir()
+    write_jsonl(tmp_path / "elsewhere" / "prefs.jsonl", [{"prompt": "hi", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(PipelineError, match=r"^prepare_prefs.path: elsewhere/prefs.jsonl resolves to .*, outside "
+                                            r"data/raw/: put the data under data/raw/"):
+        check_params(tmp_path / "params.yaml", tmp_path)
+    params["dpo"]["enabled"] = False  # no pairs are built, so the file is not read
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "prepare_prefs" in check_params(tmp_path / "params.yaml", tmp_path)
