@@ -297,20 +297,33 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, inputs):
     assert not list((tmp_path / "checkpoints").glob("*"))  # removed once the run succeeded
 
 
-def test_loss_only_counts_response_tokens(tiny_model_dir):
+@pytest.mark.parametrize("position_mask", [True, False], ids=["model-picks-positions", "hidden-states-projected"])
+def test_loss_only_counts_response_tokens(tiny_model_dir, monkeypatch, position_mask):
+    """Both ways of taking logits at assistant tokens only (the model's forward given a mask of
+    positions; for model classes without it, the last hidden states projected by the output head)
+    give the model's own loss, over a padded batch of two rows of different lengths."""
     import torch
+    from transformers import DataCollatorForSeq2Seq
 
     from ftpipe import models
-    from ftpipe.chat import encode
+    from ftpipe.chat import IGNORE_INDEX, encode
 
+    monkeypatch.setattr(trainer, "takes_position_mask", lambda model: position_mask)
     tokenizer, model = models.load_tokenizer(tiny_model_dir), models.load_model(tiny_model_dir)
-    item = encode(tokenizer, [{"role": "user", "content": "say red"}, {"role": "assistant", "content": "red cat"}])
-    batch = {k: torch.tensor([v]) for k, v in item.items()}
-    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    rows = [encode(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+            for q, a in (("say red", "red cat"), ("say one two three four", "four three two one"))]
+    batch = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(
+        [{**row, "attention_mask": [1] * len(row["input_ids"])} for row in rows])
     with torch.no_grad():
         ours = trainer.response_only_loss(model, batch)
         reference = model(**batch).loss
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_the_shipped_model_class_takes_a_mask_of_positions(tiny_model_dir):
+    from ftpipe import models
+
+    assert trainer.takes_position_mask(models.load_model(tiny_model_dir))
 
 
 def test_unknown_target_module_fails_naming_the_key(tmp_path, inputs):
