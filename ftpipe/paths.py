@@ -9,6 +9,7 @@ from pathlib import Path
 
 PARAMS = Path("params.yaml")
 RAW_DIR = Path("data/raw")  # landing folder of training data files; a dep of prepare_data
+SPLITS = ("train", "val", "test")  # <split>.jsonl in PREPARED_DIR and PREFS_DIR
 PREPARED_DIR = Path("data/prepared")  # {train,val,test}.jsonl
 BASE_DIR = Path("models/base")
 PARENT_DIR = Path("models/parent")  # the champion a continual fine-tune starts from (manifest.json only for base)

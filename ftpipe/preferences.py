@@ -18,8 +18,8 @@ from typing import Any
 from ftpipe.errors import PipelineError
 from ftpipe.io import iter_jsonl
 from ftpipe.params import PrepareDataParams, PreparePrefsParams
+from ftpipe.paths import SPLITS
 
-SPLITS = ("train", "val", "test")
 ROLES = ("system", "user", "assistant")
 
 

@@ -23,7 +23,7 @@ from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, read_json, read_jsonl, write_json
 from ftpipe.models import DPO_MANIFEST
 from ftpipe.params import DpoParams, load_section
-from ftpipe.paths import ADAPTER_DIR, BASE_DIR, DPO_DIR, DPO_LOSS_PLOT_NAME, DPO_REPORT, PREFS_DIR, PREFS_MANIFEST_NAME
+from ftpipe.paths import ADAPTER_DIR, BASE_DIR, DPO_DIR, DPO_LOSS_PLOT_NAME, DPO_REPORT, PREFS_DIR, PREFS_MANIFEST_NAME, SPLITS
 from ftpipe.schemas import DpoReport
 
 
@@ -69,7 +69,7 @@ def _setup_pairs(params: DpoParams, prefs_dir: Path, tokenizer) -> tuple[dict[st
     if not manifest.get("enabled"):
         raise PipelineError(f"{prefs_dir}: no preference pairs were built (run `dvc repro prepare_prefs`)")
     pairs, too_long = {}, 0
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         rows = read_jsonl(prefs_dir / f"{split}.jsonl")
         if not rows:
             raise PipelineError(f"{prefs_dir / f'{split}.jsonl'}: no pairs (rerun `dvc repro prepare_prefs`)")

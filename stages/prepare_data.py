@@ -20,10 +20,9 @@ from typing import Any
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, dumps_jsonl, write_text
 from ftpipe.params import PrepareDataParams, load_section
-from ftpipe.paths import BASE_DIR, DATA_REPORT, DATA_REPORT_MD, LEAKS, PREPARED_DIR, REPORTS
+from ftpipe.paths import BASE_DIR, DATA_REPORT, DATA_REPORT_MD, LEAKS, PREPARED_DIR, REPORTS, SPLITS
 from ftpipe.schemas import DataReport
 
-SPLITS = ("train", "val", "test")
 EXAMPLES = 3  # examples kept per rule for the markdown report
 
 

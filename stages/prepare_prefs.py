@@ -19,7 +19,7 @@ from pathlib import Path
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, dumps_jsonl, read_jsonl, write_json, write_text
 from ftpipe.params import DpoParams, PrepareDataParams, PreparePrefsParams, load_section
-from ftpipe.paths import BASE_DIR, PREFS_DIR, PREFS_MANIFEST_NAME, PREFS_REPORT, PREPARED_DIR
+from ftpipe.paths import BASE_DIR, PREFS_DIR, PREFS_MANIFEST_NAME, PREFS_REPORT, PREPARED_DIR, SPLITS
 from ftpipe.schemas import PrefsReport
 
 
@@ -45,7 +45,7 @@ def run(*, params: PreparePrefsParams, data: PrepareDataParams, enabled: bool, b
         splits = preferences.cap_train(preferences.assign_splits(pairs, sft, data), params.max_train_pairs, data.seed)
         extra_eval = {"sft_val": sft["val"], "sft_test": sft["test"]}
     kept, leaks = preferences.check_leaks(splits, extra_eval, data)
-    empty = [split for split in preferences.SPLITS if not kept[split]]
+    empty = [split for split in SPLITS if not kept[split]]
     if empty:  # DPO needs pairs to train on, to validate on and to report on
         raise PipelineError(f"prepare_prefs: no {empty[0]} pairs left (pairs per split: "
                             f"{ {s: len(p) for s, p in kept.items()} }; left out: {dropped})")
@@ -63,8 +63,6 @@ def run(*, params: PreparePrefsParams, data: PrepareDataParams, enabled: bool, b
 
 
 def _sft_rows(prepared_dir: Path) -> dict[str, list]:
-    from ftpipe.preferences import SPLITS
-
     return {split: read_jsonl(prepared_dir / f"{split}.jsonl") for split in SPLITS}
 
 

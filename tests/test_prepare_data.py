@@ -13,7 +13,8 @@ from ftpipe.cleaning import NearDuplicates
 from ftpipe.errors import PipelineError
 from ftpipe.io import read_jsonl
 from ftpipe.params import PrepareDataParams
-from stages.prepare_data import SPLITS, Tally, clean, deduplicate, run, split
+from ftpipe.paths import SPLITS
+from stages.prepare_data import Tally, clean, deduplicate, run, split
 
 
 def params(path: Path | None = None, **kw) -> PrepareDataParams:
