@@ -321,9 +321,12 @@ def test_loss_only_counts_response_tokens(tiny_model_dir, monkeypatch, position_
 
 
 def test_the_shipped_model_class_takes_a_mask_of_positions(tiny_model_dir):
+    import torch
+
     from ftpipe import models
 
     assert trainer.takes_position_mask(models.load_model(tiny_model_dir))
+    assert not trainer.takes_position_mask(torch.nn.Linear(2, 2))  # a module from elsewhere
 
 
 def test_unknown_target_module_fails_naming_the_key(tmp_path, inputs):
