@@ -17,4 +17,3 @@ def check_params(params_file: Path, project_dir: Path) -> list[str]:
     if sections["dpo"].enabled and prefs.source == "file":
         check_under_raw("prepare_prefs.path", prefs.path, project_dir)
     return sorted(sections)
-

@@ -125,7 +125,7 @@ def _inputs(params: EvaluateParams, *, adapter_dir: Path, data_dir: Path, genera
 
 
 def _score_candidates(params: EvaluateParams, tokenizer, conversations: list, shots: list, text: str, *,
-                      base_dir: Path, adapter_dir: Path, data_dir: Path, dpo_dir: Path | None = None,
+                      base_dir: Path, adapter_dir: Path, seen_rows: list, dpo_dir: Path | None = None,
                       parent_dir: Path | None = None,
                       parent_version: str | None = None) -> tuple[dict, dict, dict, dict, int, OldTask | None]:
     """Base, few-shot, fine-tuned and (with `dpo_dir`) DPO: (scores, outputs, per-example scores,
@@ -150,7 +150,7 @@ def _score_candidates(params: EvaluateParams, tokenizer, conversations: list, sh
                                                                  CANDIDATES[name])
         general[name], _ = _general_perplexity(model, tokenizer, text, params, CANDIDATES[name])
     # The old task is checked on the model register registers (the last one scored).
-    old_task = (_old_task(params, tokenizer, model, parent_dir, parent_version, data_dir)
+    old_task = (_old_task(params, tokenizer, model, parent_dir, parent_version, seen_rows)
                 if parent_dir and parent_version else None)
     for name in scores:
         scores[name][metrics.GENERAL_KEY] = general[name]
@@ -158,12 +158,12 @@ def _score_candidates(params: EvaluateParams, tokenizer, conversations: list, sh
 
 
 def _old_task(params: EvaluateParams, tokenizer, tuned, parent_dir: Path, version: str,
-              data_dir: Path) -> OldTask | None:
+              seen_rows: list) -> OldTask | None:
     """Catastrophic forgetting of the previous task: the fine-tuned model and the parent champion
     it started from (v`version`, reports/train.json), both on the test split the parent was
     evaluated on (models/parent/test.jsonl; None when its run did not log one). Old test rows whose
-    prompt (normalized) is now in the train or val split are left out: new data holding them would
-    flatter the fine-tuned model's score on the old task."""
+    prompt (normalized) is now in the train or val split (`seen_rows`) are left out: new data holding
+    them would flatter the fine-tuned model's score on the old task."""
     from ftpipe import models
     from ftpipe.cleaning import norm_key
     from ftpipe.leaks import prompt_of
@@ -175,7 +175,7 @@ def _old_task(params: EvaluateParams, tokenizer, tuned, parent_dir: Path, versio
     old_file = parent_dir / models.PARENT_OLD_TEST
     if not old_file.is_file():
         return None
-    seen = {norm_key(prompt_of(r)) for split in ("train", "val") for r in read_jsonl(data_dir / f"{split}.jsonl")}
+    seen = {norm_key(prompt_of(r)) for r in seen_rows}
     every = read_jsonl(old_file)
     unseen = [r for r in every if norm_key(prompt_of(r)) not in seen]
     rows = unseen[: params.max_examples or None]
@@ -199,14 +199,17 @@ def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, ad
 
     models.set_threads(params.threads)
     rows, text = _inputs(params, adapter_dir=adapter_dir, data_dir=data_dir, general_text=general_text)
-    shots = pick_shots(read_jsonl(data_dir / "train.jsonl"), k=params.few_shot_k, seed=params.few_shot_seed)
+    train_rows = read_jsonl(data_dir / "train.jsonl")
+    shots = pick_shots(train_rows, k=params.few_shot_k, seed=params.few_shot_seed)
     train = TrainReport.read(train_report).model_dump() if train_report.is_file() else {}
     parent_version = train.get("parent_version")
+    # What the model trained and was validated on: read only for a continual fine-tune's old-task check.
+    seen_rows = train_rows + read_jsonl(data_dir / "val.jsonl") if parent_version else []
     training = training_check(train, margin=params.overfit_margin)
     tokenizer = models.load_tokenizer(base_dir)
     conversations = [r["messages"] for r in rows]
     scores, outputs, examples, general, general_tokens, old_task = _score_candidates(
-        params, tokenizer, conversations, shots, text, base_dir=base_dir, adapter_dir=adapter_dir, data_dir=data_dir,
+        params, tokenizer, conversations, shots, text, base_dir=base_dir, adapter_dir=adapter_dir, seen_rows=seen_rows,
         dpo_dir=dpo_dir, parent_dir=parent_dir, parent_version=parent_version)
     names = list(scores)  # the candidates scored, in CANDIDATES order
 

@@ -44,16 +44,15 @@ def test_old_test_rows_now_in_train_or_val_are_left_out_of_the_old_task(tmp_path
     (parent / "manifest.json").write_text(json.dumps({"model_name": "m", "version": "3"}))
     old = qa_rows(10)
     write_jsonl(parent / "test.jsonl", rows(old))
-    data = tmp_path / "prepared"
-    data.mkdir()
     seen = [{**old[1], "prompt": old[1]["prompt"].upper() + "?"}, old[4]]  # the same prompts, normalized
-    write_jsonl(data / "train.jsonl", rows(qa_rows(20, offset=50) + seen[:1]))
-    write_jsonl(data / "val.jsonl", rows(seen[1:]))
+    train_and_val = rows(qa_rows(20, offset=50) + seen[:1]) + rows(seen[1:])  # one in train, one in val
     params = EvaluateParams(max_new_tokens=2, batch_size=8)
-    found = evaluate._old_task(params, load_tokenizer(tiny_model_dir), load_model(tiny_model_dir), parent, "3", data)
+    found = evaluate._old_task(params, load_tokenizer(tiny_model_dir), load_model(tiny_model_dir), parent, "3",
+                               train_and_val)
     assert (found.examples, found.left_out_seen, found.parent) == (8, 2, "m v3")
-    write_jsonl(data / "train.jsonl", rows(old))  # every old test row trained on now: nothing to measure
-    found = evaluate._old_task(params, load_tokenizer(tiny_model_dir), load_model(tiny_model_dir), parent, "3", data)
+    # Every old test row trained on now: nothing to measure.
+    found = evaluate._old_task(params, load_tokenizer(tiny_model_dir), load_model(tiny_model_dir), parent, "3",
+                               rows(old))
     assert (found.examples, found.left_out_seen, found.finetuned) == (0, 10, {})
     reasons = []
     assert promotion._old_task(reasons, "rougeL", found, 0.1)  # not a reason to refuse the challenger
