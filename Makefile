@@ -27,12 +27,12 @@ run: $(STAMP)
 
 test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -ra --durations=25
+	$(BIN)/python -m pytest -ra --durations=25 -n 2
 
 # The quick local loop: lint and the tests not marked slow (CI runs everything with `make test`).
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -ra -m "not slow"
+	$(BIN)/python -m pytest -ra -m "not slow" -n 2
 
 $(CHROMIUM):
 	$(SUDO) apt-get update -qq

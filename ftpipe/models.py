@@ -153,13 +153,13 @@ def load_finetuned(base_dir: Path, adapter_dir: Path) -> PreTrainedModel:
     peft can merge it. Prompt-learning adapters (prefix/prompt/p-tuning) stay a PeftModel: their
     virtual tokens exist only inside peft's forward and generate.
     """
-    from peft import PeftModel
-
     adapter_dir = Path(adapter_dir)
     if (adapter_dir / MERGED / "config.json").is_file():
         return load_model(adapter_dir / MERGED)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise PipelineError(f"{adapter_dir}: no fine-tuned model found (run the train stage first)")
+    from peft import PeftModel  # here: importing peft costs about 1.2 s (bitsandbytes compiles at import)
+
     model = PeftModel.from_pretrained(load_model(base_dir), adapter_dir.resolve())
     if model.peft_config[model.active_adapter].is_prompt_learning:
         return model.eval()

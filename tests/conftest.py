@@ -8,16 +8,44 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
+# One thread for this process and every process a test starts (stages, flows, servers): the tiny
+# model gains nothing from a second one, and `make test` runs two test processes (pytest-xdist) on
+# this project's two cores, where two threads each would contend (torch honours this at import).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
+# Modules whose tests must share one xdist worker, as one unit of work: each has a module-scoped
+# fixture that is expensive (a server stack, a Prefect test server, a copy of the finished pipeline)
+# or reads the session's one flow run.
+SHARED_FIXTURE_MODULES = ("test_stack.py", "test_retrain.py", "test_register.py", "test_distributed.py",
+                          "test_train.py", "test_export.py", "test_quantize.py", "test_flow_run.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist load` (each test to the next free worker), except that each module named above goes to
+    one worker whole. xdist's own `--dist loadgroup` cannot do this with pytest 9.2: the group it
+    writes into the test id no longer takes effect (pytest-xdist issue #1386)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if Path(module).name in SHARED_FIXTURE_MODULES else nodeid
+
+    return SharedFixtureScheduling(config, log)
+
+
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -35,18 +63,47 @@ def qa_rows(n: int, offset: int = 0) -> list[dict[str, str]]:
     return rows
 
 
+def ran(output: str) -> set[str]:
+    """The stages `dvc repro` ran, from what it printed."""
+    return set(re.findall(r"Running stage '([a-z_]+)'", output))
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
 
+def once_per_run(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A new folder filled by `build(folder)` once per test run. Under xdist the workers share it: the
+    first to ask builds it while the others wait on its lock, then reuse it (the pattern xdist's docs
+    give for an expensive session fixture)."""
+    from filelock import FileLock
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # this run's folder, above each worker's own
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(root / f"{name}.lock"):
+        if not done.exists():  # not built, or a worker failed while building it
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
+    return once_per_run(tmp_path_factory, "tiny-model", _build_tiny_model)
+
+
+def _build_tiny_model(out: Path) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    out = tmp_path_factory.mktemp("tiny-model")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -66,7 +123,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -154,9 +210,9 @@ def project(tmp_path, tiny_model_dir, tiny_data, monkeypatch) -> Path:
 
 
 class Background:
-    """A command started now whose result a fixture collects later: the session's two whole pipeline
-    runs are mostly single-threaded imports, so on two cores they overlap well (the tests themselves
-    run one at a time)."""
+    """A command started now whose result a fixture collects later: in one test process the session's
+    two whole pipeline runs (one thread each) overlap on the two cores. Under xdist the worker given
+    test_flow_run.py makes the flow run, and the workers share one `built_project` (once_per_run)."""
 
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str], log: Path) -> None:
         self.log = log
@@ -192,15 +248,20 @@ def flow_run_started(tmp_path_factory, tiny_model_dir, tiny_data):
 
 
 @pytest.fixture(scope="session")
-def built_project(tmp_path_factory, tiny_model_dir, tiny_data, flow_run_started, prefect_home_started) -> Path:
+def built_project(request, tmp_path_factory, tiny_model_dir, tiny_data, prefect_home_started) -> Path:
     """The tiny project after one whole `dvc repro`, shared by the tests that start from a finished
     run (each works on its own copy: see `finished_project`)."""
-    proj = make_project(tmp_path_factory.mktemp("built") / "project", tiny_model_dir, tiny_data)
-    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=proj, env=stage_env(),
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (proj.parent / FIRST_REPRO_OUTPUT).write_text(result.stdout)  # beside the project, not in it
-    return proj
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one test process: the flow run overlaps this one
+        request.getfixturevalue("flow_run_started")
+
+    def build(folder: Path) -> None:
+        proj = make_project(folder / "project", tiny_model_dir, tiny_data)
+        result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=proj, env=stage_env(),
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (folder / FIRST_REPRO_OUTPUT).write_text(result.stdout)  # beside the project, not in it
+
+    return once_per_run(tmp_path_factory, "built", build) / "project"
 
 
 @pytest.fixture(scope="session")

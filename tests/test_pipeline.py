@@ -1,21 +1,17 @@
-"""End to end on the tiny model: dvc repro, caching, param-change reruns, MLflow registry, Prefect flow."""
+"""End to end on the tiny model: dvc repro, caching, param-change reruns, MLflow registry (the Prefect
+flow's run: test_flow_run.py)."""
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 
 import pytest
 import yaml
-from conftest import dvc, first_repro_output, register_in_process, set_param, stage, stage_env
+from conftest import dvc, first_repro_output, ran, register_in_process, set_param, stage, stage_env
 
 from flows.common import STAGES, StageFailed, dvc_repro
-
-
-def ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([a-z_]+)'", output))
 
 
 def lock_md5(proj, stage_name: str, path: str) -> str:
@@ -161,22 +157,6 @@ def test_dvc_repro_end_to_end(built_project, finished_project):
     assert str(client.get_model_version_by_alias("tiny-model", "challenger").version) == "5"
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns.db'}")
     assert len(mlflow.pyfunc.load_model("models:/tiny-model@champion").predict(["say red"])) == 1
-
-
-def test_prefect_flow_leaves_the_same_lock_as_dvc_repro(flow_run):
-    project, printed = flow_run
-    assert set(re.findall(r"stage ([a-z_]+) done in", printed)) == set(STAGES)
-    assert "| rougeL |" in printed and "perplexity (lower is better)" in printed
-    assert "Registered models:/tiny-model/1 as challenger" in printed
-    assert re.search(r"Promotion gate on rougeL: [+-]\d\.\d{4} rougeL, 95 % CI \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\] "
-                     r"over base; no champion yet: kept as challenger", printed), printed
-    assert f"--backend-store-uri sqlite:///{project / 'mlruns.db'} --host 127.0.0.1" in printed
-    lock = (project / "dvc.lock").read_text()
-    status = dvc(project, "status")
-    assert status.returncode == 0 and "up to date" in status.stdout
-    again = dvc(project, "repro")
-    assert again.returncode == 0 and ran(again.stdout) == set()
-    assert (project / "dvc.lock").read_text() == lock
 
 
 def test_bad_param_stops_the_stage_with_one_line_and_no_output(project):
