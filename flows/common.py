@@ -1,5 +1,5 @@
-"""What both flows share: running a DVC stage as a child process group, its failure, the whole
-params.yaml check before anything runs, and the retry predicate.
+"""What both flows share: running a DVC stage as a child process group (and as a Prefect task), its
+failure, the whole params.yaml check before anything runs, and the retry predicate.
 
 A stage runs as `dvc repro --single-item <stage>` in a session of its own, so that stopping the flow
 (SIGTERM from a cancelled Prefect run, Ctrl-C) stops DVC and the stage too instead of orphaning them;
@@ -13,8 +13,11 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+from prefect import get_run_logger, task
 
 from ftpipe import paths
 from ftpipe.errors import EXIT_USER_ERROR, PipelineError, terminate
@@ -164,3 +167,22 @@ def lineage_differences(project_dir: Path, latest: dict) -> list[str]:
     lock = tracking.lineage(project_dir, method="")
     return [f"dvc.lock {key} {lock[key]} differs from v{latest['version']}'s {latest['tags'][key]}"
             for key in LINEAGE_KEYS if lock[key] != latest["tags"][key]]
+
+
+@task(task_run_name="dvc repro {stage}")
+def run_stage(stage: str, project_dir: Path, force: bool = False) -> float:
+    logger = get_run_logger()
+    started = time.perf_counter()
+    dvc_repro(stage, project_dir, force)
+    elapsed = time.perf_counter() - started
+    logger.info("stage %s done in %.1f s", stage, elapsed)
+    return elapsed
+
+
+def stage_task(stage: str):
+    """The stage as a Prefect task: I/O-bound stages retried (never after bad input), others not."""
+    retries = IO_BOUND.get(stage, 0)
+    if not retries:
+        return run_stage
+    return run_stage.with_options(retries=retries, retry_delay_seconds=[5, 20, 60][:retries],
+                                  retry_condition_fn=retry_unless(is_user_error))

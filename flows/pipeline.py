@@ -11,46 +11,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.exceptions import TerminationSignal
 
 from flows.common import (
-    IO_BOUND,
     STAGES,
     StageFailed,
-    dvc_repro,
     error_exit,
     install_sigterm,
-    is_user_error,
     registry_behind,
-    retry_unless,
+    stage_task,
     stopped,
     validate_project,
 )
 from ftpipe import paths
 from ftpipe.errors import PipelineError, Terminated
-
-
-@task(task_run_name="dvc repro {stage}")
-def run_stage(stage: str, project_dir: Path, force: bool = False) -> float:
-    logger = get_run_logger()
-    started = time.perf_counter()
-    dvc_repro(stage, project_dir, force)
-    elapsed = time.perf_counter() - started
-    logger.info("stage %s done in %.1f s", stage, elapsed)
-    return elapsed
-
-
-def stage_task(stage: str):
-    retries = IO_BOUND.get(stage, 0)
-    if not retries:
-        return run_stage
-    return run_stage.with_options(retries=retries, retry_delay_seconds=[5, 20, 60][:retries],
-                                  retry_condition_fn=retry_unless(is_user_error))
 
 
 def comparison_markdown(project_dir: Path) -> str:

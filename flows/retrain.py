@@ -51,7 +51,6 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.exceptions import TerminationSignal
 
-from flows import pipeline
 from flows.common import (
     IO_BOUND,
     LINEAGE_KEYS,
@@ -63,6 +62,7 @@ from flows.common import (
     refresh_parent,
     retry_unless,
     stage_env,
+    stage_task,
     stopped,
     validate_project,
 )
@@ -223,11 +223,11 @@ def _not_killed(exc: BaseException) -> bool:
     return not killed  # DVC or the shell report 128 + signal
 
 
-def stage_task(stage: str):
+def retrain_task(stage: str):
+    """The pipeline's task for `stage`, with one retry of a compute stage a signal killed."""
     if stage in IO_BOUND or stage == "register":  # register is never rerun: it could register twice
-        return pipeline.stage_task(stage)
-    return pipeline.stage_task(stage).with_options(retries=1, retry_delay_seconds=10,
-                                                   retry_condition_fn=retry_unless(_not_killed))
+        return stage_task(stage)
+    return stage_task(stage).with_options(retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless(_not_killed))
 
 
 @flow(name="scheduled-retrain", log_prints=True)
@@ -277,7 +277,7 @@ def _retrain_locked(project_dir: Path, data_path: str | None) -> dict[str, Any]:
         # to trust a registration.json written for another store.
         force = stage == "register" and (change["latest"] is None or bool(lineage_differences(project_dir, change["latest"])))
         force = force or refresh_parent(stage, project_dir)  # continual fine-tuning: from today's champion
-        timings[stage] = stage_task(stage)(stage, project_dir, force=force)
+        timings[stage] = retrain_task(stage)(stage, project_dir, force=force)
         update_progress_artifact(progress, 100.0 * done / len(STAGES), description=f"{stage} done")
     if pushed := dvc_push(project_dir):  # what the new version's lineage names, for any clone to pull
         logger.info("dvc push to %s", pushed)
