@@ -46,6 +46,19 @@ def pytest_xdist_make_scheduler(config, log):
     return SharedFixtureScheduling(config, log)
 
 
+# Session fixtures that are a whole pipeline run of the tiny project (about a minute each).
+PIPELINE_RUNS = {"built_project", "flow_run"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(config, items) -> None:
+    """A test that starts from a whole pipeline run counts as slow too, so that `make test-fast`
+    makes no such run (`make test` runs every test)."""
+    for item in items:
+        if PIPELINE_RUNS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
