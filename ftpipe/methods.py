@@ -56,19 +56,32 @@ EAGER_MAX_LENGTH = 512  # eager keeps (batch x heads x length^2) attention weigh
 
 
 def attention_kernel(params: TrainParams, *, cuda: bool) -> str:
-    """The attn_implementation to train with: `train.attention`, or for auto eager on CPU when rows
-    are short (torch's fused attention backward is slow there) and sdpa otherwise."""
+    """The attn_implementation to train with: `train.attention`, or for auto on CPU when rows are
+    short (torch's fused attention backward is slow there) packed_rows where batches are packed and
+    eager where not, and sdpa otherwise. build() keeps eager for a model packed_rows is not made for."""
     if params.attention != "auto":
         return params.attention
-    return "eager" if not cuda and params.max_length <= EAGER_MAX_LENGTH else "sdpa"
+    if cuda or params.max_length > EAGER_MAX_LENGTH:
+        return "sdpa"
+    return "packed_rows" if packs(params) else "eager"
+
+
+def fuses_lora(params: TrainParams, *, cuda: bool) -> bool:
+    """Whether LoRA layers run through ftpipe.kernels' LoraLinear (`train.fused_lora`; auto: on CPU)."""
+    from ftpipe.params import LORA_METHODS
+
+    enabled = params.fused_lora if params.fused_lora != "auto" else not cuda
+    return enabled and params.method in LORA_METHODS
 
 
 def build(params: TrainParams, base_dir: Path, *, bf16: bool, attention: str = "sdpa") -> PreTrainedModel:
     """The base model prepared for training with `params.method`, with the given attention kernel."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from ftpipe import models
+    from ftpipe import kernels, models
 
+    packed_rows = attention == kernels.PACKED_ATTENTION
+    attention = "eager" if packed_rows else attention  # loaded as eager, switched once built
     if params.method == "qlora":
         from ftpipe.quantization import load_quantized
 
@@ -80,6 +93,8 @@ def build(params: TrainParams, base_dir: Path, *, bf16: bool, attention: str = "
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model = models.load_model(base_dir, attn_implementation=attention)
+    if packed_rows:
+        kernels.use_packed_attention(model)
     if params.method == "full":
         freeze_fixed(model, params)
         return model

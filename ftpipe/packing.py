@@ -139,3 +139,61 @@ def attention_mask(segments: torch.Tensor, *, kernel: str) -> torch.Tensor:
     if kernel == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, device=segments.device).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+
+
+def row_blocks(segments: torch.Tensor) -> dict[str, Any] | None:
+    """The packed batch cut into blocks for attention computed per row (ftpipe.kernels), so that a
+    row's scores cover the pairs it may see, not the (length x length) square of its sequence.
+
+    Each block has R query slots and P + R key slots (P the longest prefix, R the longest row): a
+    row's block queries its own tokens against the sequence's prefix (all visible) and its own
+    tokens (causal); the prefix's own queries go in blocks of R tokens against the prefix slots
+    (causal). Returns the flat positions (sequence * length + position) that each query and key
+    slot reads, the slots a query may not see (`hidden`, [blocks, R, P + R]), the query slots that
+    are real tokens and the positions their outputs go to; padding tokens get no block and a zero
+    output. None where the blocks hold more (query, key) pairs than the sequences' squares (a few
+    long rows beside many short ones): there the dense mask costs less.
+    """
+    import torch
+
+    batch, length = segments.shape
+    prefixes, rows = [], []  # flat positions: each sequence's prefix; (prefix, row) per row
+    for number, sequence in enumerate(segments.tolist()):
+        own: dict[int, list[int]] = {}
+        for position, segment in enumerate(sequence):
+            own.setdefault(segment, []).append(number * length + position)
+        prefix = own.pop(PREFIX, [])
+        own.pop(PADDING, None)
+        prefixes.append(prefix)
+        rows += [(prefix, own[segment]) for segment in sorted(own)]
+    width_prefix = max(map(len, prefixes))
+    width_own = max((len(tokens) for _, tokens in rows), default=width_prefix)
+    if not width_own:
+        return None
+    chunks = [(prefix, start) for prefix in prefixes for start in range(0, len(prefix), width_own)]
+    blocks, width = len(chunks) + len(rows), width_prefix + width_own
+    if blocks * width_own * width >= batch * length * length:
+        return None
+    query = torch.zeros(blocks, width_own, dtype=torch.long)
+    key = torch.zeros(blocks, width, dtype=torch.long)
+    allowed = torch.zeros(blocks, width_own, width, dtype=torch.bool)
+    real = torch.zeros(blocks, width_own, dtype=torch.bool)
+    causal = torch.ones(max(width_own, width_prefix), max(width_own, width_prefix), dtype=torch.bool).tril()
+    for index, (prefix, start) in enumerate(chunks):  # the prefix's queries: causal within the prefix
+        size = min(width_own, len(prefix) - start)
+        query[index, :size] = torch.tensor(prefix[start: start + size])
+        key[index, : len(prefix)] = torch.tensor(prefix)
+        allowed[index, :size, : len(prefix)] = causal[start: start + size, : len(prefix)]
+        real[index, :size] = True
+    for index, (prefix, tokens) in enumerate(rows, start=len(chunks)):
+        size = len(tokens)
+        query[index, :size] = torch.tensor(tokens)
+        key[index, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
+        key[index, width_prefix: width_prefix + size] = torch.tensor(tokens)
+        allowed[index, :size, : len(prefix)] = True
+        allowed[index, :size, width_prefix: width_prefix + size] = causal[:size, :size]
+        real[index, :size] = True
+    allowed[:, :, -1] |= ~real  # a padded query slot sees one key: no row of its scores is all hidden
+    slots = real.view(-1).nonzero().view(-1)
+    return {"query": query.view(-1), "key": key.view(-1), "hidden": ~allowed, "slots": slots,
+            "positions": query.view(-1)[slots]}

@@ -229,10 +229,17 @@ class TrainParams(_Section):
     and its own tokens only, so loss, gradients and steps are those of unpacked training, faster.
     auto: on for every method but the prompt-learning ones (their virtual tokens are added inside
     peft's forward, outside the packed attention mask)."""
-    attention: Literal["auto", "eager", "sdpa"] = "auto"
-    """Attention kernel for training. auto: eager on CPU with max_length <= 512, where torch's fused
+    attention: Literal["auto", "eager", "sdpa", "packed_rows"] = "auto"
+    """Attention kernel for training. packed_rows (ftpipe.kernels, llama-architecture models; others
+    keep eager): in packed batches each row is scored against the shared prefix and its own tokens
+    only, not the whole packed sequence, with eager's math elsewhere. auto: packed_rows on CPU with
+    packing and max_length <= 512, else eager on CPU with max_length <= 512, where torch's fused
     (flash) attention backward is slow on short chat rows (measured: LoRA on SmolLM2 trains about
     1.2-1.5x faster with eager); sdpa on CUDA and for longer rows (eager's memory grows with length^2)."""
+    fused_lora: bool | Literal["auto"] = "auto"
+    """lora / qlora / dora: run each plain LoRA layer (frozen nn.Linear, no dropout, not DoRA) as one
+    autograd function (ftpipe.kernels): the same math in fewer operations. auto: on CPU; false:
+    peft's own forward everywhere."""
     merge: bool = True
     """Also write models/adapter/merged: a standalone model (no peft needed) for serving.
     Always done for full; impossible for the prompt-learning methods (set false there)."""
@@ -267,6 +274,12 @@ class TrainParams(_Section):
         if self.packing is True and method in PROMPT_METHODS:
             raise FieldProblem("packing", f"'{method}' adds virtual tokens inside peft's forward, outside the "
                                           "attention mask that keeps packed rows apart (set packing: auto or false)")
+        if self.attention == "packed_rows" and (self.packing is False or
+                                                (self.packing == "auto" and method in PROMPT_METHODS)):
+            raise FieldProblem("attention", "packed_rows attends within packed rows; this run does not pack "
+                                            "(set packing: true, or another attention)")
+        if self.fused_lora is True and method not in LORA_METHODS:
+            raise FieldProblem("fused_lora", f"not used by method '{method}' (only {', '.join(LORA_METHODS)})")
         if self.merge and method in PROMPT_METHODS:
             raise FieldProblem("merge", f"'{method}' cannot be merged: its virtual tokens need peft at inference "
                                         "(set merge: false)")

@@ -103,6 +103,7 @@ def _setup_model(params: TrainParams, base_dir: Path, tokenizer) -> Setup:
     import torch
 
     from ftpipe import methods, models
+    from ftpipe.kernels import use_fused_lora
     from ftpipe.trainer import BF16_STORAGE_METHODS, frozen_weights_to_bf16, optimizer_name, rank
 
     cuda = torch.cuda.is_available()
@@ -111,6 +112,9 @@ def _setup_model(params: TrainParams, base_dir: Path, tokenizer) -> Setup:
     model = methods.build(params, base_dir, bf16=bf16, attention=attention)
     if bf16 and params.method in BF16_STORAGE_METHODS and params.distributed != "fsdp":  # FSDP: one dtype per block
         frozen_weights_to_bf16(model)
+    if methods.fuses_lora(params, cuda=cuda):
+        use_fused_lora(model)
+    attention = model.config._attn_implementation  # eager where packed_rows is not made for the model
     optim = optimizer_name(params, cuda=cuda)
     if params.method == "qlora" and rank() == 0:
         print(f"train: qlora optimizer {optim}" + ("" if cuda else " (no CUDA: paged 8-bit AdamW needs a GPU)"))

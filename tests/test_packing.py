@@ -108,23 +108,28 @@ def test_attention_mask_allows_own_row_and_prefix_only():
     assert ((additive == 0) == allowed).all() and additive.min() == torch.finfo(torch.float32).min
 
 
-@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+@pytest.mark.parametrize("kernel", ["eager", "sdpa", "packed_rows"])
 def test_packed_rows_train_exactly_as_rows_apart(tiny_model_dir, tokenizer, kernel):
-    """Same loss and gradients as a padded batch of the same rows, and no row sees another."""
+    """Same loss and gradients as a padded batch of the same rows, and no row sees another (for
+    packed_rows, the padded batch takes its dense path and the packed one its per-row blocks)."""
     import torch
     from transformers import DataCollatorForSeq2Seq
 
-    from ftpipe import models
+    from ftpipe import kernels, models
 
-    model = models.load_model(tiny_model_dir, attn_implementation=kernel).train()
-    rows = [chat(tokenizer, "say red", "red cat"), chat(tokenizer, "a longer question about blue things", "blue"),
-            chat(tokenizer, "say green", "green bird one")]
+    model = models.load_model(tiny_model_dir, attn_implementation="eager" if kernel == "packed_rows" else kernel)
+    assert kernel != "packed_rows" or kernels.use_packed_attention(model)
+    model.train()
+    # Rows of similar lengths, as the length-grouped sampler makes them: packed_rows takes its blocks
+    # here (one long row beside short ones would take its dense path, tested on the padded batch).
+    rows = [chat(tokenizer, q, a) for q, a in (("say red", "red cat"), ("a question on blue", "blue"),
+                                               ("say green", "green bird one"), ("name a fruit", "an apple"))]
     apart = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(
         [{**r, "attention_mask": [1] * len(r["input_ids"])} for r in rows])
     prefix = packing.shared_prefix(rows)
     assert len(prefix) > 5
     together = packing.PackedCollator(tokenizer, 256)(rows)
-    assert together["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows) - 2 * len(prefix))
+    assert together["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows) - 3 * len(prefix))
     assert int(together["real_tokens"]) == sum(len(r["input_ids"]) for r in rows)
     count = sum(x != IGNORE_INDEX for r in rows for x in r["labels"][1:])
 
@@ -148,8 +153,10 @@ def test_packed_rows_train_exactly_as_rows_apart(tiny_model_dir, tokenizer, kern
         hidden = []
         for batch in (together, changed):
             mask = packing.attention_mask(batch["segments"], kernel=kernel)
+            blocks = {"row_blocks": packing.row_blocks(batch["segments"])} if kernel == "packed_rows" else {}
+            assert blocks.get("row_blocks", True) is not None
             out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask,
-                                      position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+                                      position_ids=batch["position_ids"], use_cache=False, **blocks).last_hidden_state
             hidden.append(out[0, segments > 1])
     torch.testing.assert_close(hidden[0], hidden[1])
 

@@ -61,19 +61,21 @@ def test_lora_training_writes_every_declared_output(tmp_path, inputs):
     assert (reports / "loss.png").stat().st_size > 1000
     assert json.loads((reports / "train.json").read_text()) == summary.model_dump(mode="json")
     assert not list((tmp_path / "checkpoints").glob("*"))  # removed once the run succeeded
-    assert summary.attention == "eager"  # auto on CPU
+    assert summary.attention == "packed_rows" and summary.optimizer == "adamw_torch_fused"  # auto on CPU
     assert 0 < summary.train_s <= summary.runtime_s  # evaluation time is not training time
 
 
 def test_attention_kernel_choice_and_same_loss(tiny_model_dir, inputs):
-    """auto: eager on CPU, sdpa on CUDA; both kernels give the model the same training loss."""
+    """auto: packed_rows on CPU where batches are packed, eager where not, sdpa on CUDA; the kernels
+    give the model the same training loss on padded rows."""
     import torch
 
     from ftpipe import methods, models
     from ftpipe.chat import encode
 
     cfg = inputs[0]["train"]
-    assert methods.attention_kernel(TrainParams(**cfg), cuda=False) == "eager"
+    assert methods.attention_kernel(TrainParams(**cfg), cuda=False) == "packed_rows"
+    assert methods.attention_kernel(TrainParams(**{**cfg, "packing": False}), cuda=False) == "eager"
     assert methods.attention_kernel(TrainParams(**cfg), cuda=True) == "sdpa"
     assert methods.attention_kernel(TrainParams(**{**cfg, "max_length": 1024}), cuda=False) == "sdpa"  # memory
     assert methods.attention_kernel(TrainParams(**{**cfg, "attention": "sdpa"}), cuda=False) == "sdpa"
@@ -87,12 +89,13 @@ def test_attention_kernel_choice_and_same_loss(tiny_model_dir, inputs):
         "attention_mask": torch.tensor([[1] * len(r["labels"]) + [0] * (width - len(r["labels"])) for r in rows]),
     }
     losses = {}
-    for kernel in ("eager", "sdpa"):
-        model = models.load_model(tiny_model_dir, attn_implementation=kernel)
+    for kernel in ("eager", "sdpa", "packed_rows"):
+        model = methods.build(TrainParams(**{**cfg, "attention": kernel}), tiny_model_dir, bf16=False, attention=kernel)
         assert model.config._attn_implementation == kernel
         with torch.no_grad():
             losses[kernel] = trainer.response_only_loss(model, batch).item()
     assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-5)
+    assert losses["eager"] == pytest.approx(losses["packed_rows"], rel=1e-5)
 
 
 @pytest.mark.parametrize("method", [m for m in METHOD_OPTIONS if m != "full"])
@@ -273,6 +276,10 @@ def test_unfreezing_schedule_and_layer_learning_rates(inputs):
      "ia3_feedforward_modules"),
     ({"early_stopping_patience": 2, "eval_steps": 25, "save_steps": 30}, "save_steps"),
     ({"method": "p_tuning", "merge": False, "packing": True}, "packing"),
+    ({"method": "full", "fused_lora": True}, "fused_lora"),
+    ({"attention": "packed_rows", "packing": False}, "attention"),
+    ({"method": "p_tuning", "merge": False, "attention": "packed_rows"}, "attention"),
+    ({"attention": "flash"}, "attention"),
 ])
 def test_invalid_combination_fails_at_params_time_naming_the_key(tmp_path, overrides, key):
     import yaml
