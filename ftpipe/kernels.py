@@ -70,6 +70,8 @@ def packed_rows_attention(module, query, key, value, attention_mask, scaling: fl
     values = flat(value).index_select(0, row_blocks["key"]).view(blocks, width, kv, dim).transpose(1, 2)
     scores = torch.matmul(queries, keys.transpose(2, 3)).view(blocks, kv, heads // kv, width_own, width)
     scores = scores.masked_fill_(hidden[:, None, None], torch.finfo(scores.dtype).min)
+    # Softmax in the scores' dtype (bf16 under autocast; the kernel accumulates in fp32): its output
+    # is rounded to bf16 as eager's is, and the copy the backward keeps is half the size.
     weights = torch.softmax(scores.view(blocks, kv, -1, width), dim=-1)
     out = torch.matmul(weights, values).view(blocks, kv, heads // kv, width_own, dim)
     out = out.permute(0, 3, 1, 2, 4).reshape(blocks * width_own, heads, dim).index_select(0, row_blocks["slots"])
@@ -111,15 +113,17 @@ def use_fused_lora(model) -> int:
 
 
 def _lora_forward(self, x, *args, **kwargs):
-    """LoraLinear where the layer is a plain LoRA on a frozen nn.Linear with one active adapter and
-    no dropout; peft's own forward otherwise (merged, disabled, DoRA, dropout, mixed adapters)."""
+    """LoraLinear where the layer is a plain LoRA on a frozen nn.Linear with one active adapter, no
+    dropout and no bias on B; peft's own forward otherwise (merged, disabled, DoRA, dropout, lora_bias,
+    several adapters, a trainable base bias)."""
     import torch
 
     name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
     base = self.base_layer
     if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
             or name in self.lora_variant or type(base) is not torch.nn.Linear or base.weight.requires_grad
-            or not isinstance(self.lora_dropout[name], torch.nn.Identity)):
+            or (base.bias is not None and base.bias.requires_grad)
+            or self.lora_B[name].bias is not None or not isinstance(self.lora_dropout[name], torch.nn.Identity)):
         return type(self).forward(self, x, *args, **kwargs)
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype

@@ -195,5 +195,6 @@ def row_blocks(segments: torch.Tensor) -> dict[str, Any] | None:
         real[index, :size] = True
     allowed[:, :, -1] |= ~real  # a padded query slot sees one key: no row of its scores is all hidden
     slots = real.view(-1).nonzero().view(-1)
-    return {"query": query.view(-1), "key": key.view(-1), "hidden": ~allowed, "slots": slots,
-            "positions": query.view(-1)[slots]}
+    blocks = {"query": query.view(-1), "key": key.view(-1), "hidden": ~allowed, "slots": slots,
+              "positions": query.view(-1)[slots]}
+    return {name: tensor.to(segments.device) for name, tensor in blocks.items()}

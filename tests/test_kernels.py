@@ -148,7 +148,11 @@ def test_fused_lora_equals_peft_in_fp32_and_bf16(tiny_model_dir):
     model = lora_model(tiny_model_dir)
     ids = torch.randint(3, 300, (2, 12))
     expected_loss, expected = loss_and_grads(model, ids)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    hidden = torch.randn(2, 5, model.config.hidden_size, requires_grad=True)
+    assert type(layer(hidden).grad_fn).__name__ != "LoraLinearBackward"
     assert kernels.use_fused_lora(model) == 3 * model.config.num_hidden_layers
+    assert type(layer(hidden).grad_fn).__name__ == "LoraLinearBackward"  # the fused path is the one taken
     loss, grads = loss_and_grads(model, ids)
     assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
     assert grads.keys() == expected.keys() and all("lora_" in name for name in grads)
@@ -164,11 +168,26 @@ def test_fused_lora_equals_peft_in_fp32_and_bf16(tiny_model_dir):
 
 
 def test_fused_lora_leaves_other_layers_to_peft(tiny_model_dir):
-    """Dropout, a merged adapter and disabled adapters run peft's own forward, with its results."""
+    """Dropout, a bias on B, a merged adapter and disabled adapters run peft's own forward, with its results."""
     import torch
 
     torch.manual_seed(3)
     ids = torch.randint(3, 300, (1, 10))
+    biased = lora_model(tiny_model_dir, lora_bias=True).eval()
+    with torch.no_grad():
+        for module in biased.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_()
+        expected = biased(input_ids=ids).logits
+        kernels.use_fused_lora(biased)
+        torch.testing.assert_close(biased(input_ids=ids).logits, expected)
+    trainable_bias = lora_model(tiny_model_dir)
+    kernels.use_fused_lora(trainable_bias)
+    layer = trainable_bias.get_base_model().model.layers[0].self_attn.q_proj
+    hidden = torch.randn(1, 4, trainable_bias.config.hidden_size)
+    assert type(layer(hidden).grad_fn).__name__ == "LoraLinearBackward"
+    layer.base_layer.bias = torch.nn.Parameter(torch.zeros(layer.base_layer.out_features))  # trains: peft's path
+    assert type(layer(hidden).grad_fn).__name__ != "LoraLinearBackward"
     dropout = lora_model(tiny_model_dir, lora_dropout=0.5)
     kernels.use_fused_lora(dropout)
     torch.manual_seed(4)
