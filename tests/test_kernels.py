@@ -118,6 +118,7 @@ def test_dense_path_equals_eager_and_stays_finite_under_left_padding():
 
 
 def lora_model(tiny_model_dir, **lora):
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from ftpipe import models
@@ -125,8 +126,6 @@ def lora_model(tiny_model_dir, **lora):
     model = models.load_model(tiny_model_dir)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], **lora)
     model = get_peft_model(model, config)
-    import torch
-
     with torch.no_grad():  # B starts at zero; a random B makes the adapter's path count
         for name, param in model.named_parameters():
             if "lora_B" in name:
