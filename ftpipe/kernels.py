@@ -12,11 +12,16 @@ casts, the scaling, the sum, each with its autograd node). Two replacements, sam
   query heads scored without copying the key and value heads.
 - LoRA linear layers as one autograd function: base and adapter matmuls in the compute dtype, the
   adapter added into the base output in place, a backward written out (use_fused_lora).
-Both keep fp32 results within rounding of the stock modules (tests/test_kernels.py).
+- The loss's vocabulary projection and cross-entropy in chunks of positions, each chunk's gradient
+  taken with its loss (use_fused_loss, linear_cross_entropy): the [positions, vocabulary] logits,
+  their fp32 copy and its gradient (several hundred MB for a batch of long answers) never exist
+  whole, and the casts and fills around them go.
+All keep fp32 results within rounding of the stock modules (tests/test_kernels.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from typing import Any
@@ -168,3 +173,105 @@ def lora_linear():
             return grad_x, None, None, grad_a, grad_b, None, None
 
     return LoraLinear
+
+
+# Positions per chunk of the fused loss: [128, 49152] fp32 logits are 25 MB. Measured on SmolLM2
+# (2-core EPYC, bf16): 128 and 256 equally fast, 32 and 64 slower (thinner matmuls).
+LOSS_CHUNK = 128
+_FUSED_LOSS = "_ftpipe_fused_loss"  # marks an output head (a module attribute: never saved with the model)
+
+
+def use_fused_loss(model) -> bool:
+    """Mark the model's output head for linear_cross_entropy in ftpipe.trainer.response_only_loss;
+    False (nothing marked) where the head is not a bias-free nn.Linear whose output is the logits
+    as they are (architectures that scale or cap logits after the head are not in the list)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    if model.config.model_type not in PACKED_ATTENTION_MODELS or type(head) is not torch.nn.Linear \
+            or head.bias is not None:
+        return False
+    setattr(head, _FUSED_LOSS, True)
+    return True
+
+
+def fused_loss_head(model):
+    """The model's output head where use_fused_loss marked it, else None."""
+    head = model.get_output_embeddings()
+    return head if getattr(head, _FUSED_LOSS, False) else None
+
+
+@contextlib.contextmanager
+def head_skipped(head):
+    """Within: the head hands back its input, so the model's forward returns the hidden states of the
+    positions it keeps (logits_to_keep) instead of their logits."""
+    own = head.__dict__.get("forward")  # an instance forward already there (accelerate's hooks) stays
+    head.forward = _unchanged
+    try:
+        yield
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
+def _unchanged(hidden):
+    return hidden
+
+
+def linear_cross_entropy(hidden, weight, targets, *, chunk: int = LOSS_CHUNK):
+    """sum over rows of cross_entropy(hidden @ weight^T, targets), the logits in the compute dtype
+    (autocast's, else hidden's) and the softmax in fp32, as the stock path computes them; gradients
+    for hidden and, where it trains, weight."""
+    import torch
+
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    with torch.autocast(device, enabled=False):
+        return _linear_cross_entropy().apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                             dtype, chunk)
+
+
+@functools.cache
+def _linear_cross_entropy():
+    import torch
+
+    class LinearCrossEntropy(torch.autograd.Function):
+        """Chunk by chunk: logits, their log-sum-exp, the loss, and (softmax - one-hot) @ weight, the
+        gradient of the summed loss for that chunk's rows, kept for backward (which only scales it)."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, dtype, chunk):
+            rows, w = hidden.to(dtype), weight.to(dtype)
+            want_rows, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            grad_rows = torch.empty_like(rows) if want_rows else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=w.device) if want_weight else None
+            total = torch.zeros((), dtype=torch.float32, device=w.device)
+            for start in range(0, rows.shape[0], chunk):
+                part, target = rows[start:start + chunk], targets[start:start + chunk, None]
+                logits = torch.mm(part, w.t()).float()
+                lse = torch.logsumexp(logits, dim=1, keepdim=True)
+                total += lse.sum() - logits.gather(1, target).sum()
+                if want_rows or want_weight:
+                    probs = logits.sub_(lse).exp_()
+                    probs.scatter_add_(1, target, probs.new_full(target.shape, -1.0))
+                    probs = probs.to(dtype)
+                    if want_rows:
+                        torch.mm(probs, w, out=grad_rows[start:start + chunk])
+                    if want_weight:
+                        grad_weight += torch.mm(probs.t(), part).float()
+            ctx.save_for_backward(grad_rows, grad_weight)
+            ctx.dtypes = (hidden.dtype, weight.dtype)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad):
+            grad_rows, grad_weight = ctx.saved_tensors
+            if grad_rows is not None:
+                grad_rows = grad_rows.mul(grad.to(grad_rows.dtype)).to(ctx.dtypes[0])
+            if grad_weight is not None:
+                grad_weight = grad_weight.mul(grad).to(ctx.dtypes[1])
+            return grad_rows, grad_weight, None, None, None
+
+    return LinearCrossEntropy

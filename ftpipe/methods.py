@@ -74,6 +74,13 @@ def fuses_lora(params: TrainParams, *, cuda: bool) -> bool:
     return enabled and params.method in LORA_METHODS
 
 
+def fuses_loss(params: TrainParams, *, cuda: bool) -> bool:
+    """Whether the response-only loss runs through ftpipe.kernels' linear_cross_entropy
+    (`train.fused_loss`; auto: on CPU)."""
+    enabled = params.fused_loss if params.fused_loss != "auto" else not cuda
+    return enabled and response_only_ok(params.method)
+
+
 def build(params: TrainParams, base_dir: Path, *, bf16: bool, attention: str = "sdpa") -> PreTrainedModel:
     """The base model prepared for training with `params.method`, with the given attention kernel."""
     from peft import get_peft_model, prepare_model_for_kbit_training

@@ -240,6 +240,12 @@ class TrainParams(_Section):
     """lora / qlora / dora: run each plain LoRA layer (frozen nn.Linear, no dropout, not DoRA) as one
     autograd function (ftpipe.kernels): the same math in fewer operations. auto: on CPU; false:
     peft's own forward everywhere."""
+    fused_loss: bool | Literal["auto"] = "auto"
+    """Every method but the prompt-learning ones (whose loss is the model's own): the response-only
+    loss's vocabulary projection and cross-entropy as one function over chunks of positions
+    (ftpipe.kernels; llama-architecture models with a plain output head, others keep the stock
+    path): the same loss and gradients without the whole [positions, vocabulary] logits in memory.
+    auto: on CPU; false: the stock path everywhere."""
     merge: bool = True
     """Also write models/adapter/merged: a standalone model (no peft needed) for serving.
     Always done for full; impossible for the prompt-learning methods (set false there)."""
@@ -280,6 +286,8 @@ class TrainParams(_Section):
                                             "(set packing: true, or another attention)")
         if self.fused_lora is True and method not in LORA_METHODS:
             raise FieldProblem("fused_lora", f"not used by method '{method}' (only {', '.join(LORA_METHODS)})")
+        if self.fused_loss is True and method in PROMPT_METHODS:
+            raise FieldProblem("fused_loss", f"not used by method '{method}' (its loss is the model's own)")
         if self.merge and method in PROMPT_METHODS:
             raise FieldProblem("merge", f"'{method}' cannot be merged: its virtual tokens need peft at inference "
                                         "(set merge: false)")

@@ -60,7 +60,7 @@ def response_only_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
     """
     import torch
 
-    from ftpipe import packing
+    from ftpipe import kernels, packing
     from ftpipe.chat import IGNORE_INDEX
     from ftpipe.kernels import PACKED_ATTENTION
 
@@ -78,13 +78,19 @@ def response_only_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
     keep = targets != IGNORE_INDEX
     positions = torch.zeros_like(inputs["labels"], dtype=torch.bool)
     positions[:, :-1] = keep  # position t predicts token t + 1
-    if takes_position_mask(inner):
-        logits = model(input_ids=inputs["input_ids"], use_cache=False, logits_to_keep=positions, **mask).logits
-    else:  # the hidden states after the final norm, projected here
-        outputs = model(input_ids=inputs["input_ids"], use_cache=False, output_hidden_states=True, logits_to_keep=1,
-                        **mask)
-        logits = inner.get_output_embeddings()(outputs.hidden_states[-1][positions])
-    loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    head = kernels.fused_loss_head(inner) if takes_position_mask(inner) else None
+    if head is not None:  # the head's matmul and the cross-entropy as one function, in chunks (ftpipe.kernels)
+        with kernels.head_skipped(head):
+            hidden = model(input_ids=inputs["input_ids"], use_cache=False, logits_to_keep=positions, **mask).logits
+        loss = kernels.linear_cross_entropy(hidden, head.weight, targets[keep])
+    else:
+        if takes_position_mask(inner):
+            logits = model(input_ids=inputs["input_ids"], use_cache=False, logits_to_keep=positions, **mask).logits
+        else:  # the hidden states after the final norm, projected here
+            outputs = model(input_ids=inputs["input_ids"], use_cache=False, output_hidden_states=True,
+                            logits_to_keep=1, **mask)
+            logits = inner.get_output_embeddings()(outputs.hidden_states[-1][positions])
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
     return loss / count
 

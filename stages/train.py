@@ -103,7 +103,7 @@ def _setup_model(params: TrainParams, base_dir: Path, tokenizer) -> Setup:
     import torch
 
     from ftpipe import methods, models
-    from ftpipe.kernels import use_fused_lora
+    from ftpipe.kernels import use_fused_lora, use_fused_loss
     from ftpipe.trainer import BF16_STORAGE_METHODS, frozen_weights_to_bf16, optimizer_name, rank
 
     cuda = torch.cuda.is_available()
@@ -114,6 +114,8 @@ def _setup_model(params: TrainParams, base_dir: Path, tokenizer) -> Setup:
         frozen_weights_to_bf16(model)
     if methods.fuses_lora(params, cuda=cuda):
         use_fused_lora(model)
+    if methods.fuses_loss(params, cuda=cuda):
+        use_fused_loss(model)
     attention = model.config._attn_implementation  # eager where packed_rows is not made for the model
     optim = optimizer_name(params, cuda=cuda)
     if params.method == "qlora" and rank() == 0:

@@ -1,6 +1,6 @@
-"""ftpipe.kernels: packed_rows attention and the fused LoRA layer compute what transformers' eager
-attention and peft's LoRA layers compute (fp32 to rounding, bf16 within bf16's precision), fall back
-where they do not apply, and train params choose them."""
+"""ftpipe.kernels: packed_rows attention, the fused LoRA layer and the fused loss compute what
+transformers' eager attention, peft's LoRA layers and the stock cross-entropy compute (fp32 to
+rounding, bf16 within bf16's precision), fall back where they do not apply, and train params choose them."""
 
 from __future__ import annotations
 
@@ -218,6 +218,12 @@ def test_train_params_choose_and_check_the_kernels(tiny_model_dir, tiny_data):
     assert not methods.fuses_lora(TrainParams(**{**cfg, "fused_lora": False}), cuda=False)
     assert methods.fuses_lora(TrainParams(**{**cfg, "fused_lora": True}), cuda=True)
     assert not methods.fuses_lora(TrainParams(**{**cfg, "method": "ia3"}), cuda=False)
+    assert methods.fuses_loss(TrainParams(**cfg), cuda=False)
+    assert not methods.fuses_loss(TrainParams(**cfg), cuda=True)
+    assert not methods.fuses_loss(TrainParams(**{**cfg, "fused_loss": False}), cuda=False)
+    assert methods.fuses_loss(TrainParams(**{**cfg, "fused_loss": True}), cuda=True)
+    assert methods.fuses_loss(TrainParams(**{**cfg, "method": "full"}), cuda=False)
+    assert not methods.fuses_loss(TrainParams(**{**cfg, "method": "prompt_tuning", "merge": False}), cuda=False)
     # Rejected combinations: tests/test_train.py::test_invalid_combination_fails_at_params_time_naming_the_key
 
 
@@ -232,3 +238,106 @@ def test_packed_rows_only_for_the_architectures_it_is_made_for(tiny_model_dir):
     other = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     assert not kernels.use_packed_attention(other)
     assert other.config._attn_implementation != "packed_rows"
+
+
+@pytest.mark.parametrize("weight_trains", [False, True], ids=["frozen-head", "trained-head"])
+def test_linear_cross_entropy_equals_the_stock_loss(weight_trains):
+    """Chunked (3 rows a chunk over 10) against logits then cross_entropy: the summed loss and the
+    gradients of hidden and weight, fp32 to rounding, bf16 under autocast within bf16's precision."""
+    import torch
+
+    torch.manual_seed(5)
+    hidden = torch.randn(10, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=weight_trains)
+    targets = torch.randint(0, 50, (10,))
+
+    def stock():
+        logits = torch.nn.functional.linear(hidden, weight)
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+    def grads(loss):
+        wanted = [hidden, weight] if weight_trains else [hidden]
+        return torch.autograd.grad(loss * 0.25, wanted)  # scaled afterwards, as by a mean over tokens
+
+    expected = stock()
+    expected_grads = grads(expected)
+    ours = kernels.linear_cross_entropy(hidden, weight, targets, chunk=3)
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
+    for got, want in zip(grads(ours), expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation: the loss alone
+        assert kernels.linear_cross_entropy(hidden, weight, targets, chunk=3).item() == pytest.approx(expected.item(),
+                                                                                                      rel=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference, ours = stock(), kernels.linear_cross_entropy(hidden, weight, targets, chunk=3)
+        reference_grads = grads(reference)
+        ours_grads = grads(ours)
+    assert ours.dtype == torch.float32
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-3)  # the same bf16 logits, fp32 softmax
+    for got, want in zip(ours_grads, reference_grads):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_fused_loss_in_training_equals_the_stock_path(tiny_model_dir, monkeypatch):
+    """response_only_loss with the head marked: the same loss and adapter gradients over a padded
+    batch, the fused function being the one called, and the head its own self afterwards."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    from ftpipe import models, trainer
+    from ftpipe.chat import IGNORE_INDEX, encode
+
+    torch.manual_seed(6)
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    model = lora_model(tiny_model_dir)
+    rows = [encode(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+            for q, a in (("say red", "red cat"), ("say one two three four", "four three two one"))]
+    batch = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(
+        [{**row, "attention_mask": [1] * len(row["input_ids"])} for row in rows])
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = trainer.response_only_loss(model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected_loss, expected = loss_and_grads()
+    calls = []
+    fused = kernels.linear_cross_entropy
+    monkeypatch.setattr(kernels, "linear_cross_entropy", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    assert kernels.fused_loss_head(model) is None
+    assert kernels.use_fused_loss(model)
+    loss, grads = loss_and_grads()
+    assert calls == [1]
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
+    assert grads.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # the head projects again outside the loss
+        assert model(input_ids=batch["input_ids"]).logits.shape[-1] == model.config.vocab_size
+
+
+def test_fused_loss_only_for_plain_heads_of_known_architectures(tiny_model_dir):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ftpipe import models
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
+    assert not kernels.use_fused_loss(gpt2) and kernels.fused_loss_head(gpt2) is None
+    biased = models.load_model(tiny_model_dir)
+    head = biased.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))  # a bias the fused matmul would leave out
+    assert not kernels.use_fused_loss(biased) and kernels.fused_loss_head(biased) is None
+
+    model = models.load_model(tiny_model_dir)
+    head = model.get_output_embeddings()
+    hooked = head.forward  # an instance forward already there (as accelerate's hooks set) survives
+    head.forward = lambda hidden: hooked(hidden)
+    own = head.forward
+    with pytest.raises(RuntimeError, match="inside"):
+        with kernels.head_skipped(head):
+            assert head(torch.ones(2, 3)).shape == (2, 3)
+            raise RuntimeError("inside")
+    assert head.forward is own
