@@ -245,7 +245,8 @@ class TrainParams(_Section):
     loss's vocabulary projection and cross-entropy as one function over chunks of positions
     (ftpipe.kernels; llama-architecture models with a plain output head, others keep the stock
     path): the same loss and gradients without the whole [positions, vocabulary] logits in memory.
-    auto: on CPU; false: the stock path everywhere."""
+    auto: on CPU; false: the stock path everywhere. Not with fsdp (the head is resharded after the
+    forward, before the loss reads it)."""
     merge: bool = True
     """Also write models/adapter/merged: a standalone model (no peft needed) for serving.
     Always done for full; impossible for the prompt-learning methods (set false there)."""
@@ -288,6 +289,9 @@ class TrainParams(_Section):
             raise FieldProblem("fused_lora", f"not used by method '{method}' (only {', '.join(LORA_METHODS)})")
         if self.fused_loss is True and method in PROMPT_METHODS:
             raise FieldProblem("fused_loss", f"not used by method '{method}' (its loss is the model's own)")
+        if self.fused_loss is True and self.distributed == "fsdp" and self.processes > 1:
+            raise FieldProblem("fused_loss", "fsdp reshards the output head once the forward returns, before "
+                                             "the fused loss reads it (set fused_loss: auto or false)")
         if self.merge and method in PROMPT_METHODS:
             raise FieldProblem("merge", f"'{method}' cannot be merged: its virtual tokens need peft at inference "
                                         "(set merge: false)")

@@ -278,6 +278,7 @@ def test_unfreezing_schedule_and_layer_learning_rates(inputs):
     ({"method": "p_tuning", "merge": False, "packing": True}, "packing"),
     ({"method": "full", "fused_lora": True}, "fused_lora"),
     ({"method": "prompt_tuning", "merge": False, "fused_loss": True}, "fused_loss"),
+    ({"processes": 2, "distributed": "fsdp", "fused_loss": True}, "fused_loss"),
     ({"attention": "packed_rows", "packing": False}, "attention"),
     ({"method": "p_tuning", "merge": False, "attention": "packed_rows"}, "attention"),
     ({"attention": "flash"}, "attention"),
