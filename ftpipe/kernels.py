@@ -230,7 +230,7 @@ def linear_cross_entropy(hidden, weight, targets, *, chunk: int = LOSS_CHUNK):
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with torch.autocast(device, enabled=False):
         return _linear_cross_entropy().apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                             dtype, chunk)
+                                             dtype, chunk, torch.is_grad_enabled())
 
 
 @functools.cache
@@ -242,9 +242,11 @@ def _linear_cross_entropy():
         gradient of the summed loss for that chunk's rows, kept for backward (which only scales it)."""
 
         @staticmethod
-        def forward(ctx, hidden, weight, targets, dtype, chunk):
+        def forward(ctx, hidden, weight, targets, dtype, chunk, grad_enabled):
             rows, w = hidden.to(dtype), weight.to(dtype)
-            want_rows, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            # needs_input_grad says which inputs require grad even under no_grad (evaluation): no
+            # gradient is computed there.
+            want_rows, want_weight = (grad_enabled and needed for needed in ctx.needs_input_grad[:2])
             grad_rows = torch.empty_like(rows) if want_rows else None
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=w.device) if want_weight else None
             total = torch.zeros((), dtype=torch.float32, device=w.device)
@@ -272,6 +274,6 @@ def _linear_cross_entropy():
                 grad_rows = grad_rows.mul(grad.to(grad_rows.dtype)).to(ctx.dtypes[0])
             if grad_weight is not None:
                 grad_weight = grad_weight.mul(grad).to(ctx.dtypes[1])
-            return grad_rows, grad_weight, None, None, None
+            return grad_rows, grad_weight, None, None, None, None
 
     return LinearCrossEntropy

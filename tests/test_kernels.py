@@ -241,7 +241,7 @@ def test_packed_rows_only_for_the_architectures_it_is_made_for(tiny_model_dir):
 
 
 @pytest.mark.parametrize("weight_trains", [False, True], ids=["frozen-head", "trained-head"])
-def test_linear_cross_entropy_equals_the_stock_loss(weight_trains):
+def test_linear_cross_entropy_equals_the_stock_loss(weight_trains, monkeypatch):
     """Chunked (3 rows a chunk over 10) against logits then cross_entropy: the summed loss and the
     gradients of hidden and weight, fp32 to rounding, bf16 under autocast within bf16's precision."""
     import torch
@@ -261,13 +261,20 @@ def test_linear_cross_entropy_equals_the_stock_loss(weight_trains):
 
     expected = stock()
     expected_grads = grads(expected)
+    matmuls = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: matmuls.append(1) or mm(*a, **k))
     ours = kernels.linear_cross_entropy(hidden, weight, targets, chunk=3)
+    assert len(matmuls) == 4 * (3 if weight_trains else 2)  # 4 chunks: logits, hidden's gradient, weight's
     assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
     for got, want in zip(grads(ours), expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    with torch.no_grad():  # evaluation: the loss alone
+    matmuls.clear()
+    with torch.no_grad():  # evaluation: the loss alone, no gradient computed
         assert kernels.linear_cross_entropy(hidden, weight, targets, chunk=3).item() == pytest.approx(expected.item(),
                                                                                                       rel=1e-6)
+    assert len(matmuls) == 4
+    monkeypatch.undo()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference, ours = stock(), kernels.linear_cross_entropy(hidden, weight, targets, chunk=3)
         reference_grads = grads(reference)
