@@ -270,8 +270,8 @@ def _linear_cross_entropy():
         @staticmethod
         def backward(ctx, grad):
             grad_rows, grad_weight = ctx.saved_tensors
-            if grad_rows is not None:
-                grad_rows = grad_rows.mul(grad.to(grad_rows.dtype)).to(ctx.dtypes[0])
+            if grad_rows is not None:  # scaled in fp32: 1 / tokens rounded to bf16 would scale the whole step's gradient
+                grad_rows = grad_rows.float().mul_(grad).to(ctx.dtypes[0])
             if grad_weight is not None:
                 grad_weight = grad_weight.mul(grad).to(ctx.dtypes[1])
             return grad_rows, grad_weight, None, None, None, None
