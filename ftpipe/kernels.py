@@ -1,10 +1,10 @@
-"""Training kernels for the CPU: the math of transformers' attention and peft's LoRA layers in fewer,
-smaller operations.
+"""Training kernels for the CPU: the math of transformers' attention, peft's LoRA layers and the
+loss's vocabulary projection in fewer, smaller operations.
 
 On two CPU cores a packed LoRA step of SmolLM2 spent about a fifth of its time in eager attention,
 which scores the whole (length x length) square of a packed sequence although each row sees only
 the shared prefix and itself, and some thousands of small operations around the LoRA matmuls (input
-casts, the scaling, the sum, each with its autograd node). Two replacements, same results:
+casts, the scaling, the sum, each with its autograd node). Three replacements, same results:
 - `packed_rows` attention, registered with transformers' AttentionInterface: for a packed batch
   (ftpipe.packing.row_blocks, passed as the `row_blocks` keyword through the model's forward) each
   row's queries are scored against the prefix and the row's own keys only; any other batch (padded
@@ -205,7 +205,7 @@ def fused_loss_head(model):
 def head_skipped(head):
     """Within: the head hands back its input, so the model's forward returns the hidden states of the
     positions it keeps (logits_to_keep) instead of their logits."""
-    own = head.__dict__.get("forward")  # an instance forward already there (accelerate's hooks) stays
+    own = head.__dict__.get("forward")  # an instance forward already there (accelerate's hooks): bypassed within, restored after
     head.forward = _unchanged
     try:
         yield

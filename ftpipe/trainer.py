@@ -57,6 +57,10 @@ def response_only_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
     sees the whole computation. (Asking for the last position's logits and projecting the hidden
     states here instead also ran the output head once more per step, as a batched matmul over a
     broadcast copy of the 49k x 576 output matrix: the train stage ran 5-9 % slower that way.)
+    With train.fused_loss the head's forward hands back the kept positions' hidden states and
+    ftpipe.kernels.linear_cross_entropy does its matmul with the loss, in chunks: the head's weight
+    is then used after DDP's forward, which is fine as long as DDP does not look for unused
+    parameters in that forward (training_arguments: ddp_find_unused_parameters=False).
     """
     import torch
 
@@ -326,7 +330,9 @@ def training_arguments(params: TrainParams, *, output_dir: Path, bf16: bool, opt
         remove_unused_columns=False,
         prediction_loss_only=True,
         # Several processes (DDP): every trainable weight takes part in every step's loss, so DDP need
-        # not search the autograd graph for unused ones at each step.
+        # not search the autograd graph for unused ones at each step. Also what lets the fused loss
+        # use the output head's weight after DDP's forward (response_only_loss): a search would call
+        # an untied trainable head unused there and fail when its gradient arrives.
         ddp_find_unused_parameters=False,
         fsdp=params.distributed == "fsdp",
         fsdp_config=dict(FSDP_CONFIG) if params.distributed == "fsdp" else None,

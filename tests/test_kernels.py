@@ -286,9 +286,11 @@ def test_linear_cross_entropy_equals_the_stock_loss(weight_trains, monkeypatch):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
-def test_fused_loss_in_training_equals_the_stock_path(tiny_model_dir, monkeypatch):
-    """response_only_loss with the head marked: the same loss and adapter gradients over a padded
-    batch, the fused function being the one called, and the head its own self afterwards."""
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fused_loss_in_training_equals_the_stock_path(tiny_model_dir, monkeypatch, method):
+    """response_only_loss with the head marked: the same loss and gradients (the adapter's; for full
+    fine-tuning every weight's, the output head's included) over a padded batch, the fused function
+    being the one called, and the head its own self afterwards."""
     import torch
     from transformers import DataCollatorForSeq2Seq
 
@@ -297,7 +299,9 @@ def test_fused_loss_in_training_equals_the_stock_path(tiny_model_dir, monkeypatc
 
     torch.manual_seed(6)
     tokenizer = models.load_tokenizer(tiny_model_dir)
-    model = lora_model(tiny_model_dir)
+    model = lora_model(tiny_model_dir) if method == "lora" else models.load_model(tiny_model_dir)
+    head = model.get_output_embeddings()
+    assert head.weight.requires_grad == (method == "full")
     rows = [encode(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
             for q, a in (("say red", "red cat"), ("say one two three four", "four three two one"))]
     batch = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(
@@ -319,6 +323,7 @@ def test_fused_loss_in_training_equals_the_stock_path(tiny_model_dir, monkeypatc
     assert calls == [1]
     assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
     assert grads.keys() == expected.keys()
+    assert any("lm_head" in name or "embed_tokens" in name for name in grads) == (method == "full")
     for name, grad in expected.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     with torch.no_grad():  # the head projects again outside the loss
@@ -348,3 +353,17 @@ def test_fused_loss_only_for_plain_heads_of_known_architectures(tiny_model_dir):
             assert head(torch.ones(2, 3)).shape == (2, 3)
             raise RuntimeError("inside")
     assert head.forward is own
+
+
+def test_the_train_stage_installs_the_kernels_its_params_choose(tiny_model_dir, tiny_data):
+    from ftpipe import models
+    from stages import train
+
+    cfg = tiny_params(tiny_model_dir, tiny_data)["train"]
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    for fused in (True, False):
+        params = TrainParams(**{**cfg, "fused_loss": fused, "fused_lora": fused})
+        model = train._setup_model(params, tiny_model_dir, tokenizer).model
+        layer = model.get_base_model().model.layers[0].self_attn.q_proj
+        assert (kernels.fused_loss_head(model) is not None) == fused
+        assert ("forward" in layer.__dict__) == fused  # LoraLinear's instance forward
