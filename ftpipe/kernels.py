@@ -178,6 +178,9 @@ def lora_linear():
 # Positions per chunk of the fused loss: [128, 49152] fp32 logits are 25 MB. Measured on SmolLM2
 # (2-core EPYC, bf16): 128 and 256 equally fast, 32 and 64 slower (thinner matmuls).
 LOSS_CHUNK = 128
+# Architectures whose forward returns the output head's result as the logits, unscaled and uncapped
+# (no logit scaling or soft-capping after the head): the fused loss is used for these only.
+FUSED_LOSS_MODELS = ("llama",)
 _FUSED_LOSS = "_ftpipe_fused_loss"  # marks an output head (a module attribute: never saved with the model)
 
 
@@ -188,7 +191,7 @@ def use_fused_loss(model) -> bool:
     import torch
 
     head = model.get_output_embeddings()
-    if model.config.model_type not in PACKED_ATTENTION_MODELS or type(head) is not torch.nn.Linear \
+    if model.config.model_type not in FUSED_LOSS_MODELS or type(head) is not torch.nn.Linear \
             or head.bias is not None:
         return False
     setattr(head, _FUSED_LOSS, True)

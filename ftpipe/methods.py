@@ -70,15 +70,18 @@ def fuses_lora(params: TrainParams, *, cuda: bool) -> bool:
     """Whether LoRA layers run through ftpipe.kernels' LoraLinear (`train.fused_lora`; auto: on CPU)."""
     from ftpipe.params import LORA_METHODS
 
-    enabled = params.fused_lora if params.fused_lora != "auto" else not cuda
-    return enabled and params.method in LORA_METHODS
+    return _on(params.fused_lora, cuda=cuda) and params.method in LORA_METHODS
 
 
 def fuses_loss(params: TrainParams, *, cuda: bool) -> bool:
     """Whether the response-only loss runs through ftpipe.kernels' linear_cross_entropy
     (`train.fused_loss`; auto: on CPU)."""
-    enabled = params.fused_loss if params.fused_loss != "auto" else not cuda
-    return enabled and response_only_ok(params.method)
+    return _on(params.fused_loss, cuda=cuda) and response_only_ok(params.method)
+
+
+def _on(setting: bool | str, *, cuda: bool) -> bool:
+    """A CPU kernel's switch: true or false as set; auto on CPU only (CUDA keeps the paths measured there)."""
+    return setting if setting != "auto" else not cuda
 
 
 def build(params: TrainParams, base_dir: Path, *, bf16: bool, attention: str = "sdpa") -> PreTrainedModel:

@@ -66,14 +66,13 @@ def response_only_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
 
     from ftpipe import kernels, packing
     from ftpipe.chat import IGNORE_INDEX
-    from ftpipe.kernels import PACKED_ATTENTION
 
     inner = getattr(model, "module", model)  # the model inside a DistributedDataParallel wrapper
     if "segments" in inputs:  # packed rows (ftpipe.packing): each sees its own tokens and the shared prefix
         kernel = inner.config._attn_implementation
         mask = {"attention_mask": packing.attention_mask(inputs["segments"], kernel=kernel),
                 "position_ids": inputs["position_ids"]}
-        blocks = packing.row_blocks(inputs["segments"]) if kernel == PACKED_ATTENTION else None
+        blocks = packing.row_blocks(inputs["segments"]) if kernel == kernels.PACKED_ATTENTION else None
         if blocks is not None:  # attention per row (ftpipe.kernels); the mask serves any other path
             mask["row_blocks"] = blocks
     else:
@@ -82,13 +81,14 @@ def response_only_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
     keep = targets != IGNORE_INDEX
     positions = torch.zeros_like(inputs["labels"], dtype=torch.bool)
     positions[:, :-1] = keep  # position t predicts token t + 1
-    head = kernels.fused_loss_head(inner) if takes_position_mask(inner) else None
+    by_mask = takes_position_mask(inner)
+    head = kernels.fused_loss_head(inner) if by_mask else None
     if head is not None:  # the head's matmul and the cross-entropy as one function, in chunks (ftpipe.kernels)
         with kernels.head_skipped(head):
             hidden = model(input_ids=inputs["input_ids"], use_cache=False, logits_to_keep=positions, **mask).logits
         loss = kernels.linear_cross_entropy(hidden, head.weight, targets[keep])
     else:
-        if takes_position_mask(inner):
+        if by_mask:
             logits = model(input_ids=inputs["input_ids"], use_cache=False, logits_to_keep=positions, **mask).logits
         else:  # the hidden states after the final norm, projected here
             outputs = model(input_ids=inputs["input_ids"], use_cache=False, output_hidden_states=True,
