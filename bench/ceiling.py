@@ -125,7 +125,7 @@ def machine(shapes: Shapes) -> dict[str, Any]:
     """The machine line of a benchmark: CPU, bf16 support, threads, matmul ceilings (a few seconds)."""
     import torch
 
-    from ftpipe.models import bf16_supported
+    from ftpipe.device import bf16_supported
 
     return {"cpu": cpu_model(), **cpu_flags(), "bf16_used": bf16_supported(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "gflops": {name: round(matmul_gflops(shapes, name), 1) for name in ("fp32", "bf16")}}

@@ -1,20 +1,27 @@
-"""What both flows share: running a DVC stage as a child process group (and as a Prefect task), its
-failure, the whole params.yaml check before anything runs, and the retry predicate.
+"""What the flows share: running a DVC stage as a child process group (and as a Prefect task), its
+failure, the whole params.yaml check before anything runs, the retry predicate, and the project lock.
 
 A stage runs as `dvc repro --single-item <stage>` in a session of its own, so that stopping the flow
 (SIGTERM from a cancelled Prefect run, Ctrl-C) stops DVC and the stage too instead of orphaning them;
 the stage's own SIGTERM handler then removes its temporary outputs and keeps the previous ones.
+One flow run at a time per project (project_lock): two would meet inside DVC, whose busy error is a
+traceback and advice to delete the lock the other run holds.
+A user error ends a flow in one line: Prefect's engine logs its message without the traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -30,12 +37,73 @@ STAGES = ("validate", "prepare_base", "prepare_data", "quantize", "prepare_prefs
 # request (ftpipe.tracking.bound_http_retries).
 IO_BOUND = {"prepare_base": 2}
 STOP_TIMEOUT_S = 60  # a stage saving a model on SIGTERM gets this long before SIGKILL
+LOCK_FILE = Path(".dvc/tmp/flows.lock")  # .dvc/tmp is DVC's own git-ignored scratch folder
+BUSY_EXIT = 75  # EX_TEMPFAIL: another run holds the project; try again later
 
 
 class StageFailed(RuntimeError):
     def __init__(self, stage: str, returncode: int, detail: str):
         super().__init__(redact(f"stage '{stage}' failed (exit {returncode}): {detail}"))
         self.stage, self.returncode = stage, returncode
+
+
+class ProjectBusy(RuntimeError):
+    """Another run (a flow, a search) holds the project's lock."""
+
+    returncode = BUSY_EXIT
+
+
+_held: set[Path] = set()  # the lock files this process holds
+
+
+@contextlib.contextmanager
+def project_lock(project_dir: Path, wait_s: float = 0, *, who: str | None = None,
+                 on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the project's run lock, an fcntl lock that the kernel releases if the holder dies, waiting
+    up to `wait_s` for it (`on_wait(line)` once when it starts waiting); ProjectBusy if still held.
+    The lock file names the holder: `who` (default: this program's module), pid and start time.
+    Reentrant in one process: a CLI takes it before Prefect starts, then the flow takes it again
+    (as a deployment run, which calls the flow alone, must)."""
+    path = (Path(project_dir) / LOCK_FILE).resolve()
+    if path in _held:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+", encoding="utf-8") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                running = f"another run of {project_dir} is running ({handle.read().strip() or 'holder unknown'})"
+                if time.monotonic() >= deadline:
+                    raise ProjectBusy(f"{running}; nothing was touched, try again when it ends") from None
+                if on_wait:
+                    on_wait(f"waiting up to {wait_s:g} s: {running}")
+                    on_wait = None
+                time.sleep(0.5)
+        handle.truncate(0)
+        handle.write(f"{who or _program()} pid {os.getpid()} since {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC\n")
+        handle.flush()
+        _held.add(path)
+        try:
+            yield
+        finally:
+            _held.discard(path)
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _program() -> str:
+    """`flows.pipeline` for `python -m flows.pipeline`, else the script's name."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name if spec else Path(sys.argv[0]).name or "python"
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def stage_env() -> dict[str, str]:
@@ -109,6 +177,42 @@ def retry_unless(is_final: Callable[[BaseException], bool]):
 def is_user_error(exc: BaseException) -> bool:
     """Bad input: retrying cannot help."""
     return isinstance(exc, PipelineError) or (isinstance(exc, StageFailed) and exc.returncode == EXIT_USER_ERROR)
+
+
+def is_expected(exc: BaseException) -> bool:
+    """A failure that its one line explains: a user error, or the project busy."""
+    return is_user_error(exc) or isinstance(exc, ProjectBusy)
+
+
+class _NoTracebackForExpected(logging.Filter):
+    """Prefect's engine logs a task's or flow's exception with its traceback ("Encountered exception
+    during execution"): for an expected failure the message alone, as the CLI then prints it; a
+    crash keeps its traceback. The flow run is Failed either way."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and is_expected(record.exc_info[1]):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+class _NoServerStopNotice(logging.Filter):
+    """Prefect's temporary server says it stopped after the flow's last line (an error's, the
+    summary's): housekeeping that every run does, which would leave the error one line above the end."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Stopping temporary server on ")
+
+
+def quiet_prefect_logs() -> None:
+    """Install both filters on the loggers that Prefect's engine and temporary server log with (once)."""
+    for name, kind in (("prefect.flow_runs", _NoTracebackForExpected), ("prefect.task_runs", _NoTracebackForExpected),
+                       ("prefect", _NoServerStopNotice)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
+
+
+quiet_prefect_logs()  # on import: the CLIs and the deployment runs (which import the flow module) alike
 
 
 def error_exit(exc: BaseException) -> int:

@@ -4,7 +4,9 @@ Each task is `dvc repro --single-item <stage>`, so DVC decides what is stale and
 one record of lineage: a flow run and a plain `dvc repro` leave the same lock. The flow holds
 ordering, retries (I/O-bound stages only, never bad input), timings and the final report.
 With no Prefect server configured, Prefect starts a temporary local one.
-Run: python -m flows.pipeline [--project-dir DIR]
+One run at a time per project (flows.common.project_lock, taken before Prefect starts): a second
+exits 75 with one line naming the first, or waits for it with --wait S.
+Run: python -m flows.pipeline [--project-dir DIR] [--wait S]
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from prefect.exceptions import TerminationSignal
 
 from flows.common import (
     STAGES,
+    ProjectBusy,
     StageFailed,
     error_exit,
     install_sigterm,
+    project_lock,
     registry_behind,
+    say,
     stage_task,
     stopped,
     validate_project,
@@ -41,12 +46,17 @@ def comparison_markdown(project_dir: Path) -> str:
 @flow(name="finetune-pipeline", log_prints=True)
 def pipeline(project_dir: Path = Path(".")) -> dict[str, Any]:
     """prepare_base -> prepare_data -> train -> evaluate -> register, each through DVC."""
+    project_dir = Path(project_dir).resolve()
+    with project_lock(project_dir, who="flows.pipeline"):  # main() holds it already; a direct call takes it
+        return _pipeline_locked(project_dir)
+
+
+def _pipeline_locked(project_dir: Path) -> dict[str, Any]:
     from prefect.artifacts import create_markdown_artifact
 
     from ftpipe.promotion import gate_line
     from ftpipe.schemas import RegistrationReport
 
-    project_dir = Path(project_dir).resolve()
     validate_project(project_dir)  # before DVC touches anything; --single-item skips upstream stages
     timings = {}
     for stage in STAGES:
@@ -107,16 +117,21 @@ def print_summary(result: dict[str, Any], project_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project-dir", type=Path, default=Path("."))
+    parser.add_argument("--wait", type=float, default=0, metavar="S",
+                        help="seconds to wait for another run of the project to end (default: exit at once)")
     args = parser.parse_args(argv)
     install_sigterm()
+    project_dir = args.project_dir.resolve()
     try:
-        validate_project(args.project_dir.resolve())  # a bad params.yaml: one line, no Prefect start-up
-        result = pipeline(project_dir=args.project_dir)
-    except (PipelineError, StageFailed) as exc:
+        # Busy or a bad params.yaml: one line, no Prefect start-up.
+        with project_lock(project_dir, args.wait, who="flows.pipeline", on_wait=say):
+            validate_project(project_dir)
+            result = pipeline(project_dir=project_dir)
+            print_summary(result, project_dir)
+    except (PipelineError, StageFailed, ProjectBusy) as exc:
         return error_exit(exc)
     except (TerminationSignal, Terminated, KeyboardInterrupt) as exc:
         return stopped(exc)
-    print_summary(result, args.project_dir.resolve())
     return 0
 
 

@@ -6,9 +6,9 @@ latest registered version (the last run never reached the registry). Nothing cha
 change" report and no training. Changed: the pipeline's stages through DVC (unchanged ones are
 skipped), the new version registered as challenger, the promotion gate, a markdown report; with a
 default DVC remote set (e.g. `python -m ftpipe.stack remote`), `dvc push` of the outputs after the stages.
-One retraining at a time per project: an fcntl lock in .dvc/tmp/ (released by the kernel if the
-holder dies), plus one run at a time on the deployment (`limit=1` when served, a deployment
-concurrency limit of 1 in a work pool).
+One run at a time per project: the project lock the pipeline flow takes too (flows.common.project_lock;
+a scheduled run that finds it held reports "skipped" and touches nothing), plus one run at a time on
+the deployment (`limit=1` when served, a deployment concurrency limit of 1 in a work pool).
 Run once:  python -m flows.retrain [--project-dir DIR] [--data-path data/raw/train.jsonl] [--wait S]
 Serve:     python -m flows.retrain --serve [--cron "0 3 * * *"]   (default cron: params.yaml retrain.cron)
 
@@ -37,14 +37,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +51,15 @@ from flows.common import (
     IO_BOUND,
     LINEAGE_KEYS,
     STAGES,
+    ProjectBusy,
     StageFailed,
     error_exit,
     install_sigterm,
     lineage_differences,
+    project_lock,
     refresh_parent,
     retry_unless,
+    say,
     stage_env,
     stage_task,
     stopped,
@@ -70,41 +69,7 @@ from ftpipe import paths
 from ftpipe.errors import PipelineError, Terminated
 from ftpipe.paths import RAW_DIR  # a dep of prepare_data in dvc.yaml: DVC hashes whatever lands here
 
-LOCK_FILE = Path(".dvc/tmp/retrain.lock")  # .dvc/tmp is DVC's own git-ignored scratch folder
-BUSY_EXIT = 75  # EX_TEMPFAIL: another retraining runs; try again later
 DEPLOYMENT = "scheduled-retrain"  # --serve and --deploy apply the same one: never two schedules
-
-
-class ProjectBusy(RuntimeError):
-    pass
-
-
-@contextlib.contextmanager
-def project_lock(project_dir: Path, wait_s: float = 0) -> Iterator[None]:
-    """Hold the project's retraining lock, waiting up to `wait_s` for it; ProjectBusy if still held."""
-    path = Path(project_dir) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+", encoding="utf-8") as handle:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    handle.seek(0)
-                    holder = handle.read().strip() or "another process"
-                    raise ProjectBusy(f"another retraining of {project_dir} is running ({holder}); "
-                                      f"nothing was touched, try again when it ends") from None
-                time.sleep(0.5)
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()} since {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.truncate(0)
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def use_data_path(project_dir: Path, data_path: str) -> bool:
@@ -236,8 +201,8 @@ def retrain(project_dir: Path = Path("."), data_path: str | None = None, lock_wa
     from prefect.artifacts import create_markdown_artifact
 
     project_dir = Path(project_dir).resolve()
-    try:
-        with project_lock(project_dir, lock_wait_s):
+    try:  # main() holds it already; a deployment run takes it here
+        with project_lock(project_dir, lock_wait_s, who="flows.retrain", on_wait=get_run_logger().info):
             return _retrain_locked(project_dir, data_path)
     except ProjectBusy as exc:
         get_run_logger().warning(str(exc))
@@ -354,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--project-dir", type=Path, default=Path("."))
     parser.add_argument("--data-path", help=f"training data file under {RAW_DIR}/ (sets prepare_data.path)")
     parser.add_argument("--wait", type=float, default=0, metavar="S",
-                        help="seconds to wait for a running retraining (default: exit at once)")
+                        help="seconds to wait for another run of the project to end (default: exit at once)")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--serve", action="store_true", help="serve as a deployment on a cron schedule")
     how.add_argument("--deploy", action="store_true",
@@ -365,25 +330,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.deploy != bool(args.pool):
         parser.error("--deploy and --pool go together")
     install_sigterm()
+    project_dir = args.project_dir.resolve()
+    # A run now takes the project lock before Prefect starts (busy: one line, no start-up); a
+    # scheduled run takes it in the flow.
+    scheduling = args.serve or args.deploy
+    lock = contextlib.nullcontext() if scheduling else project_lock(project_dir, args.wait, who="flows.retrain", on_wait=say)
     try:
-        if not args.data_path:  # with one, the flow points params.yaml at it first, then checks
-            validate_project(args.project_dir.resolve())
-        if args.serve:
-            serve(project_dir=args.project_dir, cron=args.cron, data_path=args.data_path)
-            return 0
-        if args.deploy:
-            deployment_id = deploy(project_dir=args.project_dir, pool=args.pool, cron=args.cron, data_path=args.data_path)
-            print(f"deployment {retrain.name}/{DEPLOYMENT} ({deployment_id}) on work pool {args.pool}; "
-                  f"runs need a worker: prefect worker start --pool {args.pool}")
-            return 0
-        result = retrain(project_dir=args.project_dir, data_path=args.data_path, lock_wait_s=args.wait)
-    except (PipelineError, StageFailed) as exc:
+        with lock:
+            if not args.data_path:  # with one, the flow points params.yaml at it first, then checks
+                validate_project(project_dir)
+            if args.serve:
+                serve(project_dir=args.project_dir, cron=args.cron, data_path=args.data_path)
+                return 0
+            if args.deploy:
+                deployment_id = deploy(project_dir=args.project_dir, pool=args.pool, cron=args.cron,
+                                       data_path=args.data_path)
+                print(f"deployment {retrain.name}/{DEPLOYMENT} ({deployment_id}) on work pool {args.pool}; "
+                      f"runs need a worker: prefect worker start --pool {args.pool}")
+                return 0
+            result = retrain(project_dir=project_dir, data_path=args.data_path)
+    except (PipelineError, StageFailed, ProjectBusy) as exc:
         return error_exit(exc)
     except (TerminationSignal, Terminated, KeyboardInterrupt) as exc:
         return stopped(exc)
-    if result["status"] == "busy":
-        print(f"busy: {result['message']}", file=sys.stderr)
-        return BUSY_EXIT
     print(result["report"])
     return 0
 

@@ -1,9 +1,14 @@
-"""Train/eval leak checks: exact, normalized, near-duplicate and long n-gram overlap.
+"""Train/eval leak checks: exact, normalized, near-duplicate, typo-level and long n-gram overlap.
 
 Each evaluation row is checked against the whole training split. Kinds, strongest first:
 - exact_prompt / exact_pair: identical prompt, or identical prompt and response;
 - normalized_prompt / normalized_pair: equal once case, punctuation and whitespace are ignored;
 - near_prompt / near_pair: MinHash-confirmed Jaccard >= threshold (one-word edits, reorderings);
+- typo_pair: the normalized response equals a training response (any length) and the prompts differ by
+  one typing slip or inflection (`typo_close`): a short prompt edited by one character ("doess",
+  "nouns") drops a pair's word-bigram Jaccard under 0.8 when the text has fewer than ~14 words, and a
+  short answer is under `min_response_words`. Slot words of a shared template ("What does the noun
+  'cat' / 'dog' / 'bat' mean?" with the same answer) do not count: see `typo_close`;
 - same_response: the normalized response equals a training response of at least `min_response_words`
   words, whatever the prompts (a short prompt edited by a word barely moves the pair's Jaccard
   when the answer is long, yet the answer is the label being tested); the minimum keeps common
@@ -19,9 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftpipe.cleaning import NearDuplicates, ngrams, norm_key
+from ftpipe.typos import TYPO_MAX_WORDS, typo_key, typo_pairs
 
 KINDS = ("exact_pair", "exact_prompt", "normalized_pair", "normalized_prompt", "near_pair", "near_prompt",
-         "same_response", "ngram")
+         "typo_pair", "same_response", "ngram")
 
 
 def prompt_of(record: dict[str, Any]) -> str:
@@ -78,10 +84,12 @@ def find_leaks(train: list[dict[str, Any]], eval_sets: dict[str, list[dict[str, 
     texts, prompts = [text_of(r) for _, r in named], [prompt_of(r) for _, r in named]
     near_texts = _near_ids(near, texts, tables["exact_pair"])
     near_prompts = _near_ids(near, prompts, tables["exact_prompt"])
+    typos = _typo_ids(train, [r for _, r in named])
     leaks = []
-    for (name, record), text, prompt, hits_text, hits_prompt in zip(named, texts, prompts, near_texts, near_prompts):
+    for (name, record), text, prompt, hits_text, hits_prompt, typo in zip(named, texts, prompts, near_texts,
+                                                                          near_prompts, typos):
         found = _strongest(tables, grams, ngram, text, prompt, response_key(record, min_response_words), hits_text,
-                           hits_prompt)
+                           hits_prompt, typo)
         if found:
             kind, train_id = found
             leaks.append(Leak(kind, name, record["id"], train_id, text, text_of(by_id[train_id])))
@@ -94,7 +102,26 @@ def _near_ids(near: NearDuplicates, queries: list[str], table: dict[str, str]) -
     return [[ids[j] for j in hits] for hits in near.matches(queries, list(table))]
 
 
-def _strongest(tables, grams, ngram, text, prompt, response, hits_text, hits_prompt) -> tuple[str, str] | None:
+def _typo_ids(train: list[dict[str, Any]], queries: list[dict[str, Any]]) -> list[str | None]:
+    """Per query row, the smallest id of the training rows it is a `typo_pair` of (None if none)."""
+    owners: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for r in train:
+        owners.setdefault(typo_key(r), []).append(r["id"])
+    asked = [typo_key(r) for r in queries]
+    responses = {key[0] for key in asked}
+    # Only responses on both sides can pair; a query equal to a training prompt is normalized_prompt.
+    items = [key for key in owners if key[0] in responses and len(key[1]) <= TYPO_MAX_WORDS]
+    is_train = len(items)
+    known = {key[0] for key in items}
+    items += dict.fromkeys(k for k in asked if k[0] in known and k not in owners and len(k[1]) <= TYPO_MAX_WORDS)
+    best: dict[tuple[str, tuple[str, ...]], str] = {}
+    for a, b in typo_pairs(items, lambda a, b: a < is_train <= b):
+        train_id = min(owners[items[a]])
+        best[items[b]] = min(best.get(items[b], train_id), train_id)
+    return [best.get(key) for key in asked]
+
+
+def _strongest(tables, grams, ngram, text, prompt, response, hits_text, hits_prompt, typo) -> tuple[str, str] | None:
     for kind, key in (("exact_pair", text), ("exact_prompt", prompt),
                       ("normalized_pair", norm_key(text)), ("normalized_prompt", norm_key(prompt))):
         if key in tables[kind]:
@@ -102,6 +129,8 @@ def _strongest(tables, grams, ngram, text, prompt, response, hits_text, hits_pro
     for kind, hits in (("near_pair", hits_text), ("near_prompt", hits_prompt)):
         if hits:
             return kind, min(hits)
+    if typo is not None:
+        return "typo_pair", typo
     if response in tables["same_response"]:
         return "same_response", tables["same_response"][response]
     for g in ngrams(text, ngram):

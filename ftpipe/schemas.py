@@ -85,6 +85,7 @@ class DataReport(_Report):
     rows_out: int
     near_duplicate_clusters: int
     split_groups: int
+    split_rows_reassigned: int = 0  # rows whose own draw (ftpipe.splits) differs from their group's split
     splits: dict[str, int]
     leaks: Leaks
     leak_action: str
@@ -218,6 +219,8 @@ class ChampionScores(_Nested):
     run_id: str
     metrics: dict[str, float]  # on this test split
     logged_metrics: dict[str, float]  # what its own run logged when it was registered
+    examples: int | None = None  # test rows it was scored on (the split's rows it did not train on)
+    left_out_trained: int | None = None  # test rows left out because it trained on them; None: not known
 
 
 class RegistrationReport(_Report):

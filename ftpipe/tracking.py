@@ -1,14 +1,20 @@
 """MLflow location and lineage: where runs go, and what exactly produced a model.
 
 Tracking defaults to a sqlite database and an artifact folder inside the project, so the pipeline
-and the MLflow UI work offline; MLFLOW_TRACKING_URI overrides. Credentials that a URI may carry
-are never printed or logged.
+and the MLflow UI work offline; MLFLOW_TRACKING_URI overrides. The project is the one DVC names
+(DVC_ROOT): an experiment that DVC runs in a temporary workspace records in the project that queued
+it, not in the throw-away folder. A store copied with its project (a second checkout, a moved
+folder) is pointed at the copy's own artifact folder before use, so the copy never writes into the
+original's. Credentials that a URI may carry are never printed or logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +35,61 @@ HTTP_DEFAULTS = {
 }
 
 
+def project_root(cwd: Path = Path(".")) -> Path:
+    """The project a stage records for: DVC_ROOT, which DVC sets for every stage it runs (for an
+    experiment in a temporary workspace, the project the experiment belongs to); else `cwd`."""
+    root = os.environ.get("DVC_ROOT")
+    if root and (Path(root) / ".dvc").is_dir():
+        return Path(root).resolve()
+    return Path(cwd).resolve()
+
+
 def tracking_uri(project_dir: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(project_dir).resolve() / DB_FILE}"
+    """The store's URI. Every reader and writer of the project's store asks here, so this is where a
+    copied project's store is made its own (`own_store`)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    own_store(Path(project_dir).resolve())
+    return f"sqlite:///{Path(project_dir).resolve() / DB_FILE}"
+
+
+def own_store(project_dir: Path) -> None:
+    """Point a local store's artifact locations at this project's folder when they name another
+    project's (the store was copied or moved with its project): MLflow records absolute locations,
+    so a copy would otherwise log and register into the original's folder without a word. A copy
+    without its artifact folder is refused: its models would be missing."""
+    from ftpipe.errors import PipelineError
+
+    db, mine = project_dir / DB_FILE, project_dir / ARTIFACT_DIR
+    if not db.is_file():
+        return
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        try:
+            locations = [row[0] for row in con.execute("SELECT artifact_location FROM experiments")]
+        except sqlite3.DatabaseError:
+            return  # not a store MLflow has set up yet: MLflow says what is wrong when it opens it
+        foreign = sorted({Path(loc.removeprefix("file://")).parent for loc in locations
+                          if loc and loc.startswith("file:///") and Path(loc.removeprefix("file://")).name == ARTIFACT_DIR
+                          and Path(loc.removeprefix("file://")) != mine})
+        if not foreign:
+            return
+        if not mine.is_dir():
+            raise PipelineError(f"{db}: its runs' artifacts are in {foreign[0] / ARTIFACT_DIR}, and this project "
+                                f"({project_dir}) has no {ARTIFACT_DIR}/: copy that folder here too")
+        tables = [row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        with con:
+            for old in foreign:
+                for table in tables:
+                    for column in [c[1] for c in con.execute(f'PRAGMA table_info("{table}")') if c[2].upper()
+                                   in ("TEXT", "VARCHAR") or c[2].upper().startswith("VARCHAR")]:
+                        for before, after in ((f"{(old / ARTIFACT_DIR).as_uri()}", mine.as_uri()),
+                                              (f"{old / ARTIFACT_DIR}", str(mine))):
+                            con.execute(f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
+                                        f'WHERE substr("{column}", 1, ?) = ? AND (length("{column}") = ? OR '
+                                        f'substr("{column}", ?, 1) = \'/\')',
+                                        (after, len(before) + 1, len(before), before, len(before), len(before) + 1))
+    print(f"warning: {db} recorded its artifacts in {', '.join(str(f / ARTIFACT_DIR) for f in foreign)} (another "
+          f"copy of this project): now in {mine}", file=sys.stderr)
 
 
 def artifact_location(project_dir: Path) -> str | None:
@@ -97,6 +156,12 @@ def lineage(project_dir: Path, *, method: str) -> dict[str, str]:
         "dpo_md5": pick(f"dpo:{paths.DPO_DIR}"),
         "method": method,
     }
+
+
+def experiment() -> dict[str, str]:
+    """Tags naming the DVC experiment a stage runs in (`dvc exp run`, queued or not); {} outside one."""
+    names = {"dvc_experiment": "DVC_EXP_NAME", "dvc_baseline_rev": "DVC_EXP_BASELINE_REV"}
+    return {tag: os.environ[var] for tag, var in names.items() if os.environ.get(var)}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -37,7 +37,7 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
         return report
     from transformers import set_seed
 
-    from ftpipe import models
+    from ftpipe import device, models
 
     models.set_threads(params.threads)
     set_seed(params.seed)
@@ -45,7 +45,7 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
     pairs, too_long = _setup_pairs(params, prefs_dir, tokenizer)
     start, described = _start_model(params, base_dir, adapter_dir)
     before = _margin(start, tokenizer, pairs["test"], params)
-    bf16 = params.precision == "bf16" or (params.precision == "auto" and models.bf16_supported())
+    bf16 = params.precision == "bf16" or (params.precision == "auto" and device.bf16_supported())
     with tempfile.TemporaryDirectory(prefix="dpo-") as scratch:  # TRL's output_dir; nothing is saved there
         trainer = _setup_trainer(params, start, tokenizer, pairs, Path(scratch), bf16)
         started = time.perf_counter()
@@ -108,12 +108,13 @@ def _setup_trainer(params: DpoParams, start, tokenizer, pairs, scratch: Path, bf
     import torch
     from trl import DPOTrainer
 
+    from ftpipe.callbacks import final_step_callback
     from ftpipe.dpo import arguments, lora_config, to_dataset
 
     args = arguments(params, output_dir=scratch, bf16=bf16, cuda=torch.cuda.is_available())
     return DPOTrainer(model=start, args=args, train_dataset=to_dataset(pairs["train"]),
                       eval_dataset=to_dataset(pairs["val"]), processing_class=tokenizer,
-                      peft_config=lora_config(params))
+                      peft_config=lora_config(params), callbacks=[final_step_callback()])
 
 
 def _test_metrics(trainer, pairs) -> dict[str, float]:

@@ -10,7 +10,6 @@ Run: python -m stages.prepare_data
 
 from __future__ import annotations
 
-import random
 import sys
 from collections import defaultdict
 from dataclasses import asdict
@@ -150,12 +149,18 @@ def _clusters(texts: list[str], near, links=()) -> list[int]:
     return [find(i) for i in range(len(texts))]
 
 
-def split(records: list[dict[str, Any]], params: PrepareDataParams, near) -> tuple[dict[str, list], int]:
-    """Deterministic split by groups: rows that share a normalized prompt, have near-duplicate
-    prompts, share a long n-gram or a long response always land in the same split, so the leak
-    checks never flag a pair the split itself separated."""
+def split(records: list[dict[str, Any]], params: PrepareDataParams, near) -> tuple[dict[str, list], int, int]:
+    """Split by groups that never move (ftpipe.splits): rows that share a normalized prompt, have
+    near-duplicate prompts, share a long n-gram or a long response, or give the same answer to
+    prompts one typing slip apart (ftpipe.typos) form a group, which takes one
+    split for all its rows (so the leak checks never flag a pair the split itself separated). Each
+    row draws its split from a seeded hash of its own prompt; a group takes train if any of its rows
+    drew train, else val if any drew val, else test. Returns (splits, groups, rows reassigned: rows
+    whose own draw differs from their group's split)."""
     from ftpipe.cleaning import ngrams, norm_key
     from ftpipe.leaks import prompt_of, response_key, text_of
+    from ftpipe.splits import draw, group_split, prompt_key, row_split
+    from ftpipe.typos import typo_links
 
     links, owner = [], {}
     for i, record in enumerate(records):
@@ -166,20 +171,37 @@ def split(records: list[dict[str, Any]], params: PrepareDataParams, near) -> tup
             j = owner.setdefault(key, i)
             if j != i:
                 links.append((i, j))
+    links += typo_links(records)  # the same answer to prompts one typing slip apart
     labels = _clusters([prompt_of(r) for r in records], near, links)
-    groups: dict[int, list] = defaultdict(list)
-    for record, label in zip(records, labels):
-        groups[label].append(record)
-    order = sorted(groups, key=lambda g: min(norm_key(text_of(r)) for r in groups[g]))
-    random.Random(params.seed).shuffle(order)
-    targets = {"test": params.test_fraction * len(records), "val": params.val_fraction * len(records)}
+    fractions = {"seed": params.seed, "test_fraction": params.test_fraction, "val_fraction": params.val_fraction}
+    drawn = [row_split(r, **fractions) for r in records]
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        members[label].append(i)
+    place = {label: group_split([drawn[i] for i in rows]) for label, rows in members.items()}
+    _fill_empty(place, members, records, params.seed)
     out: dict[str, list] = {name: [] for name in SPLITS}
-    for label in order:
-        name = next((n for n in ("test", "val") if len(out[n]) < targets[n]), "train")
-        out[name].extend(groups[label])
+    # Each split in the order of its rows' draws: shuffled, and the same order whatever else is added,
+    # so `evaluate.max_examples` takes a random sample, not the first files of the data.
+    for i in sorted(range(len(records)), key=lambda i: (draw(prompt_key(records[i]["messages"][:-1]), params.seed), i)):
+        out[place[labels[i]]].append(records[i])
     for name in SPLITS:
         out[name] = [{"id": f"{name}-{i:06d}", **r} for i, r in enumerate(out[name])]
-    return out, len(groups)
+    reassigned = sum(1 for i, label in enumerate(labels) if drawn[i] != place[label])
+    return out, len(members), reassigned
+
+
+def _fill_empty(place: dict[int, str], members: dict[int, list[int]], records: list, seed: int) -> None:
+    """Data too small for the draws to fill an evaluation split: it takes the training group whose
+    smallest draw is lowest (deterministic; only data of a few dozen rows ever needs it)."""
+    from ftpipe.splits import draw, prompt_key
+
+    for name in ("test", "val"):
+        if name in place.values():
+            continue
+        train = [label for label, where in place.items() if where == "train"]
+        if len(train) > 1:
+            place[min(train, key=lambda g: min(draw(prompt_key(records[i]["messages"][:-1]), seed) for i in members[g]))] = name
 
 
 def gate(splits: dict[str, list], externals: dict[str, list], params: PrepareDataParams, near,
@@ -242,7 +264,7 @@ def run(*, params: PrepareDataParams, out_dir: Path, reports_dir: Path, tokenize
     if not kept:
         reasons = ", ".join(f"{rule}={c['dropped']}" for rule, c in tally.counts.items() if c.get("dropped")) or "no rows"
         raise PipelineError(f"{source}: no usable rows after cleaning (rows in: {rows_in}; dropped: {reasons})")
-    splits, groups = split(kept, params, near)
+    splits, groups, reassigned = split(kept, params, near)
     empty = [name for name in SPLITS if not splits[name]]
     if empty:
         raise PipelineError(f"{source}: {len(kept)} usable rows are too few to fill the {', '.join(empty)} split(s)")
@@ -258,6 +280,7 @@ def run(*, params: PrepareDataParams, out_dir: Path, reports_dir: Path, tokenize
         rows_out=sum(len(splits[n]) for n in SPLITS),
         near_duplicate_clusters=clusters,
         split_groups=groups,
+        split_rows_reassigned=reassigned,
         splits={name: len(splits[name]) for name in SPLITS},
         leaks={**count_by_kind(leaks), "total": len(leaks)},
         leak_action=params.leak_action,

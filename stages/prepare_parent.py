@@ -80,7 +80,7 @@ def main() -> None:
     train = load_section("train", TrainParams)
     name = load_section("register", RegisterParams).model_name
     tracking.bound_http_retries()
-    manifest = run(init_from=train.init_from, model_name=name, tracking_uri=tracking.tracking_uri(Path(".")),
+    manifest = run(init_from=train.init_from, model_name=name, tracking_uri=tracking.tracking_uri(tracking.project_root()),
                    out_dir=PARENT_DIR)
     if manifest.get("version"):
         print(f"prepare_parent: {name} v{manifest['version']} (champion) -> {PARENT_DIR}")

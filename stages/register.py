@@ -54,6 +54,8 @@ REPORT_ARTIFACTS = (paths.DATA_REPORT, paths.DATA_REPORT_MD, paths.LEAKS, paths.
                     paths.EXPORT_MD, paths.PREFS_REPORT, paths.DPO_REPORT)
 # Lineage tags that make a registered version this very model.
 SAME_MODEL_TAGS = ("adapter_md5", "base_model_md5", "dpo_md5")
+# The prompt digests of a version's training rows, logged with its run (ftpipe.splits.prompt_digests).
+TRAINED_ON = "data/train_prompts.json"
 # The model's own runtime needs; explicit because MLflow's inference imports torchvision, which is absent.
 MODEL_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
 
@@ -109,6 +111,8 @@ def run(
                 _log_gate(decision)
                 # The split this version is evaluated on: a continual fine-tune from it scores it again.
                 mlflow.log_artifact(str(data_dir / "test.jsonl"), artifact_path="data")
+                # What it trained on (prompt digests): a later run scoring it again leaves those rows out.
+                mlflow.log_dict(_trained_on(data_dir), TRAINED_ON)
                 version = log_model(params.model_name, base_dir, dpo_dir or adapter_dir,
                                     tags=_version_tags(lineage, all_params, decision))
         _describe_version(client, params.model_name, version, lineage, runs["finetuned"])
@@ -148,6 +152,8 @@ def _registration(params: RegisterParams, *, tracking_uri: str, version: str, pi
             "run_id": runs["champion"],
             "metrics": champion["metrics"],
             "logged_metrics": champion["logged_metrics"],
+            "examples": len(champion["examples"]),
+            "left_out_trained": champion["left_out"],
         },
     })
 
@@ -224,15 +230,50 @@ def _score_champion(client, params: RegisterParams, lineage: dict[str, str], rep
         return {"version": version, "scored": "same model as the challenger: its fine-tuned scores",
                 "metrics": {k: tuned[k] for k in metrics.METRIC_KEYS if k in tuned},
                 "examples": _examples(generations, product), "outputs": [row[product] for row in generations],
-                "logged_metrics": logged}
+                "logged_metrics": logged, "rows": None, "left_out": 0}
     conversations = _test_conversations(data_dir, generations)
+    trained = _champion_trained_on(client, params.model_name, version)
+    rows = [i for i, c in enumerate(conversations) if trained is None or _digest(c) not in trained]
+    left_out = None if trained is None else len(conversations) - len(rows)
+    if not rows:
+        raise PipelineError(f"{params.model_name} champion v{version} trained on all {len(conversations)} rows of "
+                            f"this test split, so it cannot be compared on them; change prepare_data.seed or the data")
     settings = reports.metrics.settings
     model, tokenizer = registry.load_model(client, params.model_name, version)
     scores, outputs, examples = metrics.score_model(
-        model, tokenizer, conversations, max_new_tokens=settings["max_new_tokens"],
+        model, tokenizer, [conversations[i] for i in rows], max_new_tokens=settings["max_new_tokens"],
         batch_size=settings["batch_size"], stemmer=settings["rouge_stemmer"], name=f"champion v{version}")
-    return {"version": version, "scored": "generated again on this test split", "metrics": scores,
-            "examples": examples, "outputs": outputs, "logged_metrics": logged}
+    scored = "generated again on this test split" + (
+        "" if left_out is None else f" ({len(rows)} rows; {left_out} it trained on left out)" if left_out
+        else f" ({len(rows)} rows; none it trained on)")
+    return {"version": version, "scored": scored, "metrics": scores, "examples": examples, "outputs": outputs,
+            "logged_metrics": logged, "rows": rows, "left_out": left_out}
+
+
+def _trained_on(data_dir: Path) -> list[str]:
+    from ftpipe.splits import prompt_digests
+
+    return prompt_digests(read_jsonl(data_dir / "train.jsonl"))
+
+
+def _digest(messages: list[dict[str, str]]) -> str:
+    from ftpipe.splits import prompt_digests
+
+    return prompt_digests([{"messages": messages}])[0]
+
+
+def _champion_trained_on(client, model_name: str, version: str) -> set[str] | None:
+    """The prompt digests of the champion's training rows; None for a version registered before
+    they were logged (its training rows are not known, so none is left out)."""
+    import json
+    import tempfile
+
+    from ftpipe import registry
+
+    run_id = registry.version_run(client, model_name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = registry.download_run_file(client, run_id, TRAINED_ON, Path(tmp))
+        return None if path is None else set(json.loads(path.read_text(encoding="utf-8")))
 
 
 def _decide(params: RegisterParams, reports: Reports, champion: dict[str, Any] | None):
@@ -244,7 +285,8 @@ def _decide(params: RegisterParams, reports: Reports, champion: dict[str, Any] |
     return decide(metric=params.primary_metric, min_improvement=params.min_improvement,
                   challenger=Scores(_examples(generations, metrics.product), metrics.candidate(metrics.product)),
                   base=Scores(_examples(generations, "base"), metrics.base),
-                  champion=champion and Scores(champion["examples"], champion["metrics"]),
+                  champion=champion and Scores(champion["examples"], champion["metrics"],
+                                               rows=champion["rows"] and tuple(champion["rows"])),
                   champion_version=champion and champion["version"], champion_note=note,
                   # With DPO the preference pairs trained the model too: their leaks count as well.
                   leaks=reports.data.leaks.total + (reports.prefs.leaks.get("total", 0) if reports.prefs else 0),
@@ -271,22 +313,26 @@ def _log_pipeline_run(all_params: dict[str, Any], lineage: dict[str, str], repor
 
     data, generations = reports.data, reports.generations
     if champion:
-        generations = [{**row, "champion": output, **{f"{k}_champion": v for k, v in scores.items()}}
-                       for row, output, scores in zip(generations, champion["outputs"], champion["examples"])]
+        # Rows the champion trained on were not scored again: their champion cells stay empty.
+        rows = champion["rows"] if champion["rows"] is not None else range(len(generations))
+        scored = {i: (output, scores) for i, output, scores in zip(rows, champion["outputs"], champion["examples"])}
+        generations = [{**row, "champion": scored.get(i, (None, {}))[0],
+                        **{f"{k}_champion": scored.get(i, (None, {}))[1].get(k) for k in champion["examples"][0]}}
+                       for i, row in enumerate(generations)]
     mlflow.log_params(flatten(all_params))
     mlflow.set_tags({"role": "pipeline", **lineage})
-    mlflow.log_metrics({"data_rows_in": data.rows_in, "data_rows_out": data.rows_out, "data_leaks": data.leaks.total,
+    _log_metrics({"data_rows_in": data.rows_in, "data_rows_out": data.rows_out, "data_leaks": data.leaks.total,
                         **{f"data_rows_{name}": n for name, n in data.splits.items()}})
     if (reports_dir / paths.QUANTIZE_REPORT.name).is_file():
         quant = read_json(reports_dir / paths.QUANTIZE_REPORT.name)
-        mlflow.log_metrics({f"quant_{name}_{key}": v[key] for name, v in quant["variants"].items()
+        _log_metrics({f"quant_{name}_{key}": v[key] for name, v in quant["variants"].items()
                             for key in ("footprint_ratio", "perplexity_ratio", "token_agreement")})
-        mlflow.log_metrics({f"pruned_{name}_{key}": v[key]
+        _log_metrics({f"pruned_{name}_{key}": v[key]
                             for name, v in quant.get("pruned", {}).items()
                             for key in ("sparsity", "perplexity_ratio", "token_agreement")})
     if (reports_dir / paths.EXPORT_REPORT.name).is_file():
         export = ExportReport.read(reports_dir / paths.EXPORT_REPORT.name)
-        mlflow.log_metrics({f"gguf_{fmt}_{key}": getattr(f, key) for fmt, f in export.formats.items()
+        _log_metrics({f"gguf_{fmt}_{key}": getattr(f, key) for fmt, f in export.formats.items()
                             for key in ("bytes", "top1_agreement", "max_abs_logit_diff", "token_agreement")})
     for report in REPORT_ARTIFACTS:
         if (reports_dir / report.name).is_file():
@@ -302,7 +348,7 @@ def _log_candidates(experiment_id: str, lineage: dict[str, str], metrics: Metric
     for name in ("base", "fewshot", *(["sft"] if metrics.product == "dpo" else [])):
         with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True) as child:
             mlflow.set_tags({"role": "candidate", "candidate": name, **lineage})
-            mlflow.log_metrics(metrics.candidate("finetuned" if name == "sft" else name))
+            _log_metrics(metrics.candidate("finetuned" if name == "sft" else name))
             runs[name] = child.info.run_id
     return runs
 
@@ -316,7 +362,7 @@ def _log_champion(experiment_id: str, champion: dict[str, Any]) -> str:
                           nested=True) as child:
         mlflow.set_tags({"role": "candidate", "candidate": "champion", "champion_version": champion["version"],
                          "champion_scored": champion["scored"]})
-        mlflow.log_metrics(champion["metrics"])
+        _log_metrics(champion["metrics"])
         return child.info.run_id
 
 
@@ -332,7 +378,7 @@ def _log_gate(decision) -> None:
 
     for name, interval in decision.intervals.items():
         if interval:
-            mlflow.log_metrics({f"gain_vs_{name}": interval.estimate, f"gain_vs_{name}_ci_low": interval.low,
+            _log_metrics({f"gain_vs_{name}": interval.estimate, f"gain_vs_{name}_ci_low": interval.low,
                                 f"gain_vs_{name}_ci_high": interval.high})
     mlflow.log_metric("promoted", float(decision.promote))
     mlflow.set_tags({**_gate_tags(decision), "promotion": decision.summary()})
@@ -344,12 +390,12 @@ def _log_training(lineage: dict[str, str], reports: Reports, reports_dir: Path, 
 
     metrics, train = reports.metrics, reports.train
     mlflow.set_tags({"role": "candidate", "candidate": metrics.product, **lineage})
-    mlflow.log_metrics(metrics.candidate(metrics.product))
-    mlflow.log_metrics({k: v for k, v in train.model_dump().items()
+    _log_metrics(metrics.candidate(metrics.product))
+    _log_metrics({k: v for k, v in train.model_dump().items()
                         if k in ("val_loss_final", "val_loss_best", "train_loss_final", "train_val_gap", "best_step")})
     training = metrics.training
     if "possible_overfitting" in training:
-        mlflow.log_metrics({"val_loss_above_best": training["val_loss_above_best"],
+        _log_metrics({"val_loss_above_best": training["val_loss_above_best"],
                             "possible_overfitting": float(training["possible_overfitting"])})
     for step, loss in _curve(reports_dir / paths.TRAIN_LOSS.name):
         mlflow.log_metric("train_loss", loss, step=step)
@@ -363,13 +409,13 @@ def _log_dpo(reports: Reports, dpo_dir: Path) -> None:
     import mlflow
 
     dpo = reports.dpo
-    mlflow.log_metrics({f"dpo_{k}": v for k, v in dpo.model_dump().items() if isinstance(v, float)
+    _log_metrics({f"dpo_{k}": v for k, v in dpo.model_dump().items() if isinstance(v, float)
                         and k not in ("beta", "epochs") and v is not None})
     mlflow.log_params({"dpo_start": dpo.start, "dpo_loss_type": dpo.loss_type, "dpo_beta": dpo.beta})
     for point in dpo.train_curve:
         mlflow.log_metric("dpo_train_loss", point["loss"], step=int(point["step"]))
     for point in dpo.val_curve:
-        mlflow.log_metrics({f"dpo_val_{k}": v for k, v in point.items() if k != "step" and v is not None},
+        _log_metrics({f"dpo_val_{k}": v for k, v in point.items() if k != "step" and v is not None},
                            step=int(point["step"]))
     if (dpo_dir / paths.DPO_LOSS_PLOT_NAME).is_file():
         mlflow.log_artifact(str(dpo_dir / paths.DPO_LOSS_PLOT_NAME), artifact_path="dpo")
@@ -429,6 +475,14 @@ def _set_aliases(client, model_name: str, version: str, decision) -> None:
         client.set_registered_model_alias(model_name, "champion", version)
 
 
+def _log_metrics(values: dict[str, Any]) -> None:
+    """Log the metrics that were measured: a value a short or partial run did not produce is None
+    in its report, and MLflow refuses a metric without a value."""
+    import mlflow
+
+    mlflow.log_metrics({key: value for key, value in values.items() if value is not None})
+
+
 def _curve(path: Path) -> list[tuple[int, float]]:
     if not path.is_file():
         return []
@@ -444,8 +498,9 @@ def main() -> None:
     params = load_section("register", RegisterParams)
     all_params, _ = read_params_file()
     train_config = read_json(ADAPTER_DIR / "train_config.json")
-    project = Path(".")
-    lineage = tracking.lineage(project, method=train_config["params"]["method"])
+    project = Path(".")  # the workspace: its dvc.lock and git commit say what produced the model
+    store = tracking.project_root(project)  # the project's store, also from DVC's temporary workspaces
+    lineage = {**tracking.lineage(project, method=train_config["params"]["method"]), **tracking.experiment()}
     lineage["parent"] = train_config["summary"].get("parent", "base")  # or "<model> v<N> (champion)"
     dpo_dir = models.dpo_result(DPO_DIR, enabled=load_section("dpo", DpoParams).enabled)
     if dpo_dir:  # the registered model is the DPO one: say how it was tuned
@@ -455,8 +510,8 @@ def main() -> None:
         params=params,
         all_params=all_params,
         lineage=lineage,
-        tracking_uri=tracking.tracking_uri(project),
-        artifact_location=tracking.artifact_location(project),
+        tracking_uri=tracking.tracking_uri(store),
+        artifact_location=tracking.artifact_location(store),
         base_dir=BASE_DIR,
         adapter_dir=ADAPTER_DIR,
         reports_dir=REPORTS,

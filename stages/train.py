@@ -102,12 +102,12 @@ def _setup_data(params: TrainParams, tokenizer, data_dir: Path) -> Data:
 def _setup_model(params: TrainParams, base_dir: Path, tokenizer) -> Setup:
     import torch
 
-    from ftpipe import methods, models
+    from ftpipe import device, methods
     from ftpipe.kernels import use_fused_lora, use_fused_loss
     from ftpipe.trainer import BF16_STORAGE_METHODS, frozen_weights_to_bf16, optimizer_name, rank
 
     cuda = torch.cuda.is_available()
-    bf16 = params.precision == "bf16" or (params.precision == "auto" and models.bf16_supported())
+    bf16 = params.precision == "bf16" or (params.precision == "auto" and device.bf16_supported())
     attention = methods.attention_kernel(params, cuda=cuda)
     model = methods.build(params, base_dir, bf16=bf16, attention=attention)
     if bf16 and params.method in BF16_STORAGE_METHODS and params.distributed != "fsdp":  # FSDP: one dtype per block
@@ -127,11 +127,12 @@ def _setup_trainer(params: TrainParams, setup: Setup, data: Data, checkpoints: P
     from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback
 
     from ftpipe import methods, packing
+    from ftpipe.callbacks import final_step_callback
     from ftpipe.chat import IGNORE_INDEX
     from ftpipe.trainer import PACK_LENGTH, trainer_class, training_arguments
 
     args = training_arguments(params, output_dir=checkpoints, bf16=setup.bf16, optim=setup.optim, cuda=setup.cuda)
-    callbacks = []
+    callbacks = [final_step_callback()]
     if params.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.early_stopping_patience))
     if params.gradual_unfreezing:

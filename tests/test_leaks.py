@@ -7,6 +7,7 @@ import random
 import pytest
 from conftest import write_jsonl
 
+from ftpipe.cleaning import NearDuplicates
 from ftpipe.errors import PipelineError
 from ftpipe.leaks import find_leaks
 from ftpipe.params import PrepareDataParams
@@ -23,6 +24,10 @@ def sentence(rng: random.Random, n: int) -> str:
 def row(rid: str, prompt: str, response: str) -> dict:
     return {"id": rid, "origin": rid, "messages": [{"role": "user", "content": prompt},
                                                     {"role": "assistant", "content": response}]}
+
+
+def text(record: dict) -> str:
+    return "\n".join(m["content"] for m in record["messages"])
 
 
 def make_train(n: int = 200) -> list[dict]:
@@ -153,3 +158,135 @@ def test_every_leak_goes_to_leaks_jsonl_and_fail_says_how_many_and_where(tmp_pat
                                             rf"list all {n} in {failing}/leaks.jsonl") as err:
         run(params=params.model_copy(update={"leak_action": "fail"}), out_dir=tmp_path / "p2", reports_dir=failing)
     assert "\n" not in str(err.value) and not failing.exists() and not (tmp_path / "p2").exists()
+
+
+# Short English rows with short answers, as in chatterbot-corpus: under `min_leak_response_words`,
+# too short for a 13-gram, and a one-character edit of the prompt drops the pair's Jaccard under 0.8.
+SHORT = [
+    ("What does the noun 'cat' mean?", "A small animal that purrs."),
+    ("What does the word adjective mean?", "A word that describes a noun."),
+    ("How many legs does a spider have?", "Eight."),
+    ("What is your favourite colour?", "Blue."),
+    ("Are you a robot?", "Yes."),
+    ("Do you know what time it is?", "I don't know."),
+    ("Where did you learn to speak English?", "From my training data."),
+    ("Can you recommend a good book?", "Try Dune."),
+    ("Which planet is closest to the sun?", "Mercury."),
+    ("I don't like rainy days.", "Neither do I."),
+    ("What do you think about artificial intelligence?", "It is fascinating."),
+    ("Tell me about the weather today.", "It is sunny."),
+    ("Where can I get a good café au lait?", "Try the corner shop."),
+]
+# (eval id, train row edited, prompt after a one-character or one-inflection edit)
+TYPOS = [
+    ("doubled", 2, "How many legs doess a spider have?"),
+    ("plural", 0, "What does the nouns 'cat' mean?"),
+    ("plural_long", 1, "What does the word adjectives mean?"),
+    ("dropped", 6, "Where did you learn to speak Englsh?"),
+    ("swapped", 3, "Waht is your favourite colour?"),
+    ("neighbour_key", 4, "Are you a ronot?"),
+    ("replaced_long", 8, "Which plenet is closest to the sun?"),
+    ("replaced_any", 10, "What do you think about artificial intelligance?"),
+    ("apostrophe", 9, "I dont like rainy days."),
+    ("dropped_a", 7, "Can you recommend good book?"),
+    ("added_long", 11, "Tell me about the weather todays."),
+    ("neighbour_short", 5, "Do you know what tine it is?"),
+    ("accent", 12, "Where can I get a good cafe au lait?"),
+]
+# Rows that share a template and a short answer but differ in the slot word: not leaks of one another.
+ANIMALS = "cat dog bat rat cow owl pig hen mole mule vole hare mare bear deer wolf lion goat seal duck".split()
+TEMPLATES = ([(f"What does the noun '{x}' mean?", "An animal.") for x in ANIMALS]
+             + [(f"Is {x} a happy name for a pet?", "Yes.") for x in ("he", "she", "Tom", "Tim", "Max", "Mia")]
+             + [(f"What is {a} plus {b}?", "I don't know.") for a in (12, 13, 17) for b in (3, 5)]
+             + [(f"Do you like {x}?", "Yes.") for x in ("cake", "cats", "tea", "the sea", "jazz", "chess", "rain",
+                                                        "music", "movies", "books", "dogs", "snow")]
+             + [(f"Is it {x} today?", "No.") for x in ("cold", "warm", "hot", "sunny", "windy", "rainy")])
+
+
+def test_one_character_and_inflection_edits_of_short_pairs_are_typo_pairs_and_templates_are_not():
+    from ftpipe.cleaning import jaccard, shingles, words
+
+    rng = random.Random(5)
+    train = make_train() + [row(f"s{i}", p, a) for i, (p, a) in enumerate(SHORT)]
+    train += [row(f"tpl{i}", p, a) for i, (p, a) in enumerate(TEMPLATES) if i % 2 == 0]
+    planted = []
+    for rid, k, prompt in TYPOS:
+        answer = SHORT[k][1] if rng.random() < 0.5 else SHORT[k][1].upper() + " "  # identical once normalized
+        planted.append(row(rid, prompt, answer))
+        assert jaccard(shingles(words(prompt + "\n" + answer)), shingles(words(text(train[200 + k])))) < 0.8
+    clean = [row(f"tpl{i}", p, a) for i, (p, a) in enumerate(TEMPLATES) if i % 2 == 1]
+    leaks = find_leaks(train, {"test": planted + clean}, threshold=0.8, ngram=13)
+    found = {x.eval_id: (x.kind, x.train_id) for x in leaks}
+    assert found == {rid: ("typo_pair", f"s{k}") for rid, k, _ in TYPOS}  # every planted row, nothing else
+    false_alarms = [x.short() for x in leaks if x.eval_id.startswith("tpl")]
+    assert len(false_alarms) == 0, false_alarms
+
+
+def test_template_rows_that_differ_in_the_slot_word_raise_no_leak_whichever_half_trains():
+    rows = [row(f"tpl{i}", p, a) for i, (p, a) in enumerate(TEMPLATES)]
+    # A positive control: a one-letter slip of a template row outside its slot is still a leak.
+    control = row("control", "What does the noun 'mole' meann?", "An animal.")
+    false_alarms, caught = [], []
+    for train_half in (0, 1):
+        train = [r for i, r in enumerate(rows) if i % 2 == train_half]
+        evals = [r for i, r in enumerate(rows) if i % 2 != train_half]
+        found = find_leaks(train, {"test": evals + [control]}, threshold=0.8, ngram=13)
+        caught += [(x.kind, x.train_id) for x in found if x.eval_id == "control"]
+        false_alarms += [x for x in found if x.eval_id != "control"]
+    near = NearDuplicates(0.8)  # one index for all the calls below, as prepare_data shares one
+    for i, r in enumerate(rows):  # and each row against all the others: every pair of the set is compared
+        false_alarms += find_leaks(rows[:i] + rows[i + 1:], {"test": [r]}, threshold=0.8, ngram=13, near=near)
+    mole = f"tpl{ANIMALS.index('mole')}"
+    assert caught == [("typo_pair", mole)]  # mole trains in one half only
+    assert len(false_alarms) == 0, [x.short() for x in false_alarms]
+
+
+def test_typo_pairs_need_the_same_answer_and_short_common_answers_need_a_slip():
+    train = [row("t0", "What does the noun 'cat' mean?", "An animal."), row("t1", "Are you a robot?", "Yes."),
+             row("t2", "Do you like your work?", "Yes."), row("t3", "Is he happy?", "Yes.")]
+    evals = [row("other_answer", "What does the nouns 'cat' mean?", "A pet."),  # answers differ: not a typo_pair
+             row("bat", "What does the noun 'bat' mean?", "An animal."),  # another word: first letter changed
+             row("worm", "Do you like your worm?", "Yes."),  # k/m are keys apart, but worm is a word: accepted
+             row("she", "Is she happy?", "Yes."),  # he/she: a slot, not a slip
+             row("robots", "Are you a robots?", "Yes.")]
+    found = {x.eval_id: x.kind for x in find_leaks(train, {"test": evals}, threshold=0.8, ngram=13)}
+    assert found == {"worm": "typo_pair", "robots": "typo_pair"}
+
+
+@pytest.mark.parametrize(("a", "b", "close"), [
+    ("does", "doess", True), ("noun", "nouns", True), ("adjective", "adjectives", True), ("city", "cities", True),
+    ("box", "boxes", True), ("what", "waht", True), ("what", "whst", True), ("hello", "helo", True),
+    ("english", "englsh", True), ("because", "becuse", True), ("animals", "animsls", True), ("café", "cafe", True),
+    ("cat", "bat", False), ("he", "she", False), ("mole", "mule", False), ("were", "where", False),
+    ("the", "then", False), ("cat", "dog", False), ("1997", "1999", False), ("walk", "walked", False),
+    ("plan", "plane", False), ("hose", "horse", False), ("bear", "beer", False), ("cake", "care", False),
+])
+def test_word_slip(a, b, close):
+    from ftpipe.typos import word_slip
+
+    assert word_slip(a, b) is close and word_slip(b, a) is close
+
+
+def test_typo_links_join_exactly_the_pairs_typo_pair_would_flag():
+    from ftpipe.typos import typo_links
+
+    rows = ([row(f"s{i}", p, a) for i, (p, a) in enumerate(SHORT)]
+            + [row(rid, prompt, SHORT[k][1]) for rid, k, prompt in TYPOS]
+            + [row(f"tpl{i}", p, a) for i, (p, a) in enumerate(TEMPLATES)])
+    links = {frozenset((rows[i]["id"], rows[j]["id"])) for i, j in typo_links(rows)}
+    flagged, near = set(), NearDuplicates(0.8)
+    for i, r in enumerate(rows):
+        for leak in find_leaks(rows[:i] + rows[i + 1:], {"test": [r]}, threshold=0.8, ngram=13, near=near):
+            if leak.kind == "typo_pair":
+                flagged.add(frozenset((leak.eval_id, leak.train_id)))
+    assert links == flagged == {frozenset((rid, f"s{k}")) for rid, k, _ in TYPOS}
+
+
+def test_a_template_slot_with_thousands_of_fills_finds_its_one_typo():
+    from ftpipe.typos import typo_links
+
+    fills = [a + b + c for a in SYLLABLES for b in SYLLABLES for c in SYLLABLES]  # 3,375 distinct slot words
+    rows = [row(f"r{i}", f"What does the noun '{w}' mean?", "An animal.") for i, w in enumerate(fills)]
+    rows.append(row("typo", f"What does the noun '{fills[7]}' meann?", "An animal."))
+    links = typo_links(rows)
+    assert (len(rows) - 1, 7) in {(max(p), min(p)) for p in links}

@@ -71,8 +71,8 @@ def test_near_duplicates_keep_one_per_cluster():
 
 def test_split_is_deterministic_and_keeps_groups_together():
     records = [conv(f"prompt {i % 40}", f"answer {i}") for i in range(200)]
-    a, groups = split(records, params(val_fraction=0.1, test_fraction=0.2), NearDuplicates(0.8))
-    b, _ = split(records, params(val_fraction=0.1, test_fraction=0.2), NearDuplicates(0.8))
+    a, groups, _ = split(records, params(val_fraction=0.1, test_fraction=0.2), NearDuplicates(0.8))
+    b, _, _ = split(records, params(val_fraction=0.1, test_fraction=0.2), NearDuplicates(0.8))
     assert a == b and groups == 40
     assert split(records, params(seed=4, val_fraction=0.1, test_fraction=0.2), NearDuplicates(0.8))[0] != a
     prompts = {name: {r["messages"][0]["content"] for r in a[name]} for name in SPLITS}
@@ -80,10 +80,32 @@ def test_split_is_deterministic_and_keeps_groups_together():
     assert sum(len(a[n]) for n in SPLITS) == 200
 
 
+def test_growing_the_data_never_moves_a_trained_row_into_val_or_test():
+    def rows(n: int, offset: int = 0) -> list[dict]:
+        # Every fifth prompt repeats an earlier one, and every tenth row shares a long answer with
+        # rows of other prompts: groups of several rows exist, whose rows draw different splits, and grow.
+        long = "the shared long answer of family {} goes on for many words here"
+        return [conv(f"question number {(i if i % 5 else i // 5)} about topic {i % 7}",
+                     long.format(i % 13) if i % 10 == 3 else f"answer {i}") for i in range(offset, offset + n)]
+
+    p = params(val_fraction=0.1, test_fraction=0.2)
+    before, _, _ = split(rows(1000), p, NearDuplicates(0.8))
+    # 10 % more rows: new groups, and new rows that join existing groups (their prompts repeat).
+    after, _, reassigned = split(rows(1000) + rows(100, offset=1000), p, NearDuplicates(0.8))
+    key = lambda r: tuple(m["content"] for m in r["messages"])  # noqa: E731
+    trained = {key(r) for r in before["train"]}
+    moved = [key(r) for name in ("val", "test") for r in after[name] if key(r) in trained]
+    assert not moved
+    evaluated = {key(r) for name in ("val", "test") for r in before[name]}
+    assert evaluated - {key(r) for name in ("val", "test", "train") for r in after[name]} == set()
+    assert 0.15 < len(after["test"]) / 1100 < 0.25 and 0.05 < len(after["val"]) / 1100 < 0.15
+    assert reassigned > 0  # groups whose rows drew different splits: counted in reports/data.json
+
+
 def test_rows_sharing_a_long_response_stay_in_one_split_and_short_ones_do_not_group():
     long = "canned answer {} is long enough to count as a leak"  # 10 words: no 13-gram links them
     records = [conv(f"prompt {i}", long.format(i % 40) if i < 120 else "Yes.") for i in range(200)]
-    out, groups = split(records, params(val_fraction=0.1, test_fraction=0.2), NearDuplicates(0.8))
+    out, groups, _ = split(records, params(val_fraction=0.1, test_fraction=0.2), NearDuplicates(0.8))
     assert groups == 40 + 80
     answers = {name: {r["messages"][1]["content"] for r in out[name]} - {"Yes."} for name in SPLITS}
     assert not answers["train"] & answers["test"] and not answers["train"] & answers["val"]

@@ -126,6 +126,19 @@ def test_any_other_registry_failure_is_one_redacted_line(failing, error, lifecyc
     assert str(err.value) == expected and "pw123" not in str(err.value)
 
 
+def test_a_refusal_is_not_reported_as_an_unreachable_server():
+    from ftpipe.registry import RegistryUnreachable, errors
+
+    refusal = mlflow_error("Missing value for required parameter 'metrics[0].value'.", "INVALID_PARAMETER_VALUE")
+    with pytest.raises(PipelineError) as err, errors(FakeClient.tracking_uri, "registering tiny-model"):
+        raise refusal
+    assert not isinstance(err.value, RegistryUnreachable)
+    assert str(err.value) == ("MLflow tracking store http://***@registry.example:5000 refused registering tiny-model: "
+                              "Missing value for required parameter 'metrics[0].value'.")
+    with pytest.raises(RegistryUnreachable), errors(FakeClient.tracking_uri, "registering tiny-model"):
+        raise mlflow_error(REFUSED, "INTERNAL_ERROR")
+
+
 # --- the register stage -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -298,7 +311,9 @@ def test_the_champion_is_scored_again_on_the_current_split(proj):
         (proj / "reports" / name).write_text(text)
     second = register_in_process(proj)
     champion = second["champion"]
-    assert champion["version"] == "1" and champion["scored"] == "generated again on this test split"
+    assert champion["version"] == "1"
+    assert champion["scored"] == f"generated again on this test split ({len(scored)} rows; none it trained on)"
+    assert champion["left_out_trained"] == 0 and champion["examples"] == len(scored)
     assert champion["logged_metrics"]["rougeL"] == pytest.approx(0.9)
     # Loaded from models:/tiny-model/1 and scored on the rows evaluate scored, with its settings:
     # exactly what evaluate measured of the same weights, not the figures v1 logged.
@@ -337,3 +352,42 @@ def test_the_champion_is_scored_again_on_the_current_split(proj):
         f"error: MLflow registry sqlite:///{proj.resolve() / 'mlruns.db'}: {MODEL} champion v1: cannot load its "
         'model to score it again (Failed to download an "MLmodel" model file from "models:/tiny-model/1"); '
         "restore it or move the alias by hand")
+
+
+def test_a_champion_is_not_scored_on_test_rows_it_trained_on(proj):
+    """A champion whose training rows are in today's test split (a split that moved, a changed seed)
+    would score them from memory: they are left out of its scoring and of the paired comparison."""
+    train_split, test_split = proj / "data" / "prepared" / "train.jsonl", proj / "data" / "prepared" / "test.jsonl"
+    original_train = train_split.read_text()
+    scored = generations(proj)
+    test_rows = {row["id"]: row for row in map(json.loads, test_split.read_text().splitlines())}
+    memorised = [test_rows[row["id"]] for row in scored[:3]]
+    train_split.write_text(original_train + "".join(json.dumps(row) + "\n" for row in memorised))
+    set_scores(proj, 0.9)
+    register_in_process(proj)  # v1 trained (as its logged digests say) on three of today's test rows
+    client(proj).set_model_version_tag(MODEL, "1", "adapter_md5", "from-another-run")
+    train_split.write_text(original_train)
+    second = register_in_process(proj)
+    champion, kept = second["champion"], len(scored) - 3
+    assert champion["left_out_trained"] == 3 and champion["examples"] == kept
+    assert champion["scored"] == f"generated again on this test split ({kept} rows; 3 it trained on left out)"
+    assert second["promotion"]["intervals"]["champion"]["examples"] == kept
+    assert second["promotion"]["intervals"]["base"]["examples"] == len(scored)
+    logged = json.loads(Path(client(proj).download_artifacts(second["pipeline_run_id"], "generations.json",
+                                                            str(proj))).read_text())
+    table = {column: [row[i] for row in logged["data"]] for i, column in enumerate(logged["columns"])}
+    assert table["champion"][:3] == [None, None, None] and None not in table["champion"][3:]
+    assert table["champion"][3:] == [row["finetuned"] for row in scored[3:]]
+
+
+def test_a_short_run_without_some_losses_registers_and_logs_no_null(proj):
+    """A report whose training loss was never logged (an older short run) holds nulls: they are not
+    metrics, and the version registers."""
+    path = proj / "reports" / "train.json"
+    report = json.loads(path.read_text())
+    report.update(train_loss_final=None, train_val_gap=None)
+    path.write_text(json.dumps(report))
+    registered = register_in_process(proj)
+    tuned = client(proj).get_run(registered["finetuned_run_id"]).data.metrics
+    assert "train_loss_final" not in tuned and "train_val_gap" not in tuned
+    assert tuned["val_loss_final"] == pytest.approx(report["val_loss_final"])

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from conftest import qa_rows, set_param, stage_env, write_jsonl
 
-from flows.retrain import BUSY_EXIT, STAGES
+from flows.common import BUSY_EXIT
+from flows.retrain import STAGES
 from ftpipe.processes import stop_group
 
 DATA = "data/raw/train.jsonl"
@@ -120,20 +121,22 @@ def test_second_trigger_while_one_runs_exits_and_touches_nothing(project, harnes
 
     landed(project, qa_rows(24))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from flows.retrain import project_lock\n"
-         "with project_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)", str(project)],
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from flows.common import project_lock\n"
+         "with project_lock(Path(sys.argv[1]), who='flows.pipeline'):\n    print('held', flush=True); time.sleep(60)",
+         str(project)],
         cwd=project, env=stage_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         started = time.monotonic()
-        result = retrain(project_dir=project, lock_wait_s=1)
+        result = retrain(project_dir=project, lock_wait_s=1)  # as a deployment run calls it
         assert result["status"] == "busy" and time.monotonic() - started >= 1
-        assert f"(pid {holder.pid} since" in result["message"]
+        assert f"another run of {project} is running (flows.pipeline pid {holder.pid} since" in result["message"]
         assert "# Retraining skipped" in latest_artifact("retrain-report")
         cli = subprocess.run([sys.executable, "-m", "flows.retrain", "--project-dir", str(project)], cwd=project,
                              env={**stage_env(), "PREFECT_API_URL": PREFECT_API_URL.value()},
                              capture_output=True, text=True, timeout=120)
-        assert cli.returncode == BUSY_EXIT and "busy: another retraining of" in cli.stderr
+        assert cli.returncode == BUSY_EXIT, cli.stderr
+        assert cli.stderr.splitlines() == [f"error: {result['message']}"]  # one line, before Prefect starts
         assert not (project / "dvc.lock").exists() and not (project / "models" / "base").exists()
     finally:
         holder.kill()

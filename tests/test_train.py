@@ -65,6 +65,15 @@ def test_lora_training_writes_every_declared_output(tmp_path, inputs):
     assert 0 < summary.train_s <= summary.runtime_s  # evaluation time is not training time
 
 
+def test_a_run_shorter_than_its_logging_and_eval_steps_reports_its_final_losses(tmp_path, inputs):
+    _, _, reports, summary = run_train(tmp_path, inputs, max_steps=2, logging_steps=5, eval_steps=25)
+    assert summary.steps == 2
+    assert summary.train_loss_final is not None and summary.val_loss_final is not None
+    assert summary.train_val_gap == pytest.approx(summary.val_loss_final - summary.train_loss_final)
+    assert (reports / "train_loss.csv").read_text().splitlines()[1:] == [f"2,{summary.train_loss_final:.6f}"]
+    assert [line.split(",")[0] for line in (reports / "val_loss.csv").read_text().splitlines()[1:]] == ["2"]
+
+
 def test_attention_kernel_choice_and_same_loss(tiny_model_dir, inputs):
     """auto: packed_rows on CPU where batches are packed, eager where not, sdpa on CUDA; the kernels
     give the model the same training loss on padded rows."""

@@ -1,0 +1,153 @@
+"""How a flow ends when it cannot do its work: a user error is its one line (no Prefect traceback),
+and a second run of the same project is turned away, or waits, with one line naming the run it met."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import set_param, stage_env
+
+from flows.common import BUSY_EXIT, LOCK_FILE, project_lock
+
+
+def flow_env(tmp_path: Path) -> dict[str, str]:
+    """A flow process with its own (migrated: `prefect_home`) Prefect home, as `make run` starts it."""
+    env = {**stage_env(), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def start_flow(project: Path, tmp_path: Path, *args: str) -> subprocess.Popen:
+    """`python -m flows.pipeline` on `project`, stdout and stderr together (in the order printed)."""
+    return subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--project-dir", str(project), *args],
+                            cwd=project, env=flow_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.strip()]
+
+
+def truncated_base_model(project: Path, tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """Point prepare_base at a copy of the tiny model whose weights are cut in half: the stage stops
+    with one line (exit 2)."""
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "truncated"))
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    set_param(project, "prepare_base", "path", str(folder))
+    return folder
+
+
+def flow_run_states(prefect_home: Path) -> list[str]:
+    with sqlite3.connect(prefect_home / "prefect.db") as db:
+        return [row[0] for row in db.execute("SELECT state_type FROM flow_run")]
+
+
+def test_a_bad_base_model_through_the_flow_is_one_line_and_a_failed_run(project, tmp_path, tiny_model_dir,
+                                                                          prefect_home):
+    folder = truncated_base_model(project, tmp_path, tiny_model_dir)
+    flow = start_flow(project, tmp_path)
+    output = flow.communicate(timeout=600)[0]
+    assert flow.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output
+    assert re.fullmatch(rf"error: stage 'prepare_base' failed \(exit 2\): {re.escape(str(folder))}: "
+                        r"safetensors weights truncated or corrupt \(.+\)", lines(output)[-1]), output[-3000:]
+    # Prefect still logs and records what happened: the engine's line, without its traceback, and a
+    # Failed flow run.
+    assert "Encountered exception during execution: StageFailed(\"stage 'prepare_base' failed (exit 2)" in output
+    assert flow_run_states(prefect_home) == ["FAILED"]
+
+
+def test_the_engine_log_of_a_user_error_has_no_traceback_and_a_crash_keeps_it():
+    """What Prefect's engine logs when a task or the flow raises (`exc_info`): the traceback goes for
+    a user error (a stage's exit 2, bad input, the project busy), the message stays; a crash (a stage
+    killed, any other exception) keeps it."""
+    import logging
+
+    from flows.common import ProjectBusy, StageFailed
+    from ftpipe.errors import PipelineError
+
+    cases = {StageFailed("prepare_base", 2, "bad path"): False, PipelineError("params.yaml:3: bad"): False,
+             ProjectBusy("another run"): False, StageFailed("train", 137, "killed"): True, KeyError("x"): True}
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        for exc, traceback in cases.items():
+            try:
+                raise exc
+            except Exception:
+                record = logger.makeRecord(name, logging.ERROR, __file__, 0, "Encountered exception: %r", (exc,),
+                                           sys.exc_info())
+            assert logger.filter(record) and record.getMessage() == f"Encountered exception: {exc!r}"
+            assert (record.exc_info is not None, record.exc_text is not None) == (traceback, traceback), exc
+
+
+def busy_line(project: Path, who: str, pid: int | None = None) -> str:
+    """The one line (a regular expression) of a run turned away by `who`'s run."""
+    pid_pattern = str(pid) if pid else r"\d+"
+    return (rf"error: another run of {re.escape(str(project.resolve()))} is running \({re.escape(who)} pid {pid_pattern} since "
+            r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\); nothing was touched, try again when it ends")
+
+
+def test_a_second_flow_started_meanwhile_is_turned_away_with_one_line(project, tmp_path, tiny_model_dir,
+                                                                       prefect_home):
+    """Two `python -m flows.pipeline` on one project: the second exits 75 naming the first, and
+    touches nothing (DVC's own lock, and its advice to delete it, are never reached)."""
+    truncated_base_model(project, tmp_path, tiny_model_dir)  # the first run then ends soon, by itself
+    first = start_flow(project, tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while f"flows.pipeline pid {first.pid} since" not in _read(project / LOCK_FILE):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
+            time.sleep(0.2)
+        second = start_flow(project, tmp_path)
+        output = second.communicate(timeout=120)[0]
+        assert second.returncode == BUSY_EXIT, output
+        assert re.fullmatch(busy_line(project, "flows.pipeline", first.pid), "\n".join(lines(output))), output
+        assert "Traceback" not in output and "rwlock" not in output
+        assert first.poll() is None, "the first run ended before the second met it: nothing was tested"
+    finally:
+        first_output = first.communicate(timeout=600)[0]
+    assert first.returncode == 2, first_output[-3000:]  # the first run was not disturbed
+    assert "rwlock" not in first_output
+    assert _read(project / LOCK_FILE) == ""  # released, holder cleared
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def test_wait_gives_up_after_its_seconds_or_runs_once_the_lock_is_free(project, tmp_path):
+    """`--wait S`: still held after S seconds, the busy line; freed meanwhile, the run goes on (here
+    to the params check, which stops it with its own line). No Prefect start-up either way."""
+    with project_lock(project, who="test-holder"):
+        started = time.monotonic()
+        gave_up = start_flow(project, tmp_path, "--wait", "1")
+        output = gave_up.communicate(timeout=120)[0]
+        assert gave_up.returncode == BUSY_EXIT and time.monotonic() - started >= 1, output
+        said = lines(output)  # why it waits, said when it starts to, then why it gave up
+        assert len(said) == 2 and said[0].startswith("waiting up to 1 s: another run of "), output
+        assert re.fullmatch(busy_line(project, "test-holder"), said[1]), output
+        assert "temporary server" not in output  # turned away before Prefect starts
+
+    set_param(project, "train", "learning_rate", -1)
+    with contextlib.ExitStack() as held:
+        held.enter_context(project_lock(project, who="test-holder"))
+        waiting = start_flow(project, tmp_path, "--wait", "120")
+        printed = ""
+        while "waiting up to" not in printed and waiting.poll() is None:
+            printed += waiting.stdout.readline()
+        assert re.search(r"^waiting up to 120 s: another run of .* is running \(test-holder pid \d+ since .*\)$",
+                         printed, re.MULTILINE), printed + waiting.communicate()[0]
+        held.close()  # freed while it waits: it goes on
+        output = printed + waiting.communicate(timeout=120)[0]
+    assert waiting.returncode == 2, output
+    assert re.fullmatch(r"error: .*params\.yaml:\d+: train\.learning_rate: Input should be greater than 0",
+                        lines(output)[-1]), output
+    assert "Traceback" not in output and "temporary server" not in output
