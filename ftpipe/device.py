@@ -49,10 +49,14 @@ def decide(*, device: str = "auto", precision: str = "auto") -> Placement:
 
 
 def inference(path: Path | None = None) -> Placement:
-    """The project's inference placement (params.yaml `inference`)."""
-    from ftpipe.params import PARAMS_FILE, InferenceParams, load_section
+    """The project's inference placement (params.yaml `inference`; a file without the section, such
+    as a serving folder's, gets the defaults: the pipeline's validate stage requires it)."""
+    from ftpipe.params import PARAMS_FILE, InferenceParams, load_section, read_params_file
 
-    params = load_section("inference", InferenceParams, path or PARAMS_FILE)
+    path = path or PARAMS_FILE
+    if "inference" not in read_params_file(path)[0]:
+        return decide()
+    params = load_section("inference", InferenceParams, path)
     return decide(device=params.device, precision=params.precision)
 
 

@@ -188,15 +188,24 @@ def unfreezing_callback(model, params: TrainParams):
 
 def save_merged(model, params: TrainParams, *, base_dir: Path, adapter_dir: Path, tokenizer, out_dir: Path) -> None:
     """A standalone model folder (safetensors + tokenizer + chat template) that loads with plain
-    AutoModelForCausalLM. peft adapters are merged into the fp32 base (for qlora too, so serving
-    needs neither peft nor bitsandbytes)."""
+    AutoModelForCausalLM, in the base's own dtype (models/base is stored as its source was: a bf16
+    base gives a bf16 merged model, half the disk of fp32 and what inference runs in where bf16 is
+    native). peft adapters are merged into the base weights (for qlora too, so serving needs neither
+    peft nor bitsandbytes): each weight becomes round(w + delta) in that dtype, which is also what a
+    bf16 merge in memory gives, so evaluation scores the very model that is registered."""
+    import torch
+
     from ftpipe import models
 
     if params.method in PROMPT_METHODS:
         raise PipelineError(f"train.merge: '{params.method}' cannot be merged (its virtual tokens need peft)")
-    if params.method != "full":
+    stored = models.load_model(base_dir, dtype="auto") if params.method != "full" else None
+    if stored is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(models.load_model(base_dir), Path(adapter_dir).resolve()).merge_and_unload()
+        model = PeftModel.from_pretrained(stored, Path(adapter_dir).resolve()).merge_and_unload()
+    else:  # the fully tuned weights themselves, in the base's stored dtype
+        dtype = models.stored_dtype(base_dir)
+        model = model.to(dtype) if dtype is not None and dtype != torch.float32 else model
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

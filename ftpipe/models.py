@@ -89,16 +89,19 @@ def load_model(
 
 
 def load_tokenizer(
-    source: str | Path, *, trust_remote_code: bool = False, revision: str | None = None
+    source: str | Path, *, trust_remote_code: bool = False, revision: str | None = None,
+    require_chat_template: bool = True,
 ) -> PreTrainedTokenizerBase:
+    """Every stage needs a chat template; prepare_base alone may load a base without one, to set
+    prepare_base.chat_template on it."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(_resolved(source), trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as exc:
         raise _load_error(source, "tokenizer", exc) from None
-    if tokenizer.chat_template is None:
-        raise PipelineError(f"{source}: tokenizer has no chat template")
+    if require_chat_template and tokenizer.chat_template is None:
+        raise PipelineError(f"{source}: tokenizer has no chat template (prepare_base.chat_template sets one)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -156,22 +159,25 @@ def has_finetuned(adapter_dir: Path) -> bool:
     return (adapter_dir / "adapter_config.json").is_file() or (adapter_dir / MERGED / "config.json").is_file()
 
 
-def load_finetuned(base_dir: Path, adapter_dir: Path, placement: Placement | None = None) -> PreTrainedModel:
+def load_finetuned(base_dir: Path, adapter_dir: Path, placement: Placement | None = None, *,
+                   as_stored: bool = False) -> PreTrainedModel:
     """The fine-tuned model ready for inference (evaluate, register), for every train method.
 
     The standalone model in `adapter_dir/merged` when the train stage wrote one (full fine-tuning,
     and merged LoRA/QLoRA/DoRA/IA3); otherwise the adapter applied to the base model, merged when
-    peft can merge it. Prompt-learning adapters (prefix/prompt/p-tuning) stay a PeftModel: their
+    peft can merge it. `placement`: for inference (ftpipe.device); else fp32 on the CPU, or with
+    `as_stored` the dtype the weights are stored in. Prompt-learning adapters (prefix/prompt/p-tuning) stay a PeftModel: their
     virtual tokens exist only inside peft's forward and generate.
     """
     adapter_dir = Path(adapter_dir)
+    dtype = "auto" if as_stored else None  # as stored: to log or copy it, not to compute with it
     if (adapter_dir / MERGED / "config.json").is_file():
-        return load_model(adapter_dir / MERGED, placement=placement)
+        return load_model(adapter_dir / MERGED, placement=placement, dtype=dtype)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise PipelineError(f"{adapter_dir}: no fine-tuned model found (run the train stage first)")
     from peft import PeftModel  # here: importing peft costs about 1.2 s (bitsandbytes compiles at import)
 
-    model = PeftModel.from_pretrained(load_model(base_dir), adapter_dir.resolve())
+    model = PeftModel.from_pretrained(load_model(base_dir, dtype=dtype), adapter_dir.resolve())
     if not model.peft_config[model.active_adapter].is_prompt_learning:
         model = model.merge_and_unload()  # merged in fp32, then placed
     if placement is not None:
@@ -210,6 +216,17 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def stored_dtype(folder: Path) -> torch.dtype | None:
+    """The dtype a model folder's weights are stored in (its config.json), None if it says none."""
+    import json
+
+    import torch
+
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    name = config.get("dtype") or config.get("torch_dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
 
 
 def count_parameters(model: PreTrainedModel) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ftpipe.errors import PipelineError
 from ftpipe.paths import PARAMS
@@ -32,6 +32,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+CHAT_TEMPLATES = ("chatml", "llama3", "zephyr", "alpaca")  # texts in ftpipe/templates.py
+CHAT_TEMPLATE_CHOICES = f"{', '.join(CHAT_TEMPLATES)}, or a .jinja file under the project"
+
+
 class PrepareBaseParams(_Section):
     """Where the base model comes from. It is materialized as safetensors in models/base/."""
 
@@ -43,6 +47,26 @@ class PrepareBaseParams(_Section):
     revision: str | None = None
     trust_remote_code: bool = False
     """Executing a repository's own Python is off unless turned on here."""
+    chat_template: str | None = None
+    """null: the model's own (a base without one fails); else a named template (CHAT_TEMPLATES, texts
+    in ftpipe/templates.py) or a .jinja file under the project, which replaces the model's own. DVC
+    cannot list the file as a dep (its path is a param value): its sha256 goes into
+    models/base/manifest.json, so an edit shows once prepare_base reruns (`dvc repro -f prepare_base`)."""
+
+    @field_validator("chat_template")
+    @classmethod
+    def _check_template(cls, value: str | None, info: ValidationInfo) -> str | None:
+        project_dir = Path((info.context or {}).get("project_dir", "."))
+        if value is None or value in CHAT_TEMPLATES:
+            return value
+        if not value.endswith(".jinja"):
+            raise FieldProblem("chat_template", f"unknown template {value!r} (choices: {CHAT_TEMPLATE_CHOICES})")
+        path = (project_dir / value).resolve()
+        if not path.is_relative_to(project_dir.resolve()):
+            raise FieldProblem("chat_template", f"{value} is outside the project folder")
+        if not path.is_file():
+            raise FieldProblem("chat_template", f"template file not found: {value}")
+        return value
 
     @model_validator(mode="after")
     def _check_source(self) -> PrepareBaseParams:
@@ -122,8 +146,8 @@ class QuantizeParams(_Section):
     """The base model quantized with bitsandbytes, each variant against the fp32 base: memory,
     size on disk, perplexity on validation responses, greedy-output agreement, load and generation time."""
 
-    variants: list[QuantVariant] = Field(default_factory=lambda: ["int8", "nf4", "nf4_dq", "fp4", "fp4_dq"],
-                                         min_length=1)
+    variants: list[QuantVariant] = Field(default_factory=lambda: ["int8", "nf4", "nf4_dq", "fp4", "fp4_dq"])
+    """[] measures none; with `pruned: []` too the stage loads nothing and its report says so."""
     max_rows: int = Field(16, ge=1)
     """Validation rows whose reference responses are scored for perplexity (the split is shuffled)."""
     prompts: int = Field(4, ge=1)
@@ -484,22 +508,40 @@ class RetrainParams(_Section):
     within a minute or two; a longer outage should fail the run and page someone."""
 
 
-# Sections read by flows rather than stages.
-FLOW_SECTIONS: dict[str, type[_Section]] = {"retrain": RetrainParams}
+class InferenceParams(_Section):
+    """Where every stage that runs a model for inference runs it (evaluate, prepare_prefs, quantize,
+    export's checks, register's champion re-scoring, serving): ftpipe.device. Training has its own
+    `train.precision` / `dpo.precision`."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when torch sees a GPU, else the CPU; cuda on a machine without one is an error."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 where the device computes it natively (CUDA with bf16, CPUs with AVX-512 bf16 or AMX),
+    else fp32. bf16 moves greedy outputs a little (docs/benchmarks.md); fp32 gives the same numbers on
+    every machine."""
+
+
+# Sections no stage owns: read by a flow (retrain) or by several stages (inference, listed in
+# ALSO_READS for each).
+FLOW_SECTIONS: dict[str, type[_Section]] = {"retrain": RetrainParams, "inference": InferenceParams}
 
 # Keys a stage reads from another stage's section, listed in its dvc.yaml params too: evaluate's
 # comparison.md shows the fine-tuned model's interval over the base with the gate's own bootstrap
 # settings, so the report and the gate never disagree on them.
 ALSO_READS: dict[str, tuple[str, ...]] = {
     # With dpo enabled the DPO model is scored too, exported, and registered instead of the SFT one.
-    "evaluate": ("register.bootstrap_samples", "register.confidence", "register.bootstrap_seed", "dpo.enabled"),
+    "evaluate": ("register.bootstrap_samples", "register.confidence", "register.bootstrap_seed", "dpo.enabled",
+                 "inference.device", "inference.precision"),
     # The embedded base came from a GGUF whose pre-tokenizer name the export carries over.
-    "export": ("prepare_base.source", "dpo.enabled"),
+    "export": ("prepare_base.source", "dpo.enabled", "inference.device"),
+    # The champion is scored again with the placement evaluate used (reports/metrics.json settings).
     "register": ("dpo.enabled",),
+    "quantize": ("inference.device",),
     # The parent of a continual fine-tune: which registered model's champion, if any.
     "prepare_parent": ("train.init_from", "register.model_name"),
     # Pairs are built only for an enabled dpo stage, cleaned, split and leak-checked like the SFT data.
-    "prepare_prefs": ("dpo.enabled", "prepare_data.system_prompt", "prepare_data.normalize_unicode",
+    "prepare_prefs": ("dpo.enabled", "inference.device", "inference.precision",
+                      "prepare_data.system_prompt", "prepare_data.normalize_unicode",
                       "prepare_data.strip_control", "prepare_data.collapse_whitespace", "prepare_data.strip_markup",
                       "prepare_data.scrub_pii", "prepare_data.seed", "prepare_data.val_fraction",
                       "prepare_data.test_fraction", "prepare_data.near_dup_threshold", "prepare_data.ngram_leak",
@@ -552,7 +594,8 @@ def load_section(section: str, model: type[S], path: Path = PARAMS_FILE) -> S:
     if not isinstance(raw, dict):
         raise PipelineError(f"{path}:{_line_of(text, [section])}: {section}: expected a mapping of keys")
     try:
-        return model.model_validate(raw)
+        # Paths in params (a chat template file) are relative to the folder params.yaml is in.
+        return model.model_validate(raw, context={"project_dir": path.parent})
     except ValidationError as exc:
         raise PipelineError(_describe(exc, section, text, path)) from None
 

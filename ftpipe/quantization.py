@@ -37,15 +37,17 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_quantized(base_dir: Path, variant: str, *, bf16: bool = False, attn_implementation: str | None = None):
-    """The base model from its safetensors folder, quantized on load."""
+def load_quantized(base_dir: Path, variant: str, *, bf16: bool = False, attn_implementation: str | None = None,
+                   on: str | None = None):
+    """The base model from its safetensors folder, quantized on load, on device `on` (default: CUDA
+    when present, as training wants it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     config = bnb_config(variant, bf16=bf16)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            Path(base_dir).resolve(), quantization_config=config, device_map=device(),
+            Path(base_dir).resolve(), quantization_config=config, device_map=on or device(),
             use_safetensors=True, trust_remote_code=False, dtype=torch.float32, attn_implementation=attn_implementation,
         )
     except OSError as exc:

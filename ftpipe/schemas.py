@@ -60,6 +60,7 @@ class TrainReport(_Report):
     train_s: float  # runtime less evaluation and checkpointing
     tokens_per_s: float  # the rows' tokens, prefix included where packing shares it
     precision: str
+    device: str = "cpu"  # where it trained: cuda | cpu
     attention: str
     optimizer: str
     parameters: int

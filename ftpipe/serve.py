@@ -33,11 +33,14 @@ def command(model_uri: str, port: int) -> list[str]:
             "-h", HOST, "-p", str(port)]
 
 
-def environment(project_dir: Path) -> dict[str, str]:
+def environment(project_dir: Path, device: str = "cpu") -> dict[str, str]:
+    """The server's environment: the project's store, and `device` (ftpipe.device's decision) as
+    MLflow's prediction device (-1: the CPU, 0: the first GPU)."""
     from ftpipe.tracking import tracking_uri
 
     env = dict(os.environ)
     env["MLFLOW_TRACKING_URI"] = tracking_uri(project_dir)
+    env["MLFLOW_DEFAULT_PREDICTION_DEVICE"] = "0" if device == "cuda" else "-1"
     # mlflow starts its server (uvicorn) by name: this environment's, not another on the PATH.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
@@ -48,11 +51,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alias", default="champion", help="registered model alias to serve (default: champion)")
     parser.add_argument("--port", type=int, default=5001)
     args = parser.parse_args(argv)
+    from ftpipe import device
+
     name = load_section("register", RegisterParams).model_name
-    env = environment(Path("."))
+    placement = device.inference()
+    env = environment(Path("."), placement.device)
     uri = f"models:/{name}@{args.alias}"
-    print(f"serve: {uri} from {redact(env['MLFLOW_TRACKING_URI'])} on http://{HOST}:{args.port}/invocations",
-          flush=True)
+    print(f"serve: {uri} from {redact(env['MLFLOW_TRACKING_URI'])} on http://{HOST}:{args.port}/invocations "
+          f"({placement.device}; the weights in the dtype they were registered in)", flush=True)
     os.execve(sys.executable, command(uri, args.port), env)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe.comparison import comparison_table
+from ftpipe.device import Placement
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, dumps_jsonl, read_jsonl, write_text
 from ftpipe.params import DpoParams, EvaluateParams, RegisterParams, load_section
@@ -125,7 +126,8 @@ def _inputs(params: EvaluateParams, *, adapter_dir: Path, data_dir: Path, genera
 
 
 def _score_candidates(params: EvaluateParams, tokenizer, conversations: list, shots: list, text: str, *,
-                      base_dir: Path, adapter_dir: Path, seen_rows: list, dpo_dir: Path | None = None,
+                      placement: Placement, base_dir: Path, adapter_dir: Path, seen_rows: list,
+                      dpo_dir: Path | None = None,
                       parent_dir: Path | None = None,
                       parent_version: str | None = None) -> tuple[dict, dict, dict, dict, int, OldTask | None]:
     """Base, few-shot, fine-tuned and (with `dpo_dir`) DPO: (scores, outputs, per-example scores,
@@ -134,23 +136,23 @@ def _score_candidates(params: EvaluateParams, tokenizer, conversations: list, sh
     from ftpipe import metrics, models
 
     scores, outputs, examples, general = {}, {}, {}, {}
-    base = models.load_model(base_dir)
+    base = models.load_model(base_dir, placement=placement)
     scores["base"], outputs["base"], examples["base"] = _candidate(base, tokenizer, conversations, params, "base")
     scores["fewshot"], outputs["fewshot"], examples["fewshot"] = _candidate(
         base, tokenizer, [with_shots(c, shots) for c in conversations], params, "base few-shot")
     general["base"], general_tokens = _general_perplexity(base, tokenizer, text, params, "base")
     general["fewshot"] = general["base"]  # the same weights: prompting does not change them
     del base
-    tuned = {"finetuned": lambda: models.load_finetuned(base_dir, adapter_dir)}
+    tuned = {"finetuned": lambda: models.load_finetuned(base_dir, adapter_dir, placement)}
     if dpo_dir:
-        tuned["dpo"] = lambda: models.load_model(dpo_dir / models.MERGED)
+        tuned["dpo"] = lambda: models.load_model(dpo_dir / models.MERGED, placement=placement)
     for name, load in tuned.items():
         model = load()
         scores[name], outputs[name], examples[name] = _candidate(model, tokenizer, conversations, params,
                                                                  CANDIDATES[name])
         general[name], _ = _general_perplexity(model, tokenizer, text, params, CANDIDATES[name])
     # The old task is checked on the model register registers (the last one scored).
-    old_task = (_old_task(params, tokenizer, model, parent_dir, parent_version, seen_rows)
+    old_task = (_old_task(params, tokenizer, model, parent_dir, parent_version, seen_rows, placement)
                 if parent_dir and parent_version else None)
     for name in scores:
         scores[name][metrics.GENERAL_KEY] = general[name]
@@ -158,7 +160,7 @@ def _score_candidates(params: EvaluateParams, tokenizer, conversations: list, sh
 
 
 def _old_task(params: EvaluateParams, tokenizer, tuned, parent_dir: Path, version: str,
-              seen_rows: list) -> OldTask | None:
+              seen_rows: list, placement: Placement) -> OldTask | None:
     """Catastrophic forgetting of the previous task: the fine-tuned model and the parent champion
     it started from (v`version`, reports/train.json), both on the test split the parent was
     evaluated on (models/parent/test.jsonl; None when its run did not log one). Old test rows whose
@@ -184,7 +186,8 @@ def _old_task(params: EvaluateParams, tokenizer, tuned, parent_dir: Path, versio
         return OldTask(parent=described, examples=0, left_out_seen=len(every), parent_scores={}, finetuned={})
     old = [r["messages"] for r in rows]
     tuned_scores, _, _ = _candidate(tuned, tokenizer, old, params, "fine-tuned, old task")
-    parent_scores, _, _ = _candidate(models.load_model(parent_dir), tokenizer, old, params, "parent, old task")
+    parent_scores, _, _ = _candidate(models.load_model(parent_dir, placement=placement), tokenizer, old, params,
+                                  "parent, old task")
     return OldTask(parent=described, examples=len(rows),
                    left_out_seen=len(every) - len(unseen),
                    parent_scores=parent_scores, finetuned=tuned_scores)
@@ -192,11 +195,15 @@ def _old_task(params: EvaluateParams, tokenizer, tuned, parent_dir: Path, versio
 
 def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, adapter_dir: Path, data_dir: Path,
         train_report: Path, general_text: Path, reports_dir: Path, parent_dir: Path | None = None,
-        dpo_dir: Path | None = None) -> MetricsReport:
-    """`dpo_dir`: the dpo stage's model folder (models/dpo), scored as one more candidate; None: dpo off."""
+        dpo_dir: Path | None = None, placement: Placement | None = None) -> MetricsReport:
+    """`dpo_dir`: the dpo stage's model folder (models/dpo), scored as one more candidate; None: dpo off.
+    `placement`: where and in what precision the models run (ftpipe.device); None: the CPU in fp32,
+    the same numbers on every machine."""
+
     from ftpipe import metrics, models
     from ftpipe.chat import prompt_text
 
+    placement = placement or Placement("cpu", "fp32")
     models.set_threads(params.threads)
     rows, text = _inputs(params, adapter_dir=adapter_dir, data_dir=data_dir, general_text=general_text)
     train_rows = read_jsonl(data_dir / "train.jsonl")
@@ -209,7 +216,8 @@ def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, ad
     tokenizer = models.load_tokenizer(base_dir)
     conversations = [r["messages"] for r in rows]
     scores, outputs, examples, general, general_tokens, old_task = _score_candidates(
-        params, tokenizer, conversations, shots, text, base_dir=base_dir, adapter_dir=adapter_dir, seen_rows=seen_rows,
+        params, tokenizer, conversations, shots, text, placement=placement, base_dir=base_dir,
+        adapter_dir=adapter_dir, seen_rows=seen_rows,
         dpo_dir=dpo_dir, parent_dir=parent_dir, parent_version=parent_version)
     names = list(scores)  # the candidates scored, in CANDIDATES order
 
@@ -229,7 +237,8 @@ def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, ad
                       for name in names if name in ("finetuned", "dpo")},
         # The resolved settings travel with the numbers (and make register rerun when they change);
         # register scores the champion with the same ones.
-        "settings": {"decoding": "greedy", **params.model_dump(exclude={"threads"})},
+        "settings": {"decoding": "greedy", **params.model_dump(exclude={"threads"}),
+                     "device": placement.device, "precision": placement.precision},
         "old_task": old_task,
     })
     generations = [
@@ -246,14 +255,16 @@ def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, ad
 
 
 def main() -> None:
-    from ftpipe import models
+    from ftpipe import device, models
 
     params = load_section("evaluate", EvaluateParams)
+    placement = device.inference()
+    print(f"evaluate: models on {placement}", flush=True)
     bootstrap = load_section("register", RegisterParams)  # only its bootstrap settings (dvc.yaml lists them)
     dpo_dir = models.dpo_result(DPO_DIR, enabled=load_section("dpo", DpoParams).enabled)
     result = run(params=params, bootstrap=bootstrap, base_dir=BASE_DIR, adapter_dir=ADAPTER_DIR, data_dir=PREPARED_DIR,
                  train_report=TRAIN_REPORT, general_text=Path(params.general_text), reports_dir=REPORTS,
-                 parent_dir=PARENT_DIR, dpo_dir=dpo_dir)
+                 parent_dir=PARENT_DIR, dpo_dir=dpo_dir, placement=placement)
     print(comparison_table(result.model_dump()))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, read_jsonl, write_text
-from ftpipe.params import DpoParams, ExportParams, PrepareBaseParams, load_section
+from ftpipe.params import DpoParams, ExportParams, InferenceParams, PrepareBaseParams, load_section
 from ftpipe.paths import ADAPTER_DIR, DPO_DIR, EXPORT_MD, EXPORT_REPORT, GGUF_DIR, PREPARED_DIR, REPORTS
 from ftpipe.schemas import ExportReport, GgufFile
 
@@ -27,7 +27,9 @@ MB = 1e6
 
 
 def run(*, params: ExportParams, merged_dir: Path, val_file: Path, out_dir: Path, reports_dir: Path,
-        pre_tokenizer: str, name: str) -> ExportReport:
+        pre_tokenizer: str, name: str, device: str = "cpu") -> ExportReport:
+    """`device`: where the checks run (inference.device decided by ftpipe.device); in fp32 there,
+    since they measure what the file format loses, not what bf16 loses."""
     import importlib.metadata
 
     from ftpipe import models
@@ -38,7 +40,7 @@ def run(*, params: ExportParams, merged_dir: Path, val_file: Path, out_dir: Path
     with all_or_nothing():
         with atomic_dir(out_dir) as tmp:
             formats, prompts, positions, modelfile = _write_and_check(params, merged_dir, val_file, tmp, out_dir,
-                                                                      pre_tokenizer, name)
+                                                                      pre_tokenizer, name, device)
         report = ExportReport(model=str(merged_dir), formats=formats, modelfile=modelfile,
                               pre_tokenizer=pre_tokenizer, prompts=prompts,
                               logit_positions=positions, gguf_package=importlib.metadata.version("gguf"))
@@ -48,11 +50,12 @@ def run(*, params: ExportParams, merged_dir: Path, val_file: Path, out_dir: Path
 
 
 def _write_and_check(params: ExportParams, merged_dir: Path, val_file: Path, tmp: Path, out_dir: Path,
-                     pre_tokenizer: str, name: str) -> tuple[dict[str, GgufFile], int, int, str | None]:
+                     pre_tokenizer: str, name: str, device: str) -> tuple[dict[str, GgufFile], int, int, str | None]:
     """(checked file per format, conversations compared, token positions compared, the Modelfile)."""
     from tqdm import tqdm
 
     from ftpipe import gguf_export, models
+    from ftpipe.device import Placement
 
     if not params.gguf:
         return {}, 0, 0, None
@@ -60,7 +63,8 @@ def _write_and_check(params: ExportParams, merged_dir: Path, val_file: Path, tmp
     conversations = [r["messages"] for r in read_jsonl(val_file)[: params.prompts]]
     if not conversations:
         raise PipelineError(f"{val_file}: no validation rows to check the GGUF files on")
-    reference = _reference(models.load_model(merged_dir), tokenizer, conversations, params)
+    placement = Placement(device, "fp32")
+    reference = _reference(models.load_model(merged_dir, placement=placement), tokenizer, conversations, params)
     formats = {}
     for fmt in (bar := tqdm(params.gguf, desc="export", unit="file")):
         bar.set_postfix_str(fmt)
@@ -68,7 +72,7 @@ def _write_and_check(params: ExportParams, merged_dir: Path, val_file: Path, tmp
         gguf_export.write_gguf(merged_dir, tmp / gguf_export.file_name(fmt), fmt=fmt, name=name, pre=pre_tokenizer)
         written = time.perf_counter() - started
         formats[fmt] = _checked(tmp, gguf_export.file_name(fmt), out_dir, tokenizer, conversations, reference,
-                                params, written)
+                                params, written, placement)
     modelfile = _write_modelfile(formats, tokenizer, reference["prompts"][0], tmp, out_dir)
     return formats, len(conversations), reference["positions"], modelfile
 
@@ -90,19 +94,21 @@ def _logits(model, ids) -> list:
     import torch
 
     with torch.inference_mode():
-        return [model(input_ids=i).logits[0].float() for i in ids]
+        return [model(input_ids=i.to(model.device)).logits[0].float().cpu() for i in ids]
 
 
 def _checked(folder: Path, file: str, out_dir: Path, tokenizer, conversations, reference: dict,
-             params: ExportParams, write_s: float) -> GgufFile:
+             params: ExportParams, write_s: float, placement) -> GgufFile:
     """Load the file back with transformers and compare it with the merged model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ftpipe import metrics, models
+    from ftpipe.device import place
 
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32).eval()
+    model = place(model, placement, str(out_dir / file))
     load_s = time.perf_counter() - started
     gguf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     for text, ids in zip(reference["texts"], reference["ids"]):
@@ -159,16 +165,20 @@ def table(report: ExportReport, merged_dir: Path) -> str:
 
 
 def main() -> None:
-    from ftpipe import gguf_export, models
+    from ftpipe import device, gguf_export, models
 
     params = load_section("export", ExportParams)
+    where = device.decide(device=load_section("inference", InferenceParams).device, precision="fp32").device
     base = load_section("prepare_base", PrepareBaseParams)
     pre = gguf_export.pre_tokenizer_of(models.embedded_gguf()) if base.source == "embedded" else None
     dpo = models.dpo_result(DPO_DIR, enabled=load_section("dpo", DpoParams).enabled)
     merged = (dpo or ADAPTER_DIR) / models.MERGED  # the model register registers
     report = run(params=params, merged_dir=merged, val_file=PREPARED_DIR / "val.jsonl", out_dir=GGUF_DIR,
-                 reports_dir=REPORTS, pre_tokenizer=pre or gguf_export.DEFAULT_PRE, name="ftpipe fine-tune")
+                 reports_dir=REPORTS, pre_tokenizer=pre or gguf_export.DEFAULT_PRE, name="ftpipe fine-tune",
+                 device=where)
     print(table(report, merged))
+    if report.formats:
+        print(f"export: checks on {where} fp32")
 
 
 if __name__ == "__main__":

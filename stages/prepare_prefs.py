@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ftpipe.device import Placement
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, dumps_jsonl, read_jsonl, write_json, write_text
 from ftpipe.params import DpoParams, PrepareDataParams, PreparePrefsParams, load_section
@@ -24,7 +25,9 @@ from ftpipe.schemas import PrefsReport
 
 
 def run(*, params: PreparePrefsParams, data: PrepareDataParams, enabled: bool, base_dir: Path, prepared_dir: Path,
-        out_dir: Path, report_path: Path, project_dir: Path = Path(".")) -> PrefsReport:
+        out_dir: Path, report_path: Path, project_dir: Path = Path("."), placement: Placement | None = None
+        ) -> PrefsReport:
+    """`placement`: where the base model generates the rejected replies (ftpipe.device); None: CPU fp32."""
     from ftpipe import preferences
 
     if not enabled:
@@ -36,7 +39,7 @@ def run(*, params: PreparePrefsParams, data: PrepareDataParams, enabled: bool, b
         sft = _sft_rows(prepared_dir)
         if params.max_train_pairs:
             sft["train"] = sft["train"][: params.max_train_pairs]  # the split is shuffled: a random draw
-        splits, dropped = _self_pairs(params, sft, base_dir)
+        splits, dropped = _self_pairs(params, sft, base_dir, placement or Placement("cpu", "fp32"))
         generated = sum(len(rows) for rows in sft.values())
         extra_eval = {}  # the pairs' splits are the SFT splits themselves
     else:  # the file is checked before anything else is read
@@ -66,11 +69,11 @@ def _sft_rows(prepared_dir: Path) -> dict[str, list]:
     return {split: read_jsonl(prepared_dir / f"{split}.jsonl") for split in SPLITS}
 
 
-def _self_pairs(params: PreparePrefsParams, sft, base_dir: Path):
+def _self_pairs(params: PreparePrefsParams, sft, base_dir: Path, placement: Placement):
     from ftpipe import models, preferences
 
     models.set_threads(params.threads)
-    model, tokenizer = models.load_model(base_dir), models.load_tokenizer(base_dir)
+    model, tokenizer = models.load_model(base_dir, placement=placement), models.load_tokenizer(base_dir)
     return preferences.self_pairs(sft, model, tokenizer, max_new_tokens=params.max_new_tokens,
                                   batch_size=params.batch_size)
 
@@ -92,11 +95,14 @@ def _write(out_dir: Path, report_path: Path, report: PrefsReport, splits) -> Non
 
 
 def main() -> None:
+    from ftpipe import device
+
     params = load_section("prepare_prefs", PreparePrefsParams)
     enabled = load_section("dpo", DpoParams).enabled
     data = load_section("prepare_data", PrepareDataParams)
+    placement = device.inference() if enabled and params.source == "self" else None
     report = run(params=params, data=data, enabled=enabled, base_dir=BASE_DIR, prepared_dir=PREPARED_DIR,
-                 out_dir=PREFS_DIR, report_path=PREFS_REPORT)
+                 out_dir=PREFS_DIR, report_path=PREFS_REPORT, placement=placement)
     if not report.enabled:
         print("prepare_prefs: dpo.enabled is false, no pairs built")
         return

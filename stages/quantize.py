@@ -6,7 +6,8 @@ of the first `max_rows` validation responses relative to fp32, greedy-output agr
 the first `prompts` validation prompts, load time and generation time. The pruned variants
 (`pruned`, ftpipe/pruning.py) the same, with the sparsity reached, in a second table.
 Reads params.yaml `quantize`, models/base/, data/prepared/val.jsonl; writes reports/quantize.json
-(DVC metrics) and reports/quantize.md (the table).
+(DVC metrics) and reports/quantize.md (the table). With `variants: []` and `pruned: []` it loads
+nothing and both reports say that no variant was asked for.
 Run: python -m stages.quantize
 """
 
@@ -20,10 +21,11 @@ from typing import Any
 
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, read_jsonl, write_json, write_text
-from ftpipe.params import QuantizeParams, load_section
+from ftpipe.params import InferenceParams, QuantizeParams, load_section
 from ftpipe.paths import BASE_DIR, PREPARED_DIR, QUANTIZE_MD, QUANTIZE_REPORT, REPORTS
 
 MB = 1e6
+NOTHING_ASKED = "quantize: no variant asked for (quantize.variants and quantize.pruned are both []): nothing measured"
 
 
 def saved_bytes(model) -> tuple[int | None, str | None]:
@@ -50,10 +52,14 @@ def _measure(model, load_s: float, tokenizer, ppl_rows, prompts, params: Quantiz
             "generate_s": generate_s, "outputs": outputs}
 
 
-def run(*, params: QuantizeParams, base_dir: Path, val_file: Path, reports_dir: Path) -> dict[str, Any]:
+def run(*, params: QuantizeParams, base_dir: Path, val_file: Path, reports_dir: Path,
+        device: str = "cpu") -> dict[str, Any]:
     import logging
 
     from tqdm import tqdm
+
+    if not params.variants and not params.pruned:
+        return _nothing_asked(params, reports_dir)
 
     from ftpipe import models, quantization
     from ftpipe.chat import prompt_text
@@ -72,8 +78,8 @@ def run(*, params: QuantizeParams, base_dir: Path, val_file: Path, reports_dir: 
     for name in (bar := tqdm(["fp32", *params.variants], desc="quantize", unit="variant")):
         bar.set_postfix_str(name)
         started = time.perf_counter()
-        model = (models.load_model(base_dir, device_map=quantization.device()) if name == "fp32"
-                 else quantization.load_quantized(base_dir, name))
+        model = (models.load_model(base_dir, device_map=device) if name == "fp32"
+                 else quantization.load_quantized(base_dir, name, on=device))
         entry = _measure(model, time.perf_counter() - started, tokenizer, ppl_rows, prompts, params, name)
         if name == "fp32":
             # The reference is the stage's input itself: its files are the fp32 size on disk.
@@ -87,7 +93,7 @@ def run(*, params: QuantizeParams, base_dir: Path, val_file: Path, reports_dir: 
         gc.collect()
 
     ref = entries.pop("fp32")
-    pruned = _pruned(params, base_dir, tokenizer, ppl_rows, prompts)
+    pruned = _pruned(params, base_dir, tokenizer, ppl_rows, prompts, device)
     result = {
         "fp32": _public(ref),
         "variants": {name: _compared(entry, ref, tokenizer) for name, entry in entries.items()},
@@ -95,7 +101,7 @@ def run(*, params: QuantizeParams, base_dir: Path, val_file: Path, reports_dir: 
                    for name, entry in pruned.items()},
         "perplexity_rows": len(ppl_rows),
         "prompts": len(prompts),
-        "device": quantization.device(),
+        "device": device,
         "settings": {"decoding": "greedy", "bitsandbytes": _version("bitsandbytes"),
                      **params.model_dump(exclude={"threads"})},
     }
@@ -105,18 +111,28 @@ def run(*, params: QuantizeParams, base_dir: Path, val_file: Path, reports_dir: 
     return result
 
 
-def _pruned(params: QuantizeParams, base_dir: Path, tokenizer, ppl_rows, prompts) -> dict[str, dict[str, Any]]:
+def _nothing_asked(params: QuantizeParams, reports_dir: Path) -> dict[str, Any]:
+    """The report of a run that measures nothing: empty tables, so readers need no special case."""
+    result = {"skipped": NOTHING_ASKED, "variants": {}, "pruned": {}, "settings": params.model_dump(exclude={"threads"})}
+    with all_or_nothing():
+        write_json(reports_dir / QUANTIZE_REPORT.name, result)
+        write_text(reports_dir / QUANTIZE_MD.name, table(result))
+    return result
+
+
+def _pruned(params: QuantizeParams, base_dir: Path, tokenizer, ppl_rows, prompts,
+            device: str) -> dict[str, dict[str, Any]]:
     """Each pruned variant of the fp32 base, measured as the quantized ones are (kept dense: its
     memory and size on disk are the fp32 model's)."""
     from tqdm import tqdm
 
-    from ftpipe import models, pruning, quantization
+    from ftpipe import models, pruning
 
     entries: dict[str, dict[str, Any]] = {}
     for name in (bar := tqdm(params.pruned, desc="prune", unit="variant", disable=not params.pruned)):
         bar.set_postfix_str(name)
         started = time.perf_counter()
-        model = models.load_model(base_dir, device_map=quantization.device())
+        model = models.load_model(base_dir, device_map=device)
         sparsity = pruning.prune(model, name)
         entry = _measure(model, time.perf_counter() - started, tokenizer, ppl_rows, prompts, params, name)
         entry.update(sparsity=sparsity, total_s=time.perf_counter() - started)  # not saved: dense like fp32
@@ -146,6 +162,8 @@ def _compared(entry: dict[str, Any], ref: dict[str, Any], tokenizer) -> dict[str
 
 def table(result: dict[str, Any]) -> str:
     """Markdown table: fp32 first, then each variant with its ratios to fp32."""
+    if "skipped" in result:
+        return result["skipped"] + "\n"
     ref = result["fp32"]
     lines = ["| variant | memory MB | vs fp32 | on disk MB | perplexity | vs fp32 | exact match | token agreement "
              "| load s | generate s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -193,11 +211,17 @@ def _version(package: str) -> str:
 
 
 def main() -> None:
+    from ftpipe import device
+
     params = load_section("quantize", QuantizeParams)
-    if not (BASE_DIR / "config.json").is_file():
+    if (params.variants or params.pruned) and not (BASE_DIR / "config.json").is_file():
         raise PipelineError(f"{BASE_DIR}: base model not prepared (run `dvc repro prepare_base`)")
-    result = run(params=params, base_dir=BASE_DIR, val_file=PREPARED_DIR / "val.jsonl", reports_dir=REPORTS)
-    print(table(result))
+    where = "cpu"
+    if params.variants or params.pruned:  # where inference runs (bitsandbytes' kernels on CUDA there)
+        where = device.decide(device=load_section("inference", InferenceParams).device, precision="fp32").device
+    result = run(params=params, base_dir=BASE_DIR, val_file=PREPARED_DIR / "val.jsonl", reports_dir=REPORTS,
+                 device=where)
+    print(table(result), end="")
 
 
 if __name__ == "__main__":

@@ -214,7 +214,8 @@ def _score_champion(client, params: RegisterParams, lineage: dict[str, str], rep
                     data_dir: Path) -> dict[str, Any] | None:
     """The current champion scored on this test split ({version, scored, metrics, examples, outputs,
     logged_metrics}); None if there is none. Its logged metrics come from the split of its own day."""
-    from ftpipe import metrics, registry
+    from ftpipe import device, metrics, registry
+    from ftpipe.device import Placement
 
     found = registry.champion(client, params.model_name)
     if found is None:
@@ -240,6 +241,11 @@ def _score_champion(client, params: RegisterParams, lineage: dict[str, str], rep
                             f"this test split, so it cannot be compared on them; change prepare_data.seed or the data")
     settings = reports.metrics.settings
     model, tokenizer = registry.load_model(client, params.model_name, version)
+    # Where evaluate ran the candidates (reports of an older evaluate: the CPU in fp32).
+    placement = Placement(settings.get("device", "cpu"), settings.get("precision", "fp32"))
+    if placement.device == "cuda":
+        placement = device.decide(device="cuda", precision=placement.precision)  # one line if CUDA is gone
+    model = device.place(model, placement, f"{params.model_name} champion v{version}")
     scores, outputs, examples = metrics.score_model(
         model, tokenizer, [conversations[i] for i in rows], max_new_tokens=settings["max_new_tokens"],
         batch_size=settings["batch_size"], stemmer=settings["rouge_stemmer"], name=f"champion v{version}")
@@ -323,13 +329,7 @@ def _log_pipeline_run(all_params: dict[str, Any], lineage: dict[str, str], repor
     mlflow.set_tags({"role": "pipeline", **lineage})
     _log_metrics({"data_rows_in": data.rows_in, "data_rows_out": data.rows_out, "data_leaks": data.leaks.total,
                         **{f"data_rows_{name}": n for name, n in data.splits.items()}})
-    if (reports_dir / paths.QUANTIZE_REPORT.name).is_file():
-        quant = read_json(reports_dir / paths.QUANTIZE_REPORT.name)
-        _log_metrics({f"quant_{name}_{key}": v[key] for name, v in quant["variants"].items()
-                            for key in ("footprint_ratio", "perplexity_ratio", "token_agreement")})
-        _log_metrics({f"pruned_{name}_{key}": v[key]
-                            for name, v in quant.get("pruned", {}).items()
-                            for key in ("sparsity", "perplexity_ratio", "token_agreement")})
+    _log_metrics(quant_metrics(reports_dir / paths.QUANTIZE_REPORT.name))
     if (reports_dir / paths.EXPORT_REPORT.name).is_file():
         export = ExportReport.read(reports_dir / paths.EXPORT_REPORT.name)
         _log_metrics({f"gguf_{fmt}_{key}": getattr(f, key) for fmt, f in export.formats.items()
@@ -338,6 +338,18 @@ def _log_pipeline_run(all_params: dict[str, Any], lineage: dict[str, str], repor
         if (reports_dir / report.name).is_file():
             mlflow.log_artifact(str(reports_dir / report.name), artifact_path="reports")
     mlflow.log_table({k: [g[k] for g in generations] for k in generations[0]}, "generations.json")
+
+
+def quant_metrics(report: Path) -> dict[str, float]:
+    """The quantize stage's figures as MLflow metrics: none when it did not run or was asked for no
+    variant (its report then has empty `variants` and `pruned`)."""
+    if not report.is_file():
+        return {}
+    quant = read_json(report)
+    return {**{f"quant_{name}_{key}": v[key] for name, v in quant.get("variants", {}).items()
+               for key in ("footprint_ratio", "perplexity_ratio", "token_agreement")},
+            **{f"pruned_{name}_{key}": v[key] for name, v in quant.get("pruned", {}).items()
+               for key in ("sparsity", "perplexity_ratio", "token_agreement")}}
 
 
 def _log_candidates(experiment_id: str, lineage: dict[str, str], metrics: MetricsReport) -> dict[str, str]:
@@ -422,14 +434,20 @@ def _log_dpo(reports: Reports, dpo_dir: Path) -> None:
 
 
 def _log_gguf(reports_dir: Path, gguf_dir: Path) -> None:
-    """The export stage's GGUF files and Modelfile, so the registered version's run holds what
-    llama.cpp and Ollama users pull (`mlflow artifacts download -r <run> -a gguf`); their checks are
-    metrics of the pipeline run, beside the quantized variants'."""
+    """What the export stage wrote, by name, size and sha256, with its Modelfile: the GGUF files
+    themselves stay in DVC's cache (models/gguf; `dvc push` shares them), since a second copy in the
+    MLflow store would double the disk a model takes. Their checks are metrics of the pipeline run."""
     import mlflow
 
-    if (reports_dir / paths.EXPORT_REPORT.name).is_file() and ExportReport.read(
-            reports_dir / paths.EXPORT_REPORT.name).formats:
-        mlflow.log_artifacts(str(gguf_dir), artifact_path="gguf")
+    report_path = reports_dir / paths.EXPORT_REPORT.name
+    export = ExportReport.read(report_path) if report_path.is_file() else None
+    if not export or not export.formats:
+        return
+    mlflow.log_dict({"where": "models/gguf (DVC output of the export stage)", "files": {
+        fmt: {"file": Path(f.file).name, "bytes": f.bytes, "sha256": f.sha256} for fmt, f in export.formats.items()}},
+        "gguf/manifest.json")
+    if (gguf_dir / "Modelfile").is_file():
+        mlflow.log_artifact(str(gguf_dir / "Modelfile"), artifact_path="gguf")
 
 
 def log_model(model_name: str, base_dir: Path, adapter_dir: Path, *, tags: dict[str, str] | None = None) -> str:
@@ -440,7 +458,8 @@ def log_model(model_name: str, base_dir: Path, adapter_dir: Path, *, tags: dict[
     from ftpipe import models
     from ftpipe.chat import render
 
-    model, tokenizer = models.load_finetuned(base_dir, adapter_dir), models.load_tokenizer(base_dir)
+    # As stored (bf16 for a bf16 base): MLflow keeps one copy of the merged weights, in their own dtype.
+    model, tokenizer = models.load_finetuned(base_dir, adapter_dir, as_stored=True), models.load_tokenizer(base_dir)
     template = render(tokenizer, [{"role": "user", "content": "{prompt}"}], generation_prompt=True)
     info = mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer},
@@ -475,12 +494,12 @@ def _set_aliases(client, model_name: str, version: str, decision) -> None:
         client.set_registered_model_alias(model_name, "champion", version)
 
 
-def _log_metrics(values: dict[str, Any]) -> None:
+def _log_metrics(values: dict[str, Any], step: int | None = None) -> None:
     """Log the metrics that were measured: a value a short or partial run did not produce is None
     in its report, and MLflow refuses a metric without a value."""
     import mlflow
 
-    mlflow.log_metrics({key: value for key, value in values.items() if value is not None})
+    mlflow.log_metrics({key: value for key, value in values.items() if value is not None}, step=step)
 
 
 def _curve(path: Path) -> list[tuple[int, float]]:

@@ -147,7 +147,7 @@ def test_continual_fine_tune_starts_from_the_champion_and_checks_the_old_task(fi
     assert any(r.startswith("old task (tiny-model v1's test split") for r in registration["promotion"]["reasons"])
     version = client.get_model_version("tiny-model", "2")
     assert version.tags["parent"] == "tiny-model v1 (champion)"
-    assert [f.path for f in client.list_artifacts(version.run_id, "data")] == ["data/test.jsonl"]
+    assert [f.path for f in client.list_artifacts(version.run_id, "data")] == ["data/test.jsonl", "data/train_prompts.json"]
 
     # The champion read again (as the flows do on every run) writes the same files: nothing downstream reruns.
     again = subprocess.run([sys.executable, "-m", "dvc", "repro", "-f", "prepare_parent"], cwd=proj, env=stage_env(),

@@ -104,3 +104,87 @@ def test_broken_model_folder_stops_the_stage_with_one_line(project, tmp_path, ti
     assert len(errors) == 1 and re.fullmatch(rf"error: {re.escape(str(folder))}: {problem}", errors[0]), errors
     assert "Traceback" not in result.stderr and "sentencepiece" not in errors[0]
     assert not (project / "models").exists()
+
+
+@pytest.fixture
+def templateless_dir(tmp_path, tiny_model_dir):
+    """The tiny model without a chat template, like many base (not instruct) models."""
+    folder = tmp_path / "templateless"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sky colour?"}]
+
+
+def test_base_without_template_fails_naming_the_param(tmp_path, templateless_dir):
+    with pytest.raises(PipelineError) as err:
+        run(params=PrepareBaseParams(source="local", path=str(templateless_dir)), out_dir=tmp_path / "base")
+    assert str(err.value) == (f"{templateless_dir}: tokenizer has no chat template; set prepare_base.chat_template "
+                              "(chatml, llama3, zephyr, alpaca, or a .jinja file under the project)")
+    assert not (tmp_path / "base").exists()
+
+
+def test_named_template_is_saved_with_the_base(tmp_path, templateless_dir):
+    from ftpipe import models
+
+    out = tmp_path / "base"
+    manifest = run(params=PrepareBaseParams(source="local", path=str(templateless_dir), chat_template="chatml"),
+                   out_dir=out)
+    assert manifest["chat_template"]["given"] == "chatml" and not manifest["chat_template"]["replaced"]
+    text = models.load_tokenizer(out).apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSky colour?<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+
+
+def test_template_file_is_used_and_hashed(tmp_path, templateless_dir, monkeypatch):
+    from ftpipe import models
+
+    monkeypatch.chdir(tmp_path)  # the project folder: the file's path is relative to it
+    template = tmp_path / "templates" / "plain.jinja"
+    template.parent.mkdir()
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    params = PrepareBaseParams(source="local", path=str(templateless_dir), chat_template="templates/plain.jinja")
+    manifest = run(params=params, out_dir=tmp_path / "base")
+    assert manifest["chat_template"]["sha256"] == sha256_of(template)
+    text = models.load_tokenizer(tmp_path / "base").apply_chat_template(CONVERSATION, tokenize=False,
+                                                                        add_generation_prompt=True)
+    assert text == "[system] Be brief.\n[user] Sky colour?\n[assistant] "
+
+
+def test_given_template_replaces_the_models_own_and_says_so(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from ftpipe import models
+    from stages.prepare_base import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        f"prepare_base:\n  source: local\n  path: {tiny_model_dir}\n  chat_template: zephyr\n")
+    main()
+    assert capsys.readouterr().out.endswith(", chat template zephyr (replaces the model's own) -> models/base\n")
+    assert json.loads((tmp_path / "models" / "base" / "manifest.json").read_text())["chat_template"]["replaced"]
+    text = models.load_tokenizer(tmp_path / "models" / "base").apply_chat_template(
+        CONVERSATION, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|system|>\nBe brief.<|im_end|>\n<|user|>") and text.endswith("<|assistant|>\n")
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("vicuna", r"unknown template 'vicuna' \(choices: chatml, llama3, zephyr, alpaca, or a \.jinja file under the "
+               r"project\)"),
+    ("templates/missing.jinja", r"template file not found: templates/missing.jinja"),
+    ("../outside.jinja", r"\.\./outside.jinja is outside the project folder"),
+])
+def test_bad_chat_template_fails_at_params_validation_naming_the_key(tmp_path, value, problem):
+    from ftpipe.params import load_section
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (tmp_path / "outside.jinja").write_text("{{ messages }}")
+    path = project / "params.yaml"
+    path.write_text(f"prepare_base:\n  source: embedded\n  chat_template: {value}\n")
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(path))}:3: prepare_base\.chat_template: {problem}$"):
+        load_section("prepare_base", PrepareBaseParams, path)

@@ -97,9 +97,6 @@ def test_unknown_variant_fails_naming_the_key(tmp_path):
     path.write_text("quantize:\n  variants: [nf4, int8, nf4]\n")
     with pytest.raises(PipelineError, match=r"params.yaml:2: quantize\.variants: lists 'nf4' more than once"):
         load_section("quantize", QuantizeParams, path)
-    path.write_text("quantize:\n  variants: []\n")
-    with pytest.raises(PipelineError, match=r"params.yaml:2: quantize\.variants: List should have at least 1 item"):
-        load_section("quantize", QuantizeParams, path)
 
 
 def test_magnitude_pruning_zeroes_the_smallest_weights_of_each_decoder_layer_only(tiny_model_dir):
@@ -174,3 +171,37 @@ def test_bad_pruned_variant_fails_naming_the_key(tmp_path, value, error):
     path.write_text(f"quantize:\n  pruned: {value}\n")
     with pytest.raises(PipelineError, match=r"params.yaml:2: " + error):
         load_section("quantize", QuantizeParams, path)
+
+
+def test_no_variant_asked_loads_nothing_and_says_so(tmp_path, monkeypatch, capsys):
+    from stages.register import quant_metrics
+
+    empty = tmp_path / "empty-base"
+    empty.mkdir()
+    params = QuantizeParams(variants=[], pruned=[])
+    reports = tmp_path / "reports"
+    # No model, no validation file: anything loaded would fail.
+    result = quantize.run(params=params, base_dir=empty, val_file=tmp_path / "absent.jsonl", reports_dir=reports)
+    assert json.loads((reports / "quantize.json").read_text()) == result
+    assert result["variants"] == {} and result["pruned"] == {} and result["skipped"] == quantize.NOTHING_ASKED
+    assert (reports / "quantize.md").read_text() == quantize.NOTHING_ASKED + "\n"
+    assert quant_metrics(reports / "quantize.json") == {}  # register logs no quant_* or pruned_* metric
+
+    # The stage itself: no models/base in this folder, one printed line.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("quantize:\n  variants: []\n  pruned: []\n")
+    quantize.main()
+    assert capsys.readouterr().out == quantize.NOTHING_ASKED + "\n"
+
+
+def test_register_logs_each_measured_variant(tmp_path):
+    from ftpipe.io import write_json
+    from stages.register import quant_metrics
+
+    figures = {"footprint_ratio": 0.3, "perplexity_ratio": 1.01, "token_agreement": 0.9}
+    write_json(tmp_path / "quantize.json", {"variants": {"nf4": figures},
+                                            "pruned": {"2of4": {"sparsity": 0.5, **figures}}})
+    assert quant_metrics(tmp_path / "quantize.json") == {
+        "quant_nf4_footprint_ratio": 0.3, "quant_nf4_perplexity_ratio": 1.01, "quant_nf4_token_agreement": 0.9,
+        "pruned_2of4_sparsity": 0.5, "pruned_2of4_perplexity_ratio": 1.01, "pruned_2of4_token_agreement": 0.9}
+    assert quant_metrics(tmp_path / "absent.json") == {}
