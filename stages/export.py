@@ -17,6 +17,7 @@ import re
 import time
 from pathlib import Path
 
+from ftpipe.device import Placement
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, read_jsonl, write_text
 from ftpipe.params import DpoParams, ExportParams, InferenceParams, PrepareBaseParams, load_section
@@ -27,9 +28,10 @@ MB = 1e6
 
 
 def run(*, params: ExportParams, merged_dir: Path, val_file: Path, out_dir: Path, reports_dir: Path,
-        pre_tokenizer: str, name: str, device: str = "cpu") -> ExportReport:
-    """`device`: where the checks run (inference.device decided by ftpipe.device); in fp32 there,
-    since they measure what the file format loses, not what bf16 loses."""
+        pre_tokenizer: str, name: str, placement: Placement | None = None) -> ExportReport:
+    """`placement`: where and in what precision the checks run (ftpipe.device; None: the CPU in
+    fp32). In bf16 the logit differences hold bf16's rounding besides the format's, but a broken
+    file still shows at once, and no fp32 copy of the model is made (the stage's peak memory)."""
     import importlib.metadata
 
     from ftpipe import models
@@ -40,7 +42,8 @@ def run(*, params: ExportParams, merged_dir: Path, val_file: Path, out_dir: Path
     with all_or_nothing():
         with atomic_dir(out_dir) as tmp:
             formats, prompts, positions, modelfile = _write_and_check(params, merged_dir, val_file, tmp, out_dir,
-                                                                      pre_tokenizer, name, device)
+                                                                      pre_tokenizer, name,
+                                                                      placement or Placement("cpu", "fp32"))
         report = ExportReport(model=str(merged_dir), formats=formats, modelfile=modelfile,
                               pre_tokenizer=pre_tokenizer, prompts=prompts,
                               logit_positions=positions, gguf_package=importlib.metadata.version("gguf"))
@@ -50,12 +53,11 @@ def run(*, params: ExportParams, merged_dir: Path, val_file: Path, out_dir: Path
 
 
 def _write_and_check(params: ExportParams, merged_dir: Path, val_file: Path, tmp: Path, out_dir: Path,
-                     pre_tokenizer: str, name: str, device: str) -> tuple[dict[str, GgufFile], int, int, str | None]:
+                     pre_tokenizer: str, name: str, placement: Placement) -> tuple[dict[str, GgufFile], int, int, str | None]:
     """(checked file per format, conversations compared, token positions compared, the Modelfile)."""
     from tqdm import tqdm
 
     from ftpipe import gguf_export, models
-    from ftpipe.device import Placement
 
     if not params.gguf:
         return {}, 0, 0, None
@@ -63,7 +65,6 @@ def _write_and_check(params: ExportParams, merged_dir: Path, val_file: Path, tmp
     conversations = [r["messages"] for r in read_jsonl(val_file)[: params.prompts]]
     if not conversations:
         raise PipelineError(f"{val_file}: no validation rows to check the GGUF files on")
-    placement = Placement(device, "fp32")
     reference = _reference(models.load_model(merged_dir, placement=placement), tokenizer, conversations, params)
     formats = {}
     for fmt in (bar := tqdm(params.gguf, desc="export", unit="file")):
@@ -100,14 +101,13 @@ def _logits(model, ids) -> list:
 def _checked(folder: Path, file: str, out_dir: Path, tokenizer, conversations, reference: dict,
              params: ExportParams, write_s: float, placement) -> GgufFile:
     """Load the file back with transformers and compare it with the merged model."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ftpipe import metrics, models
     from ftpipe.device import place
 
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=placement.dtype).eval()
     model = place(model, placement, str(out_dir / file))
     load_s = time.perf_counter() - started
     gguf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
@@ -143,15 +143,15 @@ def _write_modelfile(formats: dict[str, GgufFile], tokenizer, prompt: str, tmp: 
 def table(report: ExportReport, merged_dir: Path) -> str:
     if not report.formats:
         return "No GGUF written (`export.gguf: []`).\n"
-    fp32 = sum(f.stat().st_size for f in merged_dir.glob("*.safetensors"))
-    lines = ["| file | size MB | vs merged fp32 | max abs logit diff | mean abs logit diff | top-1 agreement "
+    merged = sum(f.stat().st_size for f in merged_dir.glob("*.safetensors"))
+    lines = ["| file | size MB | vs merged | max abs logit diff | mean abs logit diff | top-1 agreement "
              "| exact match | token agreement | load s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for f in report.formats.values():
-        lines.append(f"| {f.file} | {f.bytes / MB:.1f} | {f.bytes / fp32:.1%} | {f.max_abs_logit_diff:.4f} | "
+        lines.append(f"| {f.file} | {f.bytes / MB:.1f} | {f.bytes / merged:.1%} | {f.max_abs_logit_diff:.4f} | "
                      f"{f.mean_abs_logit_diff:.5f} | {f.top1_agreement:.2%} | {f.exact_match:.0%} | "
                      f"{f.token_agreement:.1%} | {f.load_s:.1f} |")
     notes = [f"Exported from `{report.model}`. Each file loaded back with transformers (`gguf_file=`), against "
-             "that merged fp32 model: logits at "
+             "that merged model (both where inference runs, `inference`): logits at "
              f"all {report.logit_positions} positions of {report.prompts} validation conversations, greedy replies "
              f"to their prompts; the GGUF's tokenizer encodes them identically. gguf {report.gguf_package}, "
              f"pre-tokenizer `{report.pre_tokenizer}`."]
@@ -168,17 +168,18 @@ def main() -> None:
     from ftpipe import device, gguf_export, models
 
     params = load_section("export", ExportParams)
-    where = device.decide(device=load_section("inference", InferenceParams).device, precision="fp32").device
+    inference = load_section("inference", InferenceParams)
+    placement = device.decide(device=inference.device, precision=inference.precision)
     base = load_section("prepare_base", PrepareBaseParams)
     pre = gguf_export.pre_tokenizer_of(models.embedded_gguf()) if base.source == "embedded" else None
     dpo = models.dpo_result(DPO_DIR, enabled=load_section("dpo", DpoParams).enabled)
     merged = (dpo or ADAPTER_DIR) / models.MERGED  # the model register registers
     report = run(params=params, merged_dir=merged, val_file=PREPARED_DIR / "val.jsonl", out_dir=GGUF_DIR,
                  reports_dir=REPORTS, pre_tokenizer=pre or gguf_export.DEFAULT_PRE, name="ftpipe fine-tune",
-                 device=where)
+                 placement=placement)
     print(table(report, merged))
     if report.formats:
-        print(f"export: checks on {where} fp32")
+        print(f"export: checks on {placement}")
 
 
 if __name__ == "__main__":

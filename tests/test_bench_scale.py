@@ -22,7 +22,7 @@ def test_the_gpu_checks_pipeline_run_works_on_the_cpu(tmp_path, monkeypatch):
     # Where each model-running stage says it ran: the CPU, as asked.
     assert run["stages"]["train"]["device"].startswith("cpu ")
     assert run["stages"]["evaluate"]["device"].startswith("cpu ")
-    assert run["stages"]["export"]["device"] == "cpu fp32"
+    assert run["stages"]["export"]["device"].startswith("cpu ")
     disk = run["disk_bytes"]
     assert disk["models"] > run["bf16_bytes"] and disk["mlflow"] > 0
     # DVC's cache links the outputs: the models are not held a second time there.

@@ -97,7 +97,7 @@ def test_preference_pairs_are_generated_where_the_decision_says(tmp_path, talkin
     assert seen == [("cpu", torch.bfloat16)]
 
 
-def test_export_checks_run_on_the_decided_device_in_fp32(finished_project, tmp_path, monkeypatch):
+def test_export_checks_run_where_the_decision_says(finished_project, tmp_path, monkeypatch):
     from stages import export
 
     proj = finished_project
@@ -112,10 +112,11 @@ def test_export_checks_run_on_the_decided_device_in_fp32(finished_project, tmp_p
     monkeypatch.setattr(export, "_logits", spy)
     params = load_section("export", ExportParams, proj / "params.yaml").model_copy(update={"gguf": ["f16"],
                                                                                           "prompts": 1})
-    export.run(params=params, merged_dir=proj / "models" / "adapter" / "merged",
-               val_file=proj / "data" / "prepared" / "val.jsonl", out_dir=tmp_path / "gguf", reports_dir=tmp_path,
-               pre_tokenizer="default", name="t", device="cpu")
-    assert seen == [("cpu", torch.float32)] * 2  # the merged model, then the file read back
+    report = export.run(params=params, merged_dir=proj / "models" / "adapter" / "merged",
+                        val_file=proj / "data" / "prepared" / "val.jsonl", out_dir=tmp_path / "gguf",
+                        reports_dir=tmp_path, pre_tokenizer="default", name="t", placement=BF16)
+    assert seen == [("cpu", torch.bfloat16)] * 2  # the merged model, then the file read back
+    assert report.formats["f16"].top1_agreement > 0.9  # bf16 on both sides still tells a sound file
 
 
 def test_serving_runs_on_the_decided_device(tmp_path):

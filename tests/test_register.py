@@ -391,3 +391,28 @@ def test_a_short_run_without_some_losses_registers_and_logs_no_null(proj):
     tuned = client(proj).get_run(registered["finetuned_run_id"]).data.metrics
     assert "train_loss_final" not in tuned and "train_val_gap" not in tuned
     assert tuned["val_loss_final"] == pytest.approx(report["val_loss_final"])
+
+
+def test_the_champion_is_scored_again_where_evaluate_ran_the_candidates(proj, monkeypatch):
+    """reports/metrics.json says where evaluate ran (device, precision): the champion is scored there too."""
+    import torch
+
+    from ftpipe import metrics
+
+    set_scores(proj, 0.9)
+    register_in_process(proj)
+    client(proj).set_model_version_tag(MODEL, "1", "adapter_md5", "from-another-run")
+    path = proj / "reports" / "metrics.json"
+    report = json.loads(path.read_text())
+    report["settings"].update(device="cpu", precision="bf16")
+    path.write_text(json.dumps(report))
+    seen, real = [], metrics.score_model
+
+    def spy(model, *args, **kwargs):
+        weight = next(model.parameters())
+        seen.append((weight.device.type, weight.dtype))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(metrics, "score_model", spy)
+    assert register_in_process(proj)["champion"]["version"] == "1"
+    assert seen == [("cpu", torch.bfloat16)]
