@@ -112,6 +112,8 @@ MERGED = "merged"  # sub-folder of the train output holding the standalone (merg
 
 PARENT_MANIFEST = "manifest.json"  # in models/parent/: which model a continual fine-tune starts from
 PARENT_OLD_TEST = "test.jsonl"  # in models/parent/: the test split the parent champion was evaluated on
+PARENT_TRAINED_ON = "train_prompts.json"  # in models/parent/: the prompt digests of every row it trained on
+TRAINED_ON_ARTIFACT = "data/train_prompts.json"  # the same, logged with each registered version's run
 
 
 def read_parent(parent_dir: Path) -> dict[str, Any]:

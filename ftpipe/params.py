@@ -533,7 +533,7 @@ ALSO_READS: dict[str, tuple[str, ...]] = {
     "evaluate": ("register.bootstrap_samples", "register.confidence", "register.bootstrap_seed", "dpo.enabled",
                  "inference.device", "inference.precision"),
     # The embedded base came from a GGUF whose pre-tokenizer name the export carries over.
-    "export": ("prepare_base.source", "dpo.enabled", "inference.device"),
+    "export": ("prepare_base.source", "dpo.enabled", "inference.device", "inference.precision"),
     # The champion is scored again with the placement evaluate used (reports/metrics.json settings).
     "register": ("dpo.enabled",),
     "quantize": ("inference.device",),

@@ -26,6 +26,9 @@ _REASONS = (r"\[Errno -?\d+\] ([^'\"()\]]+)", r"(Read timed out|timed out)", r"(
             r"(error code \d+ != 200)")
 # A server that did not answer (as opposed to one that answered that something is missing).
 _UNREACHABLE = r"API request to .* failed|Max retries exceeded|timed out|Connection (refused|reset|aborted)"
+# Error codes of a server that answered and refused (a 401/403 from an auth proxy, a bad value).
+_REFUSALS = ("PERMISSION_DENIED", "UNAUTHENTICATED", "BAD_REQUEST", "INVALID_PARAMETER_VALUE",
+             "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE")
 
 
 class RegistryUnreachable(PipelineError):
@@ -75,10 +78,15 @@ def unreachable(exc: BaseException) -> bool:
     import requests
 
     if isinstance(exc, requests.exceptions.RequestException):
+        if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                            requests.exceptions.InvalidSchema)):
+            return False  # a malformed URI: the user's to fix, not an outage
         response = getattr(exc, "response", None)
         return response is None or response.status_code >= 500
     code = getattr(exc, "error_code", "")
-    return code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE") or re.search(_UNREACHABLE, str(exc)) is not None
+    if code in _REFUSALS:  # the server answered: no, not allowed, no such thing
+        return False
+    return re.search(_UNREACHABLE, str(exc)) is not None  # a request that got no answer, or a 5xx
 
 
 def _not_found(exc) -> bool:

@@ -40,7 +40,7 @@ def environment(project_dir: Path, device: str = "cpu") -> dict[str, str]:
 
     env = dict(os.environ)
     env["MLFLOW_TRACKING_URI"] = tracking_uri(project_dir)
-    env["MLFLOW_DEFAULT_PREDICTION_DEVICE"] = "0" if device == "cuda" else "-1"
+    env.setdefault("MLFLOW_DEFAULT_PREDICTION_DEVICE", "0" if device == "cuda" else "-1")  # a user's choice wins
     # mlflow starts its server (uvicorn) by name: this environment's, not another on the PATH.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env

@@ -36,12 +36,16 @@ HTTP_DEFAULTS = {
 
 
 def project_root(cwd: Path = Path(".")) -> Path:
-    """The project a stage records for: DVC_ROOT, which DVC sets for every stage it runs (for an
-    experiment in a temporary workspace, the project the experiment belongs to); else `cwd`."""
+    """The project a stage records for: `cwd`, unless it is one of DVC's temporary experiment
+    workspaces (<project>/.dvc/tmp/exps/...), whose project DVC names in DVC_ROOT. A DVC_ROOT that
+    does not contain `cwd` that way (left in a shell, inherited from another project's run) is ignored."""
+    here = Path(cwd).resolve()
     root = os.environ.get("DVC_ROOT")
     if root and (Path(root) / ".dvc").is_dir():
-        return Path(root).resolve()
-    return Path(cwd).resolve()
+        root_path = Path(root).resolve()
+        if here == root_path or (root_path / ".dvc" / "tmp" / "exps") in here.parents:
+            return root_path
+    return here
 
 
 def tracking_uri(project_dir: Path) -> str:
@@ -68,13 +72,14 @@ def own_store(project_dir: Path) -> None:
             locations = [row[0] for row in con.execute("SELECT artifact_location FROM experiments")]
         except sqlite3.DatabaseError:
             return  # not a store MLflow has set up yet: MLflow says what is wrong when it opens it
-        foreign = sorted({Path(loc.removeprefix("file://")).parent for loc in locations
-                          if loc and loc.startswith("file:///") and Path(loc.removeprefix("file://")).name == ARTIFACT_DIR
-                          and Path(loc.removeprefix("file://")) != mine})
+        # Stored as Path.as_uri() wrote it (percent-encoded): compared decoded, replaced as stored.
+        foreign = sorted({loc for loc in locations if loc and loc.startswith("file:///")
+                          and _uri_path(loc).name == ARTIFACT_DIR and _uri_path(loc) != mine
+                          and _looks_like_project(_uri_path(loc).parent)})
         if not foreign:
             return
         if not mine.is_dir():
-            raise PipelineError(f"{db}: its runs' artifacts are in {foreign[0] / ARTIFACT_DIR}, and this project "
+            raise PipelineError(f"{db}: its runs' artifacts are in {_uri_path(foreign[0])}, and this project "
                                 f"({project_dir}) has no {ARTIFACT_DIR}/: copy that folder here too")
         tables = [row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         with con:
@@ -82,13 +87,12 @@ def own_store(project_dir: Path) -> None:
                 for table in tables:
                     for column in [c[1] for c in con.execute(f'PRAGMA table_info("{table}")') if c[2].upper()
                                    in ("TEXT", "VARCHAR") or c[2].upper().startswith("VARCHAR")]:
-                        for before, after in ((f"{(old / ARTIFACT_DIR).as_uri()}", mine.as_uri()),
-                                              (f"{old / ARTIFACT_DIR}", str(mine))):
+                        for before, after in ((old, mine.as_uri()), (str(_uri_path(old)), str(mine))):
                             con.execute(f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
                                         f'WHERE substr("{column}", 1, ?) = ? AND (length("{column}") = ? OR '
                                         f'substr("{column}", ?, 1) = \'/\')',
                                         (after, len(before) + 1, len(before), before, len(before), len(before) + 1))
-    print(f"warning: {db} recorded its artifacts in {', '.join(str(f / ARTIFACT_DIR) for f in foreign)} (another "
+    print(f"warning: {db} recorded its artifacts in {', '.join(str(_uri_path(f)) for f in foreign)} (another "
           f"copy of this project): now in {mine}", file=sys.stderr)
 
 
@@ -98,6 +102,18 @@ def artifact_location(project_dir: Path) -> str | None:
     if tracking_uri(project_dir).startswith(("http://", "https://")):
         return None
     return (Path(project_dir).resolve() / ARTIFACT_DIR).as_uri()
+
+
+def _uri_path(uri: str) -> Path:
+    from urllib.parse import unquote, urlsplit
+
+    return Path(unquote(urlsplit(uri).path))
+
+
+def _looks_like_project(folder: Path) -> bool:
+    """A folder a project's store once lived in, or that is gone (a moved project): not a shared
+    artifact root that happens to be named like ours."""
+    return not folder.exists() or (folder / DB_FILE).is_file() or (folder / ".dvc").is_dir()
 
 
 def redact(uri: str) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import atomic_dir, write_json
-from ftpipe.models import PARENT_MANIFEST, PARENT_OLD_TEST
+from ftpipe.models import PARENT_MANIFEST, PARENT_OLD_TEST, PARENT_TRAINED_ON, TRAINED_ON_ARTIFACT
 from ftpipe.params import RegisterParams, TrainParams, load_section
 from ftpipe.paths import PARENT_DIR
 
@@ -68,6 +68,10 @@ def _materialize(model_name: str, tracking_uri: str, folder: Path) -> dict[str, 
         old_test = registry.download_run_file(client, run_id, TEST_ARTIFACT, Path(download))
         if old_test is not None:
             shutil.move(old_test, folder / PARENT_OLD_TEST)
+        # What the parent trained on (and its own parents): the new version has learned it too.
+        trained_on = registry.download_run_file(client, run_id, TRAINED_ON_ARTIFACT, Path(download))
+        if trained_on is not None:
+            shutil.move(trained_on, folder / PARENT_TRAINED_ON)
     return {"version": version, "run_id": run_id,
             "lineage": {k: v for k, v in tags.items() if not k.startswith(("param.", "gate.", "promotion"))},
             "old_test_split": PARENT_OLD_TEST if old_test is not None else None,

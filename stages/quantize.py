@@ -82,9 +82,12 @@ def run(*, params: QuantizeParams, base_dir: Path, val_file: Path, reports_dir: 
                  else quantization.load_quantized(base_dir, name, on=device))
         entry = _measure(model, time.perf_counter() - started, tokenizer, ppl_rows, prompts, params, name)
         if name == "fp32":
-            # The reference is the stage's input itself: its files are the fp32 size on disk.
+            # The reference is the stage's input itself, stored in its own dtype (bf16 for the
+            # embedded base): its files scaled to 4 bytes a weight are the fp32 size on disk.
+            stored = models.stored_dtype(base_dir)
+            per_weight = stored.itemsize if stored is not None and stored.is_floating_point else 4
             entry["disk_bytes"], entry["not_serializable"] = sum(
-                f.stat().st_size for f in Path(base_dir).glob("*.safetensors")), None
+                f.stat().st_size for f in Path(base_dir).glob("*.safetensors")) * 4 // per_weight, None
         else:
             entry["disk_bytes"], entry["not_serializable"] = saved_bytes(model)
         entry["total_s"] = time.perf_counter() - started  # load, generate, perplexity and the trial save

@@ -37,7 +37,7 @@ from ftpipe import paths
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import read_json, read_jsonl
 from ftpipe.params import DpoParams, RegisterParams, load_section, read_params_file
-from ftpipe.paths import ADAPTER_DIR, BASE_DIR, DPO_DIR, GGUF_DIR, PREPARED_DIR, REGISTRATION, REPORTS
+from ftpipe.paths import ADAPTER_DIR, BASE_DIR, DPO_DIR, GGUF_DIR, PARENT_DIR, PREPARED_DIR, REGISTRATION, REPORTS
 from ftpipe.schemas import (
     DataReport,
     DpoReport,
@@ -54,8 +54,6 @@ REPORT_ARTIFACTS = (paths.DATA_REPORT, paths.DATA_REPORT_MD, paths.LEAKS, paths.
                     paths.EXPORT_MD, paths.PREFS_REPORT, paths.DPO_REPORT)
 # Lineage tags that make a registered version this very model.
 SAME_MODEL_TAGS = ("adapter_md5", "base_model_md5", "dpo_md5")
-# The prompt digests of a version's training rows, logged with its run (ftpipe.splits.prompt_digests).
-TRAINED_ON = "data/train_prompts.json"
 # The model's own runtime needs; explicit because MLflow's inference imports torchvision, which is absent.
 MODEL_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
 
@@ -80,9 +78,11 @@ def run(
     data_dir: Path = PREPARED_DIR,
     gguf_dir: Path = GGUF_DIR,
     dpo_dir: Path | None = None,
+    parent_dir: Path | None = None,
 ) -> RegistrationReport:
     """`dpo_dir`: the dpo stage's model folder (models/dpo) when dpo is enabled: that model is
-    registered and gated instead of the SFT one; None: dpo off."""
+    registered and gated instead of the SFT one; None: dpo off. `parent_dir`: models/parent of a
+    continual fine-tune (what its parent trained on is logged as trained on too); None: from the base."""
     import mlflow
 
     from ftpipe import models, registry
@@ -112,7 +112,7 @@ def run(
                 # The split this version is evaluated on: a continual fine-tune from it scores it again.
                 mlflow.log_artifact(str(data_dir / "test.jsonl"), artifact_path="data")
                 # What it trained on (prompt digests): a later run scoring it again leaves those rows out.
-                mlflow.log_dict(_trained_on(data_dir), TRAINED_ON)
+                mlflow.log_dict(_trained_on(data_dir, parent_dir), models.TRAINED_ON_ARTIFACT)
                 version = log_model(params.model_name, base_dir, dpo_dir or adapter_dir,
                                     tags=_version_tags(lineage, all_params, decision))
         _describe_version(client, params.model_name, version, lineage, runs["finetuned"])
@@ -256,10 +256,19 @@ def _score_champion(client, params: RegisterParams, lineage: dict[str, str], rep
             "logged_metrics": logged, "rows": rows, "left_out": left_out}
 
 
-def _trained_on(data_dir: Path) -> list[str]:
+def _trained_on(data_dir: Path, parent_dir: Path | None) -> list[str]:
+    """The prompt digests of the rows this model trained on: its train split's, and for a continual
+    fine-tune everything its parent champion had trained on (models/parent, from the parent's run)."""
+    import json
+
+    from ftpipe import models
     from ftpipe.splits import prompt_digests
 
-    return prompt_digests(read_jsonl(data_dir / "train.jsonl"))
+    digests = set(prompt_digests(read_jsonl(data_dir / "train.jsonl")))
+    inherited = parent_dir / models.PARENT_TRAINED_ON if parent_dir else None
+    if inherited is not None and inherited.is_file():
+        digests |= set(json.loads(inherited.read_text(encoding="utf-8")))
+    return sorted(digests)
 
 
 def _digest(messages: list[dict[str, str]]) -> str:
@@ -274,11 +283,11 @@ def _champion_trained_on(client, model_name: str, version: str) -> set[str] | No
     import json
     import tempfile
 
-    from ftpipe import registry
+    from ftpipe import models, registry
 
     run_id = registry.version_run(client, model_name, version)
     with tempfile.TemporaryDirectory() as tmp:
-        path = registry.download_run_file(client, run_id, TRAINED_ON, Path(tmp))
+        path = registry.download_run_file(client, run_id, models.TRAINED_ON_ARTIFACT, Path(tmp))
         return None if path is None else set(json.loads(path.read_text(encoding="utf-8")))
 
 
@@ -537,6 +546,7 @@ def main() -> None:
         data_dir=PREPARED_DIR,
         gguf_dir=GGUF_DIR,
         dpo_dir=dpo_dir,
+        parent_dir=PARENT_DIR if train_config["summary"].get("parent_version") else None,
     )
     result.write(REGISTRATION)
     print(f"register: {result.model_uri} (pipeline run {result.pipeline_run_id}): {gate_line(result)}")

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import gpu_check
 from bench.bench_scale import STAGES
 
 
+@pytest.mark.slow  # a whole pipeline run
 def test_the_gpu_checks_pipeline_run_works_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the check sets it; undone after the test

@@ -119,8 +119,10 @@ def test_export_checks_run_where_the_decision_says(finished_project, tmp_path, m
     assert report.formats["f16"].top1_agreement > 0.9  # bf16 on both sides still tells a sound file
 
 
-def test_serving_runs_on_the_decided_device(tmp_path):
+def test_serving_runs_on_the_decided_device(tmp_path, monkeypatch):
     from ftpipe.serve import environment
+
+    monkeypatch.delenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", raising=False)
 
     assert environment(tmp_path, "cpu")["MLFLOW_DEFAULT_PREDICTION_DEVICE"] == "-1"
     assert environment(tmp_path, "cuda")["MLFLOW_DEFAULT_PREDICTION_DEVICE"] == "0"

@@ -39,9 +39,12 @@ def test_a_copied_project_registers_into_its_own_folder(finished_project, tmp_pa
     original = finished_project
     tracking.tracking_uri(original)  # the fixture is itself a copy: make its store its own first
     before = files(original / "mlartifacts")
-    copy = Path(shutil.copytree(original, tmp_path / "second-checkout", symlinks=True))
+    # A folder name with a space: the store records it percent-encoded (file:///.../second%20checkout).
+    copy = Path(shutil.copytree(original, tmp_path / "second checkout", symlinks=True))
     registered = register_in_process(copy)
     assert f"recorded its artifacts in {original / 'mlartifacts'}" in capsys.readouterr().err
+    tracking.tracking_uri(copy)
+    assert "recorded its artifacts" not in capsys.readouterr().err  # its own now: said once
     assert files(original / "mlartifacts") == before  # nothing written into the original's folder
     store = client(copy)
     version = store.get_model_version(MODEL, registered["version"])
@@ -83,3 +86,19 @@ def test_queued_experiments_register_in_the_project_store(finished_project):
         assert run.data.tags["dvc_experiment"] == version.tags["dvc_experiment"]
         assert run.info.artifact_uri.startswith((proj / "mlartifacts").as_uri())
     assert not list((proj / ".dvc" / "tmp").rglob("mlruns.db"))  # nothing recorded in a throw-away store
+
+
+def test_dvc_root_names_the_project_only_from_one_of_its_experiment_workspaces(tmp_path, monkeypatch):
+    from ftpipe.tracking import project_root
+
+    project, other = tmp_path / "project", tmp_path / "other"
+    for folder in (project, other):
+        (folder / ".dvc").mkdir(parents=True)
+    workspace = project / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    workspace.mkdir(parents=True)
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    assert project_root(workspace) == project.resolve()  # a queued experiment records in its project
+    assert project_root(project) == project.resolve()
+    monkeypatch.setenv("DVC_ROOT", str(other))  # left in a shell, or another project's run
+    assert project_root(project) == project.resolve()
+    assert project_root(workspace) == workspace.resolve()

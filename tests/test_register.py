@@ -416,3 +416,17 @@ def test_the_champion_is_scored_again_where_evaluate_ran_the_candidates(proj, mo
     monkeypatch.setattr(metrics, "score_model", spy)
     assert register_in_process(proj)["champion"]["version"] == "1"
     assert seen == [("cpu", torch.bfloat16)]
+
+
+def test_a_continual_fine_tune_is_logged_as_trained_on_its_parents_rows_too(tmp_path):
+    from ftpipe.splits import prompt_digests
+    from stages.register import _trained_on
+
+    rows = [{"id": f"train-{i}", "messages": [{"role": "user", "content": f"q{i}"},
+                                             {"role": "assistant", "content": "a"}]} for i in range(3)]
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "parent").mkdir()
+    (tmp_path / "parent" / "train_prompts.json").write_text(json.dumps(["0123456789abcdef"]))
+    assert _trained_on(tmp_path / "prepared", None) == prompt_digests(rows)
+    assert set(_trained_on(tmp_path / "prepared", tmp_path / "parent")) == {*prompt_digests(rows), "0123456789abcdef"}
