@@ -100,12 +100,13 @@ def run(
         experiment_id = _experiment_id(client, params.experiment, artifact_location)
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"pipeline-{lineage['git_commit'][:8]}") as parent:
             _log_pipeline_run(all_params, lineage, reports, reports_dir, champion)
-            runs = _log_candidates(experiment_id, lineage, reports.metrics)
+            runs = _log_candidates(experiment_id, lineage, reports.metrics, all_params)
             if champion:
                 runs["champion"] = _log_champion(experiment_id, champion)
             with mlflow.start_run(experiment_id=experiment_id, run_name=product, nested=True) as tuned_run:
                 runs["finetuned"] = tuned_run.info.run_id
                 _log_training(lineage, reports, reports_dir, gguf_dir)
+                mlflow.log_params(_candidate_params(all_params, product))
                 if dpo_dir:
                     _log_dpo(reports, dpo_dir)
                 _log_gate(decision)
@@ -361,7 +362,8 @@ def quant_metrics(report: Path) -> dict[str, float]:
                for key in ("sparsity", "perplexity_ratio", "token_agreement")}}
 
 
-def _log_candidates(experiment_id: str, lineage: dict[str, str], metrics: MetricsReport) -> dict[str, str]:
+def _log_candidates(experiment_id: str, lineage: dict[str, str], metrics: MetricsReport,
+                    all_params: dict[str, Any]) -> dict[str, str]:
     """The base and few-shot sibling runs, and the SFT model's when DPO is what is registered; {name: run id}."""
     import mlflow
 
@@ -370,8 +372,24 @@ def _log_candidates(experiment_id: str, lineage: dict[str, str], metrics: Metric
         with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True) as child:
             mlflow.set_tags({"role": "candidate", "candidate": name, **lineage})
             _log_metrics(metrics.candidate("finetuned" if name == "sft" else name))
+            mlflow.log_params(_candidate_params(all_params, name))
             runs[name] = child.info.run_id
     return runs
+
+
+# The params that produced each candidate, logged on its run so the MLflow compare view lines them up
+# (the base and few-shot runs: the base model, the data and the evaluation settings; a tuned model:
+# its training params as well).
+CANDIDATE_SECTIONS = {"base": ("prepare_base", "prepare_data", "evaluate", "inference"),
+                      "fewshot": ("prepare_base", "prepare_data", "evaluate", "inference")}
+TUNED_SECTIONS = ("prepare_base", "prepare_data", "train", "evaluate", "inference")
+
+
+def _candidate_params(all_params: dict[str, Any], candidate: str) -> dict[str, Any]:
+    from ftpipe.tracking import flatten
+
+    sections = CANDIDATE_SECTIONS.get(candidate, TUNED_SECTIONS + (("dpo",) if candidate == "dpo" else ()))
+    return flatten({section: all_params[section] for section in sections if section in all_params})
 
 
 def _log_champion(experiment_id: str, champion: dict[str, Any]) -> str:

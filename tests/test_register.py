@@ -430,3 +430,21 @@ def test_a_continual_fine_tune_is_logged_as_trained_on_its_parents_rows_too(tmp_
     (tmp_path / "parent" / "train_prompts.json").write_text(json.dumps(["0123456789abcdef"]))
     assert _trained_on(tmp_path / "prepared", None) == prompt_digests(rows)
     assert set(_trained_on(tmp_path / "prepared", tmp_path / "parent")) == {*prompt_digests(rows), "0123456789abcdef"}
+
+
+def test_each_candidate_run_carries_the_params_that_produced_it(proj):
+    """The MLflow compare view lines up the runs' Parameters: the tuned model's training params beside
+    the base and few-shot runs' base model, data and evaluation settings."""
+    import yaml
+
+    registered = register_in_process(proj)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    store = client(proj)
+    tuned = store.get_run(registered["finetuned_run_id"]).data.params
+    assert tuned["train.learning_rate"] == str(params["train"]["learning_rate"])
+    assert tuned["train.method"] == params["train"]["method"] and tuned["prepare_base.source"] == "local"
+    for name in ("base_run_id", "fewshot_run_id"):
+        base = store.get_run(registered[name]).data.params
+        assert base["evaluate.max_new_tokens"] == str(params["evaluate"]["max_new_tokens"])
+        assert base["prepare_base.path"] == tuned["prepare_base.path"]
+        assert not any(key.startswith("train.") for key in base)
