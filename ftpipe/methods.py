@@ -206,10 +206,10 @@ def save_merged(model, params: TrainParams, *, base_dir: Path, adapter_dir: Path
 
     if params.method in PROMPT_METHODS:
         raise PipelineError(f"train.merge: '{params.method}' cannot be merged (its virtual tokens need peft)")
-    stored = models.load_model(base_dir, dtype="auto") if params.method != "full" else None
-    if stored is not None:
+    if params.method != "full":
         from peft import PeftModel
 
+        stored = models.load_model(base_dir, dtype="auto")
         model = PeftModel.from_pretrained(stored, Path(adapter_dir).resolve()).merge_and_unload()
     else:  # the fully tuned weights themselves, in the base's stored dtype
         dtype = models.stored_dtype(base_dir)

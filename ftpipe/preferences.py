@@ -18,6 +18,7 @@ from ftpipe.errors import PipelineError
 from ftpipe.io import iter_jsonl
 from ftpipe.params import PrepareDataParams, PreparePrefsParams
 from ftpipe.paths import SPLITS
+from ftpipe.splits import prompt_key  # the key the SFT split is drawn from, so pairs follow their prompt
 
 ROLES = ("system", "user", "assistant")
 
@@ -31,13 +32,6 @@ def clean_text(text: str, data: PrepareDataParams) -> str:
             text = getattr(cleaning, name)(text)
     text = text.strip()
     return cleaning.scrub_pii(text)[0] if data.scrub_pii else text
-
-
-def prompt_key(messages: list[dict[str, str]]) -> str:
-    """The normalized text of a prompt's user and assistant turns (system prompts aside)."""
-    from ftpipe.splits import prompt_key as key
-
-    return key(messages)
 
 
 def read_file(path: Path, params: PreparePrefsParams,

@@ -28,22 +28,30 @@ def draw(key: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def hashed_split(key: str, *, seed: int, test_fraction: float, val_fraction: float) -> str:
-    u = draw(key, seed)
+def split_of(u: float, *, test_fraction: float, val_fraction: float) -> str:
+    """The split a draw names."""
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
-def row_split(record: dict[str, Any], *, seed: int, test_fraction: float, val_fraction: float) -> str:
-    """The split a row's own draw names (its prompt: every turn but the last)."""
-    return hashed_split(prompt_key(record["messages"][:-1]), seed=seed, test_fraction=test_fraction,
-                        val_fraction=val_fraction)
+def hashed_split(key: str, *, seed: int, test_fraction: float, val_fraction: float) -> str:
+    return split_of(draw(key, seed), test_fraction=test_fraction, val_fraction=val_fraction)
+
+
+def row_draw(record: dict[str, Any], seed: int) -> float:
+    """A row's own draw (its prompt: every turn but the last)."""
+    return draw(prompt_key(record["messages"][:-1]), seed)
 
 
 def group_split(row_splits: list[str]) -> str:
     return next(name for name in ORDER if name in row_splits)
 
 
+def prompt_digest(messages: list[dict[str, str]]) -> str:
+    """A short digest of a conversation's prompt (every turn but the last)."""
+    return hashlib.sha256(prompt_key(messages[:-1]).encode()).hexdigest()[:16]
+
+
 def prompt_digests(rows: list[dict[str, Any]]) -> list[str]:
-    """Short digests of the rows' prompts (sorted, unique): what a registered version logs of the rows
-    it trained on, so that a later run can leave those rows out when it scores the version again."""
-    return sorted({hashlib.sha256(prompt_key(r["messages"][:-1]).encode()).hexdigest()[:16] for r in rows})
+    """The rows' prompt digests (sorted, unique): what a registered version logs of the rows it
+    trained on, so that a later run can leave those rows out when it scores the version again."""
+    return sorted({prompt_digest(r["messages"]) for r in rows})

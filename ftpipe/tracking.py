@@ -99,8 +99,8 @@ def own_store(project_dir: Path) -> None:
 def artifact_location(project_dir: Path) -> str | None:
     """Where a new experiment keeps its artifacts: the project's folder beside a local store; None for a
     tracking server, which decides (its --artifacts-destination, proxied: clients need no store settings)."""
-    if tracking_uri(project_dir).startswith(("http://", "https://")):
-        return None
+    if os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):  # tracking_uri's own test,
+        return None  # without opening the store a second time
     return (Path(project_dir).resolve() / ARTIFACT_DIR).as_uri()
 
 

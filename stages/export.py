@@ -20,7 +20,7 @@ from pathlib import Path
 from ftpipe.device import Placement
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, read_jsonl, write_text
-from ftpipe.params import DpoParams, ExportParams, InferenceParams, PrepareBaseParams, load_section
+from ftpipe.params import DpoParams, ExportParams, PrepareBaseParams, load_section
 from ftpipe.paths import ADAPTER_DIR, DPO_DIR, EXPORT_MD, EXPORT_REPORT, GGUF_DIR, PREPARED_DIR, REPORTS
 from ftpipe.schemas import ExportReport, GgufFile
 
@@ -168,8 +168,7 @@ def main() -> None:
     from ftpipe import device, gguf_export, models
 
     params = load_section("export", ExportParams)
-    inference = load_section("inference", InferenceParams)
-    placement = device.decide(device=inference.device, precision=inference.precision)
+    placement = device.inference()
     base = load_section("prepare_base", PrepareBaseParams)
     pre = gguf_export.pre_tokenizer_of(models.embedded_gguf()) if base.source == "embedded" else None
     dpo = models.dpo_result(DPO_DIR, enabled=load_section("dpo", DpoParams).enabled)

@@ -159,7 +159,7 @@ def split(records: list[dict[str, Any]], params: PrepareDataParams, near) -> tup
     whose own draw differs from their group's split)."""
     from ftpipe.cleaning import ngrams, norm_key
     from ftpipe.leaks import prompt_of, response_key, text_of
-    from ftpipe.splits import draw, group_split, prompt_key, row_split
+    from ftpipe.splits import group_split, row_draw, split_of
     from ftpipe.typos import typo_links
 
     links, owner = [], {}
@@ -173,17 +173,17 @@ def split(records: list[dict[str, Any]], params: PrepareDataParams, near) -> tup
                 links.append((i, j))
     links += typo_links(records)  # the same answer to prompts one typing slip apart
     labels = _clusters([prompt_of(r) for r in records], near, links)
-    fractions = {"seed": params.seed, "test_fraction": params.test_fraction, "val_fraction": params.val_fraction}
-    drawn = [row_split(r, **fractions) for r in records]
+    draws = [row_draw(r, params.seed) for r in records]
+    drawn = [split_of(u, test_fraction=params.test_fraction, val_fraction=params.val_fraction) for u in draws]
     members: dict[int, list[int]] = defaultdict(list)
     for i, label in enumerate(labels):
         members[label].append(i)
     place = {label: group_split([drawn[i] for i in rows]) for label, rows in members.items()}
-    _fill_empty(place, members, records, params.seed)
+    _fill_empty(place, members, draws)
     out: dict[str, list] = {name: [] for name in SPLITS}
     # Each split in the order of its rows' draws: shuffled, and the same order whatever else is added,
     # so `evaluate.max_examples` takes a random sample, not the first files of the data.
-    for i in sorted(range(len(records)), key=lambda i: (draw(prompt_key(records[i]["messages"][:-1]), params.seed), i)):
+    for i in sorted(range(len(records)), key=lambda i: (draws[i], i)):
         out[place[labels[i]]].append(records[i])
     for name in SPLITS:
         out[name] = [{"id": f"{name}-{i:06d}", **r} for i, r in enumerate(out[name])]
@@ -191,17 +191,15 @@ def split(records: list[dict[str, Any]], params: PrepareDataParams, near) -> tup
     return out, len(members), reassigned
 
 
-def _fill_empty(place: dict[int, str], members: dict[int, list[int]], records: list, seed: int) -> None:
+def _fill_empty(place: dict[int, str], members: dict[int, list[int]], draws: list[float]) -> None:
     """Data too small for the draws to fill an evaluation split: it takes the training group whose
     smallest draw is lowest (deterministic; only data of a few dozen rows ever needs it)."""
-    from ftpipe.splits import draw, prompt_key
-
     for name in ("test", "val"):
         if name in place.values():
             continue
         train = [label for label, where in place.items() if where == "train"]
         if len(train) > 1:
-            place[min(train, key=lambda g: min(draw(prompt_key(records[i]["messages"][:-1]), seed) for i in members[g]))] = name
+            place[min(train, key=lambda g: min(draws[i] for i in members[g]))] = name
 
 
 def gate(splits: dict[str, list], externals: dict[str, list], params: PrepareDataParams, near,

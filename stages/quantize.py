@@ -21,7 +21,7 @@ from typing import Any
 
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, read_jsonl, write_json, write_text
-from ftpipe.params import InferenceParams, QuantizeParams, load_section
+from ftpipe.params import QuantizeParams, load_section
 from ftpipe.paths import BASE_DIR, PREPARED_DIR, QUANTIZE_MD, QUANTIZE_REPORT, REPORTS
 
 MB = 1e6
@@ -221,7 +221,7 @@ def main() -> None:
         raise PipelineError(f"{BASE_DIR}: base model not prepared (run `dvc repro prepare_base`)")
     where = "cpu"
     if params.variants or params.pruned:  # where inference runs (bitsandbytes' kernels on CUDA there)
-        where = device.decide(device=load_section("inference", InferenceParams).device, precision="fp32").device
+        where = device.inference().device
     result = run(params=params, base_dir=BASE_DIR, val_file=PREPARED_DIR / "val.jsonl", reports_dir=REPORTS,
                  device=where)
     print(table(result), end="")

@@ -217,6 +217,7 @@ def _score_champion(client, params: RegisterParams, lineage: dict[str, str], rep
     logged_metrics}); None if there is none. Its logged metrics come from the split of its own day."""
     from ftpipe import device, metrics, registry
     from ftpipe.device import Placement
+    from ftpipe.splits import prompt_digest
 
     found = registry.champion(client, params.model_name)
     if found is None:
@@ -235,7 +236,7 @@ def _score_champion(client, params: RegisterParams, lineage: dict[str, str], rep
                 "logged_metrics": logged, "rows": None, "left_out": 0}
     conversations = _test_conversations(data_dir, generations)
     trained = _champion_trained_on(client, params.model_name, version)
-    rows = [i for i, c in enumerate(conversations) if trained is None or _digest(c) not in trained]
+    rows = [i for i, c in enumerate(conversations) if trained is None or prompt_digest(c) not in trained]
     left_out = None if trained is None else len(conversations) - len(rows)
     if not rows:
         raise PipelineError(f"{params.model_name} champion v{version} trained on all {len(conversations)} rows of "
@@ -270,12 +271,6 @@ def _trained_on(data_dir: Path, parent_dir: Path | None) -> list[str]:
     if inherited is not None and inherited.is_file():
         digests |= set(json.loads(inherited.read_text(encoding="utf-8")))
     return sorted(digests)
-
-
-def _digest(messages: list[dict[str, str]]) -> str:
-    from ftpipe.splits import prompt_digests
-
-    return prompt_digests([{"messages": messages}])[0]
 
 
 def _champion_trained_on(client, model_name: str, version: str) -> set[str] | None:

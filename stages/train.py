@@ -112,7 +112,7 @@ def _setup_model(params: TrainParams, base_dir: Path, tokenizer) -> Setup:
     frozen_bf16 = bf16 and params.method in BF16_STORAGE_METHODS and params.distributed != "fsdp"  # FSDP: one dtype per block
     model = methods.build(params, base_dir, bf16=bf16, attention=attention, frozen_bf16=frozen_bf16)
     if frozen_bf16:
-        frozen_weights_to_bf16(model)  # what loading in bf16 left in fp32 (none today): stored so all the same
+        frozen_weights_to_bf16(model)  # frozen weights a model class keeps in fp32 when loaded in bf16
     if methods.fuses_lora(params, cuda=cuda):
         use_fused_lora(model)
     if methods.fuses_loss(params, cuda=cuda):
