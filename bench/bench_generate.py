@@ -1,10 +1,20 @@
-"""Benchmark: batched greedy generation vs one prompt at a time, same model and settings.
+"""Benchmark: the scoring path of score_base and evaluate against the two-pass path it replaced.
 
-Both runs go through ftpipe.metrics.generate (what the evaluate stage uses); only batch_size
-differs. Prints both wall times, the speedup (target: >= 4x on SmolLM2-135M) and how many
-outputs are identical between the two (greedy with left padding should agree).
-Needs models/base and data/prepared/test.jsonl (`dvc repro prepare_data`).
-Run: .venv/bin/python -m bench.bench_generate [--prompts 64] [--batch-size 16] [--max-new-tokens 48]
+Both score the base model's zero-shot and few-shot candidates on the test split (greedy replies and
+the references' NLL, as evaluate.max_new_tokens and batch_size say):
+- `one-pass` (ftpipe.scoring, today's): one forward over [prompt | reference] scores the reference
+  and leaves the prompt's KV cache, decoding goes on from it, the vocabulary projection runs only
+  where a prediction is read, and rows that ended leave the batch;
+- `two-pass` (before): transformers' generate, then a forward over prompt + reference that projects
+  every position onto the vocabulary.
+Work is counted in matmul FLOPs from the model's shapes, the same for both: every prompt, reference
+and generated token through the decoder's linear layers (2 x P_linear), attention over the pairs a
+causal mask allows (2 x 2 x d per pair and layer), and the vocabulary projection where a prediction
+is read (each reference token and each generated one). Prints per path and batch size: seconds,
+tokens/s, GFLOP/s, % of the machine's matmul ceiling at the model's shapes (bench/ceiling.py) in the
+precision used, and how many replies equal the two-pass path's.
+Needs models/base and data/prepared (`dvc repro prepare_data`).
+Run: .venv/bin/python -m bench.bench_generate [--batch-sizes 16,64] [--precision auto|fp32|bf16] [--rows 0]
 """
 
 from __future__ import annotations
@@ -17,60 +27,94 @@ from ftpipe.errors import PipelineError, run_cli
 from ftpipe.paths import BASE_DIR, PREPARED_DIR
 
 
-def load_prompts(tokenizer, test_file: Path, count: int) -> list[str]:
+def work_flops(shapes, items: list[tuple[list[int], list[int]]], new_tokens: list[int]) -> float:
+    """Matmul FLOPs of scoring `items` (prompt ids, reference ids) with `new_tokens` generated per row."""
+    d = shapes.hidden
+    flops = 0.0
+    for (prompt, reference), generated in zip(items, new_tokens):
+        p, r = len(prompt), len(reference)
+        tokens = p + r + max(generated - 1, 0)  # the first reply token comes from the prompt's last position
+        pairs = (p + r) * (p + r + 1) // 2 + sum(p + i + 1 for i in range(max(generated - 1, 0)))
+        flops += 2 * shapes.linear_params * tokens + 4 * d * shapes.layers * pairs + 2 * shapes.vocab * d * (r + generated)
+    return flops
+
+
+def timed_path(path: str, model, tokenizer, conversations, *, batch_size: int, max_new_tokens: int):
+    """(seconds, replies, generated tokens per row) of one path."""
+    from ftpipe import metrics, scoring
     from ftpipe.chat import prompt_text
-    from ftpipe.io import read_jsonl
-
-    if not test_file.is_file():
-        raise PipelineError(f"{test_file}: not found (run `dvc repro prepare_data`)")
-    rows = read_jsonl(test_file)[:count]
-    if len(rows) < count:
-        print(f"note: {test_file} holds {len(rows)} rows; benchmarking those")
-    return [prompt_text(tokenizer, r["messages"]) for r in rows]
-
-
-def timed(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_tokens: int) -> tuple[float, list[str]]:
-    from ftpipe.metrics import generate
 
     start = time.perf_counter()
-    outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       progress=f"batch size {batch_size}")
-    return time.perf_counter() - start, outputs
+    if path == "one-pass":
+        scored = scoring.score(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        replies = scored.outputs
+    else:
+        replies = metrics.generate(model, tokenizer, [prompt_text(tokenizer, c) for c in conversations],
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size)
+        metrics.response_nll(model, tokenizer, conversations, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    return seconds, replies
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=BASE_DIR)
-    parser.add_argument("--test-file", type=Path, default=PREPARED_DIR / "test.jsonl")
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16, help="evaluate.batch_size in params.yaml")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="evaluate.max_new_tokens in params.yaml")
+    parser.add_argument("--data", type=Path, default=PREPARED_DIR)
+    parser.add_argument("--rows", type=int, default=0, help="test rows; 0: all (evaluate.max_examples: 0)")
+    parser.add_argument("--batch-sizes", default="16,64")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="evaluate.max_new_tokens")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--paths", default="two-pass,one-pass")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: one per physical core")
     args = parser.parse_args()
 
-    import torch
+    from bench.ceiling import Shapes, describe, machine
+    from ftpipe import device, models, scoring
+    from ftpipe.evaluation import pick_shots, with_shots
+    from ftpipe.io import read_jsonl
 
-    from ftpipe import models
-
+    test = args.data / "test.jsonl"
+    if not test.is_file():
+        raise PipelineError(f"{test}: not found (run `dvc repro prepare_data`)")
     models.set_threads(args.threads)
-    tokenizer, model = models.load_tokenizer(args.model), models.load_model(args.model)
-    prompts = load_prompts(tokenizer, args.test_file, args.prompts)
-    timed(model, tokenizer, prompts[:2], batch_size=2, max_new_tokens=4)  # warm-up: first-call overhead
-
-    single_s, single = timed(model, tokenizer, prompts, batch_size=1, max_new_tokens=args.max_new_tokens)
-    batched_s, batched = timed(model, tokenizer, prompts, batch_size=args.batch_size,
-                               max_new_tokens=args.max_new_tokens)
-    same = sum(a == b for a, b in zip(single, batched))
-    print(f"model {args.model}, {len(prompts)} prompts, max_new_tokens {args.max_new_tokens}, "
-          f"{torch.get_num_threads()} torch threads")
-    print(f"one at a time:  {single_s:7.1f} s  ({len(prompts) / single_s:.2f} prompts/s)")
-    print(f"batch size {args.batch_size:<3}: {batched_s:7.1f} s  ({len(prompts) / batched_s:.2f} prompts/s)")
-    print(f"speedup:        {single_s / batched_s:7.2f}x (target >= 4x)")
-    print(f"identical outputs: {same}/{len(prompts)}")
-    for i, (a, b) in enumerate(zip(single, batched)):
-        if a != b:
-            print(f"first difference, prompt {i}:\n  single:  {a!r}\n  batched: {b!r}")
-            break
+    placement = device.decide(device="cpu", precision=args.precision)
+    tokenizer = models.load_tokenizer(args.model)
+    model = models.load_model(args.model, placement=placement)
+    shapes = Shapes.of(model.config)
+    info = machine(shapes)
+    print(describe(info))
+    rows = read_jsonl(test)[: args.rows or None]
+    shots = pick_shots(read_jsonl(args.data / "train.jsonl"), k=3, seed=42)
+    candidates = {"zero-shot": [r["messages"] for r in rows],
+                  "few-shot": [with_shots(r["messages"], shots) for r in rows]}
+    timed_path("one-pass", model, tokenizer, candidates["zero-shot"][:2], batch_size=2, max_new_tokens=4)  # warm-up
+    ceiling = info["gflops"][placement.precision]
+    print(f"model {args.model} ({placement}), {len(rows)} test rows, max_new_tokens {args.max_new_tokens}")
+    print(f"| path | batch | candidate | s | tokens/s | GFLOP/s | % of {placement.precision} ceiling | "
+          "replies as two-pass |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    totals: dict[tuple[str, int], float] = {}
+    reference: dict[tuple[int, str], list[str]] = {}
+    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+        for path in args.paths.split(","):
+            for name, conversations in candidates.items():
+                seconds, replies = timed_path(path, model, tokenizer, conversations, batch_size=batch_size,
+                                              max_new_tokens=args.max_new_tokens)
+                items = [scoring.prompt_and_reference(tokenizer, c) for c in conversations]
+                generated = [min(len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1, args.max_new_tokens)
+                             for r in replies]
+                flops = work_flops(shapes, items, generated)
+                tokens = sum(len(p) + len(r) for p, r in items) + sum(generated)
+                reference.setdefault((batch_size, name), replies)
+                same = sum(a == b for a, b in zip(reference[(batch_size, name)], replies))
+                totals[(path, batch_size)] = totals.get((path, batch_size), 0.0) + seconds
+                print(f"| {path} | {batch_size} | {name} | {seconds:.1f} | {tokens / seconds:.0f} | "
+                      f"{flops / seconds / 1e9:.0f} | {100 * flops / seconds / 1e9 / ceiling:.0f} % | "
+                      f"{same}/{len(replies)} |", flush=True)
+    base = totals.get(("two-pass", int(args.batch_sizes.split(",")[0])))
+    for (path, batch_size), seconds in totals.items():
+        print(f"{path}, batch {batch_size}: {seconds:.1f} s for both candidates"
+              + (f" ({base / seconds:.2f}x the two-pass path at batch {args.batch_sizes.split(',')[0]})" if base else ""))
 
 
 if __name__ == "__main__":

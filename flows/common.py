@@ -31,7 +31,7 @@ from ftpipe.errors import EXIT_USER_ERROR, PipelineError, terminate
 from ftpipe.secrets import redact
 
 STAGES = ("validate", "prepare_base", "prepare_data", "quantize", "prepare_prefs", "prepare_parent", "train", "dpo",
-          "evaluate", "export", "register")
+          "score_base", "evaluate", "export", "register")
 # Hub downloads can fail transiently; compute stages fail for real. register is never rerun by a
 # flow: a rerun could register a second version, and MLflow's HTTP layer already retries each
 # request (ftpipe.tracking.bound_http_retries).

@@ -21,7 +21,8 @@ def unchanged_report(change: dict[str, Any]) -> str:
 def retrain_report(project_dir: Path, change: dict[str, Any], timings: dict[str, float]) -> tuple[str, RegistrationReport]:
     """(markdown, registration) after a pipeline run."""
     from ftpipe import paths
-    from ftpipe.metrics import LOWER_IS_BETTER, METRIC_KEYS
+    from ftpipe.comparison import metric_keys
+    from ftpipe.metrics import GENERAL_KEY, LOWER_IS_BETTER
     from ftpipe.promotion import gate_line
     from ftpipe.schemas import DataReport, MetricsReport, RegistrationReport, TrainReport
 
@@ -51,7 +52,7 @@ def retrain_report(project_dir: Path, change: dict[str, Any], timings: dict[str,
               f"challenger v{version}"]
     lines += [f"## Metrics ({metrics.examples} test examples)", "",
               "| " + " | ".join(header) + " |", "|---|---:|---:|---:|"]
-    for key in METRIC_KEYS:
+    for key in [k for k in metric_keys(metrics.model_dump()) if k != GENERAL_KEY]:
         previous = champion.metrics.get(key) if champion else None
         lines.append(f"| {key}{' (lower is better)' if key in LOWER_IS_BETTER else ''} | "
                      f"{metrics.base[key]:.4f} | {'-' if previous is None else f'{previous:.4f}'} | "

@@ -6,12 +6,20 @@ from __future__ import annotations
 from typing import Any
 
 
+def metric_keys(result: dict[str, Any]) -> list[str]:
+    """The report's metrics in order: evaluate.metrics' (user scorers by their key), then general_perplexity."""
+    from ftpipe.metrics import CANDIDATE_KEYS, GENERAL_KEY, metric_key
+
+    listed = (result.get("settings") or {}).get("metrics")
+    return [*(metric_key(m) for m in listed), GENERAL_KEY] if listed else list(CANDIDATE_KEYS)
+
+
 def comparison_rows(result: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
     """(metric, base, fine-tuned, fine-tuned is better) per metric; perplexities are better when lower."""
-    from ftpipe.metrics import CANDIDATE_KEYS, gain
+    from ftpipe.metrics import gain
 
     rows = []
-    for key in CANDIDATE_KEYS:
+    for key in metric_keys(result):
         if key in result["base"] and key in result["finetuned"]:
             b, t = result["base"][key], result["finetuned"][key]
             rows.append((key, b, t, gain(key, t, b) > 0))
@@ -59,6 +67,7 @@ def comparison_table(result: dict[str, Any]) -> str:
             cells += _difference(key, dpo[key], b, dpo_intervals) if key in dpo else ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + f"\n\n{result['examples']} test examples; BLEU {result['bleu_signature']}\n"
+    text += _capped(result)
     if any_interval:
         text += (f"\n{ci_label}: paired bootstrap of fine-tuned - base over the {any_interval['examples']} test "
                  f"examples ({any_interval['method']}, {any_interval['samples']} resamples); bleu's is of the mean "
@@ -99,3 +108,17 @@ def comparison_table(result: dict[str, Any]) -> str:
                  + (f" (more than {margin:.0%} of it).\n" if margin is not None else ".\n")
                  if training["possible_overfitting"] else " No sign of overfitting.\n")
     return text
+
+
+def _capped(result: dict[str, Any]) -> str:
+    """The share of replies cut at max_new_tokens per candidate: a capped reply scores low on a long
+    reference whatever its quality, so a gap here explains part of a gap in the metrics."""
+    from ftpipe.metrics import CAPPED_KEY
+
+    labels = {"base": "base", "fewshot": "base few-shot", "finetuned": "fine-tuned", "dpo": "DPO"}
+    shares = [f"{label} {result[name][CAPPED_KEY]:.0%}" for name, label in labels.items()
+              if (result.get(name) or {}).get(CAPPED_KEY) is not None]
+    if not shares:
+        return ""
+    limit = (result.get("settings") or {}).get("max_new_tokens", "max_new_tokens")
+    return f"\nReplies cut at {limit} new tokens (evaluate.max_new_tokens): {', '.join(shares)}.\n"

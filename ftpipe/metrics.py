@@ -1,32 +1,47 @@
 """Text metrics by their reference libraries, batched greedy generation and perplexities.
 
-BLEU: sacrebleu corpus BLEU (0-100). ROUGE: Google's rouge-score F1 (0-1), mean over examples;
-rougeLsum splits sentences on newlines, as rouge-score does. Perplexity: exp of the token-weighted
-mean NLL over the reference response tokens (the final assistant turn and its end-of-turn marker),
-given the prompt. General perplexity: the strided sliding-window perplexity of a long text
-("Perplexity of fixed-length models" in the transformers docs), the forgetting check.
+The metrics a run reports are `evaluate.metrics`: built-in ones and user scorers.
+BLEU, chrF: sacrebleu corpus scores (0-100). ROUGE: Google's rouge-score F1 (0-1), mean over
+examples; rougeLsum splits sentences on newlines, as rouge-score does. Exact match: the share of
+replies equal to their reference (whitespace collapsed). Perplexity: exp of the token-weighted mean
+NLL over the reference response tokens (the final assistant turn and its end-of-turn marker), given
+the prompt. A user scorer `module:function` is called as function(reply, reference) -> number
+(higher is better); its metric, named after the function, is the mean over examples.
+General perplexity: the strided sliding-window perplexity of a long text ("Perplexity of
+fixed-length models" in the transformers docs), the forgetting check.
 Per example (`per_example`, for the promotion gate's paired bootstrap in ftpipe/bootstrap.py):
-ROUGE-1/2/L/Lsum, sentence-level BLEU (sacrebleu.sentence_bleu) and the reference's summed NLL
-and token count, so that perplexity is resampled as a ratio of sums, never as a mean of ratios.
+sentence-level BLEU and chrF, ROUGE, exact match, every user metric, and the reference's summed
+NLL and token count, so that perplexity is resampled as a ratio of sums, never as a mean of ratios.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
+
+from ftpipe.errors import PipelineError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ftpipe.params import BUILTIN_METRICS as METRIC_KEYS
+from ftpipe.params import load_scorer, metric_key
+
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-METRIC_KEYS = ("bleu", *ROUGE_KEYS, "perplexity")
 # The forgetting check: perplexity on general text the model was not fine-tuned on.
 GENERAL_KEY = "general_perplexity"
+# Share of replies that ran to max_new_tokens without ending (reported beside the metrics, not gated).
+CAPPED_KEY = "capped_share"
 CANDIDATE_KEYS = (*METRIC_KEYS, GENERAL_KEY)
 LOWER_IS_BETTER = {"perplexity", GENERAL_KEY}
 # Each test example's scores (per_example), kept per candidate in reports/generations.jsonl as
-# `<key>_<candidate>`: what the promotion gate resamples.
-EXAMPLE_KEYS = ("bleu", *ROUGE_KEYS, "nll", "tokens")
+# `<key>_<candidate>`: what the promotion gate resamples (user metrics add their own keys).
+EXAMPLE_KEYS = ("bleu", "chrf", *ROUGE_KEYS, "exact_match", "nll", "tokens")
+
+
+def user_scorers(specs: Sequence[str]) -> dict[str, Callable[[str, str], float]]:
+    return {metric_key(spec): load_scorer(spec) for spec in specs if spec not in METRIC_KEYS}
 
 
 def gain(metric: str, new: float, old: float) -> float:
@@ -63,13 +78,52 @@ def sentence_bleu(predictions: list[str], references: list[str]) -> list[float]:
     return [sacrebleu.sentence_bleu(pred, [ref]).score for pred, ref in zip(predictions, references)]
 
 
+def sentence_chrf(predictions: list[str], references: list[str]) -> list[float]:
+    import sacrebleu
+
+    metric = sacrebleu.metrics.CHRF()
+    return [metric.sentence_score(pred, [ref]).score for pred, ref in zip(predictions, references)]
+
+
+def exact_matches(predictions: list[str], references: list[str]) -> list[float]:
+    """1.0 where the reply is its reference (whitespace runs collapsed, case kept), else 0.0."""
+    same = lambda a, b: " ".join(a.split()) == " ".join(b.split())  # noqa: E731
+    return [float(same(pred, ref)) for pred, ref in zip(predictions, references)]
+
+
 def per_example(predictions: list[str], references: list[str], *, stemmer: bool,
-                nll: list[tuple[float, int]]) -> list[dict[str, float]]:
-    """Each example's bleu (sentence-level), rouge1/2/L/Lsum, and its reference's summed NLL (`nll`)
-    and token count (`tokens`), as response_nll gives them."""
-    rouges = rouge_per_example(predictions, references, stemmer=stemmer)
-    bleus = sentence_bleu(predictions, references)
-    return [{"bleu": b, **r, "nll": n, "tokens": t} for b, r, (n, t) in zip(bleus, rouges, nll)]
+                nll: list[tuple[float, int]], metrics: Sequence[str] = METRIC_KEYS,
+                scorers: dict[str, Callable[[str, str], float]] | None = None) -> list[dict[str, float]]:
+    """Each example's score on every metric of `metrics` (BLEU and chrF sentence-level, the user
+    `scorers` by their key), and its reference's summed NLL (`nll`) and token count (`tokens`)."""
+    keys = [metric_key(m) for m in metrics]
+    columns: dict[str, list[float]] = {}
+    if "bleu" in keys:
+        columns["bleu"] = sentence_bleu(predictions, references)
+    if "chrf" in keys:
+        columns["chrf"] = sentence_chrf(predictions, references)
+    if any(k in ROUGE_KEYS for k in keys):
+        rouges = rouge_per_example(predictions, references, stemmer=stemmer)
+        columns.update({k: [r[k] for r in rouges] for k in ROUGE_KEYS if k in keys})
+    if "exact_match" in keys:
+        columns["exact_match"] = exact_matches(predictions, references)
+    for key, scorer in (scorers or {}).items():
+        columns[key] = [_user_score(key, scorer, pred, ref, i) for i, (pred, ref) in enumerate(zip(predictions,
+                                                                                                  references))]
+    return [{**{k: column[i] for k, column in columns.items()}, "nll": n, "tokens": t}
+            for i, (n, t) in enumerate(nll)]
+
+
+def _user_score(key: str, scorer, reply: str, reference: str, index: int) -> float:
+    try:
+        value = scorer(reply, reference)
+    except Exception as exc:
+        raise PipelineError(f"evaluate.metrics: {key} failed on test example {index} "
+                            f"({type(exc).__name__}: {exc})") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise PipelineError(f"evaluate.metrics: {key} returned {value!r} for test example {index}: "
+                            "a scorer returns a finite number")
+    return float(value)
 
 
 def agreement(tokenizer, reference: list[str], outputs: list[str]) -> tuple[float, float]:
@@ -92,36 +146,23 @@ def perplexity_of(nll: list[tuple[float, int]]) -> float:
     return math.exp(sum(n for n, _ in nll) / sum(t for _, t in nll))
 
 
-def aggregate(predictions: list[str], references: list[str], rows: list[dict[str, float]]) -> dict[str, float]:
-    """The candidate's metric block from its outputs and per_example rows: corpus BLEU, mean
-    ROUGE, perplexity as the ratio of sums (the same figures score() gives)."""
-    bleu_score, _ = bleu(predictions, references)
-    return {"bleu": bleu_score, **{k: sum(r[k] for r in rows) / len(rows) for k in ROUGE_KEYS},
-            "perplexity": perplexity_of([(r["nll"], r["tokens"]) for r in rows])}
+def aggregate(predictions: list[str], references: list[str], rows: list[dict[str, float]],
+              metrics: Sequence[str] = METRIC_KEYS) -> dict[str, float]:
+    """The candidate's metric block from its outputs and per_example rows: corpus BLEU and chrF,
+    perplexity as the ratio of sums, the mean of every other metric."""
+    import sacrebleu
 
-
-def score_model(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: list[list[dict[str, str]]],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    stemmer: bool,
-    name: str,
-) -> tuple[dict[str, float], list[str], list[dict[str, float]]]:
-    """(metric block, outputs, per_example rows) of one model on test conversations (each ending in
-    its reference), by greedy batched generation. The evaluate stage scores its candidates with it
-    and the register stage the champion, with the settings evaluate recorded, so both score alike."""
-    from ftpipe.chat import prompt_text
-
-    prompts = [prompt_text(tokenizer, c) for c in conversations]
-    references = [c[-1]["content"] for c in conversations]
-    outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       progress=f"generate ({name})")
-    nll = response_nll(model, tokenizer, conversations, batch_size=batch_size)
-    rows = per_example(outputs, references, stemmer=stemmer, nll=nll)
-    return aggregate(outputs, references, rows), outputs, rows
+    block = {}
+    for key in (metric_key(m) for m in metrics):
+        if key == "bleu":
+            block[key] = bleu(predictions, references)[0]
+        elif key == "chrf":
+            block[key] = sacrebleu.metrics.CHRF().corpus_score(predictions, [references]).score
+        elif key == "perplexity":
+            block[key] = perplexity_of([(r["nll"], r["tokens"]) for r in rows])
+        else:
+            block[key] = sum(r[key] for r in rows) / len(rows)
+    return block
 
 
 def generate(
@@ -185,7 +226,7 @@ def response_nll(
 
     from ftpipe.chat import IGNORE_INDEX
 
-    items = [_reference_labels(tokenizer, messages) for messages in conversations]
+    items = [reference_labels(tokenizer, messages) for messages in conversations]
     rows: list[tuple[float, int]] = []
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
@@ -198,11 +239,11 @@ def response_nll(
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
         # Prompt/p-tuning models return logits for their virtual tokens first: keep the input's.
         logits = logits[:, -width:]
-        rows += _nll_rows(logits.cpu(), labels)
+        rows += nll_rows(logits.cpu(), labels)
     return rows
 
 
-def _reference_labels(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> dict[str, list[int]]:
+def reference_labels(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> dict[str, list[int]]:
     """chat.encode's input_ids, with labels kept only on the final assistant turn."""
     from ftpipe.chat import IGNORE_INDEX, encode, render
 
@@ -228,7 +269,7 @@ def _nll_sum(logits, labels) -> tuple[float, int]:
     return nll.item(), int((shift_labels != IGNORE_INDEX).sum())
 
 
-def _nll_rows(logits, labels) -> list[tuple[float, int]]:
+def nll_rows(logits, labels) -> list[tuple[float, int]]:
     """_nll_sum per row of the batch (padding carries IGNORE_INDEX labels, so it adds nothing)."""
     import torch
 

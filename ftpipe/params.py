@@ -7,6 +7,8 @@ Which section each stage reads is in SECTIONS; tests check it against dvc.yaml.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -17,6 +19,47 @@ from ftpipe.errors import PipelineError
 from ftpipe.paths import PARAMS
 
 PARAMS_FILE = PARAMS  # the name the stages and checks import
+
+# evaluate.metrics' built-in metrics, in report order (ftpipe/metrics.py computes them). A user
+# scorer is named "module:function" and reported under the function's name, which must not be one
+# of these or a per-example column's.
+BUILTIN_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match", "perplexity")
+_TAKEN_KEYS = {*BUILTIN_METRICS, "nll", "tokens", "general_perplexity", "capped_share"}
+_SCORER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def metric_key(spec: str) -> str:
+    """The report key of an evaluate.metrics entry: a built-in's name, or a user scorer's function name."""
+    return spec.rpartition(":")[2]
+
+
+def load_scorer(spec: str) -> Callable[[str, str], float]:
+    """The function a 'module:function' entry names (imported from the project folder or the venv)."""
+    import importlib
+
+    module_name, _, name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # an import error, or the user's module failing as it loads
+        raise PipelineError(f"evaluate.metrics: {spec}: cannot import {module_name} "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    scorer = getattr(module, name, None)
+    if not callable(scorer):
+        raise PipelineError(f"evaluate.metrics: {spec}: {module_name} has no function {name}")
+    return scorer
+
+
+def _spec_problem(spec: str) -> str | None:
+    """Why an evaluate.metrics entry is malformed (None: well formed); nothing is imported."""
+    if spec in BUILTIN_METRICS:
+        return None
+    if ":" not in spec:
+        return f"{spec!r}: not a built-in metric ({', '.join(BUILTIN_METRICS)}) nor a scorer 'module:function'"
+    if not _SCORER.match(spec):
+        return f"{spec!r}: a user scorer is 'package.module:function'"
+    if metric_key(spec) in _TAKEN_KEYS:
+        return f"{spec!r}: the function's name {metric_key(spec)!r} is a built-in key; rename the function"
+    return None
 
 
 class FieldProblem(ValueError):
@@ -278,6 +321,10 @@ class TrainParams(_Section):
     """base: train from models/base; champion: continual fine-tuning from the registered
     `<register.model_name>@champion` (its merged weights, materialized in models/parent/ by the
     prepare_parent stage), on the current data. With no champion yet it starts from the base and says so."""
+    live_metrics: bool = True
+    """Log loss, validation loss, learning rate, gradient norm, tokens/s and system metrics to MLflow
+    (`register.experiment`) while training (ftpipe/live.py); register adopts that run as the model's. A
+    store that is down costs one warning line, never the training."""
 
     @model_validator(mode="after")
     def _check_method_options(self) -> TrainParams:
@@ -406,6 +453,9 @@ class DpoParams(_Section):
     logging_steps: int = Field(5, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int = Field(0, ge=0)
+    live_metrics: bool = True
+    """As train.live_metrics: the DPO losses, rewards, learning rate, gradient norm and tokens/s in MLflow
+    while training."""
 
     @model_validator(mode="after")
     def _check(self) -> DpoParams:
@@ -421,7 +471,9 @@ class EvaluateParams(_Section):
     max_examples: int = Field(0, ge=0)
     """0: the whole test split; otherwise its first N rows (the split is already shuffled)."""
     max_new_tokens: int = Field(48, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(64, ge=1)
+    """Test rows scored together: each decoding step reads the weights once for all of them, so
+    larger batches are faster until memory runs short (the logits of a batch's references are held)."""
     rouge_stemmer: bool = True
     """Porter-stem words before ROUGE matching (rouge-score's use_stemmer)."""
     few_shot_k: int = Field(3, ge=1)
@@ -438,6 +490,11 @@ class EvaluateParams(_Section):
     overfit_margin: float = Field(0.05, ge=0)
     """Report "possible overfitting" when the final validation loss exceeds its best by more than
     this fraction of the best."""
+    metrics: list[str] = Field(default_factory=lambda: list(BUILTIN_METRICS), min_length=1)
+    """Metrics of every candidate, in report order: built-in (bleu, chrf, rouge1, rouge2, rougeL,
+    rougeLsum, exact_match, perplexity) or a user scorer 'module:function' (function(reply,
+    reference) -> number, higher is better; its key is the function's name), scored per example,
+    so each gets a paired-bootstrap interval and can be register.primary_metric."""
     threads: int = Field(0, ge=0)
 
     @model_validator(mode="after")
@@ -445,6 +502,16 @@ class EvaluateParams(_Section):
         if self.general_stride >= self.general_max_length:
             raise FieldProblem("general_stride", f"must be < general_max_length ({self.general_max_length}), "
                                                  "or tokens at window starts go unscored")
+        return self
+
+    @model_validator(mode="after")
+    def _check_metrics(self) -> EvaluateParams:
+        for spec in self.metrics:
+            if problem := _spec_problem(spec):
+                raise FieldProblem("metrics", problem)
+        keys = [metric_key(spec) for spec in self.metrics]
+        if len(set(keys)) < len(keys):
+            raise FieldProblem("metrics", f"{next(k for k in keys if keys.count(k) > 1)!r} is listed twice")
         return self
 
 
@@ -475,8 +542,9 @@ class RegisterParams(_Section):
 
     experiment: str = Field("finetune-pipeline", min_length=1)
     model_name: str = Field("smollm2-chatterbot", min_length=1)
-    primary_metric: Literal["bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "perplexity"] = "rougeL"
-    """The promotion gate's metric (perplexity: lower is better; bleu: the mean sentence-level BLEU)."""
+    primary_metric: str = Field("rougeL", min_length=1)
+    """The promotion gate's metric, one of evaluate.metrics (a user scorer by its function's name;
+    perplexity: lower is better; bleu and chrf: the mean sentence-level score)."""
     min_improvement: float = Field(0.0, ge=0)
     """The lower bound of the confidence interval of the challenger's gain over the base model, and
     over the champion, must be above this (and above 0) for the challenger to become champion."""
@@ -532,10 +600,18 @@ ALSO_READS: dict[str, tuple[str, ...]] = {
     # With dpo enabled the DPO model is scored too, exported, and registered instead of the SFT one.
     "evaluate": ("register.bootstrap_samples", "register.confidence", "register.bootstrap_seed", "dpo.enabled",
                  "inference.device", "inference.precision"),
+    # The base model's candidates, scored once: every evaluate key that changes a score.
+    "score_base": ("evaluate.max_examples", "evaluate.max_new_tokens", "evaluate.batch_size", "evaluate.rouge_stemmer",
+                   "evaluate.few_shot_k", "evaluate.few_shot_seed", "evaluate.general_text",
+                   "evaluate.general_max_length", "evaluate.general_stride", "evaluate.metrics", "evaluate.threads",
+                   "inference.device", "inference.precision"),
     # The embedded base came from a GGUF whose pre-tokenizer name the export carries over.
     "export": ("prepare_base.source", "dpo.enabled", "inference.device", "inference.precision"),
     # The champion is scored again with the placement evaluate used (reports/metrics.json settings).
     "register": ("dpo.enabled",),
+    # Live metrics go into register's experiment, where register adopts the run (ftpipe/live.py).
+    "train": ("register.experiment",),
+    "dpo": ("register.experiment",),
     "quantize": ("inference.device",),
     # The parent of a continual fine-tune: which registered model's champion, if any.
     "prepare_parent": ("train.init_from", "register.model_name"),
@@ -624,6 +700,11 @@ def validate_all(path: Path = PARAMS_FILE) -> dict[str, _Section]:
 def _check_across(sections: dict[str, _Section], text: str, path: Path) -> None:
     """Combinations of keys from different sections."""
     export, train, dpo = sections["export"], sections["train"], sections["dpo"]
+    scored = [metric_key(spec) for spec in sections["evaluate"].metrics]
+    if sections["register"].primary_metric not in scored:
+        raise PipelineError(f"{path}:{_line_of(text, ['register', 'primary_metric'])}: register.primary_metric: "
+                            f"{sections['register'].primary_metric!r} is not among evaluate.metrics "
+                            f"({', '.join(scored)})")
     if export.gguf and not train.merge and not dpo.enabled:  # DPO always writes a merged model
         raise PipelineError(f"{path}:{_line_of(text, ['export', 'gguf'])}: export.gguf: needs train.merge: true "
                             "(the GGUF is written from the merged model); set export.gguf: [] to skip it")

@@ -36,6 +36,8 @@ LOSS_PLOT = REPORTS / "loss.png"
 PREFS_REPORT = REPORTS / "preferences.json"
 DPO_REPORT = REPORTS / "dpo.json"
 METRICS = REPORTS / "metrics.json"
+# The base and few-shot candidates' scores: their own stage, so that a training change does not score them again.
+BASE_SCORES = REPORTS / "base_scores.json"
 GENERATIONS = REPORTS / "generations.jsonl"
 COMPARISON = REPORTS / "comparison.md"
 EXPORT_REPORT = REPORTS / "export.json"

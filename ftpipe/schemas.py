@@ -69,6 +69,9 @@ class TrainReport(_Report):
     packing: bool
     shared_prefix_tokens: int  # tokens every training row starts with
     dropped_too_long: dict[str, int]
+    # The MLflow run the losses were logged into while training (ftpipe/live.py), which register
+    # adopts; None: live_metrics off, or the store failed.
+    live_run_id: str | None = None
 
 
 class Leaks(_Nested):
@@ -134,6 +137,7 @@ class DpoReport(_Report):
     precision: str | None = None
     parameters: int = 0
     trainable_parameters: int = 0
+    live_run_id: str | None = None  # as TrainReport's, for the DPO run
 
 
 class GeneralText(_Nested):

@@ -5,7 +5,9 @@ model; those start weights with the adapter off are the reference model. Validat
 every `eval_steps` (DPO loss, reward accuracy and margin), the held-out test pairs once at the end,
 and the policy's own log-probability margin of chosen over rejected before and after on the test
 pairs. The evaluate stage scores the merged result beside base, few-shot and SFT; with dpo enabled
-the register stage registers and gates it instead of the SFT model.
+the register stage registers and gates it instead of the SFT model. With `live_metrics` the DPO
+losses, validation rewards, learning rate, gradient norm, tokens/s and system metrics go to an MLflow
+run in `register.experiment` while training (ftpipe/live.py), named in reports/dpo.json for register.
 Reads params.yaml `dpo`, models/base/, models/adapter/, data/preferences/; writes models/dpo/
 (the adapter, merged/ model, loss.png, train_config.json, manifest.json) and reports/dpo.json. With
 dpo off: the manifest and report only, saying so.
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ftpipe import live
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, read_json, read_jsonl, write_json
 from ftpipe.models import DPO_MANIFEST
@@ -28,7 +31,8 @@ from ftpipe.schemas import DpoReport
 
 
 def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path, out_dir: Path,
-        report_path: Path) -> DpoReport:
+        report_path: Path, live_to: live.Target | None = None) -> DpoReport:
+    """`live_to`: where the metrics go while training (None: nowhere; register logs the curves)."""
     if not params.enabled:
         report = DpoReport(enabled=False)
         with all_or_nothing(), atomic_dir(out_dir) as tmp:
@@ -41,21 +45,24 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
 
     models.set_threads(params.threads)
     set_seed(params.seed)
-    tokenizer = models.load_tokenizer(base_dir)
-    pairs, too_long = _setup_pairs(params, prefs_dir, tokenizer)
-    start, described = _start_model(params, base_dir, adapter_dir)
-    before = _margin(start, tokenizer, pairs["test"], params)
-    bf16 = params.precision == "bf16" or (params.precision == "auto" and device.bf16_supported())
     with tempfile.TemporaryDirectory(prefix="dpo-") as scratch:  # TRL's output_dir; nothing is saved there
-        trainer = _setup_trainer(params, start, tokenizer, pairs, Path(scratch), bf16)
-        started = time.perf_counter()
-        trainer.train()
-        runtime = time.perf_counter() - started
+        # The run is created while the model loads, and ended before the test pairs are scored (TRL
+        # names their rewards eval_* too, which would land on the validation curves).
+        with live.session(live_to, run_name="dpo") as live_run:
+            tokenizer = models.load_tokenizer(base_dir)
+            pairs, too_long = _setup_pairs(params, prefs_dir, tokenizer)
+            start, described = _start_model(params, base_dir, adapter_dir)
+            before = _margin(start, tokenizer, pairs["test"], params)
+            bf16 = params.precision == "bf16" or (params.precision == "auto" and device.bf16_supported())
+            trainer = _setup_trainer(params, start, tokenizer, pairs, Path(scratch), bf16, live_run)
+            started = time.perf_counter()
+            trainer.train()
+            runtime = time.perf_counter() - started
         test = _test_metrics(trainer, pairs["test"])
     model = trainer.model  # the start weights inside TRL's LoRA wrapper
     report = _report(params, trainer, model, pairs, test, start=described, before=before,
                      after=_margin(model, tokenizer, pairs["test"], params), runtime=runtime, bf16=bf16,
-                     too_long=too_long)
+                     too_long=too_long, live_run_id=live_run and live_run.run_id)
     with all_or_nothing(), atomic_dir(out_dir) as tmp:  # the model and its report go in place together
         _save(params, model, tokenizer, report, tmp)
         report.write(report_path)
@@ -102,19 +109,22 @@ def _margin(model, tokenizer, pairs, params: DpoParams) -> float:
     return logp_margin(model, tokenizer, pairs, batch_size=params.batch_size)
 
 
-def _setup_trainer(params: DpoParams, start, tokenizer, pairs, scratch: Path, bf16: bool):
+def _setup_trainer(params: DpoParams, start, tokenizer, pairs, scratch: Path, bf16: bool, live_run: live.LiveRun | None):
     """TRL's DPOTrainer with the LoRA adapter as `peft_config`: it wraps the start weights and uses
     them with the adapter off as the reference model."""
     import torch
     from trl import DPOTrainer
 
-    from ftpipe.callbacks import final_step_callback
+    from ftpipe.callbacks import DPO_KEYS, final_step_callback, live_metrics_callback
     from ftpipe.dpo import arguments, lora_config, to_dataset
 
     args = arguments(params, output_dir=scratch, bf16=bf16, cuda=torch.cuda.is_available())
+    callbacks = [final_step_callback()]
+    if live_run:  # tokens/s from TRL's own count of the batches' tokens
+        callbacks.append(live_metrics_callback(live_run, keys=DPO_KEYS))
     return DPOTrainer(model=start, args=args, train_dataset=to_dataset(pairs["train"]),
                       eval_dataset=to_dataset(pairs["val"]), processing_class=tokenizer,
-                      peft_config=lora_config(params), callbacks=[final_step_callback()])
+                      peft_config=lora_config(params), callbacks=callbacks)
 
 
 def _test_metrics(trainer, pairs) -> dict[str, float]:
@@ -131,7 +141,7 @@ def _test_metrics(trainer, pairs) -> dict[str, float]:
 
 
 def _report(params: DpoParams, trainer, model, pairs, test: dict[str, float], *, start: str, before: float,
-            after: float, runtime: float, bf16: bool, too_long: int) -> DpoReport:
+            after: float, runtime: float, bf16: bool, too_long: int, live_run_id: str | None) -> DpoReport:
     from ftpipe import models
     from ftpipe.dpo import curves
 
@@ -147,7 +157,7 @@ def _report(params: DpoParams, trainer, model, pairs, test: dict[str, float], *,
         train_curve=[{"step": step, "loss": loss} for step, loss in train_curve], val_curve=val_curve,
         test_logp_margin_before=before, test_logp_margin_after=after,
         runtime_s=round(runtime, 1), precision="bf16" if bf16 else "fp32", parameters=total,
-        trainable_parameters=trainable,
+        trainable_parameters=trainable, live_run_id=live_run_id,
     )
 
 
@@ -170,7 +180,7 @@ def _save(params: DpoParams, model, tokenizer, report: DpoReport, out_dir: Path)
 def main() -> None:
     params = load_section("dpo", DpoParams)
     report = run(params=params, base_dir=BASE_DIR, adapter_dir=ADAPTER_DIR, prefs_dir=PREFS_DIR, out_dir=DPO_DIR,
-                 report_path=DPO_REPORT)
+                 report_path=DPO_REPORT, live_to=live.target(params.live_metrics and params.enabled))
     if not report.enabled:
         print("dpo: dpo.enabled is false, nothing trained")
         return

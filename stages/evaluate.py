@@ -1,28 +1,28 @@
-"""Base zero-shot, base few-shot, fine-tuned (and DPO, when the dpo stage trained one) on the test
-split, plus forgetting and overfitting checks.
+"""Fine-tuned (and DPO, when the dpo stage trained one) against the base model's zero-shot and
+few-shot scores on the test split, plus forgetting and overfitting checks.
 
-The candidates get the same test prompts and the same greedy batched generation settings;
-the few-shot one sees `few_shot_k` training examples (a seeded draw) as earlier chat turns. Each
-gets BLEU, ROUGE-1/2/L/Lsum and the perplexity of the references, and each of these per example
-(sentence-level BLEU; the reference's summed NLL and token count), from which a paired bootstrap
-gives the confidence interval of fine-tuned - base on every metric (ftpipe/bootstrap.py, with the
-promotion gate's settings: register.bootstrap_samples, confidence, bootstrap_seed). Forgetting: the
-sliding-window perplexity of general text (`general_text`, not in the training data) under the base
-and the fine-tuned weights. Overfitting: the validation losses of reports/train.json. Old task (a
-continual fine-tune from the champion, models/parent/): the parent and the fine-tuned model on the
-test split the parent was evaluated on, so learning the new data at the old task's cost shows.
-Reads params.yaml `evaluate` (and those three register keys, and dpo.enabled), models/base/,
-models/adapter/, models/dpo/ (with dpo enabled),
-data/prepared/{train,test}.jsonl, reports/train.json and the general text; writes
-reports/metrics.json (DVC metrics, one block per candidate with the same keys, and the intervals),
-reports/generations.jsonl (prompt, reference, every candidate's output and its per-example scores,
-`<score>_<candidate>`: what the register stage's gate resamples) and reports/comparison.md.
+The base candidates come from reports/base_scores.json (stage score_base: scored once, not again
+for a training change); this stage scores the tuned models with the same settings and the same
+scoring (ftpipe.scoring.score_model: greedy batched generation; each metric of evaluate.metrics per
+example, the references' NLL), and refuses base scores of other settings or another test split.
+From the per-example scores a paired bootstrap gives the confidence interval of fine-tuned - base
+on every metric (ftpipe/bootstrap.py, with the promotion gate's settings: register.bootstrap_samples,
+confidence, bootstrap_seed). Forgetting: the sliding-window perplexity of general text
+(`general_text`, not in the training data) under the base and the fine-tuned weights. Overfitting:
+the validation losses of reports/train.json. Old task (a continual fine-tune from the champion,
+models/parent/): the parent and the fine-tuned model on the test split the parent was evaluated on,
+so learning the new data at the old task's cost shows.
+Reads params.yaml `evaluate` (and those three register keys, and dpo.enabled), reports/base_scores.json,
+models/base/, models/adapter/, models/dpo/ (with dpo enabled), data/prepared/{train,val,test}.jsonl,
+reports/train.json and the general text; writes reports/metrics.json (DVC metrics, one block per
+candidate with the same keys, and the intervals), reports/generations.jsonl (prompt, reference,
+every candidate's output and its per-example scores, `<score>_<candidate>`: what the register
+stage's gate resamples) and reports/comparison.md.
 Run: python -m stages.evaluate
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from ftpipe.params import DpoParams, EvaluateParams, RegisterParams, load_sectio
 from ftpipe.paths import (
     ADAPTER_DIR,
     BASE_DIR,
+    BASE_SCORES,
     COMPARISON,
     DPO_DIR,
     GENERATIONS,
@@ -48,52 +49,27 @@ from ftpipe.schemas import MetricsReport, OldTask, TrainReport
 CANDIDATES = {"base": "base", "fewshot": "base few-shot", "finetuned": "fine-tuned", "dpo": "DPO"}  # key -> label
 
 
-def pick_shots(train_rows: list[dict[str, Any]], *, k: int, seed: int) -> list[dict[str, Any]]:
-    """k training rows, the same ones for every test prompt and every run with this seed."""
-    if k > len(train_rows):
-        raise PipelineError(f"evaluate.few_shot_k: {k} exceeds the {len(train_rows)} training rows")
-    return random.Random(seed).sample(train_rows, k)
-
-
-def with_shots(messages: list[dict[str, str]], shots: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """The conversation with the shots' user/assistant turns before its own (after its system message)."""
-    head = messages[:1] if messages[0]["role"] == "system" else []
-    turns = [m for shot in shots for m in shot["messages"] if m["role"] != "system"]
-    return head + turns + messages[len(head):]
-
-
-def _candidate(model, tokenizer, conversations, params: EvaluateParams, name: str):
+def _candidate(model, tokenizer, conversations, params: EvaluateParams, name: str, scorers):
     """(metric block, outputs, per-example scores) of one model on the test conversations."""
-    from ftpipe import metrics
+    from ftpipe import scoring
 
-    return metrics.score_model(model, tokenizer, conversations, max_new_tokens=params.max_new_tokens,
-                               batch_size=params.batch_size, stemmer=params.rouge_stemmer, name=name)
+    return scoring.score_model(model, tokenizer, conversations, max_new_tokens=params.max_new_tokens,
+                               batch_size=params.batch_size, stemmer=params.rouge_stemmer, name=name,
+                               metrics=params.metrics, scorers=scorers)
 
 
 def intervals_over_base(rows: dict[str, list[dict[str, float]]], bootstrap: RegisterParams,
-                        candidate: str = "finetuned") -> dict[str, Any]:
+                        candidate: str, keys: list[str]) -> dict[str, Any]:
     """{metric: interval dict} of `candidate` - base (the gain: base - candidate for perplexity)."""
     from ftpipe.bootstrap import paired_gain
-    from ftpipe.metrics import METRIC_KEYS
 
     found = {}
-    for key in METRIC_KEYS:
+    for key in keys:
         interval = paired_gain(key, rows[candidate], rows["base"], samples=bootstrap.bootstrap_samples,
                                confidence=bootstrap.confidence, seed=bootstrap.bootstrap_seed)
         if interval is not None:
             found[key] = interval.as_dict()
     return found
-
-
-def _general_perplexity(model, tokenizer, text: str, params: EvaluateParams, name: str) -> tuple[float, int]:
-    from ftpipe import metrics
-
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context and params.general_max_length > context:
-        raise PipelineError(f"evaluate.general_max_length: {params.general_max_length} exceeds the model's "
-                            f"context of {context} tokens")
-    return metrics.sliding_window_perplexity(model, tokenizer, text, max_length=params.general_max_length,
-                                             stride=params.general_stride, progress=f"general text ({name})")
 
 
 def training_check(train: dict[str, Any], *, margin: float) -> dict[str, Any]:
@@ -106,61 +82,33 @@ def training_check(train: dict[str, Any], *, margin: float) -> dict[str, Any]:
     return facts
 
 
-def _inputs(params: EvaluateParams, *, adapter_dir: Path, data_dir: Path, general_text: Path) -> tuple[list, str]:
-    """The test rows and the general text, checked before any model loads."""
-    from ftpipe import models
-
-    rows = read_jsonl(data_dir / "test.jsonl")
-    if params.max_examples:
-        rows = rows[: params.max_examples]
-    if not rows:
-        raise PipelineError(f"{data_dir / 'test.jsonl'}: no test rows to evaluate")
-    if not models.has_finetuned(adapter_dir):
-        raise PipelineError(f"{adapter_dir}: no fine-tuned model found (run the train stage first)")
-    if not general_text.is_file():
-        raise PipelineError(f"evaluate.general_text: file not found: {general_text}")
-    text = general_text.read_text(encoding="utf-8")
-    if len(text.split()) < 2:
-        raise PipelineError(f"evaluate.general_text: {general_text} holds no text")
-    return rows, text
-
-
-def _score_candidates(params: EvaluateParams, tokenizer, conversations: list, shots: list, text: str, *,
-                      placement: Placement, base_dir: Path, adapter_dir: Path, seen_rows: list,
-                      dpo_dir: Path | None = None,
-                      parent_dir: Path | None = None,
-                      parent_version: str | None = None) -> tuple[dict, dict, dict, dict, int, OldTask | None]:
-    """Base, few-shot, fine-tuned and (with `dpo_dir`) DPO: (scores, outputs, per-example scores,
-    general perplexity, its tokens, the old-task check of the last of them when a parent champion's
+def _score_tuned(params: EvaluateParams, tokenizer, conversations: list, text: str, scorers, *,
+                 placement: Placement, base_dir: Path, adapter_dir: Path, seen_rows: list,
+                 dpo_dir: Path | None = None, parent_dir: Path | None = None,
+                 parent_version: str | None = None) -> tuple[dict, dict, dict, dict, OldTask | None]:
+    """Fine-tuned and (with `dpo_dir`) DPO, one model load each: (scores, outputs, per-example
+    scores, general perplexity, the old-task check of the last of them when a parent champion's
     test split is at hand)."""
-    from ftpipe import metrics, models
+    from ftpipe import models
+    from ftpipe.evaluation import general_perplexity
 
     scores, outputs, examples, general = {}, {}, {}, {}
-    base = models.load_model(base_dir, placement=placement)
-    scores["base"], outputs["base"], examples["base"] = _candidate(base, tokenizer, conversations, params, "base")
-    scores["fewshot"], outputs["fewshot"], examples["fewshot"] = _candidate(
-        base, tokenizer, [with_shots(c, shots) for c in conversations], params, "base few-shot")
-    general["base"], general_tokens = _general_perplexity(base, tokenizer, text, params, "base")
-    general["fewshot"] = general["base"]  # the same weights: prompting does not change them
-    del base
     tuned = {"finetuned": lambda: models.load_finetuned(base_dir, adapter_dir, placement)}
     if dpo_dir:
         tuned["dpo"] = lambda: models.load_model(dpo_dir / models.MERGED, placement=placement)
     for name, load in tuned.items():
         model = load()
         scores[name], outputs[name], examples[name] = _candidate(model, tokenizer, conversations, params,
-                                                                 CANDIDATES[name])
-        general[name], _ = _general_perplexity(model, tokenizer, text, params, CANDIDATES[name])
+                                                                 CANDIDATES[name], scorers)
+        general[name], _ = general_perplexity(model, tokenizer, text, params, CANDIDATES[name])
     # The old task is checked on the model register registers (the last one scored).
-    old_task = (_old_task(params, tokenizer, model, parent_dir, parent_version, seen_rows, placement)
+    old_task = (_old_task(params, tokenizer, model, parent_dir, parent_version, seen_rows, placement, scorers)
                 if parent_dir and parent_version else None)
-    for name in scores:
-        scores[name][metrics.GENERAL_KEY] = general[name]
-    return scores, outputs, examples, general, general_tokens, old_task
+    return scores, outputs, examples, general, old_task
 
 
 def _old_task(params: EvaluateParams, tokenizer, tuned, parent_dir: Path, version: str,
-              seen_rows: list, placement: Placement) -> OldTask | None:
+              seen_rows: list, placement: Placement, scorers) -> OldTask | None:
     """Catastrophic forgetting of the previous task: the fine-tuned model and the parent champion
     it started from (v`version`, reports/train.json), both on the test split the parent was
     evaluated on (models/parent/test.jsonl; None when its run did not log one). Old test rows whose
@@ -185,66 +133,81 @@ def _old_task(params: EvaluateParams, tokenizer, tuned, parent_dir: Path, versio
     if not rows:  # every old test row is trained on now: nothing left to measure the old task on
         return OldTask(parent=described, examples=0, left_out_seen=len(every), parent_scores={}, finetuned={})
     old = [r["messages"] for r in rows]
-    tuned_scores, _, _ = _candidate(tuned, tokenizer, old, params, "fine-tuned, old task")
+    tuned_scores, _, _ = _candidate(tuned, tokenizer, old, params, "fine-tuned, old task", scorers)
     parent_scores, _, _ = _candidate(models.load_model(parent_dir, placement=placement), tokenizer, old, params,
-                                  "parent, old task")
+                                     "parent, old task", scorers)
     return OldTask(parent=described, examples=len(rows),
                    left_out_seen=len(every) - len(unseen),
                    parent_scores=parent_scores, finetuned=tuned_scores)
 
 
 def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, adapter_dir: Path, data_dir: Path,
-        train_report: Path, general_text: Path, reports_dir: Path, parent_dir: Path | None = None,
-        dpo_dir: Path | None = None, placement: Placement | None = None) -> MetricsReport:
-    """`dpo_dir`: the dpo stage's model folder (models/dpo), scored as one more candidate; None: dpo off.
+        train_report: Path, general_text: Path, reports_dir: Path, base_scores_file: Path | None = None,
+        parent_dir: Path | None = None, dpo_dir: Path | None = None,
+        placement: Placement | None = None) -> MetricsReport:
+    """`base_scores_file`: score_base's report (default: reports_dir/base_scores.json). `dpo_dir`: the
+    dpo stage's model folder (models/dpo), scored as one more candidate; None: dpo off.
     `placement`: where and in what precision the models run (ftpipe.device); None: the CPU in fp32,
     the same numbers on every machine."""
 
     from ftpipe import metrics, models
     from ftpipe.chat import prompt_text
+    from ftpipe.evaluation import BASE_CANDIDATES, read_base_scores, settings, test_rows
+    from ftpipe.evaluation import general_text as read_general
 
     placement = placement or Placement("cpu", "fp32")
     models.set_threads(params.threads)
-    rows, text = _inputs(params, adapter_dir=adapter_dir, data_dir=data_dir, general_text=general_text)
-    train_rows = read_jsonl(data_dir / "train.jsonl")
-    shots = pick_shots(train_rows, k=params.few_shot_k, seed=params.few_shot_seed)
+    rows = test_rows(params, data_dir)
+    found = read_base_scores(base_scores_file or reports_dir / BASE_SCORES.name, params, placement, rows)
+    if not models.has_finetuned(adapter_dir):
+        raise PipelineError(f"{adapter_dir}: no fine-tuned model found (run the train stage first)")
+    text = read_general(params.model_copy(update={"general_text": str(general_text)}))
+    scorers = metrics.user_scorers(params.metrics)
     train = TrainReport.read(train_report).model_dump() if train_report.is_file() else {}
     parent_version = train.get("parent_version")
     # What the model trained and was validated on: read only for a continual fine-tune's old-task check.
-    seen_rows = train_rows + read_jsonl(data_dir / "val.jsonl") if parent_version else []
+    seen_rows = (read_jsonl(data_dir / "train.jsonl") + read_jsonl(data_dir / "val.jsonl")) if parent_version else []
     training = training_check(train, margin=params.overfit_margin)
     tokenizer = models.load_tokenizer(base_dir)
     conversations = [r["messages"] for r in rows]
-    scores, outputs, examples, general, general_tokens, old_task = _score_candidates(
-        params, tokenizer, conversations, shots, text, placement=placement, base_dir=base_dir,
-        adapter_dir=adapter_dir, seen_rows=seen_rows,
-        dpo_dir=dpo_dir, parent_dir=parent_dir, parent_version=parent_version)
-    names = list(scores)  # the candidates scored, in CANDIDATES order
+    scores, outputs, examples, general, old_task = _score_tuned(
+        params, tokenizer, conversations, text, scorers, placement=placement, base_dir=base_dir,
+        adapter_dir=adapter_dir, seen_rows=seen_rows, dpo_dir=dpo_dir, parent_dir=parent_dir,
+        parent_version=parent_version)
+    for name in BASE_CANDIDATES:
+        candidate = found["candidates"][name]
+        scores[name], outputs[name], examples[name] = candidate["scores"], candidate["outputs"], candidate["examples"]
+        general[name] = found["general"]["perplexity"]  # the same weights: prompting does not change them
+    names = [name for name in CANDIDATES if name in scores]
+    for name in names:
+        scores[name][metrics.GENERAL_KEY] = general[name]
+    keys = [metrics.metric_key(m) for m in params.metrics]
 
     references = [c[-1]["content"] for c in conversations]
     _, signature = metrics.bleu(outputs["finetuned"], references)
     result = MetricsReport(**{
         "examples": len(rows),
-        **scores,
-        "delta": {k: scores["finetuned"][k] - scores["base"][k] for k in metrics.CANDIDATE_KEYS},
+        **{name: scores[name] for name in names},
+        "delta": {k: scores["finetuned"][k] - scores["base"][k] for k in [*keys, metrics.GENERAL_KEY]},
         "forgetting": general[names[-1]] / general["base"] - 1,  # of the model register registers
         "training": training,
-        "few_shot_ids": [s["id"] for s in shots],
-        "general_text": {"path": str(general_text), "tokens": general_tokens},
+        "few_shot_ids": found["few_shot_ids"],
+        "general_text": {"path": str(general_text), "tokens": found["general"]["tokens"]},
         "bleu_signature": signature,
         # fine-tuned - base with its paired-bootstrap interval per metric (gain: positive is better).
-        "intervals": {f"{name}_vs_base": intervals_over_base(examples, bootstrap, name)
+        "intervals": {f"{name}_vs_base": intervals_over_base(examples, bootstrap, name, keys)
                       for name in names if name in ("finetuned", "dpo")},
         # The resolved settings travel with the numbers (and make register rerun when they change);
         # register scores the champion with the same ones.
-        "settings": {"decoding": "greedy", **params.model_dump(exclude={"threads"}),
-                     "device": placement.device, "precision": placement.precision},
+        "settings": {**settings(params, placement), "overfit_margin": params.overfit_margin},
         "old_task": old_task,
     })
+    example_keys = [*keys, "nll", "tokens"]
     generations = [
         {"id": r["id"], "prompt": prompt_text(tokenizer, r["messages"]), "reference": references[i],
          **{name: outputs[name][i] for name in names},
-         **{f"{key}_{name}": examples[name][i][key] for key in metrics.EXAMPLE_KEYS for name in names}}
+         **{f"{key}_{name}": examples[name][i][key] for key in example_keys for name in names
+            if key in examples[name][i]}}
         for i, r in enumerate(rows)
     ]
     with all_or_nothing():  # the three reports describe one evaluation
@@ -264,7 +227,7 @@ def main() -> None:
     dpo_dir = models.dpo_result(DPO_DIR, enabled=load_section("dpo", DpoParams).enabled)
     result = run(params=params, bootstrap=bootstrap, base_dir=BASE_DIR, adapter_dir=ADAPTER_DIR, data_dir=PREPARED_DIR,
                  train_report=TRAIN_REPORT, general_text=Path(params.general_text), reports_dir=REPORTS,
-                 parent_dir=PARENT_DIR, dpo_dir=dpo_dir, placement=placement)
+                 base_scores_file=BASE_SCORES, parent_dir=PARENT_DIR, dpo_dir=dpo_dir, placement=placement)
     print(comparison_table(result.model_dump()))
 
 

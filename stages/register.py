@@ -3,14 +3,18 @@
 One parent run per pipeline run holds the params, reports, loss curve and the per-example
 generations table (prompt, reference, each candidate's output and ROUGE-L); under it a `base`, a
 `fewshot` and a `finetuned` run carry the same metric keys, so selecting them and pressing Compare
-lines them up. With dpo enabled the registered model is the DPO one: its run is named `dpo` (with the
-preference metrics and DPO curves beside the SFT training losses) and the SFT model's metrics go in
-a sibling `sft` run. The fine-tuned run also carries the training losses, the best validation step and
-the overfitting verdict. The merged fine-tuned model is logged and registered as a new version of
-`register.model_name`, tagged with git commit, dvc.lock hashes of data and base model, method and
-params. The new version becomes `challenger`; `champion` moves to it only if the promotion gate
-(ftpipe/promotion.py: the paired-bootstrap interval of the gain on the primary metric over the base
-and over the champion, forgetting and leak checks) passes, and the decision's reasons are logged.
+lines them up. With dpo enabled the registered model is the DPO one: its run is named `dpo` (with
+the preference metrics and DPO curves beside the SFT training losses) and the SFT model's metrics go
+in a sibling `sft` run. The fine-tuned run also carries the training losses, the best validation
+step and the overfitting verdict. A run the train (or dpo) stage logged its curves into while
+training (reports/train.json `live_run_id`, ftpipe/live.py) becomes that candidate run, nested under
+the pipeline run, instead of a new one with the curves copied from reports/; a run that is gone, or
+that an earlier pipeline run already adopted, leaves a new run as before. The merged fine-tuned
+model is logged and registered as a new version of `register.model_name`, tagged with git commit,
+dvc.lock hashes of data and base model, method and params. The new version becomes `challenger`;
+`champion` moves to it only if the promotion gate (ftpipe/promotion.py: the paired-bootstrap
+interval of the gain on the primary metric over the base and over the champion, forgetting and leak
+checks) passes, and the decision's reasons are logged.
 The champion is scored again here, on the current test split: the same rows as the challenger
 (reports/generations.jsonl's ids in data/prepared/test.jsonl) and the same greedy settings
 (reports/metrics.json `settings`), because the figures it logged when it was registered come from
@@ -98,17 +102,19 @@ def run(
     decision = _decide(params, reports, champion)
     with registry.errors(tracking_uri, f"registering {params.model_name}"):
         experiment_id = _experiment_id(client, params.experiment, artifact_location)
+        live = _live_runs(client, experiment_id, reports)
         with mlflow.start_run(experiment_id=experiment_id, run_name=f"pipeline-{lineage['git_commit'][:8]}") as parent:
             _log_pipeline_run(all_params, lineage, reports, reports_dir, champion)
-            runs = _log_candidates(experiment_id, lineage, reports.metrics, all_params)
+            runs = _log_candidates(experiment_id, lineage, reports.metrics, all_params, live)
             if champion:
                 runs["champion"] = _log_champion(experiment_id, champion)
-            with mlflow.start_run(experiment_id=experiment_id, run_name=product, nested=True) as tuned_run:
+            with _candidate_run(experiment_id, product, live.get(product)) as tuned_run:
                 runs["finetuned"] = tuned_run.info.run_id
-                _log_training(lineage, reports, reports_dir, gguf_dir)
+                # An adopted run has its own stage's curves: the DPO run's are DPO's, so it still gets SFT's.
+                _log_training(lineage, reports, reports_dir, gguf_dir, curves=product == "dpo" or product not in live)
                 mlflow.log_params(_candidate_params(all_params, product))
                 if dpo_dir:
-                    _log_dpo(reports, dpo_dir)
+                    _log_dpo(reports, dpo_dir, curves=product not in live)
                 _log_gate(decision)
                 # The split this version is evaluated on: a continual fine-tune from it scores it again.
                 mlflow.log_artifact(str(data_dir / "test.jsonl"), artifact_path="data")
@@ -193,11 +199,18 @@ def _read_reports(reports_dir: Path, *, registered: Path, dpo: bool) -> Reports:
 
 
 def _examples(generations: list[dict[str, Any]], candidate: str) -> list[dict[str, float]]:
-    """A candidate's per-example scores from generations.jsonl (the keys its rows hold)."""
-    from ftpipe.metrics import EXAMPLE_KEYS
-
-    return [{key: row[f"{key}_{candidate}"] for key in EXAMPLE_KEYS if f"{key}_{candidate}" in row}
+    """A candidate's per-example scores from generations.jsonl (its `<key>_<candidate>` columns)."""
+    suffix = f"_{candidate}"
+    return [{key.removesuffix(suffix): value for key, value in row.items() if key.endswith(suffix)}
             for row in generations]
+
+
+def _scored_keys(report) -> list[str]:
+    """The metrics evaluate scored (evaluate.metrics' keys), general_perplexity aside."""
+    from ftpipe.comparison import metric_keys
+    from ftpipe.metrics import GENERAL_KEY
+
+    return [k for k in metric_keys(report.model_dump()) if k != GENERAL_KEY]
 
 
 def _test_conversations(data_dir: Path, generations: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
@@ -215,7 +228,7 @@ def _score_champion(client, params: RegisterParams, lineage: dict[str, str], rep
                     data_dir: Path) -> dict[str, Any] | None:
     """The current champion scored on this test split ({version, scored, metrics, examples, outputs,
     logged_metrics}); None if there is none. Its logged metrics come from the split of its own day."""
-    from ftpipe import device, metrics, registry
+    from ftpipe import device, metrics, registry, scoring
     from ftpipe.device import Placement
     from ftpipe.splits import prompt_digest
 
@@ -231,7 +244,7 @@ def _score_champion(client, params: RegisterParams, lineage: dict[str, str], rep
         product = reports.metrics.product
         tuned = reports.metrics.candidate(product)
         return {"version": version, "scored": "same model as the challenger: its fine-tuned scores",
-                "metrics": {k: tuned[k] for k in metrics.METRIC_KEYS if k in tuned},
+                "metrics": {k: tuned[k] for k in _scored_keys(reports.metrics) if k in tuned},
                 "examples": _examples(generations, product), "outputs": [row[product] for row in generations],
                 "logged_metrics": logged, "rows": None, "left_out": 0}
     conversations = _test_conversations(data_dir, generations)
@@ -248,9 +261,10 @@ def _score_champion(client, params: RegisterParams, lineage: dict[str, str], rep
     if placement.device == "cuda":
         placement = device.decide(device="cuda", precision=placement.precision)  # one line if CUDA is gone
     model = device.place(model, placement, f"{params.model_name} champion v{version}")
-    scores, outputs, examples = metrics.score_model(
+    scores, outputs, examples = scoring.score_model(
         model, tokenizer, [conversations[i] for i in rows], max_new_tokens=settings["max_new_tokens"],
-        batch_size=settings["batch_size"], stemmer=settings["rouge_stemmer"], name=f"champion v{version}")
+        batch_size=settings["batch_size"], stemmer=settings["rouge_stemmer"], name=f"champion v{version}",
+        metrics=settings.get("metrics", metrics.METRIC_KEYS))
     scored = "generated again on this test split" + (
         "" if left_out is None else f" ({len(rows)} rows; {left_out} it trained on left out)" if left_out
         else f" ({len(rows)} rows; none it trained on)")
@@ -314,6 +328,48 @@ def _experiment_id(client, name: str, artifact_location: str | None) -> str:
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
+def _live_runs(client, experiment_id: str, reports: Reports) -> dict[str, str]:
+    """{candidate run name: the run to adopt as it}: the SFT model's live run from train.json (the
+    `finetuned` run, or `sft` when the DPO model is registered) and the DPO model's from dpo.json."""
+    stated = {"sft" if reports.dpo else "finetuned": ("train", reports.train.live_run_id)}
+    if reports.dpo:
+        stated["dpo"] = ("dpo", reports.dpo.live_run_id)
+    return {name: run_id for name, (stage, run_id) in stated.items()
+            if run_id and _adoptable(client, experiment_id, run_id, stage)}
+
+
+def _adoptable(client, experiment_id: str, run_id: str, stage: str) -> bool:
+    """Whether the run `stage` logged into while training can be adopted: it is in this experiment,
+    not deleted, and no earlier pipeline run adopted it (register run again on the same training
+    makes a run of its own). A run that is gone says so in one line; any other failure is the
+    store's, and stops the stage (registry.errors around this call)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        run = None
+    if run is None or run.info.lifecycle_stage != "active" or run.info.experiment_id != experiment_id:
+        print(f"register: {stage}'s live run {run_id} is gone from this experiment: the curves go into a new run")
+        return False
+    return MLFLOW_PARENT_RUN_ID not in run.data.tags
+
+
+def _candidate_run(experiment_id: str, name: str, adopt: str | None):
+    """A run named `name` nested under the active pipeline run: the stage's live run `adopt` when
+    there is one (renamed, and given the parent tag, which resuming a run does not set), else a new one."""
+    import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    if adopt is None:
+        return mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True)
+    parent = mlflow.active_run().info.run_id
+    return mlflow.start_run(run_id=adopt, run_name=name, nested=True, tags={MLFLOW_PARENT_RUN_ID: parent})
+
+
 def _log_pipeline_run(all_params: dict[str, Any], lineage: dict[str, str], reports: Reports,
                       reports_dir: Path, champion: dict[str, Any] | None) -> None:
     """The parent run: params, data and quantization figures, report files, generations table
@@ -358,13 +414,14 @@ def quant_metrics(report: Path) -> dict[str, float]:
 
 
 def _log_candidates(experiment_id: str, lineage: dict[str, str], metrics: MetricsReport,
-                    all_params: dict[str, Any]) -> dict[str, str]:
-    """The base and few-shot sibling runs, and the SFT model's when DPO is what is registered; {name: run id}."""
+                    all_params: dict[str, Any], live: dict[str, str]) -> dict[str, str]:
+    """The base and few-shot sibling runs, and the SFT model's when DPO is what is registered (the
+    train stage's live run, when `live` names it); {name: run id}."""
     import mlflow
 
     runs = {}
     for name in ("base", "fewshot", *(["sft"] if metrics.product == "dpo" else [])):
-        with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True) as child:
+        with _candidate_run(experiment_id, name, live.get(name)) as child:
             mlflow.set_tags({"role": "candidate", "candidate": name, **lineage})
             _log_metrics(metrics.candidate("finetuned" if name == "sft" else name))
             mlflow.log_params(_candidate_params(all_params, name))
@@ -418,8 +475,10 @@ def _log_gate(decision) -> None:
     mlflow.set_tags({**_gate_tags(decision), "promotion": decision.summary()})
 
 
-def _log_training(lineage: dict[str, str], reports: Reports, reports_dir: Path, gguf_dir: Path) -> None:
-    """Into the active fine-tuned run: its metrics, training losses and overfitting verdict."""
+def _log_training(lineage: dict[str, str], reports: Reports, reports_dir: Path, gguf_dir: Path, *,
+                  curves: bool = True) -> None:
+    """Into the active fine-tuned run: its metrics, training losses (unless `curves` is false: the run
+    logged them itself while training) and overfitting verdict."""
     import mlflow
 
     metrics, train = reports.metrics, reports.train
@@ -431,24 +490,25 @@ def _log_training(lineage: dict[str, str], reports: Reports, reports_dir: Path, 
     if "possible_overfitting" in training:
         _log_metrics({"val_loss_above_best": training["val_loss_above_best"],
                             "possible_overfitting": float(training["possible_overfitting"])})
-    for step, loss in _curve(reports_dir / paths.TRAIN_LOSS.name):
+    for step, loss in _curve(reports_dir / paths.TRAIN_LOSS.name) if curves else ():
         mlflow.log_metric("train_loss", loss, step=step)
-    for step, loss in _curve(reports_dir / paths.VAL_LOSS.name):
+    for step, loss in _curve(reports_dir / paths.VAL_LOSS.name) if curves else ():
         mlflow.log_metric("val_loss", loss, step=step)
     _log_gguf(reports_dir, gguf_dir)
 
 
-def _log_dpo(reports: Reports, dpo_dir: Path) -> None:
-    """Into the active DPO run: the preference metrics, the DPO validation curve and its plot."""
+def _log_dpo(reports: Reports, dpo_dir: Path, *, curves: bool = True) -> None:
+    """Into the active DPO run: the preference metrics, the DPO curves (unless `curves` is false: the
+    run logged them itself while training) and their plot."""
     import mlflow
 
     dpo = reports.dpo
     _log_metrics({f"dpo_{k}": v for k, v in dpo.model_dump().items() if isinstance(v, float)
                         and k not in ("beta", "epochs") and v is not None})
     mlflow.log_params({"dpo_start": dpo.start, "dpo_loss_type": dpo.loss_type, "dpo_beta": dpo.beta})
-    for point in dpo.train_curve:
+    for point in dpo.train_curve if curves else ():
         mlflow.log_metric("dpo_train_loss", point["loss"], step=int(point["step"]))
-    for point in dpo.val_curve:
+    for point in dpo.val_curve if curves else ():
         _log_metrics({f"dpo_val_{k}": v for k, v in point.items() if k != "step" and v is not None},
                            step=int(point["step"]))
     if (dpo_dir / paths.DPO_LOSS_PLOT_NAME).is_file():

@@ -5,6 +5,9 @@ Chat template applied, loss on assistant tokens only, seed fixed, validation los
 adapter (or, for full, the model) and its resolved config to models/adapter/, a standalone merged
 model to models/adapter/merged/ where the method can be merged, per-step losses to reports/{train,val}_loss.csv
 (DVC plots), a loss-curve PNG and summary metrics to reports/train.json.
+With `live_metrics` the losses, learning rate, gradient norm, tokens/s and system metrics also go to
+an MLflow run in `register.experiment` as they are logged (ftpipe/live.py; a store that is down only
+costs a warning line); train.json names that run and the register stage adopts it.
 Checkpoints go every `save_steps` to checkpoints/train/<hash of params, base and data>/, outside
 DVC's outs; a rerun after an interruption resumes from the newest one, and success removes them.
 With `processes` > 1 the stage re-launches itself under torchrun (`python -m torch.distributed.run
@@ -23,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ftpipe import live
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, read_json, read_jsonl, remove_path, write_json, write_text
 from ftpipe.params import TrainParams, load_section
@@ -60,9 +64,11 @@ class Setup:
 
 
 def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, reports_dir: Path,
-        checkpoint_root: Path = CHECKPOINTS, parent: str = "base", parent_version: str | None = None) -> TrainReport:
+        checkpoint_root: Path = CHECKPOINTS, parent: str = "base", parent_version: str | None = None,
+        live_to: live.Target | None = None) -> TrainReport:
     """`base_dir`: the weights training starts from (models/base, or models/parent for a continual
-    fine-tune from the champion, which `parent` and `parent_version` name in the report)."""
+    fine-tune from the champion, which `parent` and `parent_version` name in the report). `live_to`:
+    where the metrics go while training (None: nowhere; they reach MLflow when register runs)."""
     from transformers import set_seed
 
     from ftpipe import models
@@ -71,14 +77,15 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
     check_worker(params)
     models.set_threads(params.threads, processes=params.processes)
     set_seed(params.seed)
-    tokenizer = models.load_tokenizer(base_dir)
-    data = _setup_data(params, tokenizer, data_dir)
-    setup = _setup_model(params, base_dir, tokenizer)
-    checkpoints = checkpoint_root / checkpoint_key(params, base_dir, data_dir)
-    trainer = _setup_trainer(params, setup, data, checkpoints)
-    runtime, resumed_step = _train(trainer, checkpoints)  # returns once every process has finished
+    with live.session(live_to, run_name="train") as live_run:  # the run is created while the model loads
+        tokenizer = models.load_tokenizer(base_dir)
+        data = _setup_data(params, tokenizer, data_dir)
+        setup = _setup_model(params, base_dir, tokenizer)
+        checkpoints = checkpoint_root / checkpoint_key(params, base_dir, data_dir)
+        trainer = _setup_trainer(params, setup, data, checkpoints, live_run)
+        runtime, resumed_step = _train(trainer, checkpoints)  # returns once every process has finished
     report = _report(params, trainer, setup, data, runtime=runtime, resumed_step=resumed_step, parent=parent,
-                     parent_version=parent_version)
+                     parent_version=parent_version, live_run_id=live_run and live_run.run_id)
     setup = _unsharded(params, setup, trainer, base_dir)
     if trainer.is_world_process_zero():  # one writer; the model and its reports go in place together
         with all_or_nothing(), atomic_dir(out_dir) as tmp:
@@ -124,11 +131,11 @@ def _setup_model(params: TrainParams, base_dir: Path, tokenizer) -> Setup:
     return Setup(model=model, tokenizer=tokenizer, bf16=bf16, cuda=cuda, attention=attention, optim=optim)
 
 
-def _setup_trainer(params: TrainParams, setup: Setup, data: Data, checkpoints: Path):
+def _setup_trainer(params: TrainParams, setup: Setup, data: Data, checkpoints: Path, live_run: live.LiveRun | None):
     from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback
 
     from ftpipe import methods, packing
-    from ftpipe.callbacks import final_step_callback
+    from ftpipe.callbacks import TRAIN_KEYS, final_step_callback, live_metrics_callback
     from ftpipe.chat import IGNORE_INDEX
     from ftpipe.trainer import PACK_LENGTH, trainer_class, training_arguments
 
@@ -138,6 +145,8 @@ def _setup_trainer(params: TrainParams, setup: Setup, data: Data, checkpoints: P
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.early_stopping_patience))
     if params.gradual_unfreezing:
         callbacks.append(methods.unfreezing_callback(setup.model, params))
+    if live_run:
+        callbacks.append(live_metrics_callback(live_run, keys=TRAIN_KEYS, tokens_per_epoch=data.tokens))
     padding = DataCollatorForSeq2Seq(setup.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     trainer = trainer_class(params, setup.bf16)(model=setup.model, args=args, train_dataset=data.train,
                                                 eval_dataset=data.val, callbacks=callbacks, data_collator=padding)
@@ -189,7 +198,7 @@ def _unsharded(params: TrainParams, setup: Setup, trainer, base_dir: Path) -> Se
 
 
 def _report(params: TrainParams, trainer, setup: Setup, data: Data, *, runtime: float, resumed_step: int,
-            parent: str, parent_version: str | None) -> TrainReport:
+            parent: str, parent_version: str | None, live_run_id: str | None) -> TrainReport:
     from ftpipe import methods, models, packing
     from ftpipe.trainer import loss_curves
 
@@ -218,7 +227,7 @@ def _report(params: TrainParams, trainer, setup: Setup, data: Data, *, runtime: 
         attention=setup.attention, optimizer=setup.optim,
         parameters=total, trainable_parameters=trainable, rows={"train": len(data.train), "val": len(data.val)},
         packing=packs, shared_prefix_tokens=len(packing.shared_prefix(data.train)) if packs else 0,
-        dropped_too_long=data.too_long,
+        dropped_too_long=data.too_long, live_run_id=live_run_id,
     )
 
 
@@ -259,8 +268,9 @@ def main() -> None:
         launch(params, module="stages.train")  # this stage again, once per process, under torchrun
         return
     start, parent, version = models.start_weights(params.init_from, PARENT_DIR, BASE_DIR)
+    live_to = live.target(params.live_metrics) if rank() == 0 else None  # one process logs for all
     report = run(params=params, base_dir=start, data_dir=PREPARED_DIR, out_dir=ADAPTER_DIR, reports_dir=REPORTS,
-                 parent=parent, parent_version=version)
+                 parent=parent, parent_version=version, live_to=live_to)
     if rank() == 0:
         print(f"train: {report.steps} steps from {parent}, val loss {report.val_loss_final:.4f}, "
               f"{report.tokens_per_s} tokens/s ({report.precision}) -> {ADAPTER_DIR}")

@@ -185,8 +185,10 @@ def tiny_params(model_dir: Path, data_file: Path) -> dict:
     params["prepare_data"].update(source="file", path=str(data_file), val_fraction=0.1, test_fraction=0.1)
     # int8 only: bitsandbytes' CPU 4-bit kernel needs wider layers (test_quantize builds a wider model).
     params["quantize"].update(variants=["int8"], max_rows=8, prompts=4, max_new_tokens=8, batch_size=4)
+    # live_metrics off: an MLflow store created per stage run costs seconds (test_live_metrics turns it on).
     params["train"].update(max_steps=6, batch_size=4, eval_steps=3, logging_steps=1, learning_rate=5e-3,
-                           max_length=64)
+                           max_length=64, live_metrics=False)
+    params["dpo"].update(live_metrics=False)
     # The tiny model's context is 256 tokens.
     params["evaluate"].update(max_new_tokens=8, batch_size=4, general_max_length=256, general_stride=128)
     params["register"].update(experiment="tiny-test", model_name="tiny-model")
@@ -198,7 +200,7 @@ def tiny_params(model_dir: Path, data_file: Path) -> dict:
 def make_project(proj: Path, model_dir: Path, data_file: Path) -> Path:
     """A git + DVC project in `proj` holding this repo's pipeline code and params for the tiny model."""
     proj.mkdir()
-    for name in ("ftpipe", "stages", "flows"):
+    for name in ("ftpipe", "stages", "flows", "scorers"):
         shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
     (proj / "data" / "raw").mkdir(parents=True)  # prepare_data's landing-folder dep

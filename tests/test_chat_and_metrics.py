@@ -74,7 +74,7 @@ def test_rouge_equals_rouge_score_mean_f1(stemmer):
 def test_response_perplexity_scores_only_the_final_turn_token_weighted(model, tokenizer):
     import torch
 
-    from stages.evaluate import with_shots
+    from ftpipe.evaluation import with_shots
 
     def reference(conversations):  # one at a time: prompt and reference tokenized apart, the model's own loss
         nll, count = 0.0, 0
@@ -113,9 +113,18 @@ def test_per_example_scores_add_up_to_the_reported_metrics(model, tokenizer):
     assert [r["bleu"] for r in rows] == [sacrebleu.sentence_bleu(p, [r]).score for p, r in zip(preds, refs)]
     assert rows[0]["bleu"] == pytest.approx(100) and rows[2]["bleu"] == 0
     assert [(r["nll"], r["tokens"]) for r in rows] == nll
+    assert [r["chrf"] for r in rows] == [sacrebleu.sentence_chrf(p, [r]).score for p, r in zip(preds, refs)]
+    assert [r["exact_match"] for r in rows] == [1.0, 0.0, 0.0]
     block = metrics.aggregate(preds, refs, rows)
-    assert block == {"bleu": metrics.bleu(preds, refs)[0], **metrics.rouge(preds, refs, stemmer=True),
+    assert block == {"bleu": metrics.bleu(preds, refs)[0], "chrf": sacrebleu.corpus_chrf(preds, [refs]).score,
+                     **metrics.rouge(preds, refs, stemmer=True), "exact_match": 1 / 3,
                      "perplexity": metrics.perplexity_of(nll)}
+    # Only the metrics asked for, a user scorer among them (its key: the function's name).
+    rows = metrics.per_example(preds, refs, stemmer=True, nll=nll, metrics=["rougeL", "m:length"],
+                               scorers={"length": lambda reply, reference: float(len(reply))})
+    assert [set(r) for r in rows] == [{"rougeL", "length", "nll", "tokens"}] * 3
+    assert metrics.aggregate(preds, refs, rows, ["rougeL", "m:length"])["length"] == pytest.approx(
+        sum(map(len, preds)) / 3)
 
 
 def documented_sliding_window_ppl(model, tokenizer, text, max_length, stride):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import qa_rows
 
-from ftpipe import metrics, models
+from ftpipe import models, scoring
 from ftpipe.device import Placement, bf16_supported, check_placed, decide, place
 from ftpipe.errors import PipelineError
 from ftpipe.params import EvaluateParams, ExportParams, PrepareDataParams, PreparePrefsParams, RegisterParams, load_section
@@ -50,20 +50,31 @@ def test_a_weight_left_behind_is_an_error_naming_it(tiny_model_dir):
 
 
 def test_evaluate_runs_every_candidate_where_the_decision_says(finished_project, tmp_path, monkeypatch):
-    from stages import evaluate
+    from stages import evaluate, score_base
 
     proj = finished_project
     seen = []
-    real = metrics.score_model
+    real = scoring.score_model
 
     def spy(model, *args, **kwargs):
         weight = next(model.parameters())
         seen.append((kwargs["name"], weight.device.type, weight.dtype))
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(metrics, "score_model", spy)
-    params = load_section("evaluate", EvaluateParams, proj / "params.yaml")
-    report = evaluate.run(params=params.model_copy(update={"max_examples": 2}),
+    monkeypatch.setattr(scoring, "score_model", spy)
+    params = load_section("evaluate", EvaluateParams, proj / "params.yaml").model_copy(update={"max_examples": 2})
+    monkeypatch.chdir(proj)  # the general text's path is relative to the project
+    score_base.run(params=params, base_dir=proj / "models" / "base", data_dir=proj / "data" / "prepared",
+                   out=tmp_path / "base_scores.json", placement=BF16)
+    # Scores of another placement are not this evaluation's: refused, not mixed in.
+    with pytest.raises(PipelineError, match=r"base_scores.json: scored with precision 'bf16', this evaluation "
+                                            r"uses 'fp32'"):
+        evaluate.run(params=params, bootstrap=load_section("register", RegisterParams, proj / "params.yaml"),
+                     base_dir=proj / "models" / "base", adapter_dir=proj / "models" / "adapter",
+                     data_dir=proj / "data" / "prepared", train_report=proj / "reports" / "train.json",
+                     general_text=proj / params.general_text, reports_dir=tmp_path,
+                     placement=Placement("cpu", "fp32"))
+    report = evaluate.run(params=params,
                           bootstrap=load_section("register", RegisterParams, proj / "params.yaml"),
                           base_dir=proj / "models" / "base", adapter_dir=proj / "models" / "adapter",
                           data_dir=proj / "data" / "prepared", train_report=proj / "reports" / "train.json",

@@ -10,8 +10,9 @@ import pytest
 
 from ftpipe.comparison import comparison_table
 from ftpipe.errors import PipelineError
+from ftpipe.evaluation import pick_shots, with_shots
 from ftpipe.params import EvaluateParams
-from stages.evaluate import pick_shots, training_check, with_shots
+from stages.evaluate import training_check
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [{"id": f"t{i}", "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}

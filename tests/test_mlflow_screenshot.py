@@ -76,6 +76,17 @@ def test_screenshot_of_the_compare_view_after_a_pipeline_run(finished_project, t
     for shown in ("bleu", "rougeL", "perplexity", "base", "fewshot", "finetuned", *result["runs"].values()):
         assert shown in text
     assert result["metrics_shown"] == ["bleu", "rougeL", "perplexity"]
+    # The Parameters section lines up what produced each candidate: the tuned run's training params
+    # beside the base runs' base model, data and evaluation settings.
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns.db'}")
+    params = {name: client.get_run(run_id).data.params for name, run_id in result["runs"].items()}
+    for key in ("train.method", "train.learning_rate", "train.lora_r", "train.epochs"):
+        assert key in params["finetuned"] and key not in params["base"] and key not in params["fewshot"], key
+    for name in ("base", "fewshot", "finetuned"):
+        assert {"prepare_base.source", "prepare_data.seed", "evaluate.max_new_tokens", "evaluate.metrics",
+                "inference.precision"} <= set(params[name]), name
     assert not list(out.parent.glob(".*.tmp.png"))
     with pytest.raises(OSError):  # the server was stopped
         urllib.request.urlopen(result["url"].split("/#")[0] + "/health", timeout=5)

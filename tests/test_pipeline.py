@@ -27,7 +27,8 @@ def test_dvc_repro_end_to_end(built_project, finished_project):
     assert ran(first_repro_output(built_project)) == set(STAGES)
 
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
-    keys = {"bleu", "rouge1", "rouge2", "rougeL", "rougeLsum", "perplexity", "general_perplexity"}
+    keys = {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match", "perplexity",
+            "general_perplexity", "capped_share"}
     assert set(metrics["base"]) == set(metrics["fewshot"]) == set(metrics["finetuned"]) == keys
     assert metrics["fewshot"]["general_perplexity"] == metrics["base"]["general_perplexity"]
     assert metrics["fewshot"]["perplexity"] != metrics["base"]["perplexity"]  # the shots change the context
@@ -113,11 +114,11 @@ def test_dvc_repro_end_to_end(built_project, finished_project):
     assert ran(quantized.stdout) == {"validate", "quantize"}  # validate: any params.yaml edit, and cheap
     assert json.loads((project / "reports" / "quantize.json").read_text())["prompts"] == 3
 
-    # An evaluation param reruns only evaluate and register (after the params check).
+    # An evaluation param reruns the scoring (the base's and the tuned model's) and register.
     set_param(project, "evaluate", "max_new_tokens", 5)
     third = dvc(project, "repro")
     assert third.returncode == 0, third.stderr[-3000:]
-    assert ran(third.stdout) == {"validate", "evaluate", "register"}
+    assert ran(third.stdout) == {"validate", "score_base", "evaluate", "register"}
     assert json.loads((project / "reports" / "registration.json").read_text())["version"] == "2"
 
     # The gate both ways, through the register stage, on per-example scores: a challenger better by
@@ -157,6 +158,15 @@ def test_dvc_repro_end_to_end(built_project, finished_project):
     assert str(client.get_model_version_by_alias("tiny-model", "challenger").version) == "5"
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns.db'}")
     assert len(mlflow.pyfunc.load_model("models:/tiny-model@champion").predict(["say red"])) == 1
+
+    # A training param reruns training and the tuned model's scoring, never the base's: score_base's
+    # report stays byte for byte what evaluate compares with.
+    base_scores = (project / "reports" / "base_scores.json").read_bytes()
+    set_param(project, "train", "learning_rate", 0.002)
+    fourth = dvc(project, "repro")
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert {"train", "evaluate", "register"} <= ran(fourth.stdout) and "score_base" not in ran(fourth.stdout)
+    assert (project / "reports" / "base_scores.json").read_bytes() == base_scores
 
 
 def test_bad_param_stops_the_stage_with_one_line_and_no_output(project):

@@ -4,6 +4,7 @@ noise is not, the interval is scipy's paired bootstrap, and every check says why
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -172,13 +173,24 @@ def test_gate_line_reads_like_the_summary():
     assert line == f"{decision.intervals['base'].describe()} over base; no champion yet: promoted"
 
 
-def test_gate_metric_choices_are_the_evaluated_metrics():
-    import typing
+def test_gate_metric_must_be_one_the_evaluation_scores(tmp_path):
+    import yaml
 
-    from ftpipe.metrics import METRIC_KEYS
-    from ftpipe.params import RegisterParams
+    from ftpipe.errors import PipelineError
+    from ftpipe.params import validate_all
 
-    assert typing.get_args(RegisterParams.model_fields["primary_metric"].annotation) == METRIC_KEYS
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"]["metrics"] = ["bleu", "chrf"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "primary_metric" in text)
+    with pytest.raises(PipelineError, match=rf"params.yaml:{line}: register.primary_metric: 'rougeL' is not among "
+                                            r"evaluate.metrics \(bleu, chrf\)"):
+        validate_all(path)
+    params["register"]["primary_metric"] = "chrf"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert validate_all(path)["register"].primary_metric == "chrf"
 
 
 def test_forgetting_check_both_ways_with_its_reason():

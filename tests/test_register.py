@@ -317,7 +317,7 @@ def test_the_champion_is_scored_again_on_the_current_split(proj):
     assert champion["logged_metrics"]["rougeL"] == pytest.approx(0.9)
     # Loaded from models:/tiny-model/1 and scored on the rows evaluate scored, with its settings:
     # exactly what evaluate measured of the same weights, not the figures v1 logged.
-    assert set(champion["metrics"]) == set(METRIC_KEYS)
+    assert set(champion["metrics"]) == {*METRIC_KEYS, "capped_share"}  # scored with evaluate's metrics
     for key in METRIC_KEYS:
         assert champion["metrics"][key] == pytest.approx(evaluated["finetuned"][key], rel=1e-5), key
     assert champion["metrics"]["rougeL"] != pytest.approx(0.9)
@@ -397,7 +397,7 @@ def test_the_champion_is_scored_again_where_evaluate_ran_the_candidates(proj, mo
     """reports/metrics.json says where evaluate ran (device, precision): the champion is scored there too."""
     import torch
 
-    from ftpipe import metrics
+    from ftpipe import scoring
 
     set_scores(proj, 0.9)
     register_in_process(proj)
@@ -406,14 +406,14 @@ def test_the_champion_is_scored_again_where_evaluate_ran_the_candidates(proj, mo
     report = json.loads(path.read_text())
     report["settings"].update(device="cpu", precision="bf16")
     path.write_text(json.dumps(report))
-    seen, real = [], metrics.score_model
+    seen, real = [], scoring.score_model
 
     def spy(model, *args, **kwargs):
         weight = next(model.parameters())
         seen.append((weight.device.type, weight.dtype))
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(metrics, "score_model", spy)
+    monkeypatch.setattr(scoring, "score_model", spy)
     assert register_in_process(proj)["champion"]["version"] == "1"
     assert seen == [("cpu", torch.bfloat16)]
 

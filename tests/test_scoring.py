@@ -1,0 +1,63 @@
+"""One pass per batch (ftpipe.scoring) gives what generate + a separate NLL forward give: the same
+greedy replies, the same reference NLLs, and it says which replies ran out of tokens."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import qa_rows
+
+from ftpipe import metrics, models, scoring
+from ftpipe.chat import prompt_text
+
+
+@pytest.fixture(scope="module")
+def talking(talking_model):
+    return models.load_model(talking_model / "merged"), models.load_tokenizer(talking_model / "merged")
+
+
+def conversations(n: int, offset: int = 0) -> list[list[dict[str, str]]]:
+    convs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
+             for r in qa_rows(n, offset)]
+    # Longer prompts too (earlier turns, as few-shot prompts have), so batches mix lengths.
+    return convs + [convs[0] + c for c in convs[: n // 2]]
+
+
+@pytest.mark.parametrize("max_new_tokens", [3, 24])
+def test_one_pass_matches_generate_and_a_separate_nll_forward(talking, max_new_tokens):
+    model, tokenizer = talking
+    convs = conversations(10)
+    scored = scoring.score(model, tokenizer, convs, max_new_tokens=max_new_tokens, batch_size=4)
+    prompts = [prompt_text(tokenizer, c) for c in convs]
+    expected = metrics.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=4)
+    assert scored.outputs == expected
+    assert any(scored.outputs)  # the talking model answers in words: a real comparison
+    nll = metrics.response_nll(model, tokenizer, convs, batch_size=4)
+    assert [t for _, t in scored.nll] == [t for _, t in nll]
+    assert [n for n, _ in scored.nll] == pytest.approx([n for n, _ in nll], rel=1e-4, abs=1e-4)  # fp32 sums in another order
+    # The two-pass way (for models the loop cannot drive) gives the same again.
+    items = [scoring.prompt_and_reference(tokenizer, c) for c in convs]
+    tokens, two_pass_nll = scoring.two_pass(model, tokenizer, items, max_new_tokens)
+    assert [t.strip() for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)] == expected
+    assert [n for n, _ in two_pass_nll] == pytest.approx([n for n, _ in nll], rel=1e-4, abs=1e-4)  # fp32 sums in another order
+
+
+def test_replies_cut_at_the_token_limit_are_counted(talking):
+    model, tokenizer = talking
+    convs = conversations(6)
+    short = scoring.score(model, tokenizer, convs, max_new_tokens=2, batch_size=3)
+    long = scoring.score(model, tokenizer, convs, max_new_tokens=40, batch_size=3)
+    # Two tokens end no reply of words and an end marker; forty end every one the talking model says.
+    assert all(short.capped) and not any(long.capped)
+    assert short.new_tokens == 2 * len(convs) and long.new_tokens > short.new_tokens
+    block, _, _ = scoring.score_model(model, tokenizer, convs, max_new_tokens=2, batch_size=3, stemmer=True,
+                                      name="t")
+    assert block[metrics.CAPPED_KEY] == 1.0
+
+
+def test_batch_size_does_not_change_the_scores(talking):
+    model, tokenizer = talking
+    convs = conversations(8)
+    one = scoring.score(model, tokenizer, convs, max_new_tokens=12, batch_size=1)
+    many = scoring.score(model, tokenizer, convs, max_new_tokens=12, batch_size=6)
+    assert one.outputs == many.outputs
+    assert [n for n, _ in one.nll] == pytest.approx([n for n, _ in many.nll], rel=1e-4, abs=1e-4)  # fp32 sums in another order
