@@ -32,7 +32,7 @@ from ftpipe.paths import METRICS, PARAMS, QUANTIZE_REPORT, TRAIN_REPORT
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("validate", "prepare_base", "prepare_data", "quantize", "prepare_prefs", "prepare_parent", "train", "dpo",
-          "evaluate", "export", "register")
+          "score_base", "evaluate", "export", "register")
 # Llama shapes: 1b is SmolLM2-1.7B's width with fewer layers (about 1.0 B parameters with the 49k
 # vocabulary, tied embeddings); tiny checks the benchmark itself in a minute.
 SHAPES = {
@@ -76,7 +76,7 @@ def synthetic_base(shape: str, out: Path) -> dict[str, Any]:
 def make_project(proj: Path, base: Path | None) -> None:
     """This project's pipeline in `proj` (git + DVC), its params cut to the benchmark's steps."""
     proj.mkdir(parents=True)
-    for name in ("ftpipe", "stages", "flows"):
+    for name in ("ftpipe", "stages", "flows", "scorers"):
         shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
     (proj / "data" / "raw").mkdir(parents=True)

@@ -124,11 +124,17 @@ def validate_project(project_dir: Path) -> None:
 
 def dvc_repro(stage: str, project_dir: Path, force: bool = False) -> None:
     """Run one DVC stage (`force`: even if DVC finds it up to date), streaming its output; raise
-    StageFailed with its last error line. Any exception here (SIGTERM turned into one by Prefect,
-    Ctrl-C) stops the stage's process group before it propagates."""
+    StageFailed with its last error line."""
+    run_dvc(["repro", "--single-item", *(["--force"] if force else []), stage], project_dir, stage)
+
+
+def run_dvc(args: list[str], project_dir: Path, stage: str) -> None:
+    """`dvc <args>` in the project, streaming its output; StageFailed naming `stage` with its last
+    error line. Any exception here (SIGTERM turned into one by Prefect, Ctrl-C) stops DVC's process
+    group before it propagates."""
     from ftpipe.processes import stop_group
 
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
+    command = [sys.executable, "-m", "dvc", *args]
     proc = subprocess.Popen(command, cwd=project_dir, env=stage_env(), stderr=subprocess.PIPE,
                             start_new_session=True)
     tail = pending = b""

@@ -11,7 +11,10 @@ def metric_keys(result: dict[str, Any]) -> list[str]:
     from ftpipe.metrics import CANDIDATE_KEYS, GENERAL_KEY, metric_key
 
     listed = (result.get("settings") or {}).get("metrics")
-    return [*(metric_key(m) for m in listed), GENERAL_KEY] if listed else list(CANDIDATE_KEYS)
+    if listed:
+        return [*(metric_key(m) for m in listed), GENERAL_KEY]
+    # A report from before evaluate.metrics: the built-in metrics it holds.
+    return [k for k in CANDIDATE_KEYS if k in (result.get("base") or {})]
 
 
 def comparison_rows(result: dict[str, Any]) -> list[tuple[str, float, float, bool]]:

@@ -576,6 +576,55 @@ class RetrainParams(_Section):
     within a minute or two; a longer outage should fail the run and page someone."""
 
 
+class SearchRange(_Section):
+    """One searched train param: a range (`low`, `high`, `log` for a log-uniform draw; whole numbers
+    give an integer range) or a list of `choices`."""
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    choices: list[float | int | str | bool] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SearchRange:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log:
+                raise FieldProblem("choices", "give choices, or low and high, not both")
+        elif self.low is None or self.high is None:
+            raise FieldProblem("low", "give low and high (a range), or choices")
+        elif not self.low < self.high:
+            raise FieldProblem("high", f"must be above low ({self.low:g})")
+        elif self.log and self.low <= 0:
+            raise FieldProblem("low", "must be above 0 for a log-uniform range")
+        return self
+
+
+class TuneParams(_Section):
+    """The hyperparameter search (flows/tune.py). Not a DVC stage: each trial is a `dvc exp run` of
+    the train stage with the sampled train params; changing this section reruns nothing."""
+
+    trials: int = Field(8, ge=1)
+    """Finished trials the study holds when it ends (a resumed study runs only those missing). The
+    first trial is the current train params, so the search starts from what the pipeline has."""
+    seed: int = Field(0, ge=0)
+    """Seed of Optuna's TPE sampler: the same study proposes the same trials."""
+    space: dict[str, SearchRange] = Field(default_factory=lambda: {
+        "train.learning_rate": {"low": 2.0e-4, "high": 3.0e-3, "log": True},
+        "train.lora_r": {"choices": [8, 16, 32]}, "train.lora_alpha": {"choices": [16, 32, 64]}},
+        min_length=1, validate_default=True)
+    """`train.<key>` -> its range or choices (the default: learning rate and LoRA size, what moves
+    a LoRA run's validation loss most)."""
+
+    @field_validator("space")
+    @classmethod
+    def _train_keys(cls, space: dict[str, SearchRange]) -> dict[str, SearchRange]:
+        for key in space:
+            section, _, field = key.partition(".")
+            if section != "train" or field not in TrainParams.model_fields:
+                raise ValueError(f"{key!r}: the search tunes train params: train.<key>, a key of the train section")
+        return space
+
+
 class InferenceParams(_Section):
     """Where every stage that runs a model for inference runs it (evaluate, prepare_prefs, quantize,
     export's checks, register's champion re-scoring, serving): ftpipe.device. Training has its own
@@ -591,7 +640,8 @@ class InferenceParams(_Section):
 
 # Sections no stage owns: read by a flow (retrain) or by several stages (inference, listed in
 # ALSO_READS for each).
-FLOW_SECTIONS: dict[str, type[_Section]] = {"retrain": RetrainParams, "inference": InferenceParams}
+FLOW_SECTIONS: dict[str, type[_Section]] = {"retrain": RetrainParams, "inference": InferenceParams,
+                                             "tune": TuneParams}
 
 # Keys a stage reads from another stage's section, listed in its dvc.yaml params too: evaluate's
 # comparison.md shows the fine-tuned model's interval over the base with the gate's own bootstrap
@@ -718,8 +768,8 @@ def _describe(exc: ValidationError, section: str, text: str, path: Path) -> str:
     keys = [str(part) for part in err["loc"]]
     message = err["msg"]
     cause = (err.get("ctx") or {}).get("error")
-    if isinstance(cause, FieldProblem):
-        keys, message = [cause.field], str(cause)
+    if isinstance(cause, FieldProblem):  # a nested model's check: its place, then the field it names
+        keys, message = [*keys, cause.field], str(cause)
     elif err["type"] == "extra_forbidden":
         message = "unknown key"
     elif err["type"] == "literal_error":

@@ -123,7 +123,7 @@ def test_train_logs_live_and_register_adopts_the_run(proj, server, tmp_path):
     assert all(m.value > 0 for m in history["tokens_per_s"])
     assert "system/cpu_utilization_percentage" in run.data.metrics  # MLflow's own system metrics
 
-    for name in ("evaluate", "register"):
+    for name in ("score_base", "evaluate", "register"):
         step = run_stage(proj, name, server, tmp_path / name)
         finished(step, tmp_path / name)
     registration = json.loads((proj / "reports" / "registration.json").read_text())

@@ -1,0 +1,264 @@
+"""Hyperparameter search: an Optuna study over train params whose trials are DVC experiments,
+logged in MLflow, whose best trial then goes through the pipeline's gate and registry.
+
+Each trial is `dvc exp run train -S train.<key>=<value> ... --name <study>-<n>`: reproducible, and
+listed by `dvc exp show`. Its objective is the final validation loss (reports/train.json
+val_loss_final, the model the stage saves). The test split is left to the gate: chosen on it, the
+hyperparameters would flatter the winner on the very rows that then judge it. Trial 0 is the train
+section as it stands, so the study starts from what the pipeline has; the others come from Optuna's
+seeded TPE sampler over `tune.space`. The study is kept in .dvc/tmp/tune/<study>.db: a search that
+was stopped (a kill, a reboot) resumes where it was, the trial it was running marked failed; its
+name hashes the search settings, the train section and the data settings, so another search
+starts afresh. Every trial is an MLflow run nested under the study's run in register.experiment
+(params: the sampled values; metric: val_loss_final; tag: its DVC experiment), so the UI's
+parallel-coordinates view shows params against the objective. At the end the best trial is applied
+to the workspace (`dvc exp apply`) and the pipeline flow runs: evaluate, export, register and the
+promotion gate, as for any run.
+Run: python -m flows.tune [--trials N] [--project-dir DIR] [--wait S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.exceptions import TerminationSignal
+
+from flows.common import (
+    STAGES,
+    ProjectBusy,
+    StageFailed,
+    error_exit,
+    install_sigterm,
+    project_lock,
+    registry_behind,
+    run_dvc,
+    say,
+    stage_task,
+    stopped,
+    validate_project,
+)
+from ftpipe import paths
+from ftpipe.errors import PipelineError, Terminated
+
+STUDY_DIR = Path(".dvc/tmp/tune")
+MAX_FAILED_IN_A_ROW = 3  # trials that fail one after another: the search itself is broken
+
+
+def study_name(params: dict[str, Any]) -> str:
+    """`tune-<hash>` of what a trial's result depends on besides its sampled values."""
+    searched = set(params["tune"]["space"])
+    fixed = {k: v for k, v in params["train"].items() if f"train.{k}" not in searched}
+    key = json.dumps({"tune": params["tune"], "train": fixed, "data": params["prepare_data"],
+                      "base": params["prepare_base"]}, sort_keys=True, default=str)
+    return "tune-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def suggest(trial, space: dict[str, Any]) -> dict[str, Any]:
+    """The trial's value of every searched key, drawn by Optuna from `space` (TuneParams.space)."""
+    values = {}
+    for key, spec in space.items():
+        if spec.choices is not None:
+            values[key] = trial.suggest_categorical(key, spec.choices)
+        elif isinstance(spec.low, int) and isinstance(spec.high, int):
+            values[key] = trial.suggest_int(key, int(spec.low), int(spec.high), log=spec.log)
+        else:
+            values[key] = trial.suggest_float(key, spec.low, spec.high, log=spec.log)
+    return values
+
+
+def current_values(space: dict[str, Any], train: dict[str, Any]) -> dict[str, Any] | None:
+    """The train section's own values of the searched keys, when every one lies in its range."""
+    values = {key: train[key.split(".", 1)[1]] for key in space}
+    for key, spec in space.items():
+        inside = (values[key] in spec.choices if spec.choices is not None
+                  else spec.low <= values[key] <= spec.high)
+        if not inside:
+            return None
+    return values
+
+
+def _study(project_dir: Path, name: str, seed: int):
+    import optuna
+    from optuna.trial import TrialState
+
+    folder = project_dir / STUDY_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{folder / name}.db", direction="minimize",
+                                sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True)
+    # One search per project at a time (the project lock): a trial still marked running was stopped.
+    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(stale._trial_id, state=TrialState.FAIL)
+        say(f"tune: trial {stale.number} was stopped before it finished: marked failed")
+    return study
+
+
+def _mlflow_study_run(client, experiment_id: str, name: str) -> str:
+    """The study's run (found again when a search resumes), or a new one."""
+    found = client.search_runs([experiment_id], f"tags.tune_study = '{name}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=name, tags={"role": "study", "tune_study": name})
+    return run.info.run_id
+
+
+def _log_trial(client, experiment_id: str, parent: str, number: int, values: dict[str, Any],
+               experiment: str, loss: float | None) -> None:
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    run = client.create_run(experiment_id, run_name=experiment,
+                            tags={MLFLOW_PARENT_RUN_ID: parent, "role": "trial", "trial": str(number),
+                                  "dvc_experiment": experiment})
+    for key, value in values.items():
+        client.log_param(run.info.run_id, key, value)
+    if loss is not None:
+        client.log_metric(run.info.run_id, "val_loss_final", loss)
+    client.set_terminated(run.info.run_id, "FINISHED" if loss is not None else "FAILED")
+
+
+def _run_trial(project_dir: Path, experiment: str, values: dict[str, Any]) -> float:
+    """The trial as a DVC experiment of the train stage; its final validation loss."""
+    from ftpipe.schemas import TrainReport
+
+    sets = [arg for key, value in values.items() for arg in ("-S", f"{key}={value}")]
+    run_dvc(["exp", "run", "train", *sets, "--name", experiment], project_dir, f"trial {experiment}")
+    report = TrainReport.read(project_dir / paths.TRAIN_REPORT)
+    if report.val_loss_final is None:
+        raise PipelineError(f"{experiment}: reports/train.json holds no validation loss (prepare_data.val_fraction 0?)")
+    return report.val_loss_final
+
+
+def trials_table(study) -> str:
+    from optuna.trial import TrialState
+
+    keys = sorted({k for t in study.trials for k in t.params})
+    lines = ["| trial | DVC experiment | " + " | ".join(keys) + " | val_loss_final |",
+             "|---:|---|" + "---:|" * (len(keys) + 1)]
+    best = study.best_trial.number if any(t.state == TrialState.COMPLETE for t in study.trials) else None
+    for t in study.trials:
+        loss = f"{t.value:.4f}" if t.state == TrialState.COMPLETE else t.state.name.lower()
+        mark = " (best)" if t.number == best else ""
+        lines.append(f"| {t.number}{mark} | {t.user_attrs.get('dvc_experiment', '')} | "
+                     + " | ".join(f"{t.params[k]:.4g}" if isinstance(t.params.get(k), float) else str(t.params.get(k, ""))
+                                  for k in keys) + f" | {loss} |")
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="finetune-tune", log_prints=True)
+def tune(project_dir: Path = Path("."), trials: int | None = None) -> dict[str, Any]:
+    """Trials until the study holds `trials` finished ones (default tune.trials), then the best one
+    through the pipeline."""
+    project_dir = Path(project_dir).resolve()
+    with project_lock(project_dir, who="flows.tune"):
+        return _tune_locked(project_dir, trials)
+
+
+def _tune_locked(project_dir: Path, trials: int | None) -> dict[str, Any]:
+    import mlflow
+    from optuna.trial import TrialState
+    from prefect.artifacts import create_markdown_artifact
+
+    from ftpipe import registry, tracking
+    from ftpipe.params import RegisterParams, TuneParams, load_section, read_params_file
+    from ftpipe.schemas import RegistrationReport
+
+    validate_project(project_dir)
+    params_file = project_dir / paths.PARAMS
+    tune_params = load_section("tune", TuneParams, params_file)
+    raw = read_params_file(params_file)[0]
+    name = study_name(raw)
+    wanted = trials or tune_params.trials
+    study = _study(project_dir, name, tune_params.seed)
+    if not study.trials and (start := current_values(tune_params.space, raw["train"])):
+        study.enqueue_trial(start)  # trial 0: the pipeline as configured
+    uri = tracking.tracking_uri(tracking.project_root(project_dir))
+    tracking.bound_http_retries()
+    client = mlflow.MlflowClient(uri)
+    experiment = load_section("register", RegisterParams, params_file).experiment
+    with registry.errors(uri, "logging the search"):
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = (found.experiment_id if found else
+                         client.create_experiment(experiment, artifact_location=tracking.artifact_location(project_dir)))
+        parent = _mlflow_study_run(client, experiment_id, name)
+    logger = get_run_logger()
+    failed_in_a_row = 0
+    while len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < wanted:
+        trial = study.ask()
+        values = suggest(trial, tune_params.space)
+        dvc_name = f"{name}-{trial.number}"
+        trial.set_user_attr("dvc_experiment", dvc_name)
+        logger.info("trial %d: %s", trial.number, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                           for k, v in values.items()))
+        try:
+            loss = _run_trial(project_dir, dvc_name, values)
+        except StageFailed as exc:
+            study.tell(trial, state=TrialState.FAIL)
+            failed_in_a_row += 1
+            say(f"tune: trial {trial.number} failed: {exc}")
+            with registry.errors(uri, "logging the search"):
+                _log_trial(client, experiment_id, parent, trial.number, values, dvc_name, None)
+            if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+                raise PipelineError(f"tune: {failed_in_a_row} trials failed in a row, the last: {exc}") from None
+            continue
+        failed_in_a_row = 0
+        study.tell(trial, loss)
+        with registry.errors(uri, "logging the search"):
+            _log_trial(client, experiment_id, parent, trial.number, values, dvc_name, loss)
+        logger.info("trial %d: val_loss_final %.4f (best so far %.4f, trial %d)", trial.number, loss,
+                    study.best_value, study.best_trial.number)
+    best = study.best_trial
+    table = trials_table(study)
+    with registry.errors(uri, "logging the search"):
+        client.log_text(parent, table, "trials.md")
+        client.log_metric(parent, "best_val_loss_final", best.value)
+        client.set_tag(parent, "best_dvc_experiment", best.user_attrs["dvc_experiment"])
+    say(f"tune: best trial {best.number} ({best.user_attrs['dvc_experiment']}), val_loss_final {best.value:.4f}: "
+        "applied to the workspace, now through the pipeline and its gate")
+    run_dvc(["exp", "apply", best.user_attrs["dvc_experiment"]], project_dir, "dvc exp apply")
+    for stage in STAGES:  # the pipeline on the applied trial: what is up to date is skipped
+        stage_task(stage)(stage, project_dir, force=stage == "register" and bool(registry_behind(project_dir)))
+    registration = RegistrationReport.read(project_dir / paths.REGISTRATION)
+    create_markdown_artifact(key="tune-trials", markdown=f"# Search {name}\n\n{table}",
+                             description="Trials of the hyperparameter search and the one applied")
+    return {"study": name, "best_trial": best.number, "best_experiment": best.user_attrs["dvc_experiment"],
+            "best_params": best.params, "best_val_loss_final": best.value, "table": table,
+            "registration": registration.model_dump(mode="json")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ftpipe.promotion import gate_line
+    from ftpipe.schemas import RegistrationReport
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project-dir", type=Path, default=Path("."))
+    parser.add_argument("--trials", type=int, default=None, help="finished trials to reach (default: tune.trials)")
+    parser.add_argument("--wait", type=float, default=0, metavar="S",
+                        help="seconds to wait for another run of the project to end (default: exit at once)")
+    args = parser.parse_args(argv)
+    if args.trials is not None and args.trials < 1:
+        parser.error("--trials: at least 1")
+    install_sigterm()
+    project_dir = args.project_dir.resolve()
+    try:
+        with project_lock(project_dir, args.wait, who="flows.tune", on_wait=say):
+            validate_project(project_dir)
+            result = tune(project_dir=project_dir, trials=args.trials)
+            print(result["table"])
+            registration = RegistrationReport.model_validate(result["registration"])
+            print(f"Registered {registration.model_uri} ({', '.join(registration.aliases)}) from trial "
+                  f"{result['best_trial']}: {gate_line(registration)}")
+    except (PipelineError, StageFailed, ProjectBusy) as exc:
+        return error_exit(exc)
+    except (TerminationSignal, Terminated, KeyboardInterrupt) as exc:
+        return stopped(exc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

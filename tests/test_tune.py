@@ -1,0 +1,162 @@
+"""The hyperparameter search: trials as DVC experiments and MLflow runs, the best one applied and
+registered through the gate, a stopped search resumed, and its params checked like every section."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from conftest import set_param, stage_env
+
+from ftpipe.errors import PipelineError
+from ftpipe.params import load_section
+
+SPACE = {"train.learning_rate": {"low": 1e-3, "high": 2e-2, "log": True}, "train.lora_r": {"choices": [8, 16]}}
+
+
+def tune_env(prefect_home: Path) -> dict[str, str]:
+    env = {**stage_env(), "PREFECT_HOME": str(prefect_home)}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def tune(proj: Path, env: dict[str, str], trials: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.tune", "--project-dir", str(proj), "--trials", str(trials)],
+                          cwd=proj, env=env, capture_output=True, text=True, timeout=900)
+
+
+def study(proj: Path):
+    import optuna
+
+    from flows.tune import STUDY_DIR, study_name
+
+    name = study_name(yaml.safe_load((proj / "params.yaml").read_text()))
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{proj / STUDY_DIR / name}.db")
+
+
+def finished(proj: Path) -> list:
+    from optuna.trial import TrialState
+
+    return study(proj).get_trials(states=(TrialState.COMPLETE,))
+
+
+@pytest.mark.slow
+def test_a_search_runs_trials_as_experiments_registers_the_best_and_resumes(finished_project, prefect_home):
+    proj, env = finished_project, tune_env(prefect_home)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    set_param(proj, "tune", "space", SPACE)
+
+    first = tune(proj, env, 2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    trials = finished(proj)
+    assert len(trials) == 2
+    # Trial 0 is the pipeline as configured; the sampler draws the next.
+    assert trials[0].params == {"train.learning_rate": params["train"]["learning_rate"],
+                                "train.lora_r": params["train"]["lora_r"]}
+
+    # Resumed: only the missing trial runs.
+    second = tune(proj, env, 3)
+    assert second.returncode == 0, second.stderr[-3000:]
+    trials = finished(proj)
+    assert [t.number for t in trials] == [0, 1, 2]
+    best = min(trials, key=lambda t: t.value)
+    names = [t.user_attrs["dvc_experiment"] for t in trials]
+    listed = subprocess.run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], cwd=proj, env=env,
+                            capture_output=True, text=True).stdout.split()
+    assert set(names) <= set(listed)
+    # Each trial's own val loss is the objective.
+    for trial in trials:
+        assert trial.value > 0
+
+    # The best trial is in the workspace and went through the gate.
+    applied = yaml.safe_load((proj / "params.yaml").read_text())["train"]
+    assert applied["learning_rate"] == pytest.approx(best.params["train.learning_rate"])
+    assert applied["lora_r"] == best.params["train.lora_r"]
+    train_report = json.loads((proj / "reports" / "train.json").read_text())
+    assert train_report["val_loss_final"] == pytest.approx(best.value)
+    registration = json.loads((proj / "reports" / "registration.json").read_text())
+    client = mlflow.MlflowClient(f"sqlite:///{proj / 'mlruns.db'}")
+    tuned = client.get_run(registration["finetuned_run_id"])
+    assert float(tuned.data.params["train.learning_rate"]) == pytest.approx(best.params["train.learning_rate"])
+    assert f"from trial {best.number}" in second.stdout
+
+    # In MLflow: the study's run, a nested run per trial with its params and objective.
+    experiment = client.get_experiment_by_name(registration["experiment"])
+    runs = client.search_runs([experiment.experiment_id], "tags.role = 'trial'")
+    assert sorted(r.data.tags["dvc_experiment"] for r in runs if r.info.status == "FINISHED") == sorted(names)
+    parent = client.search_runs([experiment.experiment_id], "tags.role = 'study'")
+    assert len(parent) == 1 and {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent[0].info.run_id}
+    by_name = {r.data.tags["dvc_experiment"]: r for r in runs}
+    for trial in trials:
+        run = by_name[trial.user_attrs["dvc_experiment"]]
+        assert run.data.metrics["val_loss_final"] == pytest.approx(trial.value)
+        assert float(run.data.params["train.learning_rate"]) == pytest.approx(trial.params["train.learning_rate"])
+    assert parent[0].data.tags["best_dvc_experiment"] == best.user_attrs["dvc_experiment"]
+
+    # Stopped while a trial runs: that trial is marked failed when the search resumes, then it finishes.
+    proc = subprocess.Popen([sys.executable, "-m", "flows.tune", "--project-dir", str(proj), "--trials", "4"],
+                            cwd=proj, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    from optuna.trial import TrialState
+
+    deadline = time.monotonic() + 300
+    while not study(proj).get_trials(states=(TrialState.RUNNING,)):
+        assert proc.poll() is None and time.monotonic() < deadline, "no trial started"
+        time.sleep(0.5)
+    time.sleep(3)  # inside its dvc exp run
+    proc.send_signal(signal.SIGTERM)  # as `kill` does: the flow stops DVC's process group, then exits
+    try:
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert [t.state for t in study(proj).trials][-1] == TrialState.RUNNING
+    resumed = tune(proj, env, 4)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "trial 3 was stopped before it finished: marked failed" in resumed.stderr
+    assert len(finished(proj)) == 4 and study(proj).trials[3].state == TrialState.FAIL
+
+
+def test_the_search_space_names_train_keys_and_proper_ranges(tmp_path):
+    path = tmp_path / "params.yaml"
+    cases = [({"train.learning_rat": {"low": 1, "high": 2}}, r"tune.space: .*'train.learning_rat': the search tunes "
+                                                             r"train params"),
+             ({"train.learning_rate": {"low": 2e-3, "high": 1e-3}}, r"tune.space.train.learning_rate.high: must be "
+                                                                    r"above low"),
+             ({"train.learning_rate": {"low": 0, "high": 1e-3, "log": True}}, r"low: must be above 0 for a log"),
+             ({"train.lora_r": {"choices": [8], "low": 1, "high": 2}}, r"choices: give choices, or low and high"),
+             ({"train.lora_r": {"low": 1}}, r"low: give low and high")]
+    from ftpipe.params import TuneParams
+
+    for space, message in cases:
+        path.write_text(yaml.safe_dump({"tune": {"trials": 2, "space": space}}))
+        with pytest.raises(PipelineError, match=message):
+            load_section("tune", TuneParams, path)
+
+
+def test_trials_draw_integer_float_and_choice_values_and_start_from_the_current_params():
+    import optuna
+
+    from flows.tune import current_values, suggest
+    from ftpipe.params import SearchRange
+
+    space = {"train.learning_rate": SearchRange(low=1e-4, high=1e-2, log=True),
+             "train.epochs": SearchRange(low=1, high=3), "train.lora_r": SearchRange(choices=[8, 16])}
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    for _ in range(5):
+        values = suggest(study.ask(), space)
+        assert 1e-4 <= values["train.learning_rate"] <= 1e-2 and isinstance(values["train.learning_rate"], float)
+        assert values["train.epochs"] in (1, 2, 3) and isinstance(values["train.epochs"], int)
+        assert values["train.lora_r"] in (8, 16)
+    train = {"learning_rate": 1e-3, "epochs": 2, "lora_r": 16}
+    assert current_values(space, train) == {"train.learning_rate": 1e-3, "train.epochs": 2, "train.lora_r": 16}
+    assert current_values(space, {**train, "lora_r": 32}) is None  # outside the space: no trial 0 from it
