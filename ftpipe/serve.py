@@ -1,7 +1,7 @@
-"""Serve a registered model over REST with `mlflow models serve`, on 127.0.0.1 only.
+"""Serve a registered model over REST with `mlflow models serve`, on 127.0.0.1 only, following its alias.
 
     python -m ftpipe.serve                      # models:/<register.model_name>@champion on port 5001
-    python -m ftpipe.serve --alias challenger --port 5002
+    python -m ftpipe.serve --alias challenger --port 5002 --poll-s 10
 
 The registry is the project's (mlruns.db beside it) unless MLFLOW_TRACKING_URI says otherwise. The
 model runs in this environment (`--env-manager local`: its pinned packages are these), and the
@@ -11,7 +11,12 @@ server's workers are found on this interpreter's PATH. A request:
          -d '{"inputs": ["What is the capital of France?"]}'
 
 answers `{"predictions": ["..."]}`: the chat template applied to each prompt, greedy decoding,
-at most 64 new tokens (the settings register logged with the model).
+at most 64 new tokens (the settings register logged with the model), with header `X-Model-Version`.
+
+This process supervises: it serves the version the alias names with `mlflow models serve` on an
+internal port behind a proxy on `--port`, reads the alias every `--poll-s` seconds, and when it moved
+starts the new version beside the old one, switches the proxy once the new one answers /ping, and
+stops the old one when its requests in flight have their answers (ftpipe.serving_proxy).
 """
 
 from __future__ import annotations
@@ -19,13 +24,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
-from ftpipe.errors import run_cli
+from ftpipe.errors import PipelineError, Terminated, run_cli
 from ftpipe.params import RegisterParams, load_section
 from ftpipe.secrets import redact
+from ftpipe.serving_proxy import HOST, Router, Supervisor, make_server
 
-HOST = "127.0.0.1"
+POLL_S = 30.0  # a promotion reaches clients within half a minute, for one registry read per poll
 
 
 def command(model_uri: str, port: int) -> list[str]:
@@ -46,20 +54,61 @@ def environment(project_dir: Path, device: str = "cpu") -> dict[str, str]:
     return env
 
 
+def resolve(client, name: str, alias: str) -> str | None:
+    """The version `name`@`alias` names; None if the model or the alias does not exist. Any other
+    failure is a one-line PipelineError (RegistryUnreachable when the registry did not answer)."""
+    from ftpipe import registry
+
+    with registry.errors(client.tracking_uri, f"reading {name}@{alias}"):
+        # A search, not get_model_version_by_alias: no such model or alias is an empty answer here,
+        # not an error to tell apart from a registry that failed.
+        found = client.search_registered_models(filter_string=f"name = '{name}'")
+    version = found[0].aliases.get(alias) if found else None
+    return None if version is None else str(version)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ftpipe.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--alias", default="champion", help="registered model alias to serve (default: champion)")
     parser.add_argument("--port", type=int, default=5001)
+    parser.add_argument("--poll-s", type=float, default=POLL_S, help=f"seconds between reads of the alias (default: {POLL_S:g})")
     args = parser.parse_args(argv)
-    from ftpipe import device
+    if args.poll_s <= 0:
+        parser.error("--poll-s must be more than 0")
+    from ftpipe import device, registry
 
     name = load_section("register", RegisterParams).model_name
     placement = device.inference()
     env = environment(Path("."), placement.device)
-    uri = f"models:/{name}@{args.alias}"
-    print(f"serve: {uri} from {redact(env['MLFLOW_TRACKING_URI'])} on http://{HOST}:{args.port}/invocations "
+    uri, store = f"models:/{name}@{args.alias}", env["MLFLOW_TRACKING_URI"]
+    print(f"serve: {uri} from {redact(store)} on http://{HOST}:{args.port}/invocations "
           f"({placement.device}; the weights in the dtype they were registered in)", flush=True)
-    os.execve(sys.executable, command(uri, args.port), env)
+    client = registry.connect(store)
+    version = resolve(client, name, args.alias)
+    if version is None:
+        raise PipelineError(f"no {uri} in {redact(store)}: register a model and set its {args.alias} alias first")
+    router = Router()
+    try:
+        proxy = make_server(args.port, router)  # bound before the model loads: a busy port fails at once
+    except OSError as exc:
+        raise PipelineError(f"cannot serve on {HOST}:{args.port}: {exc.strerror}") from None
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()  # 503 until the first model answers
+    supervisor = Supervisor(name=name, alias=args.alias, resolve=lambda: resolve(client, name, args.alias),
+                            command=lambda v, port: command(f"models:/{name}/{v}", port), env=env, router=router)
+    try:
+        backend = supervisor.launch(version)
+        router.switch(backend)
+        print(f"serve: {name}@{args.alias} v{version} answering (process group {backend.proc.pid}, port "
+              f"{backend.port}); reading the alias every {args.poll_s:g} s", flush=True)
+        while True:  # in the main thread: SIGTERM and Ctrl-C interrupt its sleep
+            time.sleep(args.poll_s)
+            supervisor.check()
+    except (Terminated, KeyboardInterrupt):
+        print("serve: stopping every model server", flush=True)  # a stop asked for: exit 0, as a server does
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        supervisor.stop_all()
 
 
 if __name__ == "__main__":
