@@ -128,10 +128,11 @@ def dvc_repro(stage: str, project_dir: Path, force: bool = False) -> None:
     run_dvc(["repro", "--single-item", *(["--force"] if force else []), stage], project_dir, stage)
 
 
-def run_dvc(args: list[str], project_dir: Path, stage: str) -> None:
+def run_dvc(args: list[str], project_dir: Path, stage: str, watch: Callable[[], None] | None = None) -> None:
     """`dvc <args>` in the project, streaming its output; StageFailed naming `stage` with its last
-    error line. Any exception here (SIGTERM turned into one by Prefect, Ctrl-C) stops DVC's process
-    group before it propagates."""
+    error line. `watch` is called as output arrives and may raise to stop the run (the search's
+    pruning). Any exception here (SIGTERM turned into one by Prefect, Ctrl-C, `watch`'s) stops
+    DVC's process group before it propagates."""
     from ftpipe.processes import stop_group
 
     command = [sys.executable, "-m", "dvc", *args]
@@ -146,6 +147,8 @@ def run_dvc(args: list[str], project_dir: Path, stage: str) -> None:
             _echo(pending[:cut])
             pending = pending[cut:]
             tail = (tail + chunk)[-8192:]
+            if watch is not None:
+                watch()
         _echo(pending)
         returncode = proc.wait()
     except BaseException:

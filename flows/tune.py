@@ -6,7 +6,9 @@ listed by `dvc exp show`. Its objective is the final validation loss (reports/tr
 val_loss_final, the model the stage saves). The test split is left to the gate: chosen on it, the
 hyperparameters would flatter the winner on the very rows that then judge it. Trial 0 is the train
 section as it stands, so the study starts from what the pipeline has; the others come from Optuna's
-seeded TPE sampler over `tune.space`. The study is kept in .dvc/tmp/tune/<study>.db: a search that
+seeded TPE sampler over `tune.space`. With `tune.prune`, a running trial's validation losses, read
+from the live MLflow run its train stage logs into, go to Optuna's median pruner, which stops a
+trial clearly worse than the finished ones at the same step. The study is kept in .dvc/tmp/tune/<study>.db: a search that
 was stopped (a kill, a reboot) resumes where it was, the trial it was running marked failed; its
 name hashes the search settings, the train section and the data settings, so another search
 starts afresh. Every trial is an MLflow run nested under the study's run in register.experiment
@@ -48,6 +50,60 @@ from ftpipe.errors import PipelineError, Terminated
 
 STUDY_DIR = Path(".dvc/tmp/tune")
 MAX_FAILED_IN_A_ROW = 3  # trials that fail one after another: the search itself is broken
+WATCH_S = 5.0  # how often a running trial's live validation losses are read for pruning
+FINISHED = ("COMPLETE", "PRUNED")  # trial states that count toward tune.trials
+
+
+class Pruning:
+    """Called while a trial's `dvc exp run` prints: every WATCH_S seconds the validation losses the
+    train stage has logged so far into its live MLflow run (tagged with the trial's DVC experiment)
+    go to Optuna, and optuna.TrialPruned is raised when its pruner says the trial is clearly worse
+    than the finished ones at the same step. A store that cannot be read only means no pruning (the
+    trial's own result does not depend on it): one warning line."""
+
+    def __init__(self, client, experiment_id: str, trial, experiment: str) -> None:
+        self.client, self.experiment_id, self.trial, self.experiment = client, experiment_id, trial, experiment
+        self.run_id: str | None = None
+        self.seen: dict[int, float] = {}
+        self.next_read = 0.0
+        self.warned = False
+
+    def __call__(self) -> None:
+        import time
+
+        import optuna
+
+        if time.monotonic() < self.next_read:
+            return
+        self.next_read = time.monotonic() + WATCH_S
+        try:
+            history = self._history()
+        except Exception as exc:  # noqa: BLE001 - any store failure: no pruning, never a failed trial
+            if not self.warned:
+                say(f"tune: warning: the live validation losses cannot be read ({type(exc).__name__}): "
+                    "no pruning for this trial")
+                self.warned = True
+            return
+        for point in history:
+            if point.step not in self.seen:
+                self.seen[point.step] = point.value
+                self.trial.report(point.value, point.step)
+        if self.seen and self.trial.should_prune():
+            step = max(self.seen)
+            raise optuna.TrialPruned(f"val_loss {self.seen[step]:.4f} at step {step}, worse than the finished "
+                                     "trials' median there")
+
+    def _history(self) -> list:
+        from ftpipe.live import STAGE_TAG
+
+        if self.run_id is None:
+            found = [r for r in self.client.search_runs([self.experiment_id],
+                                                        f"tags.dvc_experiment = '{self.experiment}'")
+                     if r.data.tags.get(STAGE_TAG) == "train"]
+            if not found:
+                return []
+            self.run_id = found[0].info.run_id
+        return self.client.get_metric_history(self.run_id, "val_loss")
 
 
 def study_name(params: dict[str, Any]) -> str:
@@ -83,15 +139,16 @@ def current_values(space: dict[str, Any], train: dict[str, Any]) -> dict[str, An
     return values
 
 
-def _study(project_dir: Path, name: str, seed: int):
+def _study(project_dir: Path, name: str, seed: int, prune: bool):
     import optuna
     from optuna.trial import TrialState
 
     folder = project_dir / STUDY_DIR
     folder.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if prune else optuna.pruners.NopPruner()
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{folder / name}.db", direction="minimize",
-                                sampler=optuna.samplers.TPESampler(seed=seed), load_if_exists=True)
+                                sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner, load_if_exists=True)
     # One search per project at a time (the project lock): a trial still marked running was stopped.
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_state_values(stale._trial_id, state=TrialState.FAIL)
@@ -109,7 +166,7 @@ def _mlflow_study_run(client, experiment_id: str, name: str) -> str:
 
 
 def _log_trial(client, experiment_id: str, parent: str, number: int, values: dict[str, Any],
-               experiment: str, loss: float | None) -> None:
+               experiment: str, loss: float | None, status: str = "FINISHED") -> None:
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     run = client.create_run(experiment_id, run_name=experiment,
@@ -118,16 +175,16 @@ def _log_trial(client, experiment_id: str, parent: str, number: int, values: dic
     for key, value in values.items():
         client.log_param(run.info.run_id, key, value)
     if loss is not None:
-        client.log_metric(run.info.run_id, "val_loss_final", loss)
-    client.set_terminated(run.info.run_id, "FINISHED" if loss is not None else "FAILED")
+        client.log_metric(run.info.run_id, "val_loss_final" if status == "FINISHED" else "val_loss_last", loss)
+    client.set_terminated(run.info.run_id, status)
 
 
-def _run_trial(project_dir: Path, experiment: str, values: dict[str, Any]) -> float:
+def _run_trial(project_dir: Path, experiment: str, values: dict[str, Any], watch: Pruning | None) -> float:
     """The trial as a DVC experiment of the train stage; its final validation loss."""
     from ftpipe.schemas import TrainReport
 
     sets = [arg for key, value in values.items() for arg in ("-S", f"{key}={value}")]
-    run_dvc(["exp", "run", "train", *sets, "--name", experiment], project_dir, f"trial {experiment}")
+    run_dvc(["exp", "run", "train", *sets, "--name", experiment], project_dir, f"trial {experiment}", watch)
     report = TrainReport.read(project_dir / paths.TRAIN_REPORT)
     if report.val_loss_final is None:
         raise PipelineError(f"{experiment}: reports/train.json holds no validation loss (prepare_data.val_fraction 0?)")
@@ -142,7 +199,9 @@ def trials_table(study) -> str:
              "|---:|---|" + "---:|" * (len(keys) + 1)]
     best = study.best_trial.number if any(t.state == TrialState.COMPLETE for t in study.trials) else None
     for t in study.trials:
-        loss = f"{t.value:.4f}" if t.state == TrialState.COMPLETE else t.state.name.lower()
+        last = f" at {max(t.intermediate_values)}: {t.intermediate_values[max(t.intermediate_values)]:.4f}" \
+            if t.intermediate_values and t.state == TrialState.PRUNED else ""
+        loss = f"{t.value:.4f}" if t.state == TrialState.COMPLETE else t.state.name.lower() + last
         mark = " (best)" if t.number == best else ""
         lines.append(f"| {t.number}{mark} | {t.user_attrs.get('dvc_experiment', '')} | "
                      + " | ".join(f"{t.params[k]:.4g}" if isinstance(t.params.get(k), float) else str(t.params.get(k, ""))
@@ -161,6 +220,7 @@ def tune(project_dir: Path = Path("."), trials: int | None = None) -> dict[str, 
 
 def _tune_locked(project_dir: Path, trials: int | None) -> dict[str, Any]:
     import mlflow
+    import optuna
     from optuna.trial import TrialState
     from prefect.artifacts import create_markdown_artifact
 
@@ -174,7 +234,7 @@ def _tune_locked(project_dir: Path, trials: int | None) -> dict[str, Any]:
     raw = read_params_file(params_file)[0]
     name = study_name(raw)
     wanted = trials or tune_params.trials
-    study = _study(project_dir, name, tune_params.seed)
+    study = _study(project_dir, name, tune_params.seed, tune_params.prune)
     if not study.trials and (start := current_values(tune_params.space, raw["train"])):
         study.enqueue_trial(start)  # trial 0: the pipeline as configured
     uri = tracking.tracking_uri(tracking.project_root(project_dir))
@@ -188,15 +248,24 @@ def _tune_locked(project_dir: Path, trials: int | None) -> dict[str, Any]:
         parent = _mlflow_study_run(client, experiment_id, name)
     logger = get_run_logger()
     failed_in_a_row = 0
-    while len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < wanted:
+    counted = tuple(TrialState[state] for state in FINISHED)
+    while len(study.get_trials(deepcopy=False, states=counted)) < wanted:
         trial = study.ask()
         values = suggest(trial, tune_params.space)
         dvc_name = f"{name}-{trial.number}"
         trial.set_user_attr("dvc_experiment", dvc_name)
         logger.info("trial %d: %s", trial.number, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                            for k, v in values.items()))
+        watch = Pruning(client, experiment_id, trial, dvc_name) if tune_params.prune else None
         try:
-            loss = _run_trial(project_dir, dvc_name, values)
+            loss = _run_trial(project_dir, dvc_name, values, watch)
+        except optuna.TrialPruned as exc:
+            study.tell(trial, state=TrialState.PRUNED)
+            say(f"tune: trial {trial.number} pruned: {exc}")
+            last = watch.seen[max(watch.seen)] if watch and watch.seen else None
+            with registry.errors(uri, "logging the search"):
+                _log_trial(client, experiment_id, parent, trial.number, values, dvc_name, last, "KILLED")
+            continue
         except StageFailed as exc:
             study.tell(trial, state=TrialState.FAIL)
             failed_in_a_row += 1

@@ -160,3 +160,44 @@ def test_trials_draw_integer_float_and_choice_values_and_start_from_the_current_
     train = {"learning_rate": 1e-3, "epochs": 2, "lora_r": 16}
     assert current_values(space, train) == {"train.learning_rate": 1e-3, "train.epochs": 2, "train.lora_r": 16}
     assert current_values(space, {**train, "lora_r": 32}) is None  # outside the space: no trial 0 from it
+
+
+def test_a_running_trial_worse_than_the_median_is_pruned_from_its_live_losses(tmp_path, capsys, monkeypatch):
+    import optuna
+
+    from flows.tune import Pruning
+    from ftpipe.live import STAGE_TAG
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    experiment_id = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
+    study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=2))
+    for losses in ([2.0, 1.5], [2.2, 1.7]):  # two finished trials, validated at steps 10 and 20
+        done = study.ask()
+        for step, loss in zip((10, 20), losses):
+            done.report(loss, step)
+        study.tell(done, losses[-1])
+
+    def live_run(experiment: str, losses: list[float]) -> str:
+        run = client.create_run(experiment_id, tags={"dvc_experiment": experiment, STAGE_TAG: "train"})
+        for step, loss in zip((10, 20), losses):
+            client.log_metric(run.info.run_id, "val_loss", loss, step=step)
+        return run.info.run_id
+
+    live_run("good", [1.9])
+    good = Pruning(client, experiment_id, study.ask(), "good")
+    good()  # below the median at step 10: goes on
+    assert good.seen == {10: 1.9}
+    live_run("bad", [3.0])
+    bad = Pruning(client, experiment_id, study.ask(), "bad")
+    with pytest.raises(optuna.TrialPruned, match="val_loss 3.0000 at step 10, worse than the finished"):
+        bad()
+    # Not yet logged: nothing to judge; a store that cannot be read: one warning, never a failure.
+    waiting = Pruning(client, experiment_id, study.ask(), "not-started")
+    waiting()
+    assert waiting.seen == {} and waiting.run_id is None
+    down = Pruning(mlflow.MlflowClient("http://127.0.0.1:9"), experiment_id, study.ask(), "x")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    down()
+    down.next_read = 0
+    down()
+    assert capsys.readouterr().err.count("no pruning for this trial") == 1
