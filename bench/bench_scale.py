@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from ftpipe.paths import METRICS, PARAMS, QUANTIZE_REPORT, TRAIN_REPORT
+from ftpipe.paths import METRICS, PARAMS, QUANTIZE_REPORT, SCORERS, TRAIN_REPORT
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("validate", "prepare_base", "prepare_data", "quantize", "prepare_prefs", "prepare_parent", "train", "dpo",
@@ -76,7 +76,7 @@ def synthetic_base(shape: str, out: Path) -> dict[str, Any]:
 def make_project(proj: Path, base: Path | None) -> None:
     """This project's pipeline in `proj` (git + DVC), its params cut to the benchmark's steps."""
     proj.mkdir(parents=True)
-    for name in ("ftpipe", "stages", "flows", "scorers"):
+    for name in ("ftpipe", "stages", "flows", str(SCORERS)):
         shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", proj / "dvc.yaml")
     (proj / "data" / "raw").mkdir(parents=True)

@@ -66,7 +66,6 @@ class Pruning:
         self.run_id: str | None = None
         self.seen: dict[int, float] = {}
         self.next_read = 0.0
-        self.warned = False
 
     def __call__(self) -> None:
         import time
@@ -76,22 +75,29 @@ class Pruning:
         if time.monotonic() < self.next_read:
             return
         self.next_read = time.monotonic() + WATCH_S
-        try:
-            history = self._history()
-        except Exception as exc:  # noqa: BLE001 - any store failure: no pruning, never a failed trial
-            if not self.warned:
-                say(f"tune: warning: the live validation losses cannot be read ({type(exc).__name__}): "
-                    "no pruning for this trial")
-                self.warned = True
+        if not self.read():
             return
-        for point in history:
-            if point.step not in self.seen:
-                self.seen[point.step] = point.value
-                self.trial.report(point.value, point.step)
         if self.seen and self.trial.should_prune():
             step = max(self.seen)
             raise optuna.TrialPruned(f"val_loss {self.seen[step]:.4f} at step {step}, worse than the finished "
                                      "trials' median there")
+
+    def read(self) -> bool:
+        """Report the losses logged since the last read; False when the store cannot be read, after
+        which this trial reads it no more (each failed read costs the store's timeout, while DVC's
+        output waits)."""
+        try:
+            history = self._history()
+        except Exception as exc:  # noqa: BLE001 - any store failure: no pruning, never a failed trial
+            say(f"tune: warning: the live validation losses cannot be read ({type(exc).__name__}): "
+                "no pruning for this trial")
+            self.next_read = float("inf")
+            return False
+        for point in history:
+            if point.step not in self.seen:
+                self.seen[point.step] = point.value
+                self.trial.report(point.value, point.step)
+        return True
 
     def _history(self) -> list:
         from ftpipe.live import STAGE_TAG
@@ -106,12 +112,18 @@ class Pruning:
         return self.client.get_metric_history(self.run_id, "val_loss")
 
 
-def study_name(params: dict[str, Any]) -> str:
-    """`tune-<hash>` of what a trial's result depends on besides its sampled values."""
-    searched = set(params["tune"]["space"])
-    fixed = {k: v for k, v in params["train"].items() if f"train.{k}" not in searched}
-    key = json.dumps({"tune": params["tune"], "train": fixed, "data": params["prepare_data"],
-                      "base": params["prepare_base"]}, sort_keys=True, default=str)
+def study_name(params_file: Path) -> str:
+    """`tune-<hash>` of what a trial's result depends on besides its sampled values: the search (not
+    its budget: more trials resume the same study), the other train params, the data and the base."""
+    from ftpipe.params import PrepareBaseParams, PrepareDataParams, TrainParams, TuneParams, load_section
+
+    search = load_section("tune", TuneParams, params_file)
+    train = load_section("train", TrainParams, params_file).model_dump()
+    fixed = {k: v for k, v in train.items() if f"train.{k}" not in search.space}
+    key = json.dumps({"tune": search.model_dump(exclude={"trials", "prune"}), "train": fixed,
+                      "data": load_section("prepare_data", PrepareDataParams, params_file).model_dump(),
+                      "base": load_section("prepare_base", PrepareBaseParams, params_file).model_dump()},
+                     sort_keys=True, default=str)
     return "tune-" + hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
@@ -225,17 +237,17 @@ def _tune_locked(project_dir: Path, trials: int | None) -> dict[str, Any]:
     from prefect.artifacts import create_markdown_artifact
 
     from ftpipe import registry, tracking
-    from ftpipe.params import RegisterParams, TuneParams, load_section, read_params_file
+    from ftpipe.params import RegisterParams, TrainParams, TuneParams, load_section
     from ftpipe.schemas import RegistrationReport
 
     validate_project(project_dir)
     params_file = project_dir / paths.PARAMS
     tune_params = load_section("tune", TuneParams, params_file)
-    raw = read_params_file(params_file)[0]
-    name = study_name(raw)
+    train = load_section("train", TrainParams, params_file).model_dump()
+    name = study_name(params_file)
     wanted = trials or tune_params.trials
     study = _study(project_dir, name, tune_params.seed, tune_params.prune)
-    if not study.trials and (start := current_values(tune_params.space, raw["train"])):
+    if not study.trials and (start := current_values(tune_params.space, train)):
         study.enqueue_trial(start)  # trial 0: the pipeline as configured
     uri = tracking.tracking_uri(tracking.project_root(project_dir))
     tracking.bound_http_retries()
@@ -276,6 +288,8 @@ def _tune_locked(project_dir: Path, trials: int | None) -> dict[str, Any]:
                 raise PipelineError(f"tune: {failed_in_a_row} trials failed in a row, the last: {exc}") from None
             continue
         failed_in_a_row = 0
+        if watch is not None and watch.next_read != float("inf"):
+            watch.read()  # the losses logged after the last read: later trials are pruned against them
         study.tell(trial, loss)
         with registry.errors(uri, "logging the search"):
             _log_trial(client, experiment_id, parent, trial.number, values, dvc_name, loss)

@@ -67,9 +67,20 @@ def general_perplexity(model, tokenizer, text: str, params: EvaluateParams, name
                                              stride=params.general_stride, progress=f"general text ({name})")
 
 
+def rows_digest(rows: list[dict[str, Any]]) -> str:
+    """sha256 of the test rows' ids and conversations: the same ids with edited texts differ."""
+    import hashlib
+    import json
+
+    text = json.dumps([[r["id"], r["messages"]] for r in rows], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def read_base_scores(path: Path, params: EvaluateParams, placement: Placement, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """score_base's report, refused when its settings or test rows are not this evaluation's: a
-    comparison must hold every candidate to the same prompts, settings and metrics."""
+    comparison must hold every candidate to the same prompts, settings and metrics. The placement
+    is the resolved one (inference.device auto on another machine may resolve otherwise), which DVC
+    cannot see as a change: hence `-f`."""
     if not path.is_file():
         raise PipelineError(f"{path}: not found: the base model's scores come first (`dvc repro score_base`)")
     found = read_json(path)
@@ -78,8 +89,8 @@ def read_base_scores(path: Path, params: EvaluateParams, placement: Placement, r
     if differ:
         key = differ[0]
         raise PipelineError(f"{path}: scored with {key} {found.get('settings', {}).get(key)!r}, this evaluation "
-                            f"uses {wanted[key]!r}: run `dvc repro score_base` (or `dvc repro`)")
-    if found.get("test_ids") != [r["id"] for r in rows]:
+                            f"uses {wanted[key]!r}: run `dvc repro -f score_base`")
+    if found.get("test_rows_sha256") != rows_digest(rows):
         raise PipelineError(f"{path}: scored on other test rows than data/prepared/test.jsonl holds now: "
-                            "run `dvc repro score_base` (or `dvc repro`)")
+                            "run `dvc repro -f score_base`")
     return found

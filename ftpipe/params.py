@@ -773,7 +773,7 @@ def _describe(exc: ValidationError, section: str, text: str, path: Path) -> str:
     message = err["msg"]
     cause = (err.get("ctx") or {}).get("error")
     if isinstance(cause, FieldProblem):  # a nested model's check: its place, then the field it names
-        keys, message = [*keys, cause.field], str(cause)
+        keys, message = [*keys, cause.field] if keys[-1:] != [cause.field] else keys, str(cause)
     elif err["type"] == "extra_forbidden":
         message = "unknown key"
     elif err["type"] == "literal_error":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 PARAMS = Path("params.yaml")
 RAW_DIR = Path("data/raw")  # landing folder of training data files; a dep of prepare_data
+SCORERS = Path("scorers")  # user metrics (evaluate.metrics "scorers.<module>:<function>"); a dep of the scoring stages
 SPLITS = ("train", "val", "test")  # <split>.jsonl in PREPARED_DIR and PREFS_DIR
 PREPARED_DIR = Path("data/prepared")  # {train,val,test}.jsonl
 BASE_DIR = Path("models/base")

@@ -136,12 +136,7 @@ def _one_pass(model, tokenizer, items: list[tuple[list[int], list[int]]], max_ne
         # logits[:, j] predicts position width + j: j < ref_width scores the reference, j = 0 is also
         # the first generated token.
         logits = out.logits
-        # Rows of (position, vocabulary), contiguous: cross_entropy over a transposed (batch, vocabulary,
-        # position) view is many times slower on the CPU.
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                                labels.reshape(-1).to(device), ignore_index=IGNORE_INDEX,
-                                                reduction="none").view(len(items), -1).double().sum(dim=1)
-        rows_nll = [(float(n), len(r)) for n, (_, r) in zip(nll.cpu(), items)]
+        rows_nll = _reference_nll_rows(logits, labels.to(device), items)
         cache = out.past_key_values
         if not _plain_cache(cache):  # a sliding-window or recurrent cache cannot be cut back: generate apart
             return _generate(model, tokenizer, items, max_new_tokens), rows_nll
@@ -149,6 +144,26 @@ def _one_pass(model, tokenizer, items: list[tuple[list[int], list[int]]], max_ne
         first = logits[:, 0].float().argmax(-1)
         del out, logits
         return _decode(model, cache, first, mask[:, :width].to(device), eos, max_new_tokens), rows_nll
+
+
+def _reference_nll_rows(logits, labels, items) -> list[tuple[float, int]]:
+    """(summed NLL, tokens) per row from logits[:, j] predicting labels[:, j]. A few rows at a time,
+    each as contiguous (position, vocabulary) rows in fp32: cross_entropy over a transposed view is
+    many times slower on the CPU, and the whole batch in fp32 would hold batch x reference x
+    vocabulary floats three times over."""
+    import torch
+
+    from ftpipe.chat import IGNORE_INDEX
+
+    rows = []
+    step = max(1, 2**26 // max(1, logits.shape[1] * logits.shape[2]))  # about 256 MB of fp32 logits a chunk
+    for start in range(0, len(items), step):
+        part = logits[start:start + step, :-1]
+        nll = torch.nn.functional.cross_entropy(part.reshape(-1, part.shape[-1]).float(),
+                                                labels[start:start + step].reshape(-1), ignore_index=IGNORE_INDEX,
+                                                reduction="none").view(len(part), -1).double().sum(dim=1)
+        rows += [(float(n), len(r)) for n, (_, r) in zip(nll.cpu(), items[start:start + step])]
+    return rows
 
 
 def _plain_cache(cache) -> bool:
@@ -193,10 +208,14 @@ def _generate(model, tokenizer, items, max_new_tokens: int) -> list[list[int]]:
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in items])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in items])
+    from transformers import GenerationConfig
+
+    # A bare config: the model's own generation_config (a repetition penalty, more end tokens) would
+    # decode these models otherwise than the one-pass loop decodes every other candidate.
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos)
     with torch.inference_mode():
         generated = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                   max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                                   top_k=None, pad_token_id=pad, eos_token_id=eos)
+                                   generation_config=config)
     rows = []
     for row in generated[:, width:].tolist():
         cut = row.index(eos) + 1 if eos in row else len(row)  # what follows the end is padding

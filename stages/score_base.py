@@ -25,6 +25,7 @@ from ftpipe.evaluation import (
     general_perplexity,
     general_text,
     pick_shots,
+    rows_digest,
     settings,
     test_rows,
     with_shots,
@@ -57,6 +58,7 @@ def run(*, params: EvaluateParams, base_dir: Path, data_dir: Path, out: Path,
         candidates[name] = {"scores": block, "outputs": outputs, "examples": examples}
     perplexity, tokens = general_perplexity(model, tokenizer, text, params, "base")
     result = {"settings": settings(params, placement), "test_ids": [r["id"] for r in rows],
+              "test_rows_sha256": rows_digest(rows),
               "few_shot_ids": [s["id"] for s in shots], "general": {"perplexity": perplexity, "tokens": tokens},
               "candidates": candidates}
     write_json(out, result)

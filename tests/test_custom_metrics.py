@@ -63,7 +63,18 @@ def test_base_scores_of_other_settings_are_refused(finished_project):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: reports/base_scores.json: scored with max_new_tokens 8, this evaluation uses 3: "
-        "run `dvc repro score_base` (or `dvc repro`)")
+        "run `dvc repro -f score_base`")
+    # The same test ids with an edited reference: scores of other texts are refused too.
+    set_param(proj, "evaluate", "max_new_tokens", 8)
+    test = proj / "data" / "prepared" / "test.jsonl"
+    rows = [json.loads(line) for line in test.read_text().splitlines()]
+    rows[0]["messages"][-1]["content"] += " (edited)"
+    test.unlink()  # a DVC output may be a hardlink into the cache: replace it, never write through it
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = stage(proj, "evaluate")
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        "error: reports/base_scores.json: scored on other test rows than data/prepared/test.jsonl holds now: "
+        "run `dvc repro -f score_base`")
 
 
 def write_params(tmp_path: Path, metrics: list[str], primary: str = "rougeL") -> Path:

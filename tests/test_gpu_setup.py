@@ -62,7 +62,12 @@ def test_apply_keeps_params_comments_and_layout(project: Path):
     comments = [line[line.index("#"):] for line in before.splitlines() if "#" in line]
     assert all(comment in after for comment in comments)
     assert len(after.splitlines()) == len(before.splitlines())  # each value replaced in place
-    assert not re.search(r"^ +\w+:\s*(#.*)?$", after, re.M)  # None written `null`, as params.yaml spells it
+    # None written `null`, as params.yaml spells it: a key without a value only opens a nested mapping.
+    lines = after.splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^ +[\w.]+:\s*(#.*)?$", line):
+            indent = len(line) - len(line.lstrip())
+            assert len(lines[i + 1]) - len(lines[i + 1].lstrip()) > indent, line
 
     # An overlay of values params.yaml already has changes nothing, byte for byte.
     same = project / "same.yaml"

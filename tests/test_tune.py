@@ -38,7 +38,7 @@ def study(proj: Path):
 
     from flows.tune import STUDY_DIR, study_name
 
-    name = study_name(yaml.safe_load((proj / "params.yaml").read_text()))
+    name = study_name(proj / "params.yaml")
     return optuna.load_study(study_name=name, storage=f"sqlite:///{proj / STUDY_DIR / name}.db")
 
 
@@ -143,6 +143,25 @@ def test_the_search_space_names_train_keys_and_proper_ranges(tmp_path):
             load_section("tune", TuneParams, path)
 
 
+def test_the_study_is_the_same_for_more_trials_and_another_for_another_search(tmp_path):
+    from flows.tune import study_name
+
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    path = tmp_path / "params.yaml"
+
+    def name_with(section: str, key: str, value) -> str:
+        changed = {**params, section: {**params[section], key: value}}
+        path.write_text(yaml.safe_dump(changed, sort_keys=False))
+        return study_name(path)
+
+    first = name_with("tune", "trials", 8)
+    assert name_with("tune", "trials", 12) == first and name_with("tune", "prune", False) == first
+    assert name_with("train", "learning_rate", 5e-4) == first  # searched: a trial's value, not the study's
+    assert name_with("tune", "seed", 1) != first
+    assert name_with("train", "epochs", 2) != first and name_with("prepare_data", "seed", 7) != first
+
+
 def test_trials_draw_integer_float_and_choice_values_and_start_from_the_current_params():
     import optuna
 
@@ -198,6 +217,5 @@ def test_a_running_trial_worse_than_the_median_is_pruned_from_its_live_losses(tm
     down = Pruning(mlflow.MlflowClient("http://127.0.0.1:9"), experiment_id, study.ask(), "x")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     down()
-    down.next_read = 0
-    down()
-    assert capsys.readouterr().err.count("no pruning for this trial") == 1
+    down()  # a store that failed is not read again for this trial (each try costs its timeout)
+    assert capsys.readouterr().err.count("no pruning for this trial") == 1 and down.next_read == float("inf")
