@@ -611,7 +611,8 @@ class TuneParams(_Section):
     prune: bool = True
     """Stop a trial whose validation loss, as the train stage logs it live (train.live_metrics, a
     readable tracking store), is worse than the median of the finished trials' at the same step
-    (Optuna's median pruner, after two finished trials). A pruned trial counts toward `trials`."""
+    (Optuna's median pruner, after two finished trials, judged against at least two trials' values
+    at that step). A pruned trial counts toward `trials`."""
     space: dict[str, SearchRange] = Field(default_factory=lambda: {
         "train.learning_rate": {"low": 2.0e-4, "high": 3.0e-3, "log": True},
         "train.lora_r": {"choices": [8, 16, 32]}, "train.lora_alpha": {"choices": [16, 32, 64]}},
