@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from ftpipe.paths import PARAMS, PREPARED_DIR
+from ftpipe.paths import MANIFEST_NAME, PARAMS, PREPARED_DIR
 
 METHODS = {
     "qlora": {"method": "qlora", "quantization": "nf4_dq"},
@@ -48,7 +48,7 @@ def base_from_gguf(gguf: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    write_json(out / "manifest.json", {"source": {"kind": "embedded", "file": gguf.name},
+    write_json(out / MANIFEST_NAME, {"source": {"kind": "embedded", "file": gguf.name},
                                        "parameters": models.count_parameters(model)[0]})
     return out
 

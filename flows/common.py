@@ -27,8 +27,8 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from ftpipe import paths
+from ftpipe.credentials import redact
 from ftpipe.errors import EXIT_USER_ERROR, PipelineError, terminate
-from ftpipe.secrets import redact
 
 STAGES = ("validate", "prepare_base", "prepare_data", "quantize", "prepare_prefs", "prepare_parent", "train", "dpo",
           "score_base", "evaluate", "export", "register")

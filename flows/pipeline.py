@@ -45,7 +45,7 @@ def comparison_markdown(project_dir: Path) -> str:
 
 @flow(name="finetune-pipeline", log_prints=True)
 def pipeline(project_dir: Path = Path(".")) -> dict[str, Any]:
-    """prepare_base -> prepare_data -> train -> evaluate -> register, each through DVC."""
+    """Every stage of dvc.yaml in order (flows.common.STAGES), each through DVC, then the reports."""
     project_dir = Path(project_dir).resolve()
     with project_lock(project_dir, who="flows.pipeline"):  # main() holds it already; a direct call takes it
         return _pipeline_locked(project_dir)
@@ -56,6 +56,7 @@ def _pipeline_locked(project_dir: Path) -> dict[str, Any]:
 
     from ftpipe.promotion import gate_line
     from ftpipe.schemas import RegistrationReport
+    from ftpipe.summary import write_summary
 
     validate_project(project_dir)  # before DVC touches anything; --single-item skips upstream stages
     timings = {}
@@ -80,7 +81,9 @@ def _pipeline_locked(project_dir: Path) -> dict[str, Any]:
                   + "".join(f"- {reason}\n" for reason in registration.promotion.reasons)),
         description="Test-split metrics of the base and fine-tuned models",
     )
-    return {"timings_s": timings, "registration": registration.model_dump(mode="json"), "table": table}
+    summary = write_summary(project_dir, timings)
+    return {"timings_s": timings, "registration": registration.model_dump(mode="json"), "table": table,
+            "summary": str(summary)}
 
 
 def print_summary(result: dict[str, Any], project_dir: Path) -> None:
@@ -111,6 +114,7 @@ def print_summary(result: dict[str, Any], project_dir: Path) -> None:
                   + "; ".join(registration.promotion.reasons), soft_wrap=True)
     console.print("Stage times (s): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in result["timings_s"].items()))
+    console.print(f"Summary: {result['summary']}")
     console.print(f"Open the MLflow UI on the results:\n  {ui_command(project_dir)}", soft_wrap=True)
 
 

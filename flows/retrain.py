@@ -1,36 +1,12 @@
 """Scheduled retraining: rerun the pipeline only when its inputs changed, then gate and report.
 
-Change is read from hashes DVC already records, two ways: `dvc status` (raw data under data/raw/,
-params, code or base model differ from dvc.lock), and dvc.lock against the lineage tags of the
-latest registered version (the last run never reached the registry). Nothing changed: a "no
-change" report and no training. Changed: the pipeline's stages through DVC (unchanged ones are
-skipped), the new version registered as challenger, the promotion gate, a markdown report; with a
-default DVC remote set (e.g. `python -m ftpipe.stack remote`), `dvc push` of the outputs after the stages.
-One run at a time per project: the project lock the pipeline flow takes too (flows.common.project_lock;
-a scheduled run that finds it held reports "skipped" and touches nothing), plus one run at a time on
-the deployment (`limit=1` when served, a deployment concurrency limit of 1 in a work pool).
+Changed means `dvc status` finds a difference from dvc.lock, or dvc.lock differs from the latest registered
+version's lineage tags; else a "no change" report and no training. A run: the DVC stages, register and gate, a
+markdown report, then `dvc push` when a default DVC remote is set. One run at a time, per project
+(flows.common.project_lock; a scheduled run finding it held reports "skipped") and per deployment.
 Run once:  python -m flows.retrain [--project-dir DIR] [--data-path data/raw/train.jsonl] [--wait S]
 Serve:     python -m flows.retrain --serve [--cron "0 3 * * *"]   (default cron: params.yaml retrain.cron)
-
-Work pool (a team's server; the deployment outlives this process and any worker of the pool runs it):
-    prefect server start --host 127.0.0.1                  # or an existing server
-    export PREFECT_API_URL=http://127.0.0.1:4200/api
-    prefect work-pool create --type process retrain-pool
-    python -m flows.retrain --deploy --pool retrain-pool [--cron "0 3 * * *"] [--project-dir DIR]
-    prefect worker start --pool retrain-pool               # on the machine holding DIR and this venv
-    prefect deployment run scheduled-retrain/scheduled-retrain   # a run now, besides the schedule
-The deployment's code is the project folder itself (`flow.from_source(<DIR>, "flows/retrain.py:retrain")`):
-a process worker starts each run as `python -m prefect.engine` with its own interpreter, in DIR.
---serve and --deploy create the same deployment (scheduled-retrain/scheduled-retrain): the last one
-applied holds the schedule, so the flow is never scheduled twice. Export DO_NOT_TRACK=true and
-PREFECT_SERVER_ANALYTICS_ENABLED=false for the server and the worker: they do not import ftpipe,
-which sets those defaults for the project's own processes.
-Docker or Kubernetes: configuration only (not tested here). Create the pool with `--type docker` or
-`--type kubernetes` (prefect-docker / prefect-kubernetes installed where the worker runs) and set its
-job variables (`prefect work-pool update --base-job-template`, or the UI): an image holding this
-project's requirements, the environment (PREFECT_API_URL, MLFLOW_TRACKING_URI, the DVC remote's
-credentials), and the project folder mounted at the same absolute path (a Docker `volumes` entry, a
-Kubernetes persistent volume), since the deployment's pull step changes into that path.
+Deploy:    python -m flows.retrain --deploy --pool POOL [--cron ...]   (README: "Orchestration")
 """
 
 from __future__ import annotations
@@ -68,6 +44,7 @@ from flows.common import (
 from ftpipe import paths
 from ftpipe.errors import PipelineError, Terminated
 from ftpipe.paths import RAW_DIR  # a dep of prepare_data in dvc.yaml: DVC hashes whatever lands here
+from ftpipe.summary import write_summary
 
 DEPLOYMENT = "scheduled-retrain"  # --serve and --deploy apply the same one: never two schedules
 
@@ -247,6 +224,7 @@ def _retrain_locked(project_dir: Path, data_path: str | None) -> dict[str, Any]:
     if pushed := dvc_push(project_dir):  # what the new version's lineage names, for any clone to pull
         logger.info("dvc push to %s", pushed)
     markdown, registration = retrain_report(project_dir, change, timings)
+    write_summary(project_dir, timings)
     create_markdown_artifact(key="retrain-report", markdown=markdown,
                              description="Scheduled retraining: what happened and why")
     create_markdown_artifact(key="data-report", description="Cleaning rules and train/eval leak checks",

@@ -1,21 +1,9 @@
-"""Hyperparameter search: an Optuna study over train params whose trials are DVC experiments,
-logged in MLflow, whose best trial then goes through the pipeline's gate and registry.
+"""Hyperparameter search: an Optuna study over train params whose trials are DVC experiments and MLflow runs.
 
-Each trial is `dvc exp run train -S train.<key>=<value> ... --name <study>-<n>`: reproducible, and
-listed by `dvc exp show`. Its objective is the final validation loss (reports/train.json
-val_loss_final, the model the stage saves). The test split is left to the gate: chosen on it, the
-hyperparameters would flatter the winner on the very rows that then judge it. Trial 0 is the train
-section as it stands, so the study starts from what the pipeline has; the others come from Optuna's
-seeded TPE sampler over `tune.space`. With `tune.prune`, a running trial's validation losses, read
-from the live MLflow run its train stage logs into, go to Optuna's median pruner, which stops a
-trial clearly worse than the finished ones at the same step. The study is kept in .dvc/tmp/tune/<study>.db: a search that
-was stopped (a kill, a reboot) resumes where it was, the trial it was running marked failed; its
-name hashes the search settings, the train section and the data settings, so another search
-starts afresh. Every trial is an MLflow run nested under the study's run in register.experiment
-(params: the sampled values; metric: val_loss_final; tag: its DVC experiment), so the UI's
-parallel-coordinates view shows params against the objective. At the end the best trial is applied
-to the workspace (`dvc exp apply`) and the pipeline flow runs: evaluate, export, register and the
-promotion gate, as for any run.
+A trial is `dvc exp run train -S train.<key>=<value> ... --name <study>-<n>`, judged by its final validation loss
+(the test split is left to the gate): trial 0 is the train section as it stands, the rest Optuna's seeded TPE over
+`tune.space`; `tune.prune` stops clearly worse trials early. The study (.dvc/tmp/tune/<study>.db) resumes after a
+kill. The best trial is applied (`dvc exp apply`) and the pipeline flow evaluates, registers and gates it.
 Run: python -m flows.tune [--trials N] [--project-dir DIR] [--wait S]
 """
 

@@ -8,7 +8,7 @@ import logging
 import os
 import warnings
 
-from ftpipe.secrets import redact_logging
+from ftpipe.credentials import redact_logging
 
 redact_logging()  # before any library logs a URL that carries credentials
 

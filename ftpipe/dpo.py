@@ -27,35 +27,26 @@ def lora_config(params: DpoParams):
 
 
 def arguments(params: DpoParams, *, output_dir: Path, bf16: bool, cuda: bool):
+    """TRL's DPOConfig: the schedule shared with train (ftpipe.schedule), then DPO's own arguments."""
     from trl import DPOConfig
 
-    return DPOConfig(
-        output_dir=str(output_dir),
+    from ftpipe.schedule import trainer_arguments
+
+    return trainer_arguments(
+        params, DPOConfig, output_dir=output_dir, cuda=cuda,
+        bf16=bf16,  # the Trainer autocasts TRL's loss (train's response-only loss autocasts itself instead)
+        # TRL's default optimizer (the fused AdamW with torch >= 2.8, on CPU and CUDA alike), as the
+        # stage has always used; train picks its own per method and device (trainer.optimizer_name).
+        optim=None,
+        # TRL's default recomputes activations (less memory, about a third more compute): a 135M
+        # model's activations fit, and the train stage's default is off too.
+        activation_checkpointing=False,
+        save_steps=0,  # a DPO run on the pairs takes minutes: rerun rather than resume
         beta=params.beta,
         loss_type=[params.loss_type],
         label_smoothing=params.label_smoothing,
         max_length=params.max_length,
         truncation_mode="keep_start",  # rows over max_length were left out before (dataset)
-        per_device_train_batch_size=params.batch_size,
-        per_device_eval_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.grad_accum,
-        learning_rate=params.learning_rate,
-        num_train_epochs=params.epochs,
-        max_steps=params.max_steps,
-        lr_scheduler_type=params.lr_scheduler,
-        warmup_steps=params.warmup_ratio,  # a float below 1 is a ratio of the total steps
-        bf16=bf16,
-        # TRL's default recomputes activations (less memory, about a third more compute): a 135M
-        # model's activations fit, and the train stage's default is off too.
-        activation_checkpointing=False,  # transformers 5 name of gradient_checkpointing
-        logging_steps=params.logging_steps,
-        eval_strategy="steps",
-        eval_steps=params.eval_steps,
-        save_strategy="no",  # a DPO run on the pairs takes minutes: rerun rather than resume
-        report_to="none",
-        seed=params.seed,
-        data_seed=params.seed,
-        use_cpu=not cuda,
     )
 
 

@@ -28,9 +28,9 @@ def terminate(signum: int, frame: FrameType | None) -> None:
 def run_cli(main: Callable[[], None]) -> None:
     """Call a stage's main(); print PipelineError as `error: ...` on stderr and exit non-zero.
     The message has any credentials masked (a tracking URI may carry them)."""
+    from ftpipe.credentials import redact
     from ftpipe.io import sweep_stale_tmp
     from ftpipe.paths import OUTPUT_FOLDERS
-    from ftpipe.secrets import redact
 
     signal.signal(signal.SIGTERM, terminate)
     sweep_stale_tmp(OUTPUT_FOLDERS)

@@ -12,6 +12,7 @@ from ftpipe.device import Placement
 from ftpipe.errors import PipelineError
 from ftpipe.io import read_json, read_jsonl
 from ftpipe.params import EvaluateParams
+from ftpipe.paths import split_file
 
 BASE_CANDIDATES = ("base", "fewshot")
 
@@ -24,11 +25,11 @@ def settings(params: EvaluateParams, placement: Placement) -> dict[str, Any]:
 
 
 def test_rows(params: EvaluateParams, data_dir: Path) -> list[dict[str, Any]]:
-    rows = read_jsonl(data_dir / "test.jsonl")
+    rows = read_jsonl(data_dir / split_file("test"))
     if params.max_examples:
         rows = rows[: params.max_examples]
     if not rows:
-        raise PipelineError(f"{data_dir / 'test.jsonl'}: no test rows to evaluate")
+        raise PipelineError(f"{data_dir / split_file('test')}: no test rows to evaluate")
     return rows
 
 

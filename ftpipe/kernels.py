@@ -1,22 +1,9 @@
-"""Training kernels for the CPU: the math of transformers' attention, peft's LoRA layers and the
-loss's vocabulary projection in fewer, smaller operations.
-
-On two CPU cores a packed LoRA step of SmolLM2 spent about a fifth of its time in eager attention,
-which scores the whole (length x length) square of a packed sequence although each row sees only
-the shared prefix and itself, and some thousands of small operations around the LoRA matmuls (input
-casts, the scaling, the sum, each with its autograd node). Three replacements, same results:
-- `packed_rows` attention, registered with transformers' AttentionInterface: for a packed batch
-  (ftpipe.packing.row_blocks, passed as the `row_blocks` keyword through the model's forward) each
-  row's queries are scored against the prefix and the row's own keys only; any other batch (padded
-  evaluation rows, a batch where the blocks would cost more) takes dense attention with grouped
-  query heads scored without copying the key and value heads.
-- LoRA linear layers as one autograd function: base and adapter matmuls in the compute dtype, the
-  adapter added into the base output in place, a backward written out (use_fused_lora).
-- The loss's vocabulary projection and cross-entropy in chunks of positions, each chunk's gradient
-  taken with its loss (use_fused_loss, linear_cross_entropy): the [positions, vocabulary] logits,
-  their fp32 copy and its gradient (several hundred MB for a batch of long answers) never exist
-  whole, and the casts and fills around them go.
-All keep fp32 results within rounding of the stock modules (tests/test_kernels.py).
+"""CPU training kernels: the stock modules' results (fp32 within rounding, tests/test_kernels.py) in fewer,
+smaller operations.
+- `packed_rows` attention (transformers' AttentionInterface): in a packed batch (ftpipe.packing.row_blocks) a
+  row's queries are scored against the shared prefix and the row's own keys only; other batches run dense.
+- use_fused_lora: a LoRA linear layer as one autograd function with a written-out backward.
+- use_fused_loss (linear_cross_entropy): the vocabulary projection and cross-entropy in chunks of positions.
 """
 
 from __future__ import annotations

@@ -1,20 +1,8 @@
-"""Train/eval leak checks: exact, normalized, near-duplicate, typo-level and long n-gram overlap.
-
-Each evaluation row is checked against the whole training split. Kinds, strongest first:
-- exact_prompt / exact_pair: identical prompt, or identical prompt and response;
-- normalized_prompt / normalized_pair: equal once case, punctuation and whitespace are ignored;
-- near_prompt / near_pair: MinHash-confirmed Jaccard >= threshold (one-word edits, reorderings);
-- typo_pair: the normalized response equals a training response (any length) and the prompts differ by
-  one typing slip or inflection (`typo_close`): a short prompt edited by one character ("doess",
-  "nouns") drops a pair's word-bigram Jaccard under 0.8 when the text has fewer than ~14 words, and a
-  short answer is under `min_response_words`. Slot words of a shared template ("What does the noun
-  'cat' / 'dog' / 'bat' mean?" with the same answer) do not count: see `typo_close`;
-- same_response: the normalized response equals a training response of at least `min_response_words`
-  words, whatever the prompts (a short prompt edited by a word barely moves the pair's Jaccard
-  when the answer is long, yet the answer is the label being tested); the minimum keeps common
-  short answers ("Yes.", "I don't know.") from counting;
-- ngram: a shared run of `n` words (13 by default, as in the decontamination of GPT-3's benchmarks),
-  which catches a training document quoted inside a longer evaluation text, or the reverse.
+"""Train/eval leak checks: every evaluation row against the whole training split, by kind, strongest first:
+exact_prompt / exact_pair; normalized_prompt / normalized_pair (case, punctuation, whitespace ignored);
+near_prompt / near_pair (MinHash-confirmed Jaccard >= threshold); typo_pair (the same response, prompts one
+typing slip or inflection apart: ftpipe.typos.typo_close); same_response (the same response of at least
+`min_response_words` words, whatever the prompts); ngram (a shared run of `n` words, 13 by default).
 A row is reported once, under the strongest kind that matched.
 """
 

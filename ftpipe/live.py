@@ -1,13 +1,9 @@
 """Training curves in MLflow while the train and dpo stages train, from a background thread.
 
-A TrainerCallback (ftpipe.callbacks.live_metrics_callback) hands each logged step's values to a
-LiveRun, whose daemon thread alone talks to MLflow: it creates a run in `register.experiment` of
-the project's store (ftpipe.tracking), logs the queued values in batches as they come, samples the
-machine with MLflow's SystemMetricsMonitor every SAMPLE_S seconds, and ends the run. A store that
-is down or slow never fails or slows training: the first failure prints one warning line (the
-store's credentials masked) and everything after it is dropped; at the end training waits at most
-FLUSH_S for the queue. The run id goes into the stage's report (null when anything failed), and the
-register stage adopts that run as the model's candidate run instead of logging the curves again.
+A LiveRun's daemon thread alone talks to MLflow (a run in `register.experiment`: the logged steps in batches,
+system metrics every SAMPLE_S seconds), so a store that is down or slow never fails or slows training: the
+first failure prints one warning line and the rest is dropped, and the end waits at most FLUSH_S. The run id
+goes into the stage's report (null on any failure) and the register stage adopts that run.
 """
 
 from __future__ import annotations

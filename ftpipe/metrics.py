@@ -1,17 +1,10 @@
 """Text metrics by their reference libraries, batched greedy generation and perplexities.
 
-The metrics a run reports are `evaluate.metrics`: built-in ones and user scorers.
-BLEU, chrF: sacrebleu corpus scores (0-100). ROUGE: Google's rouge-score F1 (0-1), mean over
-examples; rougeLsum splits sentences on newlines, as rouge-score does. Exact match: the share of
-replies equal to their reference (whitespace collapsed). Perplexity: exp of the token-weighted mean
-NLL over the reference response tokens (the final assistant turn and its end-of-turn marker), given
-the prompt. A user scorer `module:function` is called as function(reply, reference) -> number
-(higher is better); its metric, named after the function, is the mean over examples.
-General perplexity: the strided sliding-window perplexity of a long text ("Perplexity of
-fixed-length models" in the transformers docs), the forgetting check.
-Per example (`per_example`, for the promotion gate's paired bootstrap in ftpipe/bootstrap.py):
-sentence-level BLEU and chrF, ROUGE, exact match, every user metric, and the reference's summed
-NLL and token count, so that perplexity is resampled as a ratio of sums, never as a mean of ratios.
+BLEU, chrF: sacrebleu corpus scores (0-100). ROUGE: rouge-score F1 (0-1), mean over examples. Exact match.
+Perplexity: exp of the token-weighted mean NLL of the reference reply given the prompt. User scorers
+`module:function(reply, reference)`, higher is better, mean over examples. General perplexity: strided
+sliding-window perplexity of a long text (the forgetting check). `per_example`: the per-row scores, with
+summed NLL and token counts, that the paired bootstrap (ftpipe/significance.py) resamples.
 """
 
 from __future__ import annotations

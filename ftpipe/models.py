@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ftpipe.errors import PipelineError
+from ftpipe.paths import MANIFEST_NAME
 
 if TYPE_CHECKING:
     import torch
@@ -110,17 +111,16 @@ def load_tokenizer(
 MERGED = "merged"  # sub-folder of the train output holding the standalone (merged or fully tuned) model
 
 
-PARENT_MANIFEST = "manifest.json"  # in models/parent/: which model a continual fine-tune starts from
-PARENT_OLD_TEST = "test.jsonl"  # in models/parent/: the test split the parent champion was evaluated on
-PARENT_TRAINED_ON = "train_prompts.json"  # in models/parent/: the prompt digests of every row it trained on
-TRAINED_ON_ARTIFACT = "data/train_prompts.json"  # the same, logged with each registered version's run
+# The prompt digests of every row a version trained on (models/parent/ holds them as paths.PARENT_TRAINED_ON),
+# logged with each registered version's run.
+TRAINED_ON_ARTIFACT = "data/train_prompts.json"
 
 
 def read_parent(parent_dir: Path) -> dict[str, Any]:
     """models/parent/manifest.json (written by the prepare_parent stage); one line if it is missing."""
     import json
 
-    path = Path(parent_dir) / PARENT_MANIFEST
+    path = Path(parent_dir) / MANIFEST_NAME
     if not path.is_file():
         raise PipelineError(f"{path}: not found (run `dvc repro prepare_parent`)")
     return json.loads(path.read_text(encoding="utf-8"))
@@ -138,7 +138,7 @@ def start_weights(init_from: str, parent_dir: Path, base_dir: Path) -> tuple[Pat
     return Path(parent_dir), f"{parent['model_name']} v{parent['version']} (champion)", str(parent["version"])
 
 
-DPO_MANIFEST = "manifest.json"  # in models/dpo/: {"enabled": bool, "start": ...} (the dpo stage)
+DPO_MANIFEST = MANIFEST_NAME  # in models/dpo/: {"enabled": bool, "start": ...}; the name stages/dpo.py imports
 
 
 def dpo_result(dpo_dir: Path, *, enabled: bool) -> Path | None:
@@ -148,7 +148,7 @@ def dpo_result(dpo_dir: Path, *, enabled: bool) -> Path | None:
 
     if not enabled:
         return None
-    path = Path(dpo_dir) / DPO_MANIFEST
+    path = Path(dpo_dir) / MANIFEST_NAME
     trained = path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("enabled")
     if not trained or not (Path(dpo_dir) / MERGED / "config.json").is_file():
         raise PipelineError(f"{dpo_dir}: no DPO model, though dpo.enabled is true (run `dvc repro dpo`)")

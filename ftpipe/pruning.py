@@ -1,14 +1,9 @@
 """Pruned variants of the base model, measured beside the quantized ones by the quantize stage.
 
-Two kinds, both on the linear layers of the decoder blocks (attention and MLP projections; the
-embedding, which the output layer shares, and the norms are kept whole):
-- `magnitude_<percent>`: unstructured magnitude pruning with `torch.nn.utils.prune.l1_unstructured`
-  on each layer, the given share of its smallest weights set to zero;
-- `2of4`: 2:4 semi-structured, in every group of 4 consecutive weights along the input dimension the
-  2 smallest zeroed (the pattern sparse tensor cores run at twice the dense speed).
-The weights stay dense tensors: on CPU torch has no kernel that skips the zeros (its 2:4 kernels
-are CUDA only), so a pruned model takes the memory and time of the dense one. What pruning costs in
-quality is what the stage measures; what it saves needs sparse kernels or a sparse file format.
+On the decoder blocks' linear layers (the embedding and norms kept whole): `magnitude_<percent>` zeroes that
+share of each layer's smallest weights (torch's l1_unstructured), `2of4` the 2 smallest of every 4 consecutive
+input weights. The weights stay dense (torch has no CPU kernel that skips zeros), so the stage measures what
+pruning costs in quality, not what it would save.
 """
 
 from __future__ import annotations

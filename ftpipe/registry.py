@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ftpipe import tracking
+from ftpipe.credentials import redact
 from ftpipe.errors import PipelineError
-from ftpipe.secrets import redact
 
 CHAMPION = "champion"
 REASON_CHARS = 200

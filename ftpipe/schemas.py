@@ -96,6 +96,12 @@ class DataReport(_Report):
     train_rows_dropped_for_leaks: int
     token_filters: bool
 
+    @property
+    def leaks_in_training(self) -> int:
+        """Leaks the trained model saw: drop removed every leaking training row (checked again until
+        none is left), so only warn leaves them; `leaks` counts what was found."""
+        return 0 if self.leak_action == "drop" else self.leaks.total
+
 
 class PrefsReport(_Report):
     """reports/preferences.json (DVC metrics), written by prepare_prefs."""
@@ -109,6 +115,11 @@ class PrefsReport(_Report):
     train_pairs_dropped_for_leaks: int = 0
     generated: int = 0  # self: base model replies generated
     generate_s: float = 0.0
+
+    @property
+    def leaks_in_training(self) -> int:
+        """As DataReport's: drop removed the leaking training pairs."""
+        return 0 if self.leak_action == "drop" else self.leaks.get("total", 0)
 
 
 class DpoReport(_Report):

@@ -1,17 +1,9 @@
 """One pass per batch for a candidate's greedy replies and its references' NLL.
 
-The evaluate stage needs two things of every test conversation: the greedy reply to its prompt and
-the NLL of its reference reply given that prompt. Both start with the same prompt, so each batch
-runs one forward over [left-padded prompt | right-padded reference], which scores the reference and
-leaves the prompt's KV cache; the cache is cut back to the prompt and greedy decoding goes on from
-it. The vocabulary projection runs only where a prediction is read (the last prompt position and
-the reference), not over the (few-shot: long) prompts. Rows that reach the end-of-sequence token
-leave the batch, so a batch costs what its live rows cost.
-
-Greedy replies are those of `model.generate(do_sample=False)` with the same prompts and end token
-(tests compare the two in fp32). Models this loop cannot drive (peft prompt-learning models, whose
-virtual tokens sit outside the cache; caches that are not plain per-layer KV) take the two-pass way:
-transformers' generate, then a forward for the NLL.
+Each batch runs one forward over [left-padded prompt | right-padded reference], which scores the reference and
+leaves the prompt's KV cache; cut back to the prompt, the cache seeds greedy decoding, and finished rows leave
+the batch. Replies equal `model.generate(do_sample=False)`'s (tests compare them in fp32). Models this loop
+cannot drive (peft prompt learning, caches that are not plain per-layer KV) take generate, then a forward.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from ftpipe import paths, secrets
+from ftpipe import credentials, paths
 
 DB_FILE = "mlruns.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -117,8 +117,8 @@ def _looks_like_project(folder: Path) -> bool:
 
 
 def redact(uri: str) -> str:
-    """The URI (or any text) with its credentials masked: ftpipe.secrets.redact."""
-    return secrets.redact(uri)
+    """The URI (or any text) with its credentials masked: ftpipe.credentials.redact."""
+    return credentials.redact(uri)
 
 
 def bound_http_retries() -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from ftpipe.errors import PipelineError
 from ftpipe.io import read_json
 from ftpipe.params import TrainParams
+from ftpipe.paths import MANIFEST_NAME, split_file
 
 # Packed sequences hold at most max(max_length, PACK_LENGTH) tokens: a default batch of 8 chatterbot
 # rows (about 270 tokens packed) fits in one, and eager attention (auto up to max_length 512) keeps no
@@ -262,8 +263,8 @@ def checkpoint_key(params: TrainParams, base_dir: Path, data_dir: Path) -> str:
 
     inputs = {
         "params": params.model_dump(),
-        "base": read_json(base_dir / "manifest.json"),
-        "data": {name: sha256_of(data_dir / name) for name in ("train.jsonl", "val.jsonl")},
+        "base": read_json(base_dir / MANIFEST_NAME),
+        "data": {name: sha256_of(data_dir / name) for name in (split_file("train"), split_file("val"))},
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -292,39 +293,23 @@ FSDP_CONFIG = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "resh
 
 
 def training_arguments(params: TrainParams, *, output_dir: Path, bf16: bool, optim: str, cuda: bool):
+    """The Trainer's arguments: the schedule shared with dpo (ftpipe.schedule), then the train stage's own."""
     from transformers import TrainingArguments
 
     from ftpipe import methods
+    from ftpipe.schedule import trainer_arguments
 
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=params.batch_size,
-        per_device_eval_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.grad_accum,
-        activation_checkpointing=params.gradient_checkpointing,
-        # Non-reentrant checkpointing works when the inputs' embeddings are frozen (peft, freezing).
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        learning_rate=params.learning_rate,
-        num_train_epochs=params.epochs,
-        max_steps=params.max_steps,
-        lr_scheduler_type=params.lr_scheduler,
-        warmup_steps=params.warmup_ratio,  # a float below 1 is a ratio of the total steps
-        weight_decay=params.weight_decay,
-        optim=optim,
+    return trainer_arguments(
+        params, TrainingArguments, output_dir=output_dir, cuda=cuda,
         bf16=bf16 and not methods.response_only_ok(params.method),  # else autocast in compute_loss
-        logging_steps=params.logging_steps,
-        eval_strategy="steps",
-        eval_steps=params.eval_steps,
-        save_strategy="steps" if params.save_steps else "no",
-        save_steps=params.save_steps or 500,
+        optim=optim,  # optimizer_name: paged 8-bit AdamW for qlora on CUDA, the fused AdamW on CPU
+        activation_checkpointing=params.gradient_checkpointing,
+        save_steps=params.save_steps,  # checkpoints/train/<key>/, so an interrupted run resumes
+        weight_decay=params.weight_decay,
         save_total_limit=1,  # plus the best one when early stopping keeps it
         load_best_model_at_end=bool(params.early_stopping_patience),
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        report_to="none",
-        seed=params.seed,
-        data_seed=params.seed,
-        use_cpu=not cuda,
         # Batches of similar length waste less compute on padding.
         train_sampling_strategy="group_by_length",
         remove_unused_columns=False,

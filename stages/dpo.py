@@ -1,16 +1,9 @@
 """Direct preference optimization (TRL's DPOTrainer) of a LoRA adapter on the preference pairs.
 
-Starts from the SFT model (`init_from: sft`, models/adapter merged into the weights) or the base
-model; those start weights with the adapter off are the reference model. Validation pairs are scored
-every `eval_steps` (DPO loss, reward accuracy and margin), the held-out test pairs once at the end,
-and the policy's own log-probability margin of chosen over rejected before and after on the test
-pairs. The evaluate stage scores the merged result beside base, few-shot and SFT; with dpo enabled
-the register stage registers and gates it instead of the SFT model. With `live_metrics` the DPO
-losses, validation rewards, learning rate, gradient norm, tokens/s and system metrics go to an MLflow
-run in `register.experiment` while training (ftpipe/live.py), named in reports/dpo.json for register.
-Reads params.yaml `dpo`, models/base/, models/adapter/, data/preferences/; writes models/dpo/
-(the adapter, merged/ model, loss.png, train_config.json, manifest.json) and reports/dpo.json. With
-dpo off: the manifest and report only, saying so.
+Starts from the SFT model (`init_from: sft`, merged) or the base; those weights with the adapter off
+are the reference. Validation pairs are scored every `eval_steps`, the test pairs once at the end.
+Reads params.yaml `dpo`, models/base/, models/adapter/, data/preferences/; writes models/dpo/ and
+reports/dpo.json (with dpo off: a manifest and report saying so).
 Run: python -m stages.dpo
 """
 
@@ -26,7 +19,18 @@ from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, read_json, read_jsonl, write_json
 from ftpipe.models import DPO_MANIFEST
 from ftpipe.params import DpoParams, load_section
-from ftpipe.paths import ADAPTER_DIR, BASE_DIR, DPO_DIR, DPO_LOSS_PLOT_NAME, DPO_REPORT, PREFS_DIR, PREFS_MANIFEST_NAME, SPLITS
+from ftpipe.paths import (
+    ADAPTER_DIR,
+    BASE_DIR,
+    DPO_DIR,
+    DPO_LOSS_PLOT_NAME,
+    DPO_REPORT,
+    PREFS_DIR,
+    PREFS_MANIFEST_NAME,
+    SPLITS,
+    TRAIN_CONFIG_NAME,
+    split_file,
+)
 from ftpipe.schemas import DpoReport
 
 
@@ -41,7 +45,8 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
         return report
     from transformers import set_seed
 
-    from ftpipe import device, models
+    from ftpipe import models
+    from ftpipe.schedule import use_bf16
 
     models.set_threads(params.threads)
     set_seed(params.seed)
@@ -53,7 +58,7 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
             pairs, too_long = _setup_pairs(params, prefs_dir, tokenizer)
             start, described = _start_model(params, base_dir, adapter_dir)
             before = _margin(start, tokenizer, pairs["test"], params)
-            bf16 = params.precision == "bf16" or (params.precision == "auto" and device.bf16_supported())
+            bf16 = use_bf16(params)
             trainer = _setup_trainer(params, start, tokenizer, pairs, Path(scratch), bf16, live_run)
             started = time.perf_counter()
             trainer.train()
@@ -77,7 +82,7 @@ def _setup_pairs(params: DpoParams, prefs_dir: Path, tokenizer) -> tuple[dict[st
         raise PipelineError(f"{prefs_dir}: no preference pairs were built (run `dvc repro prepare_prefs`)")
     pairs, too_long = {}, 0
     for split in SPLITS:
-        rows = read_jsonl(prefs_dir / f"{split}.jsonl")
+        rows = read_jsonl(prefs_dir / split_file(split))
         if not rows:
             raise PipelineError(f"{prefs_dir / f'{split}.jsonl'}: no pairs (rerun `dvc repro prepare_prefs`)")
         pairs[split], dropped = fitting(rows, tokenizer, params.max_length)
@@ -98,7 +103,7 @@ def _start_model(params: DpoParams, base_dir: Path, adapter_dir: Path):
     model = models.load_finetuned(base_dir, adapter_dir)
     if hasattr(model, "peft_config"):  # prompt-learning adapters cannot be merged (params refuse it too)
         raise PipelineError("dpo.init_from: sft needs a train method that merges into the weights (or use base)")
-    config = adapter_dir / "train_config.json"
+    config = adapter_dir / TRAIN_CONFIG_NAME
     return model, f"sft ({read_json(config)['params']['method']})" if config.is_file() else "sft"
 
 
@@ -173,7 +178,7 @@ def _save(params: DpoParams, model, tokenizer, report: DpoReport, out_dir: Path)
     tokenizer.save_pretrained(out_dir / models.MERGED)
     plot_losses([(p["step"], p["loss"]) for p in report.train_curve], [(v["step"], v["loss"]) for v in report.val_curve],
                 out_dir / DPO_LOSS_PLOT_NAME, ylabel="DPO loss")
-    write_json(out_dir / "train_config.json", {"params": params.model_dump(), "summary": report.model_dump(mode="json")})
+    write_json(out_dir / TRAIN_CONFIG_NAME, {"params": params.model_dump(), "summary": report.model_dump(mode="json")})
     write_json(out_dir / DPO_MANIFEST, {"enabled": True, "start": report.start})
 
 

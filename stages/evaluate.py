@@ -1,23 +1,10 @@
-"""Fine-tuned (and DPO, when the dpo stage trained one) against the base model's zero-shot and
-few-shot scores on the test split, plus forgetting and overfitting checks.
+"""Fine-tuned (and DPO) models against the base model's zero-shot and few-shot scores on the test split.
 
-The base candidates come from reports/base_scores.json (stage score_base: scored once, not again
-for a training change); this stage scores the tuned models with the same settings and the same
-scoring (ftpipe.scoring.score_model: greedy batched generation; each metric of evaluate.metrics per
-example, the references' NLL), and refuses base scores of other settings or another test split.
-From the per-example scores a paired bootstrap gives the confidence interval of fine-tuned - base
-on every metric (ftpipe/bootstrap.py, with the promotion gate's settings: register.bootstrap_samples,
-confidence, bootstrap_seed). Forgetting: the sliding-window perplexity of general text
-(`general_text`, not in the training data) under the base and the fine-tuned weights. Overfitting:
-the validation losses of reports/train.json. Old task (a continual fine-tune from the champion,
-models/parent/): the parent and the fine-tuned model on the test split the parent was evaluated on,
-so learning the new data at the old task's cost shows.
-Reads params.yaml `evaluate` (and those three register keys, and dpo.enabled), reports/base_scores.json,
-models/base/, models/adapter/, models/dpo/ (with dpo enabled), data/prepared/{train,val,test}.jsonl,
-reports/train.json and the general text; writes reports/metrics.json (DVC metrics, one block per
-candidate with the same keys, and the intervals), reports/generations.jsonl (prompt, reference,
-every candidate's output and its per-example scores, `<score>_<candidate>`: what the register
-stage's gate resamples) and reports/comparison.md.
+Paired-bootstrap intervals on every metric (the promotion gate's settings), forgetting (general-text perplexity),
+overfitting (reports/train.json) and, for a continual fine-tune, the old task (models/parent/). The base scores
+come from score_base and are refused if scored with other settings or on another test split.
+Reads params.yaml `evaluate`, register.bootstrap_samples/confidence/bootstrap_seed, dpo.enabled, models/,
+data/prepared/, reports/{base_scores,train}.json; writes reports/metrics.json, generations.jsonl, comparison.md.
 Run: python -m stages.evaluate
 """
 
@@ -40,9 +27,11 @@ from ftpipe.paths import (
     GENERATIONS,
     METRICS,
     PARENT_DIR,
+    PARENT_OLD_TEST,
     PREPARED_DIR,
     REPORTS,
     TRAIN_REPORT,
+    split_file,
 )
 from ftpipe.schemas import MetricsReport, OldTask, TrainReport
 
@@ -61,7 +50,7 @@ def _candidate(model, tokenizer, conversations, params: EvaluateParams, name: st
 def intervals_over_base(rows: dict[str, list[dict[str, float]]], bootstrap: RegisterParams,
                         candidate: str, keys: list[str]) -> dict[str, Any]:
     """{metric: interval dict} of `candidate` - base (the gain: base - candidate for perplexity)."""
-    from ftpipe.bootstrap import paired_gain
+    from ftpipe.significance import paired_gain
 
     found = {}
     for key in keys:
@@ -122,7 +111,7 @@ def _old_task(params: EvaluateParams, tokenizer, tuned, parent_dir: Path, versio
     if str(parent.get("version")) != version:
         raise PipelineError(f"{parent_dir}: holds v{parent.get('version')}, but the model was trained from v{version} "
                             "(rerun `dvc repro`)")
-    old_file = parent_dir / models.PARENT_OLD_TEST
+    old_file = parent_dir / PARENT_OLD_TEST
     if not old_file.is_file():
         return None
     seen = {norm_key(prompt_of(r)) for r in seen_rows}
@@ -166,7 +155,7 @@ def run(*, params: EvaluateParams, bootstrap: RegisterParams, base_dir: Path, ad
     train = TrainReport.read(train_report).model_dump() if train_report.is_file() else {}
     parent_version = train.get("parent_version")
     # What the model trained and was validated on: read only for a continual fine-tune's old-task check.
-    seen_rows = (read_jsonl(data_dir / "train.jsonl") + read_jsonl(data_dir / "val.jsonl")) if parent_version else []
+    seen_rows = (read_jsonl(data_dir / split_file("train")) + read_jsonl(data_dir / split_file("val"))) if parent_version else []
     training = training_check(train, margin=params.overfit_margin)
     tokenizer = models.load_tokenizer(base_dir)
     conversations = [r["messages"] for r in rows]

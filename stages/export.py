@@ -1,13 +1,9 @@
 """The merged fine-tuned model as GGUF files (llama.cpp, Ollama), each checked against the merged model.
 
-Per format in `export.gguf` (f16, q8_0, ...): the file written by ftpipe/gguf_export.py, loaded back
-with transformers (`gguf_file=`), its tokenizer compared token for token, its logits compared with
-the merged model's at every position of `prompts` validation conversations (teacher-forced), and its
-greedy replies compared. An Ollama Modelfile (chat template, stop token, greedy) points at the
-smallest file. Reads params.yaml `export` (and `prepare_base.source`: the embedded base's GGUF
-names its pre-tokenizer), models/adapter/merged/ (models/dpo/merged/ when dpo is enabled: the model
-register registers), data/prepared/val.jsonl; writes models/gguf/,
-reports/export.json (DVC metrics) and reports/export.md.
+Per format in `export.gguf`, the file (ftpipe/gguf_export.py) is loaded back with transformers and its
+tokenizer, teacher-forced logits and greedy replies compared on validation conversations; an Ollama Modelfile
+points at the smallest file. Reads params.yaml `export`, prepare_base.source, models/adapter/merged/ (with dpo:
+models/dpo/merged/), data/prepared/val.jsonl; writes models/gguf/, reports/export.json and reports/export.md.
 Run: python -m stages.export
 """
 
@@ -21,7 +17,7 @@ from ftpipe.device import Placement
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, read_jsonl, write_text
 from ftpipe.params import DpoParams, ExportParams, PrepareBaseParams, load_section
-from ftpipe.paths import ADAPTER_DIR, DPO_DIR, EXPORT_MD, EXPORT_REPORT, GGUF_DIR, PREPARED_DIR, REPORTS
+from ftpipe.paths import ADAPTER_DIR, DPO_DIR, EXPORT_MD, EXPORT_REPORT, GGUF_DIR, PREPARED_DIR, REPORTS, split_file
 from ftpipe.schemas import ExportReport, GgufFile
 
 MB = 1e6
@@ -173,7 +169,7 @@ def main() -> None:
     pre = gguf_export.pre_tokenizer_of(models.embedded_gguf()) if base.source == "embedded" else None
     dpo = models.dpo_result(DPO_DIR, enabled=load_section("dpo", DpoParams).enabled)
     merged = (dpo or ADAPTER_DIR) / models.MERGED  # the model register registers
-    report = run(params=params, merged_dir=merged, val_file=PREPARED_DIR / "val.jsonl", out_dir=GGUF_DIR,
+    report = run(params=params, merged_dir=merged, val_file=PREPARED_DIR / split_file("val"), out_dir=GGUF_DIR,
                  reports_dir=REPORTS, pre_tokenizer=pre or gguf_export.DEFAULT_PRE, name="ftpipe fine-tune",
                  placement=placement)
     print(table(report, merged))

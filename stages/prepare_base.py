@@ -13,7 +13,7 @@ from typing import Any
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import atomic_dir, write_json
 from ftpipe.params import PrepareBaseParams, load_section
-from ftpipe.paths import BASE_DIR
+from ftpipe.paths import BASE_DIR, MANIFEST_NAME
 from ftpipe.templates import apply as apply_template
 
 
@@ -58,7 +58,7 @@ def run(*, params: PrepareBaseParams, out_dir: Path) -> dict[str, Any]:
             "trust_remote_code": params.trust_remote_code,
             "chat_template": template,
         }
-        write_json(tmp / "manifest.json", manifest)
+        write_json(tmp / MANIFEST_NAME, manifest)
     return manifest
 
 

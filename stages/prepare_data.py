@@ -19,7 +19,7 @@ from typing import Any
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, dumps_jsonl, write_text
 from ftpipe.params import PrepareDataParams, load_section
-from ftpipe.paths import BASE_DIR, DATA_REPORT, DATA_REPORT_MD, LEAKS, PREPARED_DIR, REPORTS, SPLITS
+from ftpipe.paths import BASE_DIR, DATA_REPORT, DATA_REPORT_MD, LEAKS, PREPARED_DIR, REPORTS, SPLITS, split_file
 from ftpipe.schemas import DataReport
 
 EXAMPLES = 3  # examples kept per rule for the markdown report
@@ -287,7 +287,7 @@ def run(*, params: PrepareDataParams, out_dir: Path, reports_dir: Path, tokenize
     )
     with all_or_nothing(), atomic_dir(out_dir) as tmp:  # the splits and their reports together
         for name in SPLITS:
-            write_text(tmp / f"{name}.jsonl", dumps_jsonl(splits[name]))
+            write_text(tmp / split_file(name), dumps_jsonl(splits[name]))
         report.write(reports_dir / DATA_REPORT.name)
         write_text(leaks_file, dumps_jsonl(asdict(leak) for leak in leaks))
         write_text(reports_dir / DATA_REPORT_MD.name, data_report(report, tally.examples, leaks, leaks_file))

@@ -1,15 +1,10 @@
 """The model a continual fine-tune starts from: the registered champion, materialized for DVC.
 
-With `train.init_from: base` (the default) this writes models/parent/manifest.json saying so and
-never touches the registry. With `champion` it reads `<register.model_name>@champion` through
-ftpipe/registry.py and writes its merged weights (safetensors) and tokenizer to models/parent/, with
-the test split that version was evaluated on (logged by register with its run) as
-models/parent/test.jsonl, for evaluate's old-task check. The registry is outside DVC, so this
-stage reruns when its params change, and the retraining flow forces it when `init_from` is
-champion; by hand, `dvc repro -f prepare_parent` picks up a champion that moved. The same champion
-writes the same files, so nothing downstream reruns. No champion yet: the manifest says so and train starts from
-the base. A registry that cannot be read stops here with one line (never "no champion").
-Reads params.yaml `train.init_from`, `register.model_name`, the MLflow registry; writes models/parent/.
+`train.init_from: base` writes only models/parent/manifest.json, saying so. `champion` writes the merged weights,
+tokenizer, test split and trained-on prompt digests of <register.model_name>@champion (no champion yet: the
+manifest says so). The registry is outside DVC: `dvc repro -f prepare_parent` (the retraining flow forces it)
+picks up a champion that moved; a registry that cannot be read stops here with one line.
+Reads params.yaml train.init_from, register.model_name, the MLflow registry; writes models/parent/.
 Run: python -m stages.prepare_parent
 """
 
@@ -22,9 +17,9 @@ from typing import Any
 
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import atomic_dir, write_json
-from ftpipe.models import PARENT_MANIFEST, PARENT_OLD_TEST, PARENT_TRAINED_ON, TRAINED_ON_ARTIFACT
+from ftpipe.models import TRAINED_ON_ARTIFACT
 from ftpipe.params import RegisterParams, TrainParams, load_section
-from ftpipe.paths import PARENT_DIR
+from ftpipe.paths import MANIFEST_NAME, PARENT_DIR, PARENT_OLD_TEST, PARENT_TRAINED_ON
 
 # Where register logs the test split with the fine-tuned run (the run a registered version points to).
 TEST_ARTIFACT = "data/test.jsonl"
@@ -35,7 +30,7 @@ def run(*, init_from: str, model_name: str, tracking_uri: str, out_dir: Path) ->
     with atomic_dir(out_dir) as tmp:
         if init_from == "champion":
             manifest.update(_materialize(model_name, tracking_uri, tmp))
-        write_json(tmp / PARENT_MANIFEST, manifest)
+        write_json(tmp / MANIFEST_NAME, manifest)
     return manifest
 
 
@@ -43,7 +38,7 @@ def _materialize(model_name: str, tracking_uri: str, folder: Path) -> dict[str, 
     import mlflow
 
     from ftpipe import registry
-    from ftpipe.secrets import redact
+    from ftpipe.credentials import redact
 
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
         # MLflow would create an empty database and answer "no champion": a wrong path or a fresh

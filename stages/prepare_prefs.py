@@ -1,13 +1,10 @@
 """Preference pairs (prompt, chosen, rejected) for the dpo stage, built only when dpo.enabled.
 
-source self: every SFT row's prompt with its reference reply as chosen and the base model's own
-greedy reply as rejected (self-generated negatives; generated once here, kept by DVC, so changing a
-DPO hyperparameter does not generate them again). source file: a .jsonl of pairs under data/raw/
-(field names in params), cleaned with prepare_data's text rules. Either way the pairs follow the SFT
-split (ftpipe/preferences.py) and are leak-checked with prepare_data's settings and leak_action.
-Reads params.yaml `prepare_prefs`, dpo.enabled and prepare_data's cleaning and split keys,
-models/base/, data/prepared/; writes data/preferences/{train,val,test}.jsonl + manifest.json and
-reports/preferences.json (with dpo off: the manifest and report only, saying so).
+source self: each SFT row's reference reply as chosen, the base model's greedy reply as rejected (kept by DVC:
+a DPO hyperparameter change does not generate them again); source file: a .jsonl of pairs under data/raw/.
+The pairs follow the SFT split and are cleaned and leak-checked with prepare_data's settings.
+Reads params.yaml `prepare_prefs`, dpo.enabled, prepare_data's keys, models/base/, data/prepared/; writes
+data/preferences/ (the splits and manifest.json) and reports/preferences.json (with dpo off: both say so).
 Run: python -m stages.prepare_prefs
 """
 
@@ -20,7 +17,7 @@ from ftpipe.device import Placement
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, atomic_dir, dumps_jsonl, read_jsonl, write_json, write_text
 from ftpipe.params import DpoParams, PrepareDataParams, PreparePrefsParams, load_section
-from ftpipe.paths import BASE_DIR, PREFS_DIR, PREFS_MANIFEST_NAME, PREFS_REPORT, PREPARED_DIR, SPLITS
+from ftpipe.paths import BASE_DIR, MANIFEST_NAME, PREFS_DIR, PREFS_REPORT, PREPARED_DIR, SPLITS, split_file
 from ftpipe.schemas import PrefsReport
 
 
@@ -66,7 +63,7 @@ def run(*, params: PreparePrefsParams, data: PrepareDataParams, enabled: bool, b
 
 
 def _sft_rows(prepared_dir: Path) -> dict[str, list]:
-    return {split: read_jsonl(prepared_dir / f"{split}.jsonl") for split in SPLITS}
+    return {split: read_jsonl(prepared_dir / split_file(split)) for split in SPLITS}
 
 
 def _self_pairs(params: PreparePrefsParams, sft, base_dir: Path, placement: Placement):
@@ -89,8 +86,8 @@ def _data_file(given: str, project_dir: Path) -> Path:
 def _write(out_dir: Path, report_path: Path, report: PrefsReport, splits) -> None:
     with all_or_nothing(), atomic_dir(out_dir) as tmp:  # the pairs and their report go in place together
         for split, pairs in splits.items():
-            write_text(tmp / f"{split}.jsonl", dumps_jsonl(pairs))
-        write_json(tmp / PREFS_MANIFEST_NAME, {"enabled": report.enabled, "source": report.source, "pairs": report.pairs})
+            write_text(tmp / split_file(split), dumps_jsonl(pairs))
+        write_json(tmp / MANIFEST_NAME, {"enabled": report.enabled, "source": report.source, "pairs": report.pairs})
         report.write(report_path)
 
 

@@ -1,13 +1,9 @@
 """The base model quantized with bitsandbytes, each variant measured against the fp32 base.
 
-Per variant (LLM.int8, NF4/FP4 with and without double quantization): memory footprint and its
-ratio to fp32, size on disk as safetensors (saved to a temporary folder, then removed), perplexity
-of the first `max_rows` validation responses relative to fp32, greedy-output agreement with fp32 on
-the first `prompts` validation prompts, load time and generation time. The pruned variants
-(`pruned`, ftpipe/pruning.py) the same, with the sparsity reached, in a second table.
-Reads params.yaml `quantize`, models/base/, data/prepared/val.jsonl; writes reports/quantize.json
-(DVC metrics) and reports/quantize.md (the table). With `variants: []` and `pruned: []` it loads
-nothing and both reports say that no variant was asked for.
+Per variant (LLM.int8, NF4/FP4 with and without double quantization) and per pruned variant
+(ftpipe/pruning.py): memory and disk size, validation perplexity and greedy agreement relative to fp32, load
+and generation time. Reads params.yaml `quantize`, models/base/, data/prepared/val.jsonl; writes
+reports/quantize.json (DVC metrics) and reports/quantize.md (with no variants asked for, both say so).
 Run: python -m stages.quantize
 """
 
@@ -22,7 +18,7 @@ from typing import Any
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import all_or_nothing, read_jsonl, write_json, write_text
 from ftpipe.params import QuantizeParams, load_section
-from ftpipe.paths import BASE_DIR, PREPARED_DIR, QUANTIZE_MD, QUANTIZE_REPORT, REPORTS
+from ftpipe.paths import BASE_DIR, PREPARED_DIR, QUANTIZE_MD, QUANTIZE_REPORT, REPORTS, split_file
 
 MB = 1e6
 NOTHING_ASKED = "quantize: no variant asked for (quantize.variants and quantize.pruned are both []): nothing measured"
@@ -222,7 +218,7 @@ def main() -> None:
     where = "cpu"
     if params.variants or params.pruned:  # where inference runs (bitsandbytes' kernels on CUDA there)
         where = device.inference().device
-    result = run(params=params, base_dir=BASE_DIR, val_file=PREPARED_DIR / "val.jsonl", reports_dir=REPORTS,
+    result = run(params=params, base_dir=BASE_DIR, val_file=PREPARED_DIR / split_file("val"), reports_dir=REPORTS,
                  device=where)
     print(table(result), end="")
 

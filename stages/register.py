@@ -1,32 +1,11 @@
-"""Log the pipeline run to MLflow and register the fine-tuned model with its lineage.
+"""Log the pipeline run to MLflow, register the fine-tuned model with its lineage, and apply the promotion gate.
 
-One parent run per pipeline run holds the params, reports, loss curve and the per-example
-generations table (prompt, reference, each candidate's output and ROUGE-L); under it a `base`, a
-`fewshot` and a `finetuned` run carry the same metric keys, so selecting them and pressing Compare
-lines them up. With dpo enabled the registered model is the DPO one: its run is named `dpo` (with
-the preference metrics and DPO curves beside the SFT training losses) and the SFT model's metrics go
-in a sibling `sft` run. The fine-tuned run also carries the training losses, the best validation
-step and the overfitting verdict. A run the train (or dpo) stage logged its curves into while
-training (reports/train.json `live_run_id`, ftpipe/live.py) becomes that candidate run, nested under
-the pipeline run, instead of a new one with the curves copied from reports/; a run that is gone, or
-that an earlier pipeline run already adopted, leaves a new run as before. The merged fine-tuned
-model is logged and registered as a new version of `register.model_name`, tagged with git commit,
-dvc.lock hashes of data and base model, method and params. The new version becomes `challenger`;
-`champion` moves to it only if the promotion gate (ftpipe/promotion.py: the paired-bootstrap
-interval of the gain on the primary metric over the base and over the champion, forgetting and leak
-checks) passes, and the decision's reasons are logged.
-The champion is scored again here, on the current test split: the same rows as the challenger
-(reports/generations.jsonl's ids in data/prepared/test.jsonl) and the same greedy settings
-(reports/metrics.json `settings`), because the figures it logged when it was registered come from
-its own, older split. It is scored here and not in evaluate because it lives in the registry, which
-DVC does not hash: evaluate's outputs would not rerun when the champion moves. A champion that is
-this very model (its lineage tags adapter_md5, base_model_md5 and dpo_md5 equal the current ones) is not run
-again: the fine-tuned scores are its scores, and it cannot beat itself.
-The gate is decided first, against the champion read through ftpipe/registry.py: a registry that
-cannot be read (server down, champion's run deleted, its model unloadable) stops the stage with one
-line and exit 2 before any run, version or alias is created or moved.
-Reads params.yaml (all sections), dvc.lock, models/, data/prepared/test.jsonl, reports/; writes
-reports/registration.json.
+One parent run with `base`, `fewshot` and `finetuned` child runs of the same metric keys (with dpo: `dpo` and
+`sft`); a run the train or dpo stage logged into live is adopted. The new version of `register.model_name`
+(tags: git commit, dvc.lock hashes, method, params) becomes `challenger`, and `champion` if the gate passes
+(ftpipe/promotion.py; the champion is scored again here on the current test split, as the registry is outside
+DVC). A registry that cannot be read stops the stage with one line before anything is created or moved.
+Reads params.yaml, dvc.lock, models/, data/prepared/test.jsonl, reports/; writes reports/registration.json.
 Run: python -m stages.register
 """
 
@@ -41,7 +20,19 @@ from ftpipe import paths
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import read_json, read_jsonl
 from ftpipe.params import DpoParams, RegisterParams, load_section, read_params_file
-from ftpipe.paths import ADAPTER_DIR, BASE_DIR, DPO_DIR, GGUF_DIR, PARENT_DIR, PREPARED_DIR, REGISTRATION, REPORTS
+from ftpipe.paths import (
+    ADAPTER_DIR,
+    BASE_DIR,
+    DPO_DIR,
+    GGUF_DIR,
+    PARENT_DIR,
+    PARENT_TRAINED_ON,
+    PREPARED_DIR,
+    REGISTRATION,
+    REPORTS,
+    TRAIN_CONFIG_NAME,
+    split_file,
+)
 from ftpipe.schemas import (
     DataReport,
     DpoReport,
@@ -117,7 +108,7 @@ def run(
                     _log_dpo(reports, dpo_dir, curves=product not in live)
                 _log_gate(decision)
                 # The split this version is evaluated on: a continual fine-tune from it scores it again.
-                mlflow.log_artifact(str(data_dir / "test.jsonl"), artifact_path="data")
+                mlflow.log_artifact(str(data_dir / split_file("test")), artifact_path="data")
                 # What it trained on (prompt digests): a later run scoring it again leaves those rows out.
                 mlflow.log_dict(_trained_on(data_dir, parent_dir), models.TRAINED_ON_ARTIFACT)
                 version = log_model(params.model_name, base_dir, dpo_dir or adapter_dir,
@@ -215,7 +206,7 @@ def _scored_keys(report) -> list[str]:
 
 def _test_conversations(data_dir: Path, generations: list[dict[str, Any]]) -> list[list[dict[str, str]]]:
     """The test rows evaluate scored, in its order (generations.jsonl's ids in test.jsonl)."""
-    path = data_dir / "test.jsonl"
+    path = data_dir / split_file("test")
     by_id = {row["id"]: row["messages"] for row in read_jsonl(path)}
     missing = [row["id"] for row in generations if row["id"] not in by_id]
     if missing:
@@ -277,11 +268,10 @@ def _trained_on(data_dir: Path, parent_dir: Path | None) -> list[str]:
     fine-tune everything its parent champion had trained on (models/parent, from the parent's run)."""
     import json
 
-    from ftpipe import models
     from ftpipe.splits import prompt_digests
 
-    digests = set(prompt_digests(read_jsonl(data_dir / "train.jsonl")))
-    inherited = parent_dir / models.PARENT_TRAINED_ON if parent_dir else None
+    digests = set(prompt_digests(read_jsonl(data_dir / split_file("train"))))
+    inherited = parent_dir / PARENT_TRAINED_ON if parent_dir else None
     if inherited is not None and inherited.is_file():
         digests |= set(json.loads(inherited.read_text(encoding="utf-8")))
     return sorted(digests)
@@ -313,8 +303,9 @@ def _decide(params: RegisterParams, reports: Reports, champion: dict[str, Any] |
                   champion=champion and Scores(champion["examples"], champion["metrics"],
                                                rows=champion["rows"] and tuple(champion["rows"])),
                   champion_version=champion and champion["version"], champion_note=note,
-                  # With DPO the preference pairs trained the model too: their leaks count as well.
-                  leaks=reports.data.leaks.total + (reports.prefs.leaks.get("total", 0) if reports.prefs else 0),
+                  # Leaks left in what trained the model (leak_action: drop removes them); with DPO the
+                  # preference pairs trained it too.
+                  leaks=reports.data.leaks_in_training + (reports.prefs.leaks_in_training if reports.prefs else 0),
                   max_forgetting=params.max_forgetting,
                   old_task=metrics.old_task, max_old_task_drop=params.max_old_task_drop,
                   parent_version=reports.train.parent_version,
@@ -598,14 +589,14 @@ def main() -> None:
     tracking.bound_http_retries()
     params = load_section("register", RegisterParams)
     all_params, _ = read_params_file()
-    train_config = read_json(ADAPTER_DIR / "train_config.json")
+    train_config = read_json(ADAPTER_DIR / TRAIN_CONFIG_NAME)
     project = Path(".")  # the workspace: its dvc.lock and git commit say what produced the model
     store = tracking.project_root(project)  # the project's store, also from DVC's temporary workspaces
     lineage = {**tracking.lineage(project, method=train_config["params"]["method"]), **tracking.experiment()}
     lineage["parent"] = train_config["summary"].get("parent", "base")  # or "<model> v<N> (champion)"
     dpo_dir = models.dpo_result(DPO_DIR, enabled=load_section("dpo", DpoParams).enabled)
     if dpo_dir:  # the registered model is the DPO one: say how it was tuned
-        dpo = read_json(DPO_DIR / "train_config.json")
+        dpo = read_json(DPO_DIR / TRAIN_CONFIG_NAME)
         lineage["dpo"] = f"{dpo['params']['loss_type']} beta {dpo['params']['beta']} from {dpo['summary']['start']}"
     result = run(
         params=params,

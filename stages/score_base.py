@@ -1,15 +1,9 @@
 """The base model's two candidates, zero-shot and few-shot, scored on the test split once.
 
-They depend only on the base model, the test split (and the training rows the shots are drawn
-from), the evaluation settings and the inference placement, so they are a stage of their own: a
-change of a training param (`dvc exp run -S train.learning_rate=...`, every trial of a search)
-reruns the fine-tuned model's scoring in `evaluate` and leaves these, cached by DVC, alone.
-Scoring is ftpipe.scoring.score_model's, as for every candidate; the forgetting check's reference
-(the general text's perplexity under the base weights) is measured here too.
-Reads params.yaml `evaluate` (all but overfit_margin) and `inference`, models/base/,
-data/prepared/{train,test}.jsonl and the general text; writes reports/base_scores.json (the
-settings, the test ids, each candidate's metric block, replies and per-example scores), which
-evaluate checks against its own settings before it uses them.
+A stage of its own so that a change of a training param (every trial of a search) reruns evaluate, not this.
+Scoring is ftpipe.scoring.score_model's, as for every candidate, plus the forgetting check's base reference.
+Reads params.yaml `evaluate` (all but overfit_margin) and `inference`, models/base/, data/prepared/{train,test}.jsonl,
+the general text; writes reports/base_scores.json (settings, test ids, scores), which evaluate checks first.
 Run: python -m stages.score_base
 """
 
@@ -32,7 +26,7 @@ from ftpipe.evaluation import (
 )
 from ftpipe.io import read_jsonl, write_json
 from ftpipe.params import EvaluateParams, load_section
-from ftpipe.paths import BASE_DIR, BASE_SCORES, PREPARED_DIR
+from ftpipe.paths import BASE_DIR, BASE_SCORES, PREPARED_DIR, split_file
 
 
 def run(*, params: EvaluateParams, base_dir: Path, data_dir: Path, out: Path,
@@ -43,7 +37,7 @@ def run(*, params: EvaluateParams, base_dir: Path, data_dir: Path, out: Path,
     placement = placement or Placement("cpu", "fp32")
     models.set_threads(params.threads)
     rows, text = test_rows(params, data_dir), general_text(params)
-    shots = pick_shots(read_jsonl(data_dir / "train.jsonl"), k=params.few_shot_k, seed=params.few_shot_seed)
+    shots = pick_shots(read_jsonl(data_dir / split_file("train")), k=params.few_shot_k, seed=params.few_shot_seed)
     scorers = metrics.user_scorers(params.metrics)  # a broken scorer stops before the model loads
     tokenizer = models.load_tokenizer(base_dir)
     model = models.load_model(base_dir, placement=placement)

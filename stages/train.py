@@ -1,20 +1,10 @@
 """Supervised fine-tuning of the base model: full, or a peft method (transformers Trainer + peft).
 
-Chat template applied, loss on assistant tokens only, seed fixed, validation loss every
-`eval_steps`. Reads params.yaml `train`, models/base/, data/prepared/{train,val}.jsonl; writes the
-adapter (or, for full, the model) and its resolved config to models/adapter/, a standalone merged
-model to models/adapter/merged/ where the method can be merged, per-step losses to reports/{train,val}_loss.csv
-(DVC plots), a loss-curve PNG and summary metrics to reports/train.json.
-With `live_metrics` the losses, learning rate, gradient norm, tokens/s and system metrics also go to
-an MLflow run in `register.experiment` as they are logged (ftpipe/live.py; a store that is down only
-costs a warning line); train.json names that run and the register stage adopts it.
-Checkpoints go every `save_steps` to checkpoints/train/<hash of params, base and data>/, outside
-DVC's outs; a rerun after an interruption resumes from the newest one, and success removes them.
-With `processes` > 1 the stage re-launches itself under torchrun (`python -m torch.distributed.run
---standalone`, on localhost, no restarts) and waits: every process trains on its share of each step's
-rows, and process 0 alone prints and writes the outputs, once all have finished. torchrun rather than
-`accelerate launch`: it ships with torch and is what accelerate's launcher runs underneath, and the
-Trainer sets DDP or FSDP up from its own arguments, so accelerate's launcher and config file add nothing.
+Loss on assistant tokens only, seed fixed, validation every `eval_steps`; with `live_metrics` the curves also go
+to an MLflow run (ftpipe/live.py). Checkpoints go to checkpoints/train/<hash of params, base and data>/, outside
+DVC's outs, and a rerun resumes from the newest. `processes` > 1 relaunches under torchrun; process 0 writes.
+Reads params.yaml `train`, models/base/ (or models/parent/), data/prepared/{train,val}.jsonl; writes models/adapter/
+(merged/ inside where the method merges), reports/{train,val}_loss.csv, reports/loss.png, reports/train.json.
 Run: python -m stages.train
 """
 
@@ -35,12 +25,15 @@ from ftpipe.paths import (
     BASE_DIR,
     CHECKPOINTS,
     LOSS_PLOT,
+    MANIFEST_NAME,
     PARENT_DIR,
     PREPARED_DIR,
     REPORTS,
+    TRAIN_CONFIG_NAME,
     TRAIN_LOSS,
     TRAIN_REPORT,
     VAL_LOSS,
+    split_file,
 )
 from ftpipe.schemas import TrainReport
 
@@ -98,8 +91,8 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
 def _setup_data(params: TrainParams, tokenizer, data_dir: Path) -> Data:
     from ftpipe.trainer import encode_rows
 
-    train, train_long = encode_rows(tokenizer, read_jsonl(data_dir / "train.jsonl"), params.max_length)
-    val, val_long = encode_rows(tokenizer, read_jsonl(data_dir / "val.jsonl"), params.max_length)
+    train, train_long = encode_rows(tokenizer, read_jsonl(data_dir / split_file("train")), params.max_length)
+    val, val_long = encode_rows(tokenizer, read_jsonl(data_dir / split_file("val")), params.max_length)
     if not train or not val:
         raise PipelineError(f"train.max_length: {params.max_length} tokens leaves no train or val rows")
     return Data(train=train, val=val, too_long={"train": train_long, "val": val_long},
@@ -109,12 +102,13 @@ def _setup_data(params: TrainParams, tokenizer, data_dir: Path) -> Data:
 def _setup_model(params: TrainParams, base_dir: Path, tokenizer) -> Setup:
     import torch
 
-    from ftpipe import device, methods
+    from ftpipe import methods
     from ftpipe.kernels import use_fused_lora, use_fused_loss
+    from ftpipe.schedule import use_bf16
     from ftpipe.trainer import BF16_STORAGE_METHODS, frozen_weights_to_bf16, optimizer_name, rank
 
     cuda = torch.cuda.is_available()
-    bf16 = params.precision == "bf16" or (params.precision == "auto" and device.bf16_supported())
+    bf16 = use_bf16(params)
     attention = methods.attention_kernel(params, cuda=cuda)
     frozen_bf16 = bf16 and params.method in BF16_STORAGE_METHODS and params.distributed != "fsdp"  # FSDP: one dtype per block
     model = methods.build(params, base_dir, bf16=bf16, attention=attention, frozen_bf16=frozen_bf16)
@@ -240,9 +234,9 @@ def _save_model(params: TrainParams, setup: Setup, *, base_dir: Path, out_dir: P
     if params.method == "full" or params.merge:
         methods.save_merged(setup.model, params, base_dir=base_dir, adapter_dir=out_dir, tokenizer=setup.tokenizer,
                             out_dir=out_dir / models.MERGED)
-    write_json(out_dir / "train_config.json", {
+    write_json(out_dir / TRAIN_CONFIG_NAME, {
         "params": params.model_dump(),
-        "base_model": read_json(base_dir / "manifest.json"),
+        "base_model": read_json(base_dir / MANIFEST_NAME),
         "summary": report.model_dump(mode="json"),
     })
 

@@ -182,17 +182,18 @@ def tiny_params(model_dir: Path, data_file: Path) -> dict:
     """The shipped params.yaml, pointed at the tiny model and data and cut to a few steps."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["prepare_base"].update(source="local", path=str(model_dir))
-    params["prepare_data"].update(source="file", path=str(data_file), val_fraction=0.1, test_fraction=0.1)
+    params["prepare_data"].update(source="file", path=str(data_file), val_fraction=0.1, test_fraction=0.1,
+                                  max_tokens=64)  # = train.max_length
     # int8 only: bitsandbytes' CPU 4-bit kernel needs wider layers (test_quantize builds a wider model).
     params["quantize"].update(variants=["int8"], max_rows=8, prompts=4, max_new_tokens=8, batch_size=4)
     # live_metrics off: an MLflow store created per stage run costs seconds (test_live_metrics turns it on).
     params["train"].update(max_steps=6, batch_size=4, eval_steps=3, logging_steps=1, learning_rate=5e-3,
-                           max_length=64, live_metrics=False)
-    params["dpo"].update(live_metrics=False)
+                           max_length=64, live_metrics=False, precision="fp32")
+    params["dpo"].update(live_metrics=False, precision="fp32")
     # The tiny model's context is 256 tokens.
     params["evaluate"].update(max_new_tokens=8, batch_size=4, general_max_length=256, general_stride=128)
     params["register"].update(experiment="tiny-test", model_name="tiny-model")
-    # The same numbers on every CPU kind: bf16 inference is tested where it is asked for (test_device).
+    # The same numbers on every CPU kind (above too): bf16 is tested where it is asked for (test_device).
     params["inference"].update(precision="fp32")
     return params
 
@@ -209,7 +210,9 @@ def make_project(proj: Path, model_dir: Path, data_file: Path) -> Path:
     shutil.copy(data_file, proj / "data" / "raw" / "tiny.jsonl")
     params = tiny_params(model_dir, Path("data/raw/tiny.jsonl"))
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (proj / ".gitignore").write_text("mlruns.db\nmlartifacts/\n")
+    for ignore in (".gitignore", "models/.gitignore", "data/.gitignore"):  # the repo's, DVC's lines included
+        (proj / ignore).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / ignore, proj / ignore)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=proj, check=True)

@@ -131,7 +131,7 @@ def test_export_checks_run_where_the_decision_says(finished_project, tmp_path, m
 
 
 def test_serving_runs_on_the_decided_device(tmp_path, monkeypatch):
-    from ftpipe.serve import environment
+    from services.serve import environment
 
     monkeypatch.delenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", raising=False)
 

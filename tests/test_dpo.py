@@ -231,6 +231,67 @@ def test_dpo_params_are_checked_naming_the_key(tmp_path):
         assert found.startswith(f"{tmp_path / 'params.yaml'}:{line_of(key)}: {key}: {message}"), found
 
 
+def test_dpo_shares_the_train_schedule_keys_and_restates_only_its_own_defaults():
+    from ftpipe.params import TrainParams, _Schedule
+
+    shared = set(_Schedule.model_fields)
+    assert {"seed", "learning_rate", "batch_size", "max_length", "lora_r", "precision", "threads"} <= shared
+    own = {model: set(vars(model).get("__annotations__", {})) & shared for model in (TrainParams, DpoParams)}
+    assert own == {TrainParams: set(), DpoParams: {"learning_rate", "warmup_ratio", "eval_steps"}}
+    for key in shared:  # the same type and limits in both sections; only those defaults differ
+        train_field, dpo_field = TrainParams.model_fields[key], DpoParams.model_fields[key]
+        assert (train_field.annotation, train_field.metadata) == (dpo_field.annotation, dpo_field.metadata), key
+        assert (train_field.get_default(call_default_factory=True) == dpo_field.get_default(call_default_factory=True)) \
+            == (key not in own[DpoParams]), key
+
+
+def test_train_and_dpo_trainers_get_the_schedule_the_same_way(tmp_path):
+    """Both stages' arguments come from ftpipe.schedule: the shared keys land on the same arguments, and
+    what differs is each trainer's own (DPO: its loss, no checkpoints, no recomputation, TRL's optimizer)."""
+    from transformers import TrainingArguments
+    from trl import DPOConfig
+
+    from ftpipe import dpo, trainer
+    from ftpipe.params import TrainParams
+
+    shared = {"seed": 7, "epochs": 2.5, "max_steps": 9, "learning_rate": 3e-4, "batch_size": 3, "grad_accum": 2,
+              "warmup_ratio": 0.2, "lr_scheduler": "linear", "max_length": 128, "eval_steps": 4, "logging_steps": 2}
+    sft = trainer.training_arguments(TrainParams(**shared), output_dir=tmp_path, bf16=True, optim="adamw_torch",
+                                     cuda=False)
+    pref = dpo.arguments(DpoParams(enabled=True, loss_type="robust", label_smoothing=0.1, beta=0.3, **shared),
+                         output_dir=tmp_path, bf16=True, cuda=False)
+    assert type(sft) is TrainingArguments and type(pref) is DPOConfig
+    schedule = {"output_dir": str(tmp_path), "per_device_train_batch_size": 3, "per_device_eval_batch_size": 3,
+                "gradient_accumulation_steps": 2, "learning_rate": 3e-4, "num_train_epochs": 2.5, "max_steps": 9,
+                "lr_scheduler_type": "linear", "warmup_steps": 0.2, "logging_steps": 2, "eval_strategy": "steps",
+                "eval_steps": 4, "report_to": [], "seed": 7, "data_seed": 7, "use_cpu": True,
+                "activation_checkpointing_kwargs": {"use_reentrant": False}}
+    for args in (sft, pref):
+        assert {key: getattr(args, key) for key in schedule} == schedule
+    # train: its optimizer, checkpoints to resume from, and bf16 autocast in its own loss (lora).
+    assert (sft.optim, sft.save_strategy, sft.save_steps, sft.save_total_limit, sft.bf16) == \
+        ("adamw_torch", "steps", 50, 1, False)
+    assert trainer.training_arguments(TrainParams(method="prefix_tuning", merge=False), output_dir=tmp_path,
+                                      bf16=True, optim="adamw_torch", cuda=False).bf16  # the model's own loss
+    # dpo: TRL's default optimizer, no checkpoints, no recomputation (TRL's default is on), bf16 as asked.
+    assert (pref.optim, pref.save_strategy, pref.activation_checkpointing, pref.bf16) == \
+        (DPOConfig.__dataclass_fields__["optim"].default, "no", False, True)
+    assert (pref.beta, pref.loss_type, pref.label_smoothing, pref.max_length, pref.truncation_mode) == \
+        (0.3, ["robust"], 0.1, 128, "keep_start")
+    assert not dpo.arguments(DpoParams(), output_dir=tmp_path, bf16=False, cuda=False).bf16  # not TRL's default (on)
+
+
+def test_precision_decides_bf16_the_same_way_for_both_stages(monkeypatch):
+    from ftpipe import device
+    from ftpipe.params import TrainParams
+    from ftpipe.schedule import use_bf16
+
+    for native in (False, True):
+        monkeypatch.setattr(device, "bf16_supported", lambda native=native: native)
+        for model in (TrainParams, DpoParams):
+            assert [use_bf16(model(precision=p)) for p in ("fp32", "bf16", "auto")] == [False, True, native]
+
+
 @pytest.mark.slow  # one more pipeline scenario (about 45 s)
 def test_dvc_repro_with_dpo_evaluates_registers_and_exports_the_dpo_model(finished_project):
     """The finished tiny project with dpo turned on: `dvc repro` builds the pairs from a file, trains

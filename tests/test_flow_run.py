@@ -3,7 +3,9 @@ module so that xdist gives them one worker and one run."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 
 from conftest import dvc, ran
 
@@ -36,3 +38,29 @@ def test_offline_pipeline_run_prints_no_false_alarms(flow_run):
     _, output = flow_run
     noisy = [line for line in output.splitlines() if any(word in line for word in NOISE)]
     assert not noisy, "\n".join(noisy)
+
+
+def test_a_run_leaves_git_clean_registers_a_clean_commit_and_writes_its_summary(flow_run):
+    """A fresh clone's first run changes no tracked file (DVC's .gitignore lines are committed), so
+    the version it registers names a clean commit; its summary holds the run's own results."""
+    import mlflow
+
+    project, printed = flow_run
+    porcelain = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+    # What the run adds: the lock to commit, and the reports (DVC outs with cache: false).
+    assert set(porcelain) <= {"?? dvc.lock", "?? reports/"}, porcelain
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    registration = json.loads((project / "reports" / "registration.json").read_text())
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns.db'}")
+    assert client.get_model_version("tiny-model", registration["version"]).tags["git_commit"] == head
+
+    summary = (project / "reports" / "summary.md").read_text()
+    assert f"Summary: {project / 'reports' / 'summary.md'}" in printed
+    gate = re.search(r"Promotion gate on rougeL: (.+)", printed).group(1).strip()
+    assert f"**Promotion gate on rougeL:** {gate}" in summary
+    assert (project / "reports" / "comparison.md").read_text().split("\n\n")[0] in summary
+    times = dict(re.findall(r"^\| ([a-z_]+) \| ([\d.]+) \|$", summary, flags=re.M))
+    assert set(times) == set(STAGES)
+    assert "torch " in summary and re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d", summary, flags=re.M)

@@ -1,7 +1,7 @@
 """The layout's import rules: the shared package imports nothing from flows/ or stages/, a stage
 imports no other stage and no flow, a module in flows/ imports no stage and no flow (a module with a
-Prefect @flow), and no module imports or reads another's private (underscore) name. Tests and benchmarks may
-import anything."""
+Prefect @flow), nothing in ftpipe/, stages/ or flows/ imports the user commands in services/, and no module
+imports or reads another's private (underscore) name. Tests and benchmarks may import anything."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from pathlib import Path
 
 from conftest import ROOT
 
-PACKAGES = ("ftpipe", "stages", "flows")
+PACKAGES = ("ftpipe", "stages", "flows", "services")
+# The packages services/ builds on, which must not depend on it.
+BELOW_SERVICES = ("ftpipe", "stages", "flows")
 
 
 def imports(path: Path) -> list[tuple[str, str | None]]:
@@ -43,6 +45,8 @@ def broken_rules(path: Path) -> list[str]:
             broken.append(f"{own} imports {target} from flows/")
         elif top == "flows" and target != own and is_flow(path.parents[1] / (target.replace(".", "/") + ".py")):
             broken.append(f"{own} imports the flow {target}")
+        if top == "services" and package in BELOW_SERVICES:
+            broken.append(f"{own} imports {target} from services/")
         if name and private(name):
             broken.append(f"{own} imports the private name {module}.{name}")
     return broken + [f"{own} reads the private name {target}" for target in private_attributes(path)]
@@ -83,6 +87,10 @@ def test_each_rule_is_caught(tmp_path):
                            "flows.third imports the private name ftpipe.models._resolved"),
         "stages/four.py": ("from ftpipe import models\nmodels._resolved('x')",
                            "stages.four reads the private name ftpipe.models._resolved"),
+        "ftpipe/five.py": ("from services.proxy import HOST", "ftpipe.five imports services.proxy from services/"),
+        "stages/six.py": ("def run():\n    from services import stack", "stages.six imports services.stack from services/"),
+        "flows/seven.py": ("import services.serve", "flows.seven imports services.serve from services/"),
+        "services/eight.py": ("from services.stack import _write", "services.eight imports the private name services.stack._write"),
     }
     (tmp_path / "flows").mkdir()
     (tmp_path / "flows" / "pipeline.py").write_text("@flow(name='x')\ndef pipeline(): ...\n")
@@ -94,3 +102,5 @@ def test_each_rule_is_caught(tmp_path):
         assert broken_rules(path) == [line]
     (tmp_path / "flows" / "fine.py").write_text("from flows.common import STAGES\nfrom flows import common\n")
     assert broken_rules(tmp_path / "flows" / "fine.py") == []
+    (tmp_path / "services" / "fine.py").write_text("from services.proxy import HOST\nfrom ftpipe import paths\nfrom flows import common\n")
+    assert broken_rules(tmp_path / "services" / "fine.py") == []

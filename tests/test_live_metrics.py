@@ -27,7 +27,7 @@ EXPERIMENT = "tiny-test"  # tiny_params' register.experiment
 STEPS = 6  # tiny_params' train.max_steps, logged at every step (logging_steps 1), evaluated at 3 and 6
 # The tiny model trains 6 steps in half a second: a run long enough for the test to see its history
 # grow (a few seconds), evaluated twice.
-LONG_STEPS, LONG_EVAL = 40, 20
+LONG_STEPS, LONG_EVAL = 60, 30
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ def test_no_module_spells_a_declared_path_itself():
     # The paths, and the file names of declared files (folders' last parts are too common a word).
     spelled = {str(p) for p in tracked} | {f"{p}/" for p in tracked} | {p.name for p in tracked if p.suffix}
     offenders = []
-    for folder in ("ftpipe", "stages", "flows", "bench"):
+    for folder in ("ftpipe", "stages", "flows", "services", "bench"):
         for module in sorted((ROOT / folder).glob("*.py")):
             if module == ROOT / "ftpipe" / "paths.py":
                 continue

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ftpipe.bootstrap import paired_gain
 from ftpipe.promotion import Scores, decide, gate_line
 from ftpipe.schemas import RegistrationReport
+from ftpipe.significance import paired_gain
 
 N = 117  # the README's test split
 
@@ -156,7 +156,20 @@ def test_the_same_scores_and_seed_give_the_same_interval():
 def test_leaks_block_promotion():
     decision = decide(metric="rougeL", min_improvement=0.0, challenger=scores([0.5] * N), base=BASE,
                       champion=None, champion_version=None, leaks=2)
-    assert not decision.promote and "data leak check found 2 leak(s): fail" in decision.reasons
+    assert not decision.promote and "data leak check: 2 leak(s) left in the training data: fail" in decision.reasons
+
+
+@pytest.mark.parametrize(("action", "in_training"), [("drop", 0), ("warn", 3)])
+def test_only_the_leaks_left_in_training_block_promotion(action, in_training):
+    """leak_action: drop removed the leaking rows before training: found, reported, no longer a reason."""
+    from ftpipe.schemas import DataReport, PrefsReport
+
+    data = DataReport(source="s", rows_in=10, rules={}, rows_out=9, near_duplicate_clusters=0, split_groups=9,
+                      splits={"train": 7, "val": 1, "test": 1}, leaks={"total": 3}, leak_action=action,
+                      train_rows_dropped_for_leaks=3 if action == "drop" else 0, token_filters=True)
+    prefs = PrefsReport(enabled=True, leaks={"total": 2}, leak_action=action)
+    assert data.leaks_in_training == in_training and data.leaks.total == 3
+    assert prefs.leaks_in_training == (0 if action == "drop" else 2)
 
 
 def test_gate_line_reads_like_the_summary():

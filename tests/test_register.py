@@ -29,7 +29,7 @@ MODEL = "tiny-model"
 # --- credential masking ----------------------------------------------------------------------------
 
 def test_redact_masks_url_credentials_secret_query_values_and_secret_env_values(monkeypatch):
-    from ftpipe.secrets import redact
+    from ftpipe.credentials import redact
     from ftpipe.tracking import redact as tracking_redact
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2pw")

@@ -1,4 +1,4 @@
-"""Serving a registered model over REST: `python -m ftpipe.serve` runs `mlflow models serve` on
+"""Serving a registered model over REST: `python -m services.serve` runs `mlflow models serve` on
 127.0.0.1 behind its proxy, answers a chat prompt as the merged model does with the same greedy
 settings, and follows the champion alias to a new version without failing a request."""
 
@@ -19,8 +19,8 @@ import pytest
 from conftest import Background
 from test_retrain import free_port, wait_http
 
-from ftpipe.serve import HOST, command, resolve
-from ftpipe.serving_proxy import VERSION_HEADER, Backend, Router, Supervisor, group_alive, make_server
+from services.proxy import VERSION_HEADER, Backend, Router, Supervisor, group_alive, make_server
+from services.serve import HOST, command, resolve
 
 PROMPTS = ["say red cat number 3", "say blue dog number 12"]
 
@@ -119,7 +119,7 @@ def test_the_served_model_follows_the_champion(tmp_path, tiny_model_dir, talking
 
     port, log = free_port(), tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's own store
-    server = Background([sys.executable, "-m", "ftpipe.serve", "--port", str(port), "--poll-s", "1"], proj, env, log)
+    server = Background([sys.executable, "-m", "services.serve", "--port", str(port), "--poll-s", "1"], proj, env, log)
     groups = []
     try:
         wait_http(f"http://{HOST}:{port}/ping", 180, server.proc)
@@ -245,7 +245,7 @@ def test_no_champion_stops_at_start_with_one_line(tmp_path):
     proj.mkdir()
     (proj / "params.yaml").write_text("register:\n  model_name: talker\n")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    result = subprocess.run([sys.executable, "-m", "ftpipe.serve", "--port", str(free_port())], cwd=proj, env=env,
+    result = subprocess.run([sys.executable, "-m", "services.serve", "--port", str(free_port())], cwd=proj, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (

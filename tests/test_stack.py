@@ -1,5 +1,5 @@
-"""The team stack (ftpipe/stack.py) for real: PostgreSQL (pgserver), moto's S3 server and an MLflow server,
-started on 127.0.0.1 by `python -m ftpipe.stack`. The tiny project's register stage writes into it with
+"""The team stack (services/stack.py) for real: PostgreSQL (pgserver), moto's S3 server and an MLflow server,
+started on 127.0.0.1 by `python -m services.stack`. The tiny project's register stage writes into it with
 nothing but MLFLOW_TRACKING_URI set; a fresh process loads the champion from S3; a stop and start keeps
 versions, aliases, metrics and artifacts; a stack that is down fails in one line; a DVC remote on its S3
 is pushed from the project and pulled into a clone that then reruns nothing.
@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import ROOT, stage_env
 
-from ftpipe import stack as team
+from services import stack as team
 
 MODEL = "tiny-model"
 PROBE = """
@@ -51,7 +51,7 @@ def free_ports(n: int) -> list[int]:
 
 
 def stack_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ftpipe.stack", *args], cwd=ROOT, env=stage_env(),
+    return subprocess.run([sys.executable, "-m", "services.stack", *args], cwd=ROOT, env=stage_env(),
                           capture_output=True, text=True, timeout=400)
 
 
@@ -246,7 +246,7 @@ def test_restart_keeps_everything_and_a_stack_that_is_down_fails_in_one_line(sta
     assert not alive(procs)
     down = one_error_line(stack_cli("status", "--dir", str(state.dir)))
     assert down == (f"error: team stack in {state.dir}: postgres, s3, mlflow not running; "
-                    f"start it with: python -m ftpipe.stack start --dir {state.dir}")
+                    f"start it with: python -m services.stack start --dir {state.dir}")
     started = time.monotonic()
     register = subprocess.run([sys.executable, "-m", "stages.register"], cwd=registered, env=tracked_env(uri),
                               capture_output=True, text=True, timeout=300)
@@ -326,4 +326,4 @@ def test_postgres_uri_that_refuses_stops_start_before_anything_runs(tmp_path):
     assert team.load(tmp_path / "stack") is None  # refused before anything was started or recorded
     assert one_error_line(stack_cli("status", "--dir", str(tmp_path / "none"))) == (
         f"error: no team stack in {tmp_path / 'none'} (stack.json missing): start one with: "
-        f"python -m ftpipe.stack start --dir {tmp_path / 'none'}")
+        f"python -m services.stack start --dir {tmp_path / 'none'}")

@@ -1,4 +1,4 @@
-"""The moving parts of `python -m ftpipe.serve`: model servers (`mlflow models serve`) on internal
+"""The moving parts of `python -m services.serve`: model servers (`mlflow models serve`) on internal
 ports of 127.0.0.1, a reverse proxy in front of them that forwards each request to one of them and
 switches between two requests, and the supervisor that starts, switches and stops them as the
 alias moves. A switch fails no request, and sends none to a server being stopped.
@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from ftpipe.credentials import redact
 from ftpipe.errors import PipelineError
 from ftpipe.processes import stop_group
-from ftpipe.secrets import redact
 
 VERSION_HEADER = "X-Model-Version"
 HOST = "127.0.0.1"

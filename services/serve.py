@@ -1,22 +1,12 @@
 """Serve a registered model over REST with `mlflow models serve`, on 127.0.0.1 only, following its alias.
 
-    python -m ftpipe.serve                      # models:/<register.model_name>@champion on port 5001
-    python -m ftpipe.serve --alias challenger --port 5002 --poll-s 10
+    python -m services.serve                      # models:/<register.model_name>@champion on port 5001
+    python -m services.serve --alias challenger --port 5002 --poll-s 10
 
-The registry is the project's (mlruns.db beside it) unless MLFLOW_TRACKING_URI says otherwise. The
-model runs in this environment (`--env-manager local`: its pinned packages are these), and the
-server's workers are found on this interpreter's PATH. A request:
-
-    curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
-         -d '{"inputs": ["What is the capital of France?"]}'
-
-answers `{"predictions": ["..."]}`: the chat template applied to each prompt, greedy decoding,
-at most 64 new tokens (the settings register logged with the model), with header `X-Model-Version`.
-
-This process supervises: it serves the version the alias names with `mlflow models serve` on an
-internal port behind a proxy on `--port`, reads the alias every `--poll-s` seconds, and when it moved
-starts the new version beside the old one, switches the proxy once the new one answers /ping, and
-stops the old one when its requests in flight have their answers (ftpipe.serving_proxy).
+The registry is the project's unless MLFLOW_TRACKING_URI says otherwise; the model runs in this environment.
+POST /invocations {"inputs": ["..."]} answers {"predictions": ["..."]} (greedy, the settings register logged),
+header `X-Model-Version`. The alias is read every `--poll-s` seconds; when it moves, the new version starts
+beside the old one and the proxy (services.proxy) switches once it answers, failing no request.
 """
 
 from __future__ import annotations
@@ -28,10 +18,10 @@ import threading
 import time
 from pathlib import Path
 
+from ftpipe.credentials import redact
 from ftpipe.errors import PipelineError, Terminated, run_cli
 from ftpipe.params import RegisterParams, load_section
-from ftpipe.secrets import redact
-from ftpipe.serving_proxy import HOST, Router, Supervisor, make_server
+from services.proxy import HOST, Router, Supervisor, make_server
 
 POLL_S = 30.0  # a promotion reaches clients within half a minute, for one registry read per poll
 
@@ -68,7 +58,7 @@ def resolve(client, name: str, alias: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ftpipe.serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m services.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--alias", default="champion", help="registered model alias to serve (default: champion)")
     parser.add_argument("--port", type=int, default=5001)
     parser.add_argument("--poll-s", type=float, default=POLL_S, help=f"seconds between reads of the alias (default: {POLL_S:g})")

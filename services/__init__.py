@@ -1,0 +1,1 @@
+"""Commands a user runs beside the pipeline: the team stack (services.stack) and model serving (services.serve)."""
