@@ -173,10 +173,19 @@ def test_sliding_window_rejects_a_stride_that_skips_tokens(model, tokenizer):
             metrics.sliding_window_perplexity(model, tokenizer, "say red blue", max_length=8, stride=stride)
 
 
-def test_batched_generation_equals_one_at_a_time(model, tokenizer):
-    prompts = [prompt_text(tokenizer, [{"role": "user", "content": c}, {"role": "assistant", "content": ""}])
-               for c in ("say red", "say blue dog number seven", "hi")]
-    batched = metrics.generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
-    single = [metrics.generate(model, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+def test_batched_generation_equals_one_at_a_time(talking_model):
+    """On a model that answers in words (the random tiny one prints newlines only, which padding
+    mistakes would leave unchanged): prompts of different lengths, left-padded in one batch."""
+    from conftest import qa_rows
+
+    model, tokenizer = models.load_model(talking_model / "merged"), models.load_tokenizer(talking_model / "merged")
+    rows = qa_rows(3) + [{"prompt": "say red", "response": ""}]
+    prompts = [prompt_text(tokenizer, [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": ""}])
+               for r in rows]
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1  # the batch needs padding
+    batched = metrics.generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=4)
+    single = [metrics.generate(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
     assert batched == single
-    assert all(isinstance(text, str) for text in batched)
+    assert all(text.strip() for text in batched), batched  # words, not whitespace
+    # The talking model learned the rows: its reply to a training prompt holds the reply's words.
+    assert set(rows[0]["response"].split()) & set(batched[0].split()), (rows[0], batched[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -79,3 +80,24 @@ def test_module_docstrings_say_what_and_why_briefly():
             if len(doc.splitlines()) >= 10:
                 long.append(f"{path.relative_to(ROOT)} ({len(doc.splitlines())} lines)")
     assert not long, long
+
+
+def test_the_readmes_stage_list_is_dvc_yamls_order_and_cites_no_params_lines():
+    from flows.common import STAGES
+
+    text = README.read_text(encoding="utf-8")
+    block = text[text.index("```\nvalidate "):]
+    listed = [line.split()[0] for line in block[4:block.index("```", 4)].splitlines() if line.strip()]
+    assert listed == list(STAGES)
+    assert not re.search(r"params\.yaml:\d+", text)  # line numbers drift; docs/params.md names keys
+
+
+def test_editing_a_description_in_the_params_module_reruns_no_stage_but_the_check(finished_project):
+    from conftest import dvc
+
+    module = finished_project / "ftpipe" / "params.py"
+    module.write_text(module.read_text(encoding="utf-8").replace(
+        '"""Seed of the shuffle before the split."""', '"""Seed of the shuffle that comes before the split."""', 1))
+    status = dvc(finished_project, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert set(json.loads(status.stdout)) == {"validate"}, status.stdout

@@ -29,14 +29,30 @@ def val_file(tmp_path):
     return write_jsonl(tmp_path / "val.jsonl", rows)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_model_dir):
-    """The tiny model (a plain safetensors Llama, as train's merged/ is) exported as f16 and q8_0."""
-    tmp = tmp_path_factory.mktemp("export")
+def export_of(tmp, merged_dir):
     params = ExportParams(gguf=["f16", "q8_0"], prompts=3, max_new_tokens=6)
-    report = export.run(params=params, merged_dir=tiny_model_dir, val_file=val_file(tmp), out_dir=tmp / "gguf",
+    report = export.run(params=params, merged_dir=merged_dir, val_file=val_file(tmp), out_dir=tmp / "gguf",
                         reports_dir=tmp / "reports", pre_tokenizer="default", name="tiny")
     return tmp, report
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_model_dir):
+    """The tiny model (a plain safetensors Llama, as train's merged/ is) exported as f16 and q8_0:
+    random weights of known scale, on which the logit tolerances above are derived."""
+    return export_of(tmp_path_factory.mktemp("export"), tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def merged(talking_model):
+    """A merged model that answers the validation prompts in words: greedy replies of newlines only
+    (the random tiny model's) would agree whatever the conversion did."""
+    return talking_model / "merged"
+
+
+@pytest.fixture(scope="module")
+def exported_talking(tmp_path_factory, merged):
+    return export_of(tmp_path_factory.mktemp("export-talking"), merged)
 
 
 def logits(model, tokenizer, text):
@@ -56,12 +72,12 @@ def test_the_file_loads_back_with_transformers_and_matches_the_merged_model(expo
     name = f"model-{fmt}.gguf"
     gguf_model = AutoModelForCausalLM.from_pretrained(tmp / "gguf", gguf_file=name, dtype=torch.float32).eval()
     gguf_tokenizer = AutoTokenizer.from_pretrained(tmp / "gguf", gguf_file=name)
-    merged = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     text = tokenizer.apply_chat_template([{"role": "user", "content": "say red cat number 3"},
                                          {"role": "assistant", "content": "cat red 3"}], tokenize=False)
     assert gguf_tokenizer(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
-    expected, got = logits(merged, tokenizer, text), logits(gguf_model, tokenizer, text)
+    expected, got = logits(reference, tokenizer, text), logits(gguf_model, tokenizer, text)
     assert not torch.equal(expected, got) or fmt == "f32"  # a real conversion, not a copy of the weights
     torch.testing.assert_close(got, expected, atol=atol, rtol=0)
     entry = report.formats[fmt]
@@ -69,10 +85,19 @@ def test_the_file_loads_back_with_transformers_and_matches_the_merged_model(expo
     assert entry.bytes == (tmp / "gguf" / name).stat().st_size and entry.file.endswith(name)
 
 
-def test_f16_gives_the_merged_models_greedy_replies_and_q8_0_is_smaller(exported, tiny_model_dir):
-    tmp, report = exported
+def test_f16_gives_the_merged_models_greedy_replies_and_q8_0_is_smaller(exported_talking, merged):
+    tmp, report = exported_talking
     f16, q8 = report.formats["f16"], report.formats["q8_0"]
     assert f16.exact_match == 1.0 and f16.top1_agreement == 1.0
+    # ... on replies of words: the merged model's own greedy replies to the compared prompts.
+    from ftpipe import metrics, models
+    from ftpipe.chat import prompt_text
+
+    tokenizer = models.load_tokenizer(merged)
+    prompts = [prompt_text(tokenizer, [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": ""}])
+               for r in qa_rows(3)]
+    replies = metrics.generate(models.load_model(merged), tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    assert all(reply.strip() for reply in replies), replies
     assert q8.bytes < f16.bytes
     assert report.logit_positions > 0 and report.prompts == 3
     written = json.loads((tmp / "reports" / "export.json").read_text())

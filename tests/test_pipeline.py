@@ -96,10 +96,13 @@ def test_dvc_repro_end_to_end(built_project, finished_project):
     # base model's). Register's interval is the one evaluate reported: same scores, same settings.
     over_base = metrics["intervals"]["finetuned_vs_base"]["rougeL"]
     assert registration["promotion"]["intervals"]["base"] == over_base
-    beat_base = over_base["low"] > 0 and metrics["forgetting"] <= 0.1
-    assert registration["aliases"] == (["challenger", "champion"] if beat_base else ["challenger"])
+    # Six fp32 steps leave the tiny model answering as the base does (ROUGE ties), on every CPU kind:
+    # kept as challenger. A whole run that is promoted: test_retrain's second trigger (more data, more
+    # epochs), through the same stages.
+    assert not over_base["low"] > 0
+    assert registration["aliases"] == ["challenger"] and not registration["promotion"]["promote"]
     assert str(client.get_model_version_by_alias("tiny-model", "challenger").version) == "1"
-    assert version.tags["promotion"].startswith("promoted" if beat_base else "kept as challenger")
+    assert version.tags["promotion"].startswith("kept as challenger")
 
     # Nothing changed: nothing reruns and the lock stays byte for byte.
     lock = (project / "dvc.lock").read_text()
