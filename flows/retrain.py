@@ -77,6 +77,8 @@ def dvc_status(project_dir: Path) -> dict[str, list[str]]:
     if proc.returncode != 0:
         raise PipelineError(f"dvc status failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     stale: dict[str, list[str]] = {}
+    lock = _read_yaml(project_dir / paths.DVC_LOCK).get("stages", {})
+    params = _read_yaml(project_dir / paths.PARAMS)
     for stage, entries in json.loads(proc.stdout or "{}").items():
         if stage.endswith(".dvc"):
             # A `dvc add`-ed file changed since its last `dvc add`: prepare_data's data/raw dep
@@ -89,9 +91,39 @@ def dvc_status(project_dir: Path) -> dict[str, list[str]]:
                 continue
             for kind, changes in entry.items():
                 for path, what in changes.items():
+                    if isinstance(what, dict) and path == str(paths.PARAMS):
+                        recorded = (lock.get(stage, {}).get("params") or {}).get(path) or {}
+                        what = _changed_keys(what, recorded, params)
                     detail = ", ".join(f"{k} {v}" for k, v in what.items()) if isinstance(what, dict) else what
                     stale.setdefault(stage, []).append(f"{kind}: {path} {detail}")
     return stale
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+
+
+def _changed_keys(what: dict[str, str], recorded: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
+    """DVC names a stage's tracked section (`train modified`); the report names the keys in it that
+    changed since dvc.lock (`train.learning_rate modified`)."""
+    found: dict[str, str] = {}
+    for key, status in what.items():
+        old, new = recorded.get(key), params.get(key)
+        if "." in key or not isinstance(old, dict) or not isinstance(new, dict):
+            found[key] = status
+            continue
+        for name in sorted(old.keys() | new.keys()):
+            if name not in new:
+                found[f"{key}.{name}"] = "deleted"
+            elif name not in old:
+                found[f"{key}.{name}"] = "new"
+            elif old[name] != new[name]:
+                found[f"{key}.{name}"] = "modified"
+        if not any(k.startswith(f"{key}.") for k in found):
+            found[key] = status
+    return found
 
 
 def dvc_push(project_dir: Path) -> str | None:

@@ -41,7 +41,8 @@ def arguments(params: DpoParams, *, output_dir: Path, bf16: bool, cuda: bool):
         # TRL's default recomputes activations (less memory, about a third more compute): a 135M
         # model's activations fit, and the train stage's default is off too.
         activation_checkpointing=False,
-        save_steps=0,  # a DPO run on the pairs takes minutes: rerun rather than resume
+        save_steps=params.save_steps,  # checkpoints/dpo/<key>/, so an interrupted run resumes
+        save_total_limit=1,  # the newest checkpoint is all a resume reads
         beta=params.beta,
         loss_type=[params.loss_type],
         label_smoothing=params.label_smoothing,

@@ -284,6 +284,9 @@ class _Schedule(_Section):
     threads: int = Field(0, ge=0)
     """CPU threads torch computes with, per training process; 0: torch's default (one per physical core),
     with train.processes > 1 the CPU cores divided among the processes (at least 1), so they never oversubscribe."""
+    save_steps: int = Field(50, ge=0)
+    """Checkpoint every N optimizer steps under checkpoints/<train or dpo>/<hash of the params and inputs>/,
+    so a run killed part-way resumes from its newest checkpoint when the stage runs again; 0: never."""
     live_metrics: bool = True
     """Log losses (dpo: also rewards), learning rate, gradient norm, tokens/s and system metrics to MLflow while training, in
     the run register adopts (`register.experiment`, ftpipe/live.py); a store that is down only costs a warning line."""
@@ -329,8 +332,6 @@ class TrainParams(_Schedule):
     early_stopping_patience: int = Field(0, ge=0)
     """Stop after this many evaluations without a lower validation loss, and keep the best
     checkpoint's weights; 0: off. Needs save_steps to be a multiple of eval_steps."""
-    save_steps: int = Field(50, ge=0)
-    """Checkpoint every N steps under checkpoints/train/ so an interrupted run resumes; 0: never."""
     processes: int = Field(1, ge=1)
     """Training processes on this machine (data parallel): the stage re-launches itself under torchrun
     and each process takes batch_size rows per step, so a step sees processes x batch_size x grad_accum

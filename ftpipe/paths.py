@@ -8,6 +8,7 @@ by its stage, and that no module spells one of these paths or file names itself.
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
+DVC_LOCK = Path("dvc.lock")  # DVC's record of what produced the outputs (the lineage tags read it)
 RAW_DIR = Path("data/raw")  # landing folder of training data files; a dep of prepare_data
 SCORERS = Path("scorers")  # user metrics (evaluate.metrics "scorers.<module>:<function>"); a dep of the scoring stages
 SPLITS = ("train", "val", "test")  # split_file(split) in PREPARED_DIR and PREFS_DIR
@@ -32,6 +33,7 @@ PARENT_TRAINED_ON = "train_prompts.json"  # in models/parent/: the prompt digest
 
 # Not a DVC out: DVC deletes a stage's outs before rerunning it, and these must survive a kill.
 CHECKPOINTS = Path("checkpoints/train")
+DPO_CHECKPOINTS = Path("checkpoints/dpo")
 
 REPORTS = Path("reports")
 VALIDATED = REPORTS / "validated.json"

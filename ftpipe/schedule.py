@@ -62,3 +62,10 @@ def trainer_arguments(params: TrainParams | DpoParams, args_class: type[Args], *
     if twice:
         raise TypeError(f"trainer_arguments: {', '.join(twice)} set by the schedule and again by the caller")
     return args_class(**args, **extra)
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint in `folder` (save_steps): the Trainer writes trainer_state.json
+    last, so a folder without it was cut off mid-save (kill -9) and is skipped."""
+    done = [c for c in folder.glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+    return max(done, key=lambda c: int(c.name.split("-")[1]), default=None)

@@ -145,6 +145,7 @@ class DpoReport(_Report):
     test_logp_margin_before: float | None = None
     test_logp_margin_after: float | None = None
     runtime_s: float = 0.0
+    resumed_from_step: int = 0  # the checkpoint an interrupted run resumed from; 0: a fresh run
     precision: str | None = None
     parameters: int = 0
     trainable_parameters: int = 0

@@ -149,7 +149,7 @@ def git_commit(project_dir: Path) -> str:
 
 def dvc_lock_hashes(project_dir: Path) -> dict[str, str]:
     """{"<stage>:<out path>": md5} for every output recorded in dvc.lock."""
-    lock = Path(project_dir) / "dvc.lock"
+    lock = Path(project_dir) / paths.DVC_LOCK
     if not lock.is_file():
         return {}
     data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}

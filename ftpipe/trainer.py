@@ -269,13 +269,6 @@ def checkpoint_key(params: TrainParams, base_dir: Path, data_dir: Path) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a folder
-    without it was cut off mid-save (kill -9) and is skipped."""
-    done = [c for c in folder.glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
-    return max(done, key=lambda c: int(c.name.split("-")[1]), default=None)
-
-
 def optimizer_name(params: TrainParams, *, cuda: bool) -> str:
     if params.method == "qlora" and cuda:
         # Paged optimizer states spill to CPU memory under GPU memory pressure: a CUDA-only feature.

@@ -4,39 +4,45 @@ Starts from the SFT model (`init_from: sft`, merged) or the base; those weights 
 are the reference. Validation pairs are scored every `eval_steps`, the test pairs once at the end.
 Reads params.yaml `dpo`, models/base/, models/adapter/, data/preferences/; writes models/dpo/ and
 reports/dpo.json (with dpo off: a manifest and report saying so).
+Checkpoints every `save_steps` go to checkpoints/dpo/; a rerun after a kill resumes from the newest.
 Run: python -m stages.dpo
 """
 
 from __future__ import annotations
 
-import tempfile
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from ftpipe import live
 from ftpipe.errors import PipelineError, run_cli
-from ftpipe.io import all_or_nothing, atomic_dir, read_json, read_jsonl, write_json
+from ftpipe.io import all_or_nothing, atomic_dir, read_json, read_jsonl, remove_path, write_json
 from ftpipe.models import DPO_MANIFEST
 from ftpipe.params import DpoParams, load_section
 from ftpipe.paths import (
     ADAPTER_DIR,
     BASE_DIR,
+    DPO_CHECKPOINTS,
     DPO_DIR,
     DPO_LOSS_PLOT_NAME,
     DPO_REPORT,
+    MANIFEST_NAME,
     PREFS_DIR,
     PREFS_MANIFEST_NAME,
     SPLITS,
     TRAIN_CONFIG_NAME,
     split_file,
 )
+from ftpipe.schedule import last_checkpoint
 from ftpipe.schemas import DpoReport
 
 
 def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path, out_dir: Path,
-        report_path: Path, live_to: live.Target | None = None) -> DpoReport:
-    """`live_to`: where the metrics go while training (None: nowhere; register logs the curves)."""
+        report_path: Path, live_to: live.Target | None = None, checkpoint_root: Path = DPO_CHECKPOINTS) -> DpoReport:
+    """`live_to`: where the metrics go while training (None: nowhere; register logs the curves).
+    Checkpoints go to `checkpoint_root`/<key of the params and inputs>/; a rerun resumes from the newest."""
     if not params.enabled:
         report = DpoReport(enabled=False)
         with all_or_nothing(), atomic_dir(out_dir) as tmp:
@@ -50,28 +56,47 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
 
     models.set_threads(params.threads)
     set_seed(params.seed)
-    with tempfile.TemporaryDirectory(prefix="dpo-") as scratch:  # TRL's output_dir; nothing is saved there
-        # The run is created while the model loads, and ended before the test pairs are scored (TRL
-        # names their rewards eval_* too, which would land on the validation curves).
-        with live.session(live_to, run_name="dpo") as live_run:
-            tokenizer = models.load_tokenizer(base_dir)
-            pairs, too_long = _setup_pairs(params, prefs_dir, tokenizer)
-            start, described = _start_model(params, base_dir, adapter_dir)
-            before = _margin(start, tokenizer, pairs["test"], params)
-            bf16 = use_bf16(params)
-            trainer = _setup_trainer(params, start, tokenizer, pairs, Path(scratch), bf16, live_run)
-            started = time.perf_counter()
-            trainer.train()
-            runtime = time.perf_counter() - started
-        test = _test_metrics(trainer, pairs["test"])
+    checkpoints = checkpoint_root / _checkpoint_key(params, base_dir, adapter_dir, prefs_dir)
+    # The run is created while the model loads, and ended before the test pairs are scored (TRL
+    # names their rewards eval_* too, which would land on the validation curves).
+    with live.session(live_to, run_name="dpo") as live_run:
+        tokenizer = models.load_tokenizer(base_dir)
+        pairs, too_long = _setup_pairs(params, prefs_dir, tokenizer)
+        start, described = _start_model(params, base_dir, adapter_dir)
+        before = _margin(start, tokenizer, pairs["test"], params)
+        bf16 = use_bf16(params)
+        trainer = _setup_trainer(params, start, tokenizer, pairs, checkpoints, bf16, live_run)
+        resume = last_checkpoint(checkpoints) if checkpoints.is_dir() else None
+        if resume:
+            print(f"dpo: resuming from {resume}", flush=True)
+        started = time.perf_counter()
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        runtime = time.perf_counter() - started
+    test = _test_metrics(trainer, pairs["test"])
     model = trainer.model  # the start weights inside TRL's LoRA wrapper
     report = _report(params, trainer, model, pairs, test, start=described, before=before,
                      after=_margin(model, tokenizer, pairs["test"], params), runtime=runtime, bf16=bf16,
-                     too_long=too_long, live_run_id=live_run and live_run.run_id)
+                     too_long=too_long, live_run_id=live_run and live_run.run_id,
+                     resumed_from_step=int(resume.name.split("-")[1]) if resume else 0)
     with all_or_nothing(), atomic_dir(out_dir) as tmp:  # the model and its report go in place together
         _save(params, model, tokenizer, report, tmp)
         report.write(report_path)
+    remove_path(checkpoints)  # the run is complete: nothing left to resume
     return report
+
+
+def _checkpoint_key(params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path) -> str:
+    """Hash of everything a checkpoint depends on (params, base, SFT start, pairs): a stale one is never resumed."""
+    from ftpipe.models import sha256_of
+
+    start = adapter_dir / TRAIN_CONFIG_NAME
+    inputs = {
+        "params": params.model_dump(),
+        "base": read_json(base_dir / MANIFEST_NAME),
+        "start": sha256_of(start) if params.init_from == "sft" and start.is_file() else None,
+        "pairs": {split: sha256_of(prefs_dir / split_file(split)) for split in ("train", "val")},
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _setup_pairs(params: DpoParams, prefs_dir: Path, tokenizer) -> tuple[dict[str, list[dict[str, Any]]], int]:
@@ -114,7 +139,8 @@ def _margin(model, tokenizer, pairs, params: DpoParams) -> float:
     return logp_margin(model, tokenizer, pairs, batch_size=params.batch_size)
 
 
-def _setup_trainer(params: DpoParams, start, tokenizer, pairs, scratch: Path, bf16: bool, live_run: live.LiveRun | None):
+def _setup_trainer(params: DpoParams, start, tokenizer, pairs, checkpoints: Path, bf16: bool,
+                   live_run: live.LiveRun | None):
     """TRL's DPOTrainer with the LoRA adapter as `peft_config`: it wraps the start weights and uses
     them with the adapter off as the reference model."""
     import torch
@@ -123,7 +149,7 @@ def _setup_trainer(params: DpoParams, start, tokenizer, pairs, scratch: Path, bf
     from ftpipe.callbacks import DPO_KEYS, final_step_callback, live_metrics_callback
     from ftpipe.dpo import arguments, lora_config, to_dataset
 
-    args = arguments(params, output_dir=scratch, bf16=bf16, cuda=torch.cuda.is_available())
+    args = arguments(params, output_dir=checkpoints, bf16=bf16, cuda=torch.cuda.is_available())
     callbacks = [final_step_callback()]
     if live_run:  # tokens/s from TRL's own count of the batches' tokens
         callbacks.append(live_metrics_callback(live_run, keys=DPO_KEYS))
@@ -146,7 +172,8 @@ def _test_metrics(trainer, pairs) -> dict[str, float]:
 
 
 def _report(params: DpoParams, trainer, model, pairs, test: dict[str, float], *, start: str, before: float,
-            after: float, runtime: float, bf16: bool, too_long: int, live_run_id: str | None) -> DpoReport:
+            after: float, runtime: float, bf16: bool, too_long: int, live_run_id: str | None,
+            resumed_from_step: int) -> DpoReport:
     from ftpipe import models
     from ftpipe.dpo import curves
 
@@ -162,7 +189,7 @@ def _report(params: DpoParams, trainer, model, pairs, test: dict[str, float], *,
         train_curve=[{"step": step, "loss": loss} for step, loss in train_curve], val_curve=val_curve,
         test_logp_margin_before=before, test_logp_margin_after=after,
         runtime_s=round(runtime, 1), precision="bf16" if bf16 else "fp32", parameters=total,
-        trainable_parameters=trainable, live_run_id=live_run_id,
+        trainable_parameters=trainable, live_run_id=live_run_id, resumed_from_step=resumed_from_step,
     )
 
 

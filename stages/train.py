@@ -151,7 +151,8 @@ def _setup_trainer(params: TrainParams, setup: Setup, data: Data, checkpoints: P
 
 def _train(trainer, checkpoints: Path) -> tuple[float, int]:
     """Train (from the newest checkpoint of an interrupted run, if any); (seconds, step resumed from)."""
-    from ftpipe.trainer import Diverged, last_checkpoint
+    from ftpipe.schedule import last_checkpoint
+    from ftpipe.trainer import Diverged
 
     resume = last_checkpoint(checkpoints) if checkpoints.is_dir() else None
     resumed_step = int(resume.name.split("-")[1]) if resume else 0

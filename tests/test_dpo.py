@@ -376,3 +376,47 @@ def test_a_pairs_file_outside_data_raw_is_refused_before_any_stage(tmp_path):
     params["dpo"]["enabled"] = False  # no pairs are built, so the file is not read
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert "prepare_prefs" in check_params(tmp_path / "params.yaml", tmp_path)
+
+
+def test_a_killed_dpo_run_resumes_from_its_last_checkpoint(finished_project):
+    """As train: checkpoints every save_steps under checkpoints/dpo/, kill -9 leaves the previous
+    output whole, and the rerun continues from the newest checkpoint to the same number of steps."""
+    import signal
+    import time
+
+    from conftest import stage
+
+    from ftpipe.schemas import DpoReport
+
+    proj = finished_project
+    pairs_file(proj / "data" / "raw" / "prefs.jsonl", qa_rows(80))
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["prepare_prefs"].update(source="file", path="data/raw/prefs.jsonl", max_train_pairs=32)
+    steps = 40
+    params["dpo"].update(enabled=True, max_steps=steps, batch_size=4, save_steps=5, eval_steps=20, logging_steps=5,
+                         max_length=64, learning_rate=1e-3)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    built = stage(proj, "prepare_prefs")
+    assert built.returncode == 0, built.stderr[-3000:]
+    previous = (proj / "models" / "dpo" / "manifest.json").read_bytes()  # dpo off until now
+
+    proc = subprocess.Popen([sys.executable, "-m", "stages.dpo"], cwd=proj, env=stage_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(proj.glob("checkpoints/dpo/*/checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (proj / "models" / "dpo" / "manifest.json").read_bytes() == previous
+    assert sorted(p.name for p in (proj / "models" / "dpo").iterdir()) == ["manifest.json"]
+
+    rerun = stage(proj, "dpo")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "dpo: resuming from checkpoints/dpo/" in rerun.stdout
+    report = DpoReport.read(proj / "reports" / "dpo.json")
+    assert report.steps == steps and 5 <= report.resumed_from_step < steps
+    # The loss curve continues from the checkpoint: one point every 5 steps, none missing or repeated.
+    assert [point["step"] for point in report.train_curve] == list(range(5, steps + 1, 5))
+    assert (proj / "models" / "dpo" / "merged" / "model.safetensors").is_file()
+    assert not any((proj / "checkpoints" / "dpo").iterdir())

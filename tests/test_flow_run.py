@@ -62,5 +62,6 @@ def test_a_run_leaves_git_clean_registers_a_clean_commit_and_writes_its_summary(
     assert f"**Promotion gate on rougeL:** {gate}" in summary
     assert (project / "reports" / "comparison.md").read_text().split("\n\n")[0] in summary
     times = dict(re.findall(r"^\| ([a-z_]+) \| ([\d.]+) \|$", summary, flags=re.M))
-    assert set(times) == set(STAGES)
+    assert set(times) == {*STAGES, "total"}
+    assert abs(float(times["total"]) - sum(float(times[s]) for s in STAGES)) <= 0.05 * len(STAGES)  # each rounded
     assert "torch " in summary and re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d", summary, flags=re.M)

@@ -11,7 +11,7 @@ from ftpipe import paths
 
 ROOT = Path(__file__).resolve().parents[1]
 # Named by stages but deliberately not DVC-tracked: checkpoints must survive DVC deleting outs.
-UNTRACKED = {paths.CHECKPOINTS}
+UNTRACKED = {paths.CHECKPOINTS, paths.DPO_CHECKPOINTS}
 
 
 def declared(stage: dict) -> tuple[set[Path], set[Path]]:
