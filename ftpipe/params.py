@@ -433,6 +433,9 @@ class PreparePrefsParams(_Section):
     """Preference pairs for the dpo stage (ftpipe/preferences.py), built only when dpo.enabled:
     split like the SFT data and leak-checked with prepare_data's settings."""
 
+    kind: Literal["pairs", "thumbs"] = "pairs"
+    """pairs: a prompt with a chosen and a rejected reply (DPO or KTO); thumbs: one reply with a thumbs
+    up/down label (unpaired feedback, for dpo.method kto only; needs source 'file')."""
     source: Literal["self", "file"] = "self"
     """self: each SFT row's prompt, its reference reply as `chosen` and the base model's own greedy
     reply as `rejected` (self-generated negatives, generated once and kept by DVC); file: a .jsonl of
@@ -445,6 +448,10 @@ class PreparePrefsParams(_Section):
     """file: the preferred reply."""
     rejected_field: str = "rejected"
     """file: the dispreferred reply to the same prompt."""
+    reply_field: str = "reply"
+    """thumbs: the rated reply."""
+    label_field: str = "label"
+    """thumbs: its label, good (true, 1, "up", "good") or bad (false, 0, "down", "bad")."""
     max_train_pairs: int = Field(300, ge=0)
     """Training pairs kept (the first N of the shuffled split; 0: all). self: every pair costs a
     generation; the validation and test pairs are always all kept."""
@@ -462,20 +469,28 @@ class PreparePrefsParams(_Section):
             raise FieldProblem("path", "required when source is 'file'")
         if self.source != "file" and self.path:
             raise FieldProblem("path", f"only used with source 'file', not '{self.source}' (set it to null)")
+        if self.kind == "thumbs" and self.source != "file":
+            raise FieldProblem("kind", f"'thumbs' reads rated replies from a file: needs source 'file', not "
+                                       f"'{self.source}'")
+        if self.kind == "thumbs" and len({self.prompt_field, self.reply_field, self.label_field}) < 3:
+            raise FieldProblem("label_field", "prompt_field, reply_field and label_field must differ")
         fields = [self.prompt_field, self.chosen_field, self.rejected_field]
-        if len(set(fields)) < 3:
+        if self.kind == "pairs" and len(set(fields)) < 3:
             raise FieldProblem("rejected_field", "prompt_field, chosen_field and rejected_field must differ")
         return self
 
 
 class DpoParams(_Schedule):
-    """Direct preference optimization (TRL's DPOTrainer) of a LoRA adapter on the preference pairs,
+    """Preference tuning of a LoRA adapter (TRL's DPOTrainer on pairs, or KTOTrainer on rated replies),
     after SFT or on the base; the result is evaluated and, when enabled, registered instead of the
     SFT model. The keys from seed to live_metrics mean the same as in train; learning_rate,
     warmup_ratio and eval_steps have defaults of their own."""
 
     enabled: bool = False
     """Off by default: it adds the preference generation and a second training run."""
+    method: Literal["dpo", "kto"] = "dpo"
+    """dpo: DPOTrainer on preference pairs; kto: KTOTrainer (Kahneman-Tversky optimization) on single
+    replies labelled good or bad (prepare_prefs.kind thumbs), or on pairs split into a good and a bad reply."""
     init_from: Literal["sft", "base"] = "sft"
     """sft: the train stage's model (merged into the weights DPO starts from, which are also its
     reference model); base: the base model (DPO without SFT)."""
@@ -486,6 +501,11 @@ class DpoParams(_Schedule):
     regularization); hinge: SLiC; robust: label-noise robust DPO; apo_zero, sppo_hard: TRL's."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """robust only: the assumed share of pairs whose preference is wrong."""
+    desirable_weight: float = Field(1.0, gt=0)
+    """kto only: weight of the good replies' losses (raise it when good replies are the fewer)."""
+    undesirable_weight: float = Field(1.0, gt=0)
+    """kto only: weight of the bad replies' losses (KTO's paper keeps desirable x good / (undesirable
+    x bad) between 1 and 4/3)."""
     # Re-declared with DPO's own defaults (these keys keep their place among _Schedule's).
     learning_rate: float = Field(1e-4, gt=0)
     """Peak learning rate of AdamW, reached after the warmup and then lowered by lr_scheduler; ten times
@@ -501,6 +521,18 @@ class DpoParams(_Schedule):
 
     @model_validator(mode="after")
     def _check(self) -> DpoParams:
+        if self.method == "kto":
+            if self.loss_type != "sigmoid":
+                raise FieldProblem("loss_type", "a DPO loss, not used by method 'kto' (set it to sigmoid)")
+            if self.label_smoothing:
+                raise FieldProblem("label_smoothing", "a DPO setting, not used by method 'kto' (set it to 0.0)")
+            if self.batch_size < 2:
+                raise FieldProblem("batch_size", "method 'kto' needs at least 2 examples per batch (its KL "
+                                                 "estimate pairs each prompt with another example's reply)")
+        else:
+            for key in ("desirable_weight", "undesirable_weight"):
+                if getattr(self, key) != 1.0:
+                    raise FieldProblem(key, f"only used by method 'kto', not '{self.method}' (set it to 1.0)")
         if self.label_smoothing and self.loss_type != "robust":
             raise FieldProblem("label_smoothing", f"only used by loss_type 'robust', not '{self.loss_type}'")
         return self
@@ -816,6 +848,10 @@ def _check_across(sections: dict[str, _Section], text: str, path: Path) -> None:
     if export.gguf and not train.merge and not dpo.enabled:  # DPO always writes a merged model
         raise PipelineError(f"{path}:{_line_of(text, ['export', 'gguf'])}: export.gguf: needs train.merge: true "
                             "(the GGUF is written from the merged model); set export.gguf: [] to skip it")
+    prefs = sections["prepare_prefs"]
+    if dpo.enabled and prefs.kind == "thumbs" and dpo.method != "kto":
+        raise PipelineError(f"{path}:{_line_of(text, ['prepare_prefs', 'kind'])}: prepare_prefs.kind: 'thumbs' "
+                            f"needs dpo.method: kto, not '{dpo.method}' (DPO needs pairs)")
     if dpo.enabled and dpo.init_from == "sft" and train.method in PROMPT_METHODS:
         raise PipelineError(f"{path}:{_line_of(text, ['dpo', 'init_from'])}: dpo.init_from: 'sft' needs a train "
                             f"method whose result merges into the weights, not '{train.method}' (use base)")

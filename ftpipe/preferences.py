@@ -1,8 +1,9 @@
-"""Preference pairs for DPO: read from a file, or built from the SFT data with the base model's own
-greedy replies as the rejected ones (self-generated negatives); split like the SFT data and checked
-for train/eval leaks with prepare_data's settings.
+"""Preference data for the dpo stage: pairs from a file, or from the SFT data with the base model's own
+greedy replies as the rejected ones (self-generated negatives), or replies rated thumbs up/down (kind
+thumbs, for KTO); split like the SFT data and leak-checked with prepare_data's settings.
 
-A pair is {"id", "prompt": [messages before the reply], "chosen": str, "rejected": str, "origin"}.
+A pair is {"id", "prompt": [messages before the reply], "chosen": str, "rejected": str, "origin"}; a
+rated reply {"id", "prompt", "completion": str, "label": bool (true: good), "origin"}.
 Split: a pair whose prompt (normalized) is an SFT row's prompt goes to that row's split; any other
 prompt goes by a seeded hash of it, so every pair of one prompt lands in one split and no prompt
 straddles train and evaluation.
@@ -64,6 +65,66 @@ def read_file(path: Path, params: PreparePrefsParams,
     if not pairs:
         raise PipelineError(f"{path}: no preference pairs (left out: {dropped})")
     return pairs, dropped
+
+
+GOOD_LABELS, BAD_LABELS = ("up", "good"), ("down", "bad")  # besides true/false and 1/0, any case
+
+
+def read_thumbs(path: Path, params: PreparePrefsParams,
+                data: PrepareDataParams) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """(rated replies, rows left out by reason: exact duplicates, and every row of a (prompt, reply)
+    rated both good and bad, "conflicting") of a .jsonl thumbs file; a bad line fails naming the file,
+    the line and the field."""
+    if path.suffix.lower() != ".jsonl":
+        raise PipelineError(f"prepare_prefs.path: {path}: unsupported file type '{path.suffix}' (use .jsonl)")
+    if not path.is_file():
+        raise PipelineError(f"prepare_prefs.path: thumbs file not found: {path}")
+    rows, seen, dropped = [], set(), {"duplicate": 0, "conflicting": 0}
+    for line, row in iter_jsonl(path):
+        where = f"{path}:{line}"
+        prompt = _prompt(row, params.prompt_field, where, data)
+        reply = clean_text(_reply(row, params.reply_field, where), data)
+        if not reply:
+            raise PipelineError(f"{where}: field '{params.reply_field}' is empty")
+        label = _label(row, params.label_field, where)
+        if data.system_prompt and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": data.system_prompt}, *prompt]
+        key = (prompt_key(prompt), reply, label)
+        if key in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add(key)
+        rows.append({"id": f"line{line}", "prompt": prompt, "completion": reply, "label": label, "origin": where,
+                     "_key": key[:2]})
+    labels: dict[tuple[str, str], set[bool]] = {}
+    for row in rows:
+        labels.setdefault(row["_key"], set()).add(row["label"])
+    kept = [row for row in rows if len(labels[row["_key"]]) == 1]  # rated both ways: nothing to learn
+    dropped["conflicting"] = len(rows) - len(kept)
+    kept = [{k: v for k, v in row.items() if k != "_key"} for row in kept]
+    if not kept:
+        raise PipelineError(f"{path}: no rated replies (left out: {dropped})")
+    return kept, dropped
+
+
+def _label(row: dict[str, Any], field: str, where: str) -> bool:
+    """True (good) or False (bad) from true/false, 1/0, "up"/"down", "good"/"bad" (any case)."""
+    if field not in row:
+        raise PipelineError(f"{where}: missing field '{field}'")
+    value = row[field]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in GOOD_LABELS + BAD_LABELS:
+        return value.strip().lower() in GOOD_LABELS
+    raise PipelineError(f"{where}: field '{field}' must be true/false, 1/0, \"up\"/\"down\" or \"good\"/\"bad\", "
+                        f"got {value!r}")
+
+
+def has_both_labels(rows: list[dict[str, Any]]) -> bool:
+    """Whether rated replies hold at least one good and one bad reply (KTO needs both)."""
+    return {row["label"] for row in rows} == {True, False}
 
 
 def _reply(row: dict[str, Any], field: str, where: str) -> str:
@@ -129,8 +190,10 @@ def cap_train(splits: dict[str, list[dict[str, Any]]], max_train: int, seed: int
 
 
 def as_record(pair: dict[str, Any]) -> dict[str, Any]:
-    """The pair as an SFT-style record (prompt + chosen reply), what the leak check compares."""
-    return {"id": pair["id"], "messages": [*pair["prompt"], {"role": "assistant", "content": pair["chosen"]}]}
+    """The pair (prompt + chosen reply) or rated reply (prompt + reply, good or bad) as an SFT-style
+    record, what the leak check compares."""
+    reply = pair["chosen"] if "chosen" in pair else pair["completion"]
+    return {"id": pair["id"], "messages": [*pair["prompt"], {"role": "assistant", "content": reply}]}
 
 
 def check_leaks(splits: dict[str, list[dict[str, Any]]], extra_eval: dict[str, list[dict[str, Any]]],

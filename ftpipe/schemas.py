@@ -107,8 +107,10 @@ class PrefsReport(_Report):
     """reports/preferences.json (DVC metrics), written by prepare_prefs."""
 
     enabled: bool  # false: dpo is off and no pair was built
+    kind: str | None = None  # pairs | thumbs (single replies rated good or bad)
     source: str | None = None
-    pairs: dict[str, int] = {}  # split -> pairs written
+    pairs: dict[str, int] = {}  # split -> pairs (or rated replies) written
+    good: dict[str, int] = {}  # thumbs: split -> rated replies labelled good (the rest are bad)
     dropped: dict[str, int] = {}  # reason -> pairs left out
     leaks: dict[str, int] = {}  # kind -> evaluation pairs leaking from training pairs, and "total"
     leak_action: str | None = None
@@ -127,21 +129,23 @@ class DpoReport(_Report):
 
     enabled: bool  # false: dpo is off and no model was written
     start: str | None = None  # what DPO started from (also its reference model)
-    loss_type: str | None = None
+    method: str = "dpo"  # dpo (DPOTrainer on pairs) | kto (KTOTrainer on good and bad replies)
+    loss_type: str | None = None  # dpo: dpo.loss_type; kto: "kto"
     beta: float | None = None
     steps: int = 0
     epochs: float = 0.0
     pairs: dict[str, int] = {}
     train_loss_final: float | None = None
     val_loss_final: float | None = None
-    test_loss: float | None = None  # DPO loss on the held-out test pairs
+    test_loss: float | None = None  # DPO (or KTO) loss on the held-out test pairs (or rated replies)
     # TRL's implicit rewards (beta x log-ratio to the reference) on the held-out test pairs.
-    test_reward_accuracy: float | None = None  # share of pairs whose chosen reply gets the higher reward
-    test_reward_margin: float | None = None  # mean reward of chosen - rejected
+    test_reward_accuracy: float | None = None  # share of pairs whose chosen reply gets the higher reward; kto: None
+    test_reward_margin: float | None = None  # mean reward of chosen (kto: good) - rejected (bad)
     train_curve: list[dict[str, float]] = []  # step, loss per logged training step
     val_curve: list[dict[str, float]] = []  # step, loss, reward_accuracy, reward_margin per evaluation
     # The policy's own log-probability of chosen - rejected (summed over reply tokens), averaged over
-    # the test pairs, before and after: the preference the model actually learned.
+    # the test pairs, before and after: the preference the model actually learned. kto: the mean
+    # log-probability of the test split's good replies minus that of its bad replies.
     test_logp_margin_before: float | None = None
     test_logp_margin_after: float | None = None
     runtime_s: float = 0.0

@@ -1,4 +1,5 @@
-"""Direct preference optimization (TRL's DPOTrainer) of a LoRA adapter on the preference pairs.
+"""Preference tuning of a LoRA adapter: direct preference optimization (TRL's DPOTrainer) on the
+preference pairs, or with dpo.method kto TRL's KTOTrainer on rated replies (a pair: a good and a bad one).
 
 Starts from the SFT model (`init_from: sft`, merged) or the base; those weights with the adapter off
 are the reference. Validation pairs are scored every `eval_steps`, the test pairs once at the end.
@@ -61,7 +62,7 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
     # names their rewards eval_* too, which would land on the validation curves).
     with live.session(live_to, run_name="dpo") as live_run:
         tokenizer = models.load_tokenizer(base_dir)
-        pairs, too_long = _setup_pairs(params, prefs_dir, tokenizer)
+        pairs, too_long = _setup_pairs(params, prefs_dir, tokenizer)  # kto: rated replies
         start, described = _start_model(params, base_dir, adapter_dir)
         before = _margin(start, tokenizer, pairs["test"], params)
         bf16 = use_bf16(params)
@@ -72,7 +73,7 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         runtime = time.perf_counter() - started
-    test = _test_metrics(trainer, pairs["test"])
+    test = _test_metrics(trainer, pairs["test"], params)
     model = trainer.model  # the start weights inside TRL's LoRA wrapper
     report = _report(params, trainer, model, pairs, test, start=described, before=before,
                      after=_margin(model, tokenizer, pairs["test"], params), runtime=runtime, bf16=bf16,
@@ -92,7 +93,9 @@ def _checkpoint_key(params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_
     start = adapter_dir / TRAIN_CONFIG_NAME
     inputs = {
         "params": params.model_dump(),
-        "base": read_json(base_dir / MANIFEST_NAME),
+        # prepare_base's manifest names the base; a model folder given directly, its config.
+        "base": read_json(base_dir / MANIFEST_NAME) if (base_dir / MANIFEST_NAME).is_file()
+        else sha256_of(base_dir / "config.json"),
         "start": sha256_of(start) if params.init_from == "sft" and start.is_file() else None,
         "pairs": {split: sha256_of(prefs_dir / split_file(split)) for split in ("train", "val")},
     }
@@ -100,20 +103,31 @@ def _checkpoint_key(params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_
 
 
 def _setup_pairs(params: DpoParams, prefs_dir: Path, tokenizer) -> tuple[dict[str, list[dict[str, Any]]], int]:
-    from ftpipe.dpo import fitting
+    """(split -> pairs, or with method kto rated replies (a pair becomes a good and a bad one), those
+    left out as over max_length)."""
+    from ftpipe.dpo import fitting, unpaired
 
     manifest = read_json(prefs_dir / PREFS_MANIFEST_NAME)
     if not manifest.get("enabled"):
         raise PipelineError(f"{prefs_dir}: no preference pairs were built (run `dvc repro prepare_prefs`)")
+    if manifest.get("kind") == "thumbs" and params.method != "kto":
+        raise PipelineError(f"dpo.method: '{params.method}' needs pairs, and {prefs_dir} holds rated replies "
+                            "(prepare_prefs.kind thumbs): use method kto")
+    what = "rated replies" if params.method == "kto" else "pairs"
     pairs, too_long = {}, 0
     for split in SPLITS:
         rows = read_jsonl(prefs_dir / split_file(split))
         if not rows:
             raise PipelineError(f"{prefs_dir / f'{split}.jsonl'}: no pairs (rerun `dvc repro prepare_prefs`)")
+        if params.method == "kto":  # KTOTrainer samples in order: a seeded shuffle mixes good and bad replies
+            rows = unpaired(rows, seed=params.seed if split == "train" else None)
         pairs[split], dropped = fitting(rows, tokenizer, params.max_length)
         too_long += dropped
         if not pairs[split]:
-            raise PipelineError(f"dpo.max_length: {params.max_length} tokens leaves no {split} pairs")
+            raise PipelineError(f"dpo.max_length: {params.max_length} tokens leaves no {split} {what}")
+        if params.method == "kto" and len({row["label"] for row in pairs[split]}) < 2:
+            raise PipelineError(f"dpo.max_length: {params.max_length} tokens leaves no "
+                                f"{'bad' if pairs[split][0]['label'] else 'good'} {split} replies (KTO needs both)")
     return pairs, too_long
 
 
@@ -133,42 +147,49 @@ def _start_model(params: DpoParams, base_dir: Path, adapter_dir: Path):
 
 
 def _margin(model, tokenizer, pairs, params: DpoParams) -> float:
-    from ftpipe.dpo import logp_margin
+    """dpo: the mean log-probability margin of chosen over rejected; kto: good replies' mean minus bad ones'."""
+    from ftpipe.dpo import label_margin, logp_margin
 
     model.eval()
-    return logp_margin(model, tokenizer, pairs, batch_size=params.batch_size)
+    margin = label_margin if params.method == "kto" else logp_margin
+    return margin(model, tokenizer, pairs, batch_size=params.batch_size)
 
 
 def _setup_trainer(params: DpoParams, start, tokenizer, pairs, checkpoints: Path, bf16: bool,
                    live_run: live.LiveRun | None):
-    """TRL's DPOTrainer with the LoRA adapter as `peft_config`: it wraps the start weights and uses
-    them with the adapter off as the reference model."""
+    """TRL's DPOTrainer (method kto: KTOTrainer) with the LoRA adapter as `peft_config`: it wraps the
+    start weights and uses them with the adapter off as the reference model."""
     import torch
-    from trl import DPOTrainer
+    from trl import DPOTrainer, KTOTrainer
 
     from ftpipe.callbacks import DPO_KEYS, final_step_callback, live_metrics_callback
-    from ftpipe.dpo import arguments, lora_config, to_dataset
+    from ftpipe.dpo import arguments, kto_arguments, lora_config, to_dataset, to_kto_dataset
 
-    args = arguments(params, output_dir=checkpoints, bf16=bf16, cuda=torch.cuda.is_available())
+    kto = params.method == "kto"
+    args = (kto_arguments if kto else arguments)(params, output_dir=checkpoints, bf16=bf16,
+                                                 cuda=torch.cuda.is_available())
     callbacks = [final_step_callback()]
     if live_run:  # tokens/s from TRL's own count of the batches' tokens
         callbacks.append(live_metrics_callback(live_run, keys=DPO_KEYS))
-    return DPOTrainer(model=start, args=args, train_dataset=to_dataset(pairs["train"]),
-                      eval_dataset=to_dataset(pairs["val"]), processing_class=tokenizer,
-                      peft_config=lora_config(params), callbacks=callbacks)
+    trainer, dataset = (KTOTrainer, to_kto_dataset) if kto else (DPOTrainer, to_dataset)
+    return trainer(model=start, args=args, train_dataset=dataset(pairs["train"]), eval_dataset=dataset(pairs["val"]),
+                   processing_class=tokenizer, peft_config=lora_config(params), callbacks=callbacks)
 
 
-def _test_metrics(trainer, pairs) -> dict[str, float]:
+def _test_metrics(trainer, pairs, params: DpoParams) -> dict[str, float | None]:
     """DPO loss and TRL's reward accuracy and margin on the held-out pairs (TRL names its own
-    metrics eval_* whatever the prefix)."""
-    from ftpipe.dpo import REWARD_ACCURACY, REWARD_MARGIN, to_dataset
+    metrics eval_* whatever the prefix); kto: KTO loss and reward margin (no accuracy: its replies
+    are not paired; no margin when no batch held good and bad replies)."""
+    from ftpipe.dpo import REWARD_ACCURACY, REWARD_MARGIN, to_dataset, to_kto_dataset
 
-    found = trainer.evaluate(to_dataset(pairs), metric_key_prefix="test")
+    kto = params.method == "kto"
+    found = trainer.evaluate((to_kto_dataset if kto else to_dataset)(pairs), metric_key_prefix="test")
     wanted = {"loss": "test_loss", "accuracy": f"eval_{REWARD_ACCURACY}", "margin": f"eval_{REWARD_MARGIN}"}
-    missing = [key for key in wanted.values() if key not in found]
+    required = ["test_loss"] if kto else list(wanted.values())
+    missing = [key for key in required if key not in found]
     if missing:
         raise PipelineError(f"dpo: TRL's evaluation returned no {missing[0]} (keys: {', '.join(sorted(found))})")
-    return {name: found[key] for name, key in wanted.items()}
+    return {name: found.get(key) for name, key in wanted.items()}
 
 
 def _report(params: DpoParams, trainer, model, pairs, test: dict[str, float], *, start: str, before: float,
@@ -180,7 +201,8 @@ def _report(params: DpoParams, trainer, model, pairs, test: dict[str, float], *,
     train_curve, val_curve = curves(trainer.state.log_history)
     total, trainable = models.count_parameters(model)
     return DpoReport(
-        enabled=True, start=start, loss_type=params.loss_type, beta=params.beta, steps=trainer.state.global_step,
+        enabled=True, start=start, method=params.method,
+        loss_type="kto" if params.method == "kto" else params.loss_type, beta=params.beta, steps=trainer.state.global_step,
         epochs=round(trainer.state.epoch or 0.0, 3), pairs={**{s: len(p) for s, p in pairs.items()},
                                                              "too_long": too_long},
         train_loss_final=train_curve[-1][1] if train_curve else None,
@@ -204,7 +226,7 @@ def _save(params: DpoParams, model, tokenizer, report: DpoReport, out_dir: Path)
     merged.save_pretrained(out_dir / models.MERGED, safe_serialization=True)
     tokenizer.save_pretrained(out_dir / models.MERGED)
     plot_losses([(p["step"], p["loss"]) for p in report.train_curve], [(v["step"], v["loss"]) for v in report.val_curve],
-                out_dir / DPO_LOSS_PLOT_NAME, ylabel="DPO loss")
+                out_dir / DPO_LOSS_PLOT_NAME, ylabel=f"{params.method.upper()} loss")
     write_json(out_dir / TRAIN_CONFIG_NAME, {"params": params.model_dump(), "summary": report.model_dump(mode="json")})
     write_json(out_dir / DPO_MANIFEST, {"enabled": True, "start": report.start})
 
@@ -216,9 +238,13 @@ def main() -> None:
     if not report.enabled:
         print("dpo: dpo.enabled is false, nothing trained")
         return
+    logp = f"{report.test_logp_margin_before:+.3f} -> {report.test_logp_margin_after:+.3f} -> {DPO_DIR}"
+    if report.method == "kto":
+        print(f"dpo: {report.steps} kto steps from {report.start}; test replies: loss {report.test_loss:.4f}; "
+              f"log-prob margin good - bad {logp}")
+        return
     print(f"dpo: {report.steps} steps from {report.start}; test pairs: reward accuracy {report.test_reward_accuracy:.3f}, "
-          f"margin {report.test_reward_margin:+.4f}; log-prob margin {report.test_logp_margin_before:+.3f} -> "
-          f"{report.test_logp_margin_after:+.3f} -> {DPO_DIR}")
+          f"margin {report.test_reward_margin:+.4f}; log-prob margin {logp}")
 
 
 if __name__ == "__main__":

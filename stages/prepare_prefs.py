@@ -1,8 +1,9 @@
-"""Preference pairs (prompt, chosen, rejected) for the dpo stage, built only when dpo.enabled.
+"""Preference data for the dpo stage, built only when dpo.enabled: pairs (prompt, chosen, rejected) or, with
+kind thumbs, single replies rated good or bad (prompt, reply, label; for dpo.method kto).
 
 source self: each SFT row's reference reply as chosen, the base model's greedy reply as rejected (kept by DVC:
-a DPO hyperparameter change does not generate them again); source file: a .jsonl of pairs under data/raw/.
-The pairs follow the SFT split and are cleaned and leak-checked with prepare_data's settings.
+a DPO hyperparameter change does not generate them again); source file: a .jsonl of pairs (or rated replies)
+under data/raw/. They follow the SFT split and are cleaned and leak-checked with prepare_data's settings.
 Reads params.yaml `prepare_prefs`, dpo.enabled, prepare_data's keys, models/base/, data/prepared/; writes
 data/preferences/ (the splits and manifest.json) and reports/preferences.json (with dpo off: both say so).
 Run: python -m stages.prepare_prefs
@@ -40,23 +41,32 @@ def run(*, params: PreparePrefsParams, data: PrepareDataParams, enabled: bool, b
         generated = sum(len(rows) for rows in sft.values())
         extra_eval = {}  # the pairs' splits are the SFT splits themselves
     else:  # the file is checked before anything else is read
-        pairs, dropped = preferences.read_file(_data_file(params.path, project_dir), params, data)
+        read = preferences.read_thumbs if params.kind == "thumbs" else preferences.read_file
+        pairs, dropped = read(_data_file(params.path, project_dir), params, data)
         sft = _sft_rows(prepared_dir)
         splits = preferences.cap_train(preferences.assign_splits(pairs, sft, data), params.max_train_pairs, data.seed)
         extra_eval = {"sft_val": sft["val"], "sft_test": sft["test"]}
     kept, leaks = preferences.check_leaks(splits, extra_eval, data)
+    what = "rated replies" if params.kind == "thumbs" else "pairs"
     empty = [split for split in SPLITS if not kept[split]]
     if empty:  # DPO needs pairs to train on, to validate on and to report on
-        raise PipelineError(f"prepare_prefs: no {empty[0]} pairs left (pairs per split: "
+        raise PipelineError(f"prepare_prefs: no {empty[0]} {what} left ({what} per split: "
                             f"{ {s: len(p) for s, p in kept.items()} }; left out: {dropped})")
+    one_sided = [split for split in SPLITS if params.kind == "thumbs" and not preferences.has_both_labels(kept[split])]
+    if one_sided:  # KTO's loss weighs good against bad replies, and the test margin compares them
+        split = one_sided[0]
+        missing = "bad" if kept[split][0]["label"] else "good"
+        raise PipelineError(f"prepare_prefs: the {split} split has no {missing} replies ({len(kept[split])} rated "
+                            f"replies, all {'good' if missing == 'bad' else 'bad'}): KTO needs both in every split")
     from ftpipe.leaks import count_by_kind
 
     report = PrefsReport(
-        enabled=True, source=params.source if params.source == "self" else f"file {params.path}",
+        enabled=True, kind=params.kind, source=params.source if params.source == "self" else f"file {params.path}",
         pairs={s: len(p) for s, p in kept.items()}, dropped=dropped,
         leaks={**count_by_kind(leaks), "total": len(leaks)}, leak_action=data.leak_action,
         train_pairs_dropped_for_leaks=len(splits["train"]) - len(kept["train"]),
         generated=generated, generate_s=round(time.perf_counter() - started, 1) if generated else 0.0,
+        good={s: sum(row["label"] for row in p) for s, p in kept.items()} if params.kind == "thumbs" else {},
     )
     _write(out_dir, report_path, report, kept)
     return report
@@ -87,7 +97,10 @@ def _write(out_dir: Path, report_path: Path, report: PrefsReport, splits) -> Non
     with all_or_nothing(), atomic_dir(out_dir) as tmp:  # the pairs and their report go in place together
         for split, pairs in splits.items():
             write_text(tmp / split_file(split), dumps_jsonl(pairs))
-        write_json(tmp / MANIFEST_NAME, {"enabled": report.enabled, "source": report.source, "pairs": report.pairs})
+        manifest = {"enabled": report.enabled, "source": report.source, "pairs": report.pairs}
+        if report.enabled:
+            manifest["kind"] = report.kind  # pairs | thumbs (rated replies, for KTO)
+        write_json(tmp / MANIFEST_NAME, manifest)
         report.write(report_path)
 
 
@@ -103,7 +116,8 @@ def main() -> None:
     if not report.enabled:
         print("prepare_prefs: dpo.enabled is false, no pairs built")
         return
-    print(f"prepare_prefs: {report.pairs} pairs ({report.source}; left out {report.dropped}; "
+    what = "rated replies" if report.kind == "thumbs" else "pairs"
+    print(f"prepare_prefs: {report.pairs} {what} ({report.source}; left out {report.dropped}; "
           f"leaks {report.leaks['total']}, {report.leak_action}) -> {PREFS_DIR}")
 
 

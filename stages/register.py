@@ -496,7 +496,8 @@ def _log_dpo(reports: Reports, dpo_dir: Path, *, curves: bool = True) -> None:
     dpo = reports.dpo
     _log_metrics({f"dpo_{k}": v for k, v in dpo.model_dump().items() if isinstance(v, float)
                         and k not in ("beta", "epochs") and v is not None})
-    mlflow.log_params({"dpo_start": dpo.start, "dpo_loss_type": dpo.loss_type, "dpo_beta": dpo.beta})
+    mlflow.log_params({"dpo_start": dpo.start, "dpo_method": dpo.method, "dpo_loss_type": dpo.loss_type,
+                       "dpo_beta": dpo.beta})
     for point in dpo.train_curve if curves else ():
         mlflow.log_metric("dpo_train_loss", point["loss"], step=int(point["step"]))
     for point in dpo.val_curve if curves else ():
@@ -597,7 +598,8 @@ def main() -> None:
     dpo_dir = models.dpo_result(DPO_DIR, enabled=load_section("dpo", DpoParams).enabled)
     if dpo_dir:  # the registered model is the DPO one: say how it was tuned
         dpo = read_json(DPO_DIR / TRAIN_CONFIG_NAME)
-        lineage["dpo"] = f"{dpo['params']['loss_type']} beta {dpo['params']['beta']} from {dpo['summary']['start']}"
+        loss = "kto" if dpo["params"].get("method") == "kto" else dpo["params"]["loss_type"]
+        lineage["dpo"] = f"{loss} beta {dpo['params']['beta']} from {dpo['summary']['start']}"
     result = run(
         params=params,
         all_params=all_params,

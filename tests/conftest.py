@@ -140,6 +140,11 @@ def _build_tiny_model(out: Path) -> None:
 
 @pytest.fixture(scope="session")
 def talking_model(tmp_path_factory, tiny_model_dir):
+    """A tiny model that answers in words (see _train_talking), trained once per run and shared read-only."""
+    return once_per_run(tmp_path_factory, "talking", lambda folder: _train_talking(tiny_model_dir, folder)) / "adapter"
+
+
+def _train_talking(tiny_model_dir: Path, folder: Path) -> None:
     """The tiny model fully fine-tuned for 150 steps on the qa rows, so that it answers with words
     (the random tiny model, and the suite's 6-step fine-tune of it, answer with newlines only).
     Saved as the train stage's merged/ folder."""
@@ -163,10 +168,9 @@ def talking_model(tmp_path_factory, tiny_model_dir):
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    adapter_dir = tmp_path_factory.mktemp("talking") / "adapter"
+    adapter_dir = folder / "adapter"
     model.save_pretrained(adapter_dir / "merged")
     tokenizer.save_pretrained(adapter_dir / "merged")
-    return adapter_dir
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,12 @@ def pairs_file(path: Path, rows: list[dict]) -> Path:
                               for r in rows])
 
 
+def thumbs_file(path: Path, rows: list[dict], labels: tuple = (True, False)) -> Path:
+    """A rated reply per row and label: the right reply good, the wrong one bad."""
+    return write_jsonl(path, [{"prompt": r["prompt"], "reply": r["response"] if good else wrong(r["response"]),
+                               "label": label} for r in rows for good, label in zip((True, False), labels)])
+
+
 def build(tmp_path: Path, model_dir: Path, offset: int = 0, **prefs) -> tuple:
     from stages import prepare_prefs
 
@@ -226,9 +232,145 @@ def test_dpo_params_are_checked_naming_the_key(tmp_path):
                                      p["train"].update(method="prompt_tuning", merge=False)),
          "'sft' needs a train method"),
         ("dpo.beta", lambda p: p["dpo"].update(beta=0), "Input should be greater than 0"),
+        # KTO and thumbs: each key refused where it does not apply, and thumbs only with kto.
+        ("prepare_prefs.kind", lambda p: p["prepare_prefs"].update(kind="thumbs"),
+         "'thumbs' reads rated replies from a file: needs source 'file', not 'self'"),
+        ("dpo.loss_type", lambda p: p["dpo"].update(method="kto", loss_type="ipo"), "a DPO loss, not used by "
+                                                                                   "method 'kto'"),
+        ("dpo.label_smoothing", lambda p: p["dpo"].update(method="kto", label_smoothing=0.1),
+         "a DPO setting, not used by method 'kto'"),
+        ("dpo.desirable_weight", lambda p: p["dpo"].update(desirable_weight=2.0), "only used by method 'kto'"),
+        ("dpo.undesirable_weight", lambda p: p["dpo"].update(undesirable_weight=0), "Input should be greater than 0"),
+        ("dpo.batch_size", lambda p: p["dpo"].update(method="kto", batch_size=1), "method 'kto' needs at least 2"),
+        ("prepare_prefs.kind", lambda p: (p["dpo"].update(enabled=True),
+                                          p["prepare_prefs"].update(kind="thumbs", source="file",
+                                                                    path="data/raw/thumbs.jsonl")),
+         "'thumbs' needs dpo.method: kto, not 'dpo' (DPO needs pairs)"),
     ]:
         found = problem(edit)
         assert found.startswith(f"{tmp_path / 'params.yaml'}:{line_of(key)}: {key}: {message}"), found
+
+
+def test_a_thumbs_file_is_split_by_prompt_without_duplicates_or_conflicts_and_leak_checked(tmp_path,
+                                                                                         tiny_model_dir):
+    from ftpipe import preferences
+
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    rows = qa_rows(40)  # the SFT splits' prompts: each rated reply takes its prompt's split
+    thumbs_file(raw / "thumbs.jsonl", rows[:10], labels=("up", "down"))
+    with (raw / "thumbs.jsonl").open("a") as out:
+        for k, r in enumerate(rows[10:]):  # every spelling of a label
+            good, bad = [(True, False), (1, 0), ("GOOD", "Bad"), ("Up", "DOWN")][k % 4]
+            out.write(json.dumps({"prompt": r["prompt"], "reply": r["response"], "label": good}) + "\n")
+            out.write(json.dumps({"prompt": [{"role": "user", "content": r["prompt"]}], "reply": wrong(r["response"]),
+                                  "label": bad}) + "\n")
+        for r in rows[:3]:  # three exact duplicates, one of them with its label spelled another way
+            out.write(json.dumps({"prompt": r["prompt"], "reply": r["response"], "label": True}) + "\n")
+        for label in ("up", "down"):  # a reply rated both ways: both rows left out
+            out.write(json.dumps({"prompt": rows[5]["prompt"], "reply": "Maybe  so.", "label": label}) + "\n")
+    report, splits = build(tmp_path, tiny_model_dir, kind="thumbs", source="file", path="data/raw/thumbs.jsonl")
+    assert report.kind == "thumbs" and report.pairs == {"train": 60, "val": 10, "test": 10}
+    assert report.good == {"train": 30, "val": 5, "test": 5}
+    assert report.dropped == {"duplicate": 3, "conflicting": 2} and report.leaks["total"] == 0
+    assert {(r["completion"], r["label"]) for r in splits["test"]} == \
+        {(r["response"], True) for r in rows[35:]} | {(wrong(r["response"]), False) for r in rows[35:]}
+    assert set(splits["train"][0]) == {"id", "prompt", "completion", "label", "origin"}
+    assert all(r["prompt"][-1]["role"] == "user" for split in splits.values() for r in split)
+    manifest = json.loads((tmp_path / "prefs" / "manifest.json").read_text())
+    assert manifest["kind"] == "thumbs" and manifest["pairs"] == report.pairs
+    assert preferences.as_record(splits["test"][0])["messages"][-1]["content"] == splits["test"][0]["completion"]
+
+    # A new prompt one word away from a test prompt, hashed into train: a near-duplicate leak, refused.
+    data = PrepareDataParams(source="file", path="x.jsonl")
+    variants = [f"{rows[36]['prompt']} {word}" for word in ("please", "now", "again", "today", "quickly", "slowly")]
+    extra = next(v for v in variants
+                 if preferences._hashed_split(preferences.prompt_key([{"role": "user", "content": v}]), data) == "train")
+    thumbs_file(raw / "thumbs.jsonl", rows + [{"prompt": extra, "response": rows[36]["response"]}])
+    with pytest.raises(PipelineError, match=r"preference pair\(s\) leak .*near_prompt: preference_test/line73 "
+                                            r"~ train/line8[12] .*leak_action: fail"):
+        build(tmp_path, tiny_model_dir, kind="thumbs", source="file", path="data/raw/thumbs.jsonl")
+
+    # KTO needs good and bad replies in every split.
+    thumbs_file(raw / "thumbs.jsonl", rows[:35])
+    thumbs_file(raw / "val_good.jsonl", rows[35:], labels=(True, True))
+    (raw / "thumbs.jsonl").write_text((raw / "thumbs.jsonl").read_text() + (raw / "val_good.jsonl").read_text())
+    with pytest.raises(PipelineError, match=r"^prepare_prefs: the test split has no bad replies \(10 rated replies, "
+                                            r"all good\): KTO needs both in every split$"):
+        build(tmp_path, tiny_model_dir, kind="thumbs", source="file", path="data/raw/thumbs.jsonl")
+
+
+@pytest.mark.parametrize("line, expected", [
+    ({"prompt": "hi", "reply": "yes", "label": "maybe"},
+     "field 'label' must be true/false, 1/0, \"up\"/\"down\" or \"good\"/\"bad\", got 'maybe'"),
+    ({"prompt": "hi", "reply": "yes", "label": 2}, "field 'label' must be true/false, 1/0, \"up\"/\"down\" or "
+                                                   "\"good\"/\"bad\", got 2"),
+    ({"prompt": "hi", "reply": "yes", "label": None}, "field 'label' must be true/false, 1/0, \"up\"/\"down\" or "
+                                                      "\"good\"/\"bad\", got None"),
+    ({"prompt": "hi", "reply": "yes"}, "missing field 'label'"),
+    ({"prompt": "hi", "reply": " ", "label": True}, "field 'reply' is empty"),
+    ({"prompt": "hi", "label": True}, "missing field 'reply'"),
+])
+def test_a_bad_thumbs_line_fails_naming_file_line_and_field(tmp_path, line, expected):
+    from ftpipe.preferences import read_thumbs
+
+    path = write_jsonl(tmp_path / "thumbs.jsonl", [{"prompt": "ok", "reply": "a", "label": "up"}, line])
+    with pytest.raises(PipelineError) as caught:
+        read_thumbs(path, PreparePrefsParams(kind="thumbs", source="file", path=str(path)),
+                    PrepareDataParams(source="file", path="x"))
+    assert str(caught.value) == f"{path}:2: {expected}"
+
+
+def test_kto_from_thumbs_raises_the_good_replies_over_the_bad_and_changes_only_the_adapter(tmp_path, tiny_model_dir,
+                                                                                          talking_model):
+    from ftpipe import models
+    from ftpipe.dpo import label_margin
+    from stages import dpo, prepare_prefs
+
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    thumbs_file(raw / "thumbs.jsonl", qa_rows(40, offset=200))  # prompts the SFT model has not seen
+    prepare_prefs.run(params=PreparePrefsParams(kind="thumbs", source="file", path="data/raw/thumbs.jsonl"),
+                      data=PrepareDataParams(source="file", path="x"), enabled=True, base_dir=tiny_model_dir,
+                      prepared_dir=prepared(tmp_path / "prepared", offset=200), out_dir=tmp_path / "prefs",
+                      report_path=tmp_path / "preferences.json", project_dir=tmp_path)
+    # A lower learning rate than the DPO test's: at 1e-2 KTO overfits the 60 training replies (their
+    # margin rises, the test replies' falls).
+    params = DpoParams(enabled=True, method="kto", init_from="sft", max_steps=24, batch_size=8, learning_rate=3e-3,
+                       beta=0.5, eval_steps=12, logging_steps=1, precision="fp32", max_length=64, warmup_ratio=0.0)
+    report = dpo.run(params=params, base_dir=tiny_model_dir, adapter_dir=talking_model, prefs_dir=tmp_path / "prefs",
+                     out_dir=tmp_path / "dpo", report_path=tmp_path / "dpo.json")
+    print(f"KTO test log-prob margin good - bad: {report.test_logp_margin_before:+.3f} -> "
+          f"{report.test_logp_margin_after:+.3f}")
+    assert (report.method, report.loss_type, report.steps, report.pairs["train"]) == ("kto", "kto", 24, 60)
+    assert report.test_reward_accuracy is None and report.test_loss is not None and len(report.val_curve) == 2
+    assert report.test_logp_margin_after > report.test_logp_margin_before + 1.0  # nats
+
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    train = [json.loads(x) for x in (tmp_path / "prefs" / "train.jsonl").read_text().splitlines()]
+    start, tuned = models.load_model(talking_model / "merged"), models.load_model(tmp_path / "dpo" / "merged")
+    assert label_margin(tuned, tokenizer, train, batch_size=8) > label_margin(start, tokenizer, train, batch_size=8)
+    adapted = ("q_proj", "k_proj", "v_proj", "o_proj")
+    weights_before, weights_after = start.state_dict(), tuned.state_dict()
+    changed = {name for name in weights_before if not torch_equal(weights_before[name], weights_after[name])}
+    assert {f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in adapted} == changed  # base untouched
+    assert json.loads((tmp_path / "dpo" / "train_config.json").read_text())["params"]["method"] == "kto"
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_kto_turns_each_pair_into_a_good_and_a_bad_reply():
+    from ftpipe.dpo import unpaired
+
+    pairs = [{"id": "line1", "prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b",
+              "origin": "f:1"}]
+    assert unpaired(pairs) == [
+        {"id": "line1/chosen", "prompt": pairs[0]["prompt"], "completion": "a", "label": True, "origin": "f:1"},
+        {"id": "line1/rejected", "prompt": pairs[0]["prompt"], "completion": "b", "label": False, "origin": "f:1"}]
 
 
 def test_dpo_shares_the_train_schedule_keys_and_restates_only_its_own_defaults():
@@ -273,9 +415,9 @@ def test_train_and_dpo_trainers_get_the_schedule_the_same_way(tmp_path):
         ("adamw_torch", "steps", 50, 1, False)
     assert trainer.training_arguments(TrainParams(method="prefix_tuning", merge=False), output_dir=tmp_path,
                                       bf16=True, optim="adamw_torch", cuda=False).bf16  # the model's own loss
-    # dpo: TRL's default optimizer, no checkpoints, no recomputation (TRL's default is on), bf16 as asked.
+    # dpo: TRL's default optimizer, checkpoints as train, no recomputation (TRL's default is on), bf16 as asked.
     assert (pref.optim, pref.save_strategy, pref.activation_checkpointing, pref.bf16) == \
-        (DPOConfig.__dataclass_fields__["optim"].default, "no", False, True)
+        (DPOConfig.__dataclass_fields__["optim"].default, "steps", False, True)
     assert (pref.beta, pref.loss_type, pref.label_smoothing, pref.max_length, pref.truncation_mode) == \
         (0.3, ["robust"], 0.1, 128, "keep_start")
     assert not dpo.arguments(DpoParams(), output_dir=tmp_path, bf16=False, cuda=False).bf16  # not TRL's default (on)
@@ -359,6 +501,40 @@ def test_dvc_repro_with_dpo_evaluates_registers_and_exports_the_dpo_model(finish
     assert stale.stderr.strip().splitlines() == ["error: reports/metrics.json: scores a DPO model but dpo.enabled is "
                                                  "false: rerun `dvc repro evaluate`"]
     assert len(client.search_model_versions("name = 'tiny-model'")) == versions
+
+
+@pytest.mark.slow  # one more pipeline scenario
+def test_dvc_repro_with_kto_from_thumbs_evaluates_and_registers_the_kto_model(finished_project):
+    """The finished tiny project with KTO on a thumbs file: `dvc repro` builds the rated replies, trains
+    KTO on the SFT model, scores it as the DPO candidate and registers it."""
+    from mlflow import MlflowClient
+
+    proj = finished_project
+    thumbs_file(proj / "data" / "raw" / "thumbs.jsonl", qa_rows(80), labels=("up", "down"))
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["prepare_prefs"].update(kind="thumbs", source="file", path="data/raw/thumbs.jsonl", max_train_pairs=16)
+    params["dpo"].update(enabled=True, method="kto", max_steps=4, batch_size=4, eval_steps=2, logging_steps=1,
+                         max_length=64, learning_rate=1e-3)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=proj, env=stage_env(), capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Running stage 'train'" not in done.stdout and "Running stage 'dpo'" in done.stdout
+    assert "dpo: 4 kto steps from sft (lora); test replies: loss" in done.stdout
+    prefs = json.loads((proj / "reports/preferences.json").read_text())
+    assert prefs["kind"] == "thumbs" and prefs["pairs"]["train"] == 16
+    report = json.loads((proj / "reports/dpo.json").read_text())
+    assert report["method"] == "kto" and report["test_reward_accuracy"] is None and report["steps"] == 4
+
+    metrics = json.loads((proj / "reports/metrics.json").read_text())
+    assert set(metrics["dpo"]) == set(metrics["finetuned"])  # evaluate scored the KTO model
+    registration = json.loads((proj / "reports/registration.json").read_text())
+    assert registration["candidate"] == "dpo"
+    client = MlflowClient(f"sqlite:///{proj / 'mlruns.db'}")
+    run = client.get_run(registration["finetuned_run_id"])
+    assert run.data.params["dpo_method"] == "kto" and "dpo_test_reward_accuracy" not in run.data.metrics
+    assert client.get_model_version("tiny-model", registration["version"]).tags["dpo"] == \
+        "kto beta 0.1 from sft (lora)"
 
 
 def test_a_pairs_file_outside_data_raw_is_refused_before_any_stage(tmp_path):
