@@ -448,3 +448,43 @@ def test_each_candidate_run_carries_the_params_that_produced_it(proj):
         assert base["evaluate.max_new_tokens"] == str(params["evaluate"]["max_new_tokens"])
         assert base["prepare_base.path"] == tuned["prepare_base.path"]
         assert not any(key.startswith("train.") for key in base)
+
+
+@pytest.mark.parametrize("case", ["gguf of another model", "scores of a DPO model"])
+def test_reports_describing_another_model_stop_before_anything_is_registered(proj, case):
+    """A report written for another model (before dpo was turned on or off, an older export) would
+    gate or describe the wrong model: register stops with one line naming the report and the rerun."""
+    reports = proj / "reports"
+    if case == "gguf of another model":
+        export = json.loads((reports / "export.json").read_text())
+        assert export["model"] == "models/adapter/merged" and export["formats"]  # the shipped f16 and q8_0
+        export["model"] = "models/dpo/merged"
+        (reports / "export.json").write_text(json.dumps(export))
+        expected = ("error: reports/export.json: the GGUF files are of models/dpo/merged, not "
+                    "models/adapter/merged: rerun `dvc repro export`")
+    else:
+        metrics = json.loads((reports / "metrics.json").read_text())
+        metrics["dpo"] = dict(metrics["finetuned"])  # as evaluate writes it with dpo.enabled
+        (reports / "metrics.json").write_text(json.dumps(metrics))
+        expected = ("error: reports/metrics.json: scores a DPO model but dpo.enabled is false: "
+                    "rerun `dvc repro evaluate`")
+    result = register(proj)
+    assert result.returncode == 2
+    assert one_error_line(result) == expected
+    assert not (proj / "mlruns.db").exists() or all_runs(proj) == 0  # nothing logged, nothing registered
+    assert not (reports / "registration.json").exists()
+
+
+def test_the_gguf_files_are_named_in_the_registered_run_with_their_checksums(proj):
+    set_scores(proj, 0.9)
+    registration = register_in_process(proj)
+    export = json.loads((proj / "reports" / "export.json").read_text())
+    mlflow_client = client(proj)
+    run_id = registration["finetuned_run_id"]
+    listed = {a.path for a in mlflow_client.list_artifacts(run_id, "gguf")}
+    assert listed == {"gguf/manifest.json", "gguf/Modelfile"}
+    manifest = json.loads(Path(mlflow_client.download_artifacts(run_id, "gguf/manifest.json", str(proj / "dl"))).read_text())
+    assert manifest["files"] == {fmt: {"file": Path(f["file"]).name, "bytes": f["bytes"], "sha256": f["sha256"]}
+                                 for fmt, f in export["formats"].items()}
+    for entry in manifest["files"].values():  # the files themselves stay in DVC's cache, as named
+        assert (proj / "models" / "gguf" / entry["file"]).stat().st_size == entry["bytes"]

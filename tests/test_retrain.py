@@ -15,7 +15,7 @@ import pytest
 import yaml
 from conftest import qa_rows, set_param, stage_env, write_jsonl
 
-from flows.common import BUSY_EXIT
+from flows.common import BUSY_EXIT, StageFailed
 from flows.retrain import STAGES
 from ftpipe.processes import stop_group
 
@@ -319,3 +319,42 @@ def test_report_shows_the_champion_scored_on_this_split_and_the_gate_interval(tm
     assert "logged when it was registered" not in report
     assert ("+0.1500 rougeL, 95 % CI [+0.1000, +0.2000] over base; +0.0500 rougeL, 95 % CI [+0.0100, +0.0900] "
             "over champion v1: promoted") in report
+
+
+@pytest.mark.parametrize(("stage", "failures", "calls", "ends"), [
+    ("train", [StageFailed("train", -9, "killed")], 2, "done"),  # a signal: resumed from its checkpoints
+    ("train", [StageFailed("train", 137, "killed")], 2, "done"),  # the shell's 128 + SIGKILL
+    ("train", [StageFailed("train", 1, "crashed")], 1, "failed"),  # failed by itself: would fail again
+    ("train", [StageFailed("train", 2, "bad input")], 1, "failed"),
+    ("prepare_base", [StageFailed("prepare_base", 1, "hub timeout")] * 2, 3, "done"),  # transient I/O
+    ("prepare_base", [StageFailed("prepare_base", 2, "no such model")], 1, "failed"),  # user error: once
+    ("register", [StageFailed("register", -9, "killed")], 1, "failed"),  # never twice: it could register twice
+])
+def test_the_flows_retry_killed_and_transient_stages_never_bad_input_or_register(harness, stage, failures, calls,
+                                                                                 ends):
+    """Prefect's engine applies each stage task's retry rule as the retraining flow configures it
+    (flows.retrain.retrain_task): the task's body here stands in for `dvc repro <stage>`."""
+    from prefect import flow, task
+
+    from flows.retrain import retrain_task
+
+    configured = retrain_task(stage)
+    seen = []
+
+    def body() -> str:
+        seen.append(1)
+        if len(seen) <= len(failures):
+            raise failures[len(seen) - 1]
+        return "done"
+
+    attempt = task(body, name=f"{stage}-rule", retries=configured.retries, retry_delay_seconds=0,
+                   retry_condition_fn=configured.retry_condition_fn)
+
+    @flow
+    def one_stage() -> str:
+        try:
+            return attempt()
+        except StageFailed:
+            return "failed"
+
+    assert one_stage() == ends and len(seen) == calls
