@@ -50,7 +50,7 @@ run: $(STAMP)
 
 test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -ra --durations=25 -n 3 --dist worksteal
+	$(BIN)/python -m pytest -ra --durations=25 -n 2 --dist worksteal
 
 # The quick local loop: lint and the tests not marked slow (CI runs everything with `make test`).
 test-fast: $(STAMP)

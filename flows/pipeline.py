@@ -56,7 +56,7 @@ def _pipeline_locked(project_dir: Path) -> dict[str, Any]:
 
     from ftpipe.promotion import gate_line
     from ftpipe.schemas import RegistrationReport
-    from ftpipe.summary import write_summary
+    from ftpipe.summary import summarize
 
     validate_project(project_dir)  # before DVC touches anything; --single-item skips upstream stages
     timings = {}
@@ -81,9 +81,9 @@ def _pipeline_locked(project_dir: Path) -> dict[str, Any]:
                   + "".join(f"- {reason}\n" for reason in registration.promotion.reasons)),
         description="Test-split metrics of the base and fine-tuned models",
     )
-    summary = write_summary(project_dir, timings)
+    summary = summarize(project_dir, timings)
     return {"timings_s": timings, "registration": registration.model_dump(mode="json"), "table": table,
-            "summary": str(summary)}
+            "summary": summary and str(summary)}
 
 
 def print_summary(result: dict[str, Any], project_dir: Path) -> None:
@@ -114,7 +114,8 @@ def print_summary(result: dict[str, Any], project_dir: Path) -> None:
                   + "; ".join(registration.promotion.reasons), soft_wrap=True)
     console.print("Stage times (s): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in result["timings_s"].items()))
-    console.print(f"Summary: {result['summary']}")
+    if result["summary"]:
+        console.print(f"Summary: {result['summary']}", soft_wrap=True)
     console.print(f"Open the MLflow UI on the results:\n  {ui_command(project_dir)}", soft_wrap=True)
 
 

@@ -44,7 +44,7 @@ from flows.common import (
 from ftpipe import paths
 from ftpipe.errors import PipelineError, Terminated
 from ftpipe.paths import RAW_DIR  # a dep of prepare_data in dvc.yaml: DVC hashes whatever lands here
-from ftpipe.summary import write_summary
+from ftpipe.summary import summarize
 
 DEPLOYMENT = "scheduled-retrain"  # --serve and --deploy apply the same one: never two schedules
 
@@ -100,9 +100,10 @@ def dvc_status(project_dir: Path) -> dict[str, list[str]]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
+    """As DVC reads it (YAML 1.2: `2e-5` is a number, as dvc.lock records it, not PyYAML's string)."""
+    from ruamel.yaml import YAML
 
-    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+    return (YAML(typ="safe").load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
 
 
 def _changed_keys(what: dict[str, str], recorded: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
@@ -256,7 +257,7 @@ def _retrain_locked(project_dir: Path, data_path: str | None) -> dict[str, Any]:
     if pushed := dvc_push(project_dir):  # what the new version's lineage names, for any clone to pull
         logger.info("dvc push to %s", pushed)
     markdown, registration = retrain_report(project_dir, change, timings)
-    write_summary(project_dir, timings)
+    summarize(project_dir, timings)
     create_markdown_artifact(key="retrain-report", markdown=markdown,
                              description="Scheduled retraining: what happened and why")
     create_markdown_artifact(key="data-report", description="Cleaning rules and train/eval leak checks",

@@ -12,8 +12,8 @@ from ftpipe.sources import check_data_location, check_under_raw
 def check_params(params_file: Path, project_dir: Path) -> list[str]:
     """Validate every section of `params_file` and that data paths stay where DVC hashes them;
     return the sections checked. Raises PipelineError naming the file, line and key."""
+    from ftpipe.choices import BUILTIN_METRICS, load_scorer
     from ftpipe.errors import PipelineError
-    from ftpipe.params import BUILTIN_METRICS, load_scorer
 
     sections = validate_all(params_file)
     for spec in sections["evaluate"].metrics:

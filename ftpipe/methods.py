@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ftpipe.choices import PROMPT_METHODS
 from ftpipe.errors import PipelineError
-from ftpipe.params import PROMPT_METHODS, TrainParams
+from ftpipe.params import TrainParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -68,7 +69,7 @@ def attention_kernel(params: TrainParams, *, cuda: bool) -> str:
 
 def fuses_lora(params: TrainParams, *, cuda: bool) -> bool:
     """Whether LoRA layers run through ftpipe.kernels' LoraLinear (`train.fused_lora`; auto: on CPU)."""
-    from ftpipe.params import LORA_METHODS
+    from ftpipe.choices import LORA_METHODS
 
     return _on(params.fused_lora, cuda=cuda) and params.method in LORA_METHODS
 

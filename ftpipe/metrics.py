@@ -18,8 +18,8 @@ from ftpipe.errors import PipelineError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ftpipe.params import BUILTIN_METRICS as METRIC_KEYS
-from ftpipe.params import load_scorer, metric_key
+from ftpipe.choices import BUILTIN_METRICS as METRIC_KEYS
+from ftpipe.choices import load_scorer, metric_key
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 # The forgetting check: perplexity on general text the model was not fine-tuned on.

@@ -7,47 +7,29 @@ Which section each stage reads is in SECTIONS; tests check it against dvc.yaml.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from ftpipe.choices import (  # noqa: F401 (re-exported: the checks and scripts read them here too)
+    BUILTIN_METRICS,
+    CHAT_TEMPLATE_CHOICES,
+    CHAT_TEMPLATES,
+    LORA_METHODS,
+    METHODS,
+    PROMPT_METHODS,
+    PRUNED_PATTERN,
+    SCORER_PATTERN,
+    TAKEN_KEYS,
+    load_scorer,
+    metric_key,
+)
 from ftpipe.errors import PipelineError
 from ftpipe.paths import PARAMS
 
 PARAMS_FILE = PARAMS  # the name the stages and checks import
-
-# evaluate.metrics' built-in metrics, in report order (ftpipe/metrics.py computes them). A user
-# scorer is named "module:function" and reported under the function's name, which must not be one
-# of these or a per-example column's.
-BUILTIN_METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match", "perplexity")
-_TAKEN_KEYS = {*BUILTIN_METRICS, "nll", "tokens", "general_perplexity", "capped_share"}
-_SCORER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-
-
-def metric_key(spec: str) -> str:
-    """The report key of an evaluate.metrics entry: a built-in's name, or a user scorer's function name."""
-    return spec.rpartition(":")[2]
-
-
-def load_scorer(spec: str) -> Callable[[str, str], float]:
-    """The function a 'module:function' entry names (imported from the project folder or the venv)."""
-    import importlib
-
-    module_name, _, name = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # an import error, or the user's module failing as it loads
-        raise PipelineError(f"evaluate.metrics: {spec}: cannot import {module_name} "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    scorer = getattr(module, name, None)
-    if not callable(scorer):
-        raise PipelineError(f"evaluate.metrics: {spec}: {module_name} has no function {name}")
-    return scorer
-
 
 def _spec_problem(spec: str) -> str | None:
     """Why an evaluate.metrics entry is malformed (None: well formed); nothing is imported."""
@@ -55,9 +37,9 @@ def _spec_problem(spec: str) -> str | None:
         return None
     if ":" not in spec:
         return f"{spec!r}: not a built-in metric ({', '.join(BUILTIN_METRICS)}) nor a scorer 'module:function'"
-    if not _SCORER.match(spec):
+    if not SCORER_PATTERN.match(spec):
         return f"{spec!r}: a user scorer is 'package.module:function'"
-    if metric_key(spec) in _TAKEN_KEYS:
+    if metric_key(spec) in TAKEN_KEYS:
         return f"{spec!r}: the function's name {metric_key(spec)!r} is a built-in key; rename the function"
     return None
 
@@ -75,8 +57,6 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
 
 
-CHAT_TEMPLATES = ("chatml", "llama3", "zephyr", "alpaca")  # texts in ftpipe/templates.py
-CHAT_TEMPLATE_CHOICES = f"{', '.join(CHAT_TEMPLATES)}, or a .jinja file under the project"
 
 
 class PrepareBaseParams(_Section):
@@ -193,10 +173,7 @@ QuantVariant = Literal["int8", "nf4", "nf4_dq", "fp4", "fp4_dq"]
 """bitsandbytes variants (ftpipe/quantization.py): LLM.int8, or 4-bit NF4/FP4, `_dq` with double quantization."""
 
 
-PRUNED_PATTERN = r"^(magnitude_[1-9][0-9]?|2of4)$"
-"""quantize.pruned entries: unstructured magnitude pruning of 1-99 % of the weights, or 2:4
-semi-structured, spelled `2of4`: YAML 1.1 (PyYAML) reads an unquoted 2:4 as the number 124, and
-DVC's writer (YAML 1.2) leaves it unquoted."""
+
 
 
 class QuantizeParams(_Section):
@@ -230,10 +207,7 @@ class QuantizeParams(_Section):
         return self
 
 
-METHODS = ("full", "lora", "qlora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning")
-LORA_METHODS = ("lora", "qlora", "dora")
-PROMPT_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
-"""Virtual tokens added inside peft's forward: they cannot be merged into the weights."""
+
 
 
 class _Schedule(_Section):
@@ -649,7 +623,7 @@ class RetrainParams(_Section):
     """The scheduled retraining flow (flows/retrain.py). Not a DVC stage: changing it reruns nothing."""
 
     cron: str = Field("0 3 * * *", min_length=1)
-    """When `python -m flows.retrain --serve` runs the flow (cron syntax, server time zone); --cron overrides."""
+    """When `python -m flows.retrain --serve` runs the flow (cron syntax, in UTC); --cron overrides."""
     registry_retry_delays_s: list[Annotated[float, Field(ge=0, le=3600)]] = Field([5, 20, 60], max_length=10)
     """Seconds before each retry of the flow's registry read when MLflow is unreachable or times out
     (one entry per retry; [] fails at once). A server restarting behind a load balancer is back

@@ -204,15 +204,22 @@ def check_leaks(splits: dict[str, list[dict[str, Any]]], extra_eval: dict[str, l
     from ftpipe.leaks import find_leaks
 
     eval_sets = {f"preference_{s}": [as_record(p) for p in splits[s]] for s in ("val", "test")} | extra_eval
-    leaks = find_leaks([as_record(p) for p in splits["train"]], eval_sets, threshold=data.near_dup_threshold,
-                       ngram=data.ngram_leak, min_response_words=data.min_leak_response_words)
+
+    def check(train: list[dict[str, Any]]) -> list:
+        return find_leaks([as_record(p) for p in train], eval_sets, threshold=data.near_dup_threshold,
+                          ngram=data.ngram_leak, min_response_words=data.min_leak_response_words)
+
+    leaks = found = check(splits["train"])
     if leaks and data.leak_action == "fail":
         raise PipelineError(f"{len(leaks)} preference pair(s) leak between training and evaluation, first: "
                             f"{leaks[0].short()} (prepare_data.leak_action: fail; drop removes the training pairs)")
-    if leaks and data.leak_action == "drop":
+    # A leak names one training row per evaluation row: checked again until none is left, as
+    # prepare_data does, so that drop leaves no leak in what is trained on (the gate counts on it).
+    while leaks and data.leak_action == "drop":
         leaking = {leak.train_id for leak in leaks}
         splits = {**splits, "train": [p for p in splits["train"] if p["id"] not in leaking]}
-    return splits, leaks
+        leaks = check(splits["train"])
+    return splits, found
 
 
 def self_pairs(sft: dict[str, list[dict[str, Any]]], model, tokenizer, *, max_new_tokens: int,

@@ -16,7 +16,7 @@ SEMI_STRUCTURED = "2of4"  # see params.PRUNED_PATTERN for why not "2:4"
 
 def sparsity_of(name: str) -> float | None:
     """The share of weights a `magnitude_<percent>` variant removes (None for `2of4`)."""
-    from ftpipe.params import PRUNED_PATTERN
+    from ftpipe.choices import PRUNED_PATTERN
 
     if not re.fullmatch(PRUNED_PATTERN, name):
         raise ValueError(f"{name!r} is neither magnitude_<1-99> nor {SEMI_STRUCTURED}")

@@ -38,16 +38,20 @@ def summary_markdown(project_dir: Path, timings_s: dict[str, float], finished: d
     """The summary of the run whose reports are in `project_dir`; `timings_s`: seconds per stage."""
     from ftpipe.comparison import comparison_table
     from ftpipe.promotion import gate_line
-    from ftpipe.schemas import MetricsReport, RegistrationReport, TrainReport
+    from ftpipe.schemas import DpoReport, MetricsReport, RegistrationReport, TrainReport
 
     metrics = MetricsReport.read(project_dir / paths.METRICS)
     registration = RegistrationReport.read(project_dir / paths.REGISTRATION)
     train = TrainReport.read(project_dir / paths.TRAIN_REPORT)
+    preference = ""
+    if metrics.product == "dpo":  # the registered model is the preference-tuned one
+        dpo = DpoReport.read(project_dir / paths.DPO_REPORT)
+        preference = f" then `{dpo.method}` for {dpo.steps} steps from {dpo.start}"
     lines = [
         "# Run summary",
         "",
         f"{finished:%Y-%m-%d %H:%M %Z} on {host}.",
-        f"Trained with `{train.method}` for {train.steps} steps ({train.precision} on {train.device}); "
+        f"Trained with `{train.method}` for {train.steps} steps ({train.precision} on {train.device}){preference}; "
         f"registered `{registration.model_uri}` as {' and '.join(registration.aliases)}.",
         "",
         comparison_table(metrics.model_dump()).rstrip(),
@@ -71,3 +75,15 @@ def write_summary(project_dir: Path, timings_s: dict[str, float], finished: date
     target = project_dir / paths.SUMMARY
     write_text(target, summary_markdown(project_dir, timings_s, finished, machine()))
     return target
+
+
+def summarize(project_dir: Path, timings_s: dict[str, float]) -> Path | None:
+    """write_summary after a run whose model is registered already: a summary that cannot be written
+    (a report missing or unreadable) is a warning line, never a failed run (None)."""
+    import sys
+
+    try:
+        return write_summary(project_dir, timings_s)
+    except Exception as exc:  # the registration stands whatever the summary's fate
+        print(f"warning: {paths.SUMMARY} not written: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None

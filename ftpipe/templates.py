@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ftpipe.choices import CHAT_TEMPLATE_CHOICES
 from ftpipe.errors import PipelineError
-from ftpipe.params import CHAT_TEMPLATE_CHOICES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

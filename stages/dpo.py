@@ -57,12 +57,12 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
 
     models.set_threads(params.threads)
     set_seed(params.seed)
-    checkpoints = checkpoint_root / _checkpoint_key(params, base_dir, adapter_dir, prefs_dir)
     # The run is created while the model loads, and ended before the test pairs are scored (TRL
     # names their rewards eval_* too, which would land on the validation curves).
     with live.session(live_to, run_name="dpo") as live_run:
         tokenizer = models.load_tokenizer(base_dir)
         pairs, too_long = _setup_pairs(params, prefs_dir, tokenizer)  # kto: rated replies
+        checkpoints = checkpoint_root / _checkpoint_key(params, base_dir, adapter_dir, prefs_dir)
         start, described = _start_model(params, base_dir, adapter_dir)
         before = _margin(start, tokenizer, pairs["test"], params)
         bf16 = use_bf16(params)
@@ -82,12 +82,17 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
     with all_or_nothing(), atomic_dir(out_dir) as tmp:  # the model and its report go in place together
         _save(params, model, tokenizer, report, tmp)
         report.write(report_path)
-    remove_path(checkpoints)  # the run is complete: nothing left to resume
+    remove_path(checkpoint_root)  # the run is complete: nothing left to resume (older keys' leftovers too)
     return report
 
 
 def _checkpoint_key(params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path) -> str:
-    """Hash of everything a checkpoint depends on (params, base, SFT start, pairs): a stale one is never resumed."""
+    """Hash of everything a checkpoint depends on (params, base, SFT start, pairs, the training code and
+    its libraries): a stale one is never resumed."""
+    import transformers
+    import trl
+
+    from ftpipe import dpo, schedule
     from ftpipe.models import sha256_of
 
     start = adapter_dir / TRAIN_CONFIG_NAME
@@ -98,6 +103,8 @@ def _checkpoint_key(params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_
         else sha256_of(base_dir / "config.json"),
         "start": sha256_of(start) if params.init_from == "sft" and start.is_file() else None,
         "pairs": {split: sha256_of(prefs_dir / split_file(split)) for split in ("train", "val")},
+        "code": [sha256_of(Path(module.__file__)) for module in (dpo, schedule)] + [sha256_of(Path(__file__))],
+        "libraries": [trl.__version__, transformers.__version__],
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -118,9 +125,11 @@ def _setup_pairs(params: DpoParams, prefs_dir: Path, tokenizer) -> tuple[dict[st
     for split in SPLITS:
         rows = read_jsonl(prefs_dir / split_file(split))
         if not rows:
-            raise PipelineError(f"{prefs_dir / f'{split}.jsonl'}: no pairs (rerun `dvc repro prepare_prefs`)")
-        if params.method == "kto":  # KTOTrainer samples in order: a seeded shuffle mixes good and bad replies
-            rows = unpaired(rows, seed=params.seed if split == "train" else None)
+            raise PipelineError(f"{prefs_dir / split_file(split)}: no {what} (rerun `dvc repro prepare_prefs`)")
+        # KTOTrainer reads rows in order and takes each row's KL sample from its neighbour: a seeded
+        # shuffle of every split mixes good and bad replies and keeps a pair's two replies apart.
+        if params.method == "kto":
+            rows = unpaired(rows, seed=params.seed)
         pairs[split], dropped = fitting(rows, tokenizer, params.max_length)
         too_long += dropped
         if not pairs[split]:

@@ -184,7 +184,8 @@ def test_dpo_after_sft_raises_the_chosen_margin_and_changes_only_the_adapted_wei
                        eval_steps=12, logging_steps=1, precision="fp32", max_length=64, warmup_ratio=0.0)
     # talking_model: the tiny model fully fine-tuned to answer (the train stage's merged/ layout).
     report = dpo.run(params=params, base_dir=tiny_model_dir, adapter_dir=talking_model, prefs_dir=tmp_path / "prefs",
-                     out_dir=tmp_path / "dpo", report_path=tmp_path / "dpo.json")
+                     out_dir=tmp_path / "dpo", report_path=tmp_path / "dpo.json",
+                     checkpoint_root=tmp_path / "checkpoints")
     assert report.steps == 24 and report.pairs["train"] == 30 and len(report.val_curve) == 2
     assert report.start == "sft" and 0 <= report.test_reward_accuracy <= 1
 
@@ -339,7 +340,8 @@ def test_kto_from_thumbs_raises_the_good_replies_over_the_bad_and_changes_only_t
     params = DpoParams(enabled=True, method="kto", init_from="sft", max_steps=24, batch_size=8, learning_rate=3e-3,
                        beta=0.5, eval_steps=12, logging_steps=1, precision="fp32", max_length=64, warmup_ratio=0.0)
     report = dpo.run(params=params, base_dir=tiny_model_dir, adapter_dir=talking_model, prefs_dir=tmp_path / "prefs",
-                     out_dir=tmp_path / "dpo", report_path=tmp_path / "dpo.json")
+                     out_dir=tmp_path / "dpo", report_path=tmp_path / "dpo.json",
+                     checkpoint_root=tmp_path / "checkpoints")
     print(f"KTO test log-prob margin good - bad: {report.test_logp_margin_before:+.3f} -> "
           f"{report.test_logp_margin_after:+.3f}")
     assert (report.method, report.loss_type, report.steps, report.pairs["train"]) == ("kto", "kto", 24, 60)
@@ -595,4 +597,24 @@ def test_a_killed_dpo_run_resumes_from_its_last_checkpoint(finished_project):
     # The loss curve continues from the checkpoint: one point every 5 steps, none missing or repeated.
     assert [point["step"] for point in report.train_curve] == list(range(5, steps + 1, 5))
     assert (proj / "models" / "dpo" / "merged" / "model.safetensors").is_file()
-    assert not any((proj / "checkpoints" / "dpo").iterdir())
+    assert not (proj / "checkpoints" / "dpo").exists()
+
+
+def test_drop_removes_every_training_pair_that_leaks_not_only_the_first_found():
+    """A leak names one training pair per evaluation pair: two training copies of a test pair both
+    go, checked again until none is left, so the gate's "no leak left in training" holds."""
+    from ftpipe.preferences import check_leaks
+
+    def pair(pair_id: str, prompt: str, chosen: str) -> dict:
+        return {"id": pair_id, "prompt": [{"role": "user", "content": prompt}], "chosen": chosen, "rejected": "no"}
+
+    fox = "the quick brown fox jumps over the lazy dog again and again"
+    splits = {"train": [pair("t1", "tell me the fox story", fox), pair("t2", "tell me the fox story", fox),
+                        pair("t3", "what is two and two", "four")],
+              "val": [pair("v1", "name a colour", "red")], "test": [pair("x1", "tell me the fox story", fox)]}
+    data = PrepareDataParams(source="file", path="x.jsonl", leak_action="drop")
+    kept, found = check_leaks(splits, {}, data)
+    assert found and {leak.train_id for leak in found} <= {"t1", "t2"}
+    assert [p["id"] for p in kept["train"]] == ["t3"]
+    again, left = check_leaks(kept, {}, PrepareDataParams(source="file", path="x.jsonl", leak_action="fail"))
+    assert again == kept and left == []  # nothing left that leaks: fail would not stop

@@ -230,7 +230,7 @@ def test_dpo_logs_its_curves_live_and_register_would_adopt_both_runs(server, tmp
                        max_length=64, precision="fp32")
     report = dpo.run(params=params, base_dir=tiny_model_dir, adapter_dir=tmp_path / "none", prefs_dir=tmp_path / "prefs",
                      out_dir=tmp_path / "dpo", report_path=tmp_path / "dpo.json",
-                     live_to=live.Target(tmp_path, "dpo-live"))
+                     live_to=live.Target(tmp_path, "dpo-live"), checkpoint_root=tmp_path / "checkpoints")
     client = MlflowClient(server)
     run = client.get_run(report.live_run_id)
     assert run.info.run_name == "dpo" and run.info.status == "FINISHED"
