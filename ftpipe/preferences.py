@@ -12,6 +12,7 @@ straddles train and evaluation.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,21 +42,13 @@ def read_file(path: Path, params: PreparePrefsParams,
     preference file; a bad line fails naming the file, the line and the field."""
     from ftpipe.cleaning import norm_key
 
-    if path.suffix.lower() != ".jsonl":
-        raise PipelineError(f"prepare_prefs.path: {path}: unsupported file type '{path.suffix}' (use .jsonl)")
-    if not path.is_file():
-        raise PipelineError(f"prepare_prefs.path: preference file not found: {path}")
     pairs, seen, dropped = [], set(), {"duplicate": 0, "chosen_equals_rejected": 0}
-    for line, row in iter_jsonl(path):
-        where = f"{path}:{line}"
-        prompt = _prompt(row, params.prompt_field, where, data)
+    for line, where, row, prompt in _rows(path, params, data, what="preference file"):
         chosen = clean_text(_reply(row, params.chosen_field, where), data)
         rejected = clean_text(_reply(row, params.rejected_field, where), data)
         for name, text in ((params.chosen_field, chosen), (params.rejected_field, rejected)):
             if not text:
                 raise PipelineError(f"{where}: field '{name}' is empty")
-        if data.system_prompt and prompt[0]["role"] != "system":
-            prompt = [{"role": "system", "content": data.system_prompt}, *prompt]
         key = (prompt_key(prompt), chosen, rejected)
         if key in seen or norm_key(chosen) == norm_key(rejected):  # nothing to learn from either
             dropped["duplicate" if key in seen else "chosen_equals_rejected"] += 1
@@ -67,6 +60,22 @@ def read_file(path: Path, params: PreparePrefsParams,
     return pairs, dropped
 
 
+def _rows(path: Path, params: PreparePrefsParams, data: PrepareDataParams,
+          *, what: str) -> Iterator[tuple[int, str, dict[str, Any], list[dict[str, str]]]]:
+    """(line, "file:line", row, its cleaned prompt with prepare_data's system prompt first) of each line
+    of a .jsonl preference or thumbs file; the file's type and presence checked first."""
+    if path.suffix.lower() != ".jsonl":
+        raise PipelineError(f"prepare_prefs.path: {path}: unsupported file type '{path.suffix}' (use .jsonl)")
+    if not path.is_file():
+        raise PipelineError(f"prepare_prefs.path: {what} not found: {path}")
+    for line, row in iter_jsonl(path):
+        where = f"{path}:{line}"
+        prompt = _prompt(row, params.prompt_field, where, data)
+        if data.system_prompt and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": data.system_prompt}, *prompt]
+        yield line, where, row, prompt
+
+
 GOOD_LABELS, BAD_LABELS = ("up", "good"), ("down", "bad")  # besides true/false and 1/0, any case
 
 
@@ -75,20 +84,12 @@ def read_thumbs(path: Path, params: PreparePrefsParams,
     """(rated replies, rows left out by reason: exact duplicates, and every row of a (prompt, reply)
     rated both good and bad, "conflicting") of a .jsonl thumbs file; a bad line fails naming the file,
     the line and the field."""
-    if path.suffix.lower() != ".jsonl":
-        raise PipelineError(f"prepare_prefs.path: {path}: unsupported file type '{path.suffix}' (use .jsonl)")
-    if not path.is_file():
-        raise PipelineError(f"prepare_prefs.path: thumbs file not found: {path}")
     rows, seen, dropped = [], set(), {"duplicate": 0, "conflicting": 0}
-    for line, row in iter_jsonl(path):
-        where = f"{path}:{line}"
-        prompt = _prompt(row, params.prompt_field, where, data)
+    for line, where, row, prompt in _rows(path, params, data, what="thumbs file"):
         reply = clean_text(_reply(row, params.reply_field, where), data)
         if not reply:
             raise PipelineError(f"{where}: field '{params.reply_field}' is empty")
         label = _label(row, params.label_field, where)
-        if data.system_prompt and prompt[0]["role"] != "system":
-            prompt = [{"role": "system", "content": data.system_prompt}, *prompt]
         key = (prompt_key(prompt), reply, label)
         if key in seen:
             dropped["duplicate"] += 1

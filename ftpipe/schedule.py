@@ -6,6 +6,8 @@ what differs between them on purpose is a parameter here, and each caller says w
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,6 +64,12 @@ def trainer_arguments(params: TrainParams | DpoParams, args_class: type[Args], *
     if twice:
         raise TypeError(f"trainer_arguments: {', '.join(twice)} set by the schedule and again by the caller")
     return args_class(**args, **extra)
+
+
+def checkpoint_folder_key(inputs: dict[str, Any]) -> str:
+    """The name of a run's checkpoint folder: a hash of everything its checkpoints depend on (train's
+    and dpo's lists differ), so a checkpoint of other inputs is never resumed."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def last_checkpoint(folder: Path) -> Path | None:

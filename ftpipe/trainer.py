@@ -8,8 +8,6 @@ and rank() tell a process where it stands.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import signal
@@ -23,6 +21,7 @@ from ftpipe.errors import PipelineError
 from ftpipe.io import read_json
 from ftpipe.params import TrainParams
 from ftpipe.paths import MANIFEST_NAME, split_file
+from ftpipe.schedule import checkpoint_folder_key
 
 # Packed sequences hold at most max(max_length, PACK_LENGTH) tokens: a default batch of 8 chatterbot
 # rows (about 270 tokens packed) fits in one, and eager attention (auto up to max_length 512) keeps no
@@ -266,7 +265,7 @@ def checkpoint_key(params: TrainParams, base_dir: Path, data_dir: Path) -> str:
         "base": read_json(base_dir / MANIFEST_NAME),
         "data": {name: sha256_of(data_dir / name) for name in (split_file("train"), split_file("val"))},
     }
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return checkpoint_folder_key(inputs)
 
 
 def optimizer_name(params: TrainParams, *, cuda: bool) -> str:

@@ -11,8 +11,6 @@ Run: python -m stages.dpo
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from ftpipe.paths import (
     TRAIN_CONFIG_NAME,
     split_file,
 )
-from ftpipe.schedule import last_checkpoint
+from ftpipe.schedule import checkpoint_folder_key, last_checkpoint
 from ftpipe.schemas import DpoReport
 
 
@@ -106,7 +104,7 @@ def _checkpoint_key(params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_
         "code": [sha256_of(Path(module.__file__)) for module in (dpo, schedule)] + [sha256_of(Path(__file__))],
         "libraries": [trl.__version__, transformers.__version__],
     }
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return checkpoint_folder_key(inputs)
 
 
 def _setup_pairs(params: DpoParams, prefs_dir: Path, tokenizer) -> tuple[dict[str, list[dict[str, Any]]], int]:

@@ -349,6 +349,21 @@ def dvc(proj: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
+def killed_at_first_checkpoint(proj: Path, name: str) -> None:
+    """`python -m stages.<name>` started in `proj` and killed (-9) as soon as its first complete
+    checkpoint is under checkpoints/<name>/; fails if the run ends before one."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", f"stages.{name}"], cwd=proj, env=stage_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(proj.glob(f"checkpoints/{name}/*/checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def stage(proj: Path, name: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=proj, env=stage_env(),
                           capture_output=True, text=True)

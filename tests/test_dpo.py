@@ -559,10 +559,7 @@ def test_a_pairs_file_outside_data_raw_is_refused_before_any_stage(tmp_path):
 def test_a_killed_dpo_run_resumes_from_its_last_checkpoint(finished_project):
     """As train: checkpoints every save_steps under checkpoints/dpo/, kill -9 leaves the previous
     output whole, and the rerun continues from the newest checkpoint to the same number of steps."""
-    import signal
-    import time
-
-    from conftest import stage
+    from conftest import killed_at_first_checkpoint, stage
 
     from ftpipe.schemas import DpoReport
 
@@ -578,14 +575,7 @@ def test_a_killed_dpo_run_resumes_from_its_last_checkpoint(finished_project):
     assert built.returncode == 0, built.stderr[-3000:]
     previous = (proj / "models" / "dpo" / "manifest.json").read_bytes()  # dpo off until now
 
-    proc = subprocess.Popen([sys.executable, "-m", "stages.dpo"], cwd=proj, env=stage_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not list(proj.glob("checkpoints/dpo/*/checkpoint-*/trainer_state.json")):
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_at_first_checkpoint(proj, "dpo")
     assert (proj / "models" / "dpo" / "manifest.json").read_bytes() == previous
     assert sorted(p.name for p in (proj / "models" / "dpo").iterdir()) == ["manifest.json"]
 

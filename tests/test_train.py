@@ -5,13 +5,9 @@ and resumes from its last checkpoint after a kill -9."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
-from conftest import set_param, stage, stage_env, tiny_params
+from conftest import killed_at_first_checkpoint, set_param, stage, tiny_params
 
 from ftpipe import trainer
 from ftpipe.errors import PipelineError
@@ -386,14 +382,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(finished_project):
     steps = 40
     for key, value in {"max_steps": steps, "save_steps": 5, "eval_steps": 20, "logging_steps": 5}.items():
         set_param(project, "train", key, value)
-    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=project, env=stage_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not list(project.glob("checkpoints/train/*/checkpoint-*/trainer_state.json")):
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_at_first_checkpoint(project, "train")
     # Nothing half-written: the previous adapter is intact and no temporary folder is left beside it.
     assert (project / "models" / "adapter" / "adapter_model.safetensors").read_bytes() == previous
     assert [p.name for p in (project / "models").iterdir() if ".tmp-" in p.name] == []
