@@ -43,7 +43,8 @@ from typing import Any
 from ftpipe.paths import BASE_DIR
 from ftpipe.paths import PREPARED_DIR as DATA_DIR
 
-METHODS = ("full", "lora", "lora_unpacked", "qlora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning")
+METHODS = ("full", "lora", "lora_unpacked", "qlora", "dora", "ia3", "bottleneck", "prefix_tuning", "prompt_tuning",
+           "p_tuning")
 BASELINE, BF16_BASELINE, TRAINER_BASELINE = "baseline", "baseline-bf16", "baseline-trainer"
 BASELINES = (BASELINE, BF16_BASELINE, TRAINER_BASELINE)
 WARMUP_STEPS = 3  # untimed steps at the start of every run

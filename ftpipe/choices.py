@@ -46,7 +46,10 @@ PRUNED_PATTERN = r"^(magnitude_[1-9][0-9]?|2of4)$"
 semi-structured, spelled `2of4`: YAML 1.1 (PyYAML) reads an unquoted 2:4 as the number 124, and
 DVC's writer (YAML 1.2) leaves it unquoted."""
 
-METHODS = ("full", "lora", "qlora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning")
+METHODS = ("full", "lora", "qlora", "dora", "ia3", "bottleneck", "prefix_tuning", "prompt_tuning", "p_tuning")
 LORA_METHODS = ("lora", "qlora", "dora")
 PROMPT_METHODS = ("prefix_tuning", "prompt_tuning", "p_tuning")
 """Virtual tokens added inside peft's forward: they cannot be merged into the weights."""
+UNMERGEABLE = (*PROMPT_METHODS, "bottleneck")
+"""Methods whose result cannot become plain transformers weights (no merge, GGUF or continual start):
+virtual tokens, and bottleneck adapters' non-linearity between two projections."""

@@ -1,6 +1,7 @@
 """Fine-tuning methods: what is trainable for each `train.method`, and how its result is merged.
 
-peft builds every adapter (LoRA, DoRA, IA3, prefix/prompt/p-tuning); `full` trains the model's own
+peft builds every adapter (LoRA, DoRA, IA3, prefix/prompt/p-tuning), ftpipe.bottleneck the adapter
+layers; `full` trains the model's own
 weights, optionally with frozen embeddings and lower blocks, ULMFiT gradual unfreezing and
 discriminative (per-block) learning rates, all through the Trainer's optimizer and a callback.
 """
@@ -116,6 +117,12 @@ def build(params: TrainParams, base_dir: Path, *, bf16: bool, attention: str = "
     if params.method == "full":
         freeze_fixed(model, params)
         return model
+    if params.method == "bottleneck":
+        from ftpipe import bottleneck
+
+        return bottleneck.add(model, bottleneck.config_for(
+            model, reduction=params.bottleneck_reduction, placement=params.bottleneck_placement,
+            activation=params.bottleneck_activation))
     key = "ia3_target_modules" if params.method == "ia3" else "target_modules"
     try:
         return get_peft_model(model, peft_config(params, model))

@@ -157,8 +157,11 @@ def dpo_result(dpo_dir: Path, *, enabled: bool) -> Path | None:
 
 def has_finetuned(adapter_dir: Path) -> bool:
     """Whether `adapter_dir` holds a train stage result (a peft adapter or a standalone model)."""
+    from ftpipe import bottleneck
+
     adapter_dir = Path(adapter_dir)
-    return (adapter_dir / "adapter_config.json").is_file() or (adapter_dir / MERGED / "config.json").is_file()
+    return any((adapter_dir / name).is_file() for name in ("adapter_config.json", MERGED + "/config.json",
+                                                            bottleneck.CONFIG_NAME))
 
 
 def load_finetuned(base_dir: Path, adapter_dir: Path, placement: Placement | None = None, *,
@@ -167,7 +170,7 @@ def load_finetuned(base_dir: Path, adapter_dir: Path, placement: Placement | Non
 
     The standalone model in `adapter_dir/merged` when the train stage wrote one (full fine-tuning,
     and merged LoRA/QLoRA/DoRA/IA3); otherwise the adapter applied to the base model, merged when
-    peft can merge it. `placement`: for inference (ftpipe.device); else fp32 on the CPU, or with
+    peft can merge it, or the bottleneck adapters put on it. `placement`: for inference (ftpipe.device); else fp32 on the CPU, or with
     `as_stored` the dtype the weights are stored in. Prompt-learning adapters (prefix/prompt/p-tuning) stay a PeftModel: their
     virtual tokens exist only inside peft's forward and generate.
     """
@@ -175,6 +178,15 @@ def load_finetuned(base_dir: Path, adapter_dir: Path, placement: Placement | Non
     dtype = "auto" if as_stored else None  # as stored: to log or copy it, not to compute with it
     if (adapter_dir / MERGED / "config.json").is_file():
         return load_model(adapter_dir / MERGED, placement=placement, dtype=dtype)
+    from ftpipe import bottleneck
+
+    if bottleneck.saved_in(adapter_dir):  # adapter layers on the base: placed with it
+        model = bottleneck.load(load_model(base_dir, dtype=dtype), adapter_dir)
+        if placement is not None:
+            from ftpipe.device import place
+
+            model = place(model, placement, str(adapter_dir))
+        return model.eval()
     if not (adapter_dir / "adapter_config.json").is_file():
         raise PipelineError(f"{adapter_dir}: no fine-tuned model found (run the train stage first)")
     from peft import PeftModel  # here: importing peft costs about 1.2 s (bitsandbytes compiles at import)

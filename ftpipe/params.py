@@ -23,6 +23,7 @@ from ftpipe.choices import (  # noqa: F401 (re-exported: the checks and scripts 
     PRUNED_PATTERN,
     SCORER_PATTERN,
     TAKEN_KEYS,
+    UNMERGEABLE,
     load_scorer,
     metric_key,
 )
@@ -270,9 +271,11 @@ class TrainParams(_Schedule):
     """Supervised fine-tuning (full or a peft method); loss on assistant tokens only. The keys from seed
     to live_metrics (schedule, LoRA size, precision, threads, live metrics) mean the same in dpo."""
 
-    method: Literal["full", "lora", "qlora", "dora", "ia3", "prefix_tuning", "prompt_tuning", "p_tuning"] = "lora"
+    method: Literal["full", "lora", "qlora", "dora", "ia3", "bottleneck", "prefix_tuning", "prompt_tuning",
+                    "p_tuning"] = "lora"
     """full: every weight (see the freeze_* keys); lora/dora: low-rank adapters (DoRA adds a learned
     magnitude); qlora: LoRA on a bitsandbytes-quantized base; ia3: learned activation scales;
+    bottleneck: adapter layers (see the bottleneck_* keys; registered with their own loader, not merged);
     prefix_tuning / prompt_tuning / p_tuning: learned virtual tokens (need peft at inference)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW's decoupled weight decay, on every trainable weight but biases and norms; 0: none."""
@@ -289,6 +292,14 @@ class TrainParams(_Schedule):
     """prefix_tuning / prompt_tuning / p_tuning only: learned virtual tokens; null: 20."""
     encoder_hidden_size: int | None = Field(None, ge=1)
     """p_tuning only: hidden size of the prompt encoder MLP; null: the model's hidden size."""
+    bottleneck_reduction: int = Field(16, ge=1)
+    """bottleneck only: each adapter has hidden_size / this many units (AdapterHub's reduction_factor;
+    on SmolLM2's 576: 36 units)."""
+    bottleneck_placement: Literal["pfeiffer", "houlsby", "parallel"] = "pfeiffer"
+    """bottleneck only. pfeiffer: one adapter per block, on the feed-forward output; houlsby: one on the
+    attention output too (twice the parameters); parallel: beside the feed-forward block, fed its input."""
+    bottleneck_activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    """bottleneck only: the non-linearity between each adapter's down- and up-projection."""
     freeze_embeddings: bool = False
     """full only: keep the token embeddings fixed (with tied weights this fixes the output head too)."""
     freeze_layers: int = Field(0, ge=0)
@@ -358,6 +369,8 @@ class TrainParams(_Schedule):
             "target_modules": LORA_METHODS,
             "ia3_target_modules": ("ia3",), "ia3_feedforward_modules": ("ia3",),
             "num_virtual_tokens": PROMPT_METHODS, "encoder_hidden_size": ("p_tuning",),
+            "bottleneck_reduction": ("bottleneck",), "bottleneck_placement": ("bottleneck",),
+            "bottleneck_activation": ("bottleneck",),
             "freeze_embeddings": ("full",), "freeze_layers": ("full",), "gradual_unfreezing": ("full",),
             "layer_lr_divisor": ("full",),
         }
@@ -386,6 +399,9 @@ class TrainParams(_Schedule):
         if self.merge and method in PROMPT_METHODS:
             raise FieldProblem("merge", f"'{method}' cannot be merged: its virtual tokens need peft at inference "
                                         "(set merge: false)")
+        if self.merge and method == "bottleneck":
+            raise FieldProblem("merge", "'bottleneck' cannot be merged: its adapters put a non-linearity between "
+                                        "two projections, which no plain weight holds (set merge: false)")
         if self.init_from == "champion" and not self.merge:
             raise FieldProblem("init_from", "continual fine-tuning needs merge: true (the next run starts from "
                                             "this run's merged weights)")
@@ -826,7 +842,7 @@ def _check_across(sections: dict[str, _Section], text: str, path: Path) -> None:
     if dpo.enabled and prefs.kind == "thumbs" and dpo.method != "kto":
         raise PipelineError(f"{path}:{_line_of(text, ['prepare_prefs', 'kind'])}: prepare_prefs.kind: 'thumbs' "
                             f"needs dpo.method: kto, not '{dpo.method}' (DPO needs pairs)")
-    if dpo.enabled and dpo.init_from == "sft" and train.method in PROMPT_METHODS:
+    if dpo.enabled and dpo.init_from == "sft" and train.method in UNMERGEABLE:
         raise PipelineError(f"{path}:{_line_of(text, ['dpo', 'init_from'])}: dpo.init_from: 'sft' needs a train "
                             f"method whose result merges into the weights, not '{train.method}' (use base)")
 

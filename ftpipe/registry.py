@@ -162,6 +162,7 @@ def load_model(client, model_name: str, version: str, purpose: str = "score it a
     it again. A model that cannot be loaded stops the gate, which would otherwise compare against nothing."""
     import tempfile
 
+    import mlflow.pyfunc
     import mlflow.transformers
     import requests
     from mlflow.exceptions import MlflowException
@@ -170,7 +171,11 @@ def load_model(client, model_name: str, version: str, purpose: str = "score it a
     where = f"MLflow registry {redact(client.tracking_uri)}: {model_name} {CHAMPION} v{version}"
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            components = mlflow.transformers.load_model(uri, dst_path=tmp, return_type="components")
+            if "transformers" in mlflow.models.get_model_info(uri).flavors:
+                components = mlflow.transformers.load_model(uri, dst_path=tmp, return_type="components")
+            else:  # a bottleneck-adapter version (ftpipe.bottleneck_model): its pyfunc loads both parts
+                loaded = mlflow.pyfunc.load_model(uri, dst_path=tmp).unwrap_python_model()
+                components = {"model": loaded.model, "tokenizer": loaded.tokenizer}
     except (MlflowException, requests.exceptions.RequestException, OSError, ValueError, KeyError) as exc:
         if isinstance(exc, requests.exceptions.RequestException) or re.search(_UNREACHABLE, str(exc)):
             raise RegistryUnreachable(failure(client.tracking_uri, exc, f"loading {uri}")) from None

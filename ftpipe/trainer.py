@@ -113,7 +113,7 @@ def takes_position_mask(model) -> bool:
 # Adapter methods with a frozen fp32 base. Not full (gradual unfreezing would hand bf16 weights to
 # the optimizer), not qlora (prepare_model_for_kbit_training keeps its norms in fp32 on purpose),
 # not the prompt-learning methods (fp32 virtual tokens are concatenated with the word embeddings).
-BF16_STORAGE_METHODS = ("lora", "dora", "ia3")
+BF16_STORAGE_METHODS = ("lora", "dora", "ia3", "bottleneck")
 
 
 def frozen_weights_to_bf16(model) -> None:

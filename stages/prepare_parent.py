@@ -37,7 +37,7 @@ def run(*, init_from: str, model_name: str, tracking_uri: str, out_dir: Path) ->
 def _materialize(model_name: str, tracking_uri: str, folder: Path) -> dict[str, Any]:
     import mlflow
 
-    from ftpipe import registry
+    from ftpipe import bottleneck, registry
     from ftpipe.credentials import redact
 
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
@@ -52,8 +52,9 @@ def _materialize(model_name: str, tracking_uri: str, folder: Path) -> dict[str, 
         return {"note": f"no {model_name}@champion in {redact(tracking_uri)} yet: training starts from the base model"}
     version = found[0]
     model, tokenizer = registry.load_model(client, model_name, version, purpose="continue training from it")
-    if hasattr(model, "peft_config"):
-        raise PipelineError(f"{model_name} v{version} (champion) is a prompt-learning adapter, not merged weights: "
+    if hasattr(model, "peft_config") or bottleneck.is_adapted(model):
+        kind = "bottleneck adapters" if bottleneck.is_adapted(model) else "a prompt-learning adapter"
+        raise PipelineError(f"{model_name} v{version} (champion) is {kind}, not merged weights: "
                             "continual fine-tuning needs a merged champion (set train.init_from: base)")
     model.save_pretrained(folder)  # safetensors
     tokenizer.save_pretrained(folder)

@@ -529,9 +529,15 @@ def log_model(model_name: str, base_dir: Path, adapter_dir: Path, *, tags: dict[
     version. `adapter_dir`: the train stage's output, or the dpo stage's (models/dpo, merged/ inside)."""
     import mlflow
 
-    from ftpipe import models
+    from ftpipe import bottleneck, models
     from ftpipe.chat import render
 
+    if bottleneck.saved_in(adapter_dir):  # adapter layers: a pyfunc that puts them on the base (safetensors both)
+        from ftpipe import bottleneck_model
+
+        info = bottleneck_model.log(base_dir, adapter_dir, requirements=[
+            f"{name}=={importlib.metadata.version(name)}" for name in MODEL_REQUIREMENTS])
+        return str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)
     # As stored (bf16 for a bf16 base): MLflow keeps one copy of the merged weights, in their own dtype.
     model, tokenizer = models.load_finetuned(base_dir, adapter_dir, as_stored=True), models.load_tokenizer(base_dir)
     template = render(tokenizer, [{"role": "user", "content": "{prompt}"}], generation_prompt=True)

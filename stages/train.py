@@ -230,7 +230,11 @@ def _save_model(params: TrainParams, setup: Setup, *, base_dir: Path, out_dir: P
     """The adapter (safetensors), or for full the model, plus a merged model where the method allows."""
     from ftpipe import methods, models
 
-    if params.method != "full":
+    if params.method == "bottleneck":
+        from ftpipe import bottleneck
+
+        bottleneck.save(setup.model, out_dir)  # the adapters only, as safetensors
+    elif params.method != "full":
         setup.model.save_pretrained(out_dir)  # adapter only, as safetensors
     if params.method == "full" or params.merge:
         methods.save_merged(setup.model, params, base_dir=base_dir, adapter_dir=out_dir, tokenizer=setup.tokenizer,
