@@ -96,12 +96,14 @@ def prompt_and_reference(tokenizer, messages: list[dict[str, str]]) -> tuple[lis
 
 def _one_pass_ok(model) -> bool:
     import inspect
+    import sys
 
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        PeftModel = ()  # noqa: N806
-    return not isinstance(model, PeftModel) and "logits_to_keep" in inspect.signature(model.forward).parameters
+    # Not imported here: peft costs about a second of imports, and a model can only be a PeftModel
+    # if whoever loaded it has imported peft already.
+    peft = sys.modules.get("peft")
+    if peft is not None and isinstance(model, peft.PeftModel):
+        return False
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def _one_pass(model, tokenizer, items: list[tuple[list[int], list[int]]], max_new_tokens: int):

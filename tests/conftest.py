@@ -226,11 +226,19 @@ def make_project(proj: Path, model_dir: Path, data_file: Path) -> Path:
     return proj
 
 
+@pytest.fixture(scope="session")
+def project_template(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
+    """`project`'s starting point, made once per run: make_project starts DVC three times (~0.8 s)."""
+    build = lambda folder: make_project(folder / "project", tiny_model_dir, tiny_data)  # noqa: E731
+    return once_per_run(tmp_path_factory, "project-template", build) / "project"
+
+
 @pytest.fixture
-def project(tmp_path, tiny_model_dir, tiny_data, monkeypatch) -> Path:
-    """A git + DVC project holding this repo's pipeline code and params for the tiny model."""
+def project(tmp_path, project_template, monkeypatch) -> Path:
+    """A git + DVC project holding this repo's pipeline code and params for the tiny model (a copy of
+    one made by make_project: it holds no path of its own, its data is under data/raw/)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return make_project(tmp_path / "project", tiny_model_dir, tiny_data)
+    return Path(shutil.copytree(project_template, tmp_path / "project", symlinks=True))
 
 
 class Background:
@@ -323,6 +331,62 @@ def prefect_home_template(prefect_home_started) -> Path:
 def prefect_home(prefect_home_template, tmp_path) -> Path:
     """tmp_path/prefect-home: a test's own Prefect home, migrated (a copy of the template)."""
     return Path(shutil.copytree(prefect_home_template, tmp_path / "prefect-home"))
+
+
+class PrefectServer:
+    """A running Prefect API: `url` for PREFECT_API_URL, `home` the Prefect home its database is in."""
+
+    def __init__(self, url: str, home: Path) -> None:
+        self.url, self.home = url, home
+
+
+@pytest.fixture(scope="session")
+def prefect_server(prefect_home_template, tmp_path_factory):
+    """One Prefect server per test process, on 127.0.0.1, for the flow processes of tests that are not
+    about the temporary server a flow starts without one (test_flow_run, test_faults' SIGTERM test
+    and test_flow_errors are): each such process then saves the ~6 s of starting its own. Started as
+    Prefect starts that temporary server (prefect.server.api.server.SubprocessASGIServer: uvicorn,
+    ephemeral mode, so the same services), on a copy of the migrated home."""
+    import socket
+    import time
+    import urllib.request
+
+    import prefect
+
+    from ftpipe.processes import stop_group
+
+    home = Path(shutil.copytree(prefect_home_template, tmp_path_factory.mktemp("prefect-server") / "home"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**stage_env(), "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = home.parent / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+                                   "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                                   "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+                                  cwd=home, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180  # a loaded machine can take long
+        while True:
+            assert server.poll() is None, f"the Prefect server exited with {server.returncode}: {log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, f"{url}/health did not answer in 180 s"
+                time.sleep(0.2)
+        yield PrefectServer(url, home)
+    finally:
+        stop_group(server, signal.SIGTERM, timeout=20)
+
+
+def prefect_files(*homes: Path) -> list[Path]:
+    """Every file under the Prefect homes given (database, its journal, result storage, logs)."""
+    return [p for home in homes for p in home.rglob("*") if p.is_file()]
 
 
 def first_repro_output(built: Path) -> str:

@@ -1,6 +1,7 @@
 """Off the happy path through `dvc repro` and the flows: bad params stop before DVC touches any
 output, a signal stops the whole process tree and keeps the previous results, a new tracking store
-gets its registration, and credentials never reach the output or Prefect's database."""
+gets its registration, and credentials never reach the output or Prefect's database. Flows that a
+test does not run under Prefect's temporary server use the session's one (conftest's prefect_server)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import dvc, set_param, stage, stage_env
+from conftest import dvc, prefect_files, set_param, stage, stage_env
 
 SECRET, TOKEN = "s3cret-pw", "tok123secret"
 
@@ -33,17 +34,20 @@ def leftovers(proj: Path) -> list[str]:
     return [str(p) for folder in ("models", "data", "reports") for p in (proj / folder).glob(".*.tmp-*")]
 
 
-def flow_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """A flow process with its own Prefect home (the temporary server's database lives there:
-    tests that run a flow ask for the `prefect_home` fixture, a migrated copy in that place)."""
+def flow_env(tmp_path: Path, server=None, **extra: str) -> dict[str, str]:
+    """A flow process with its own Prefect home: without `server` (conftest's prefect_server) it starts
+    Prefect's temporary server, whose database lives there (tests that run such a flow ask for the
+    `prefect_home` fixture, a migrated copy in that place)."""
     env = {**stage_env(), "PREFECT_HOME": str(tmp_path / "prefect-home"), **extra}
     env.pop("PREFECT_API_URL", None)
+    if server is not None:
+        env["PREFECT_API_URL"] = server.url
     return env
 
 
-def run_flow(proj: Path, tmp_path: Path, **extra: str) -> subprocess.CompletedProcess:
+def run_flow(proj: Path, tmp_path: Path, server=None, **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.pipeline", "--project-dir", str(proj)], cwd=proj,
-                          env=flow_env(tmp_path, **extra), capture_output=True, text=True, timeout=600)
+                          env=flow_env(tmp_path, server, **extra), capture_output=True, text=True, timeout=600)
 
 
 def error_lines(text: str) -> list[str]:
@@ -123,13 +127,13 @@ def test_jsonl_with_a_byte_order_mark_reads(tmp_path):
     assert read_jsonl(path)[0] == {"prompt": "hi", "response": "hello"}
 
 
-def test_pipeline_flow_registers_into_a_new_tracking_store(finished_project, tmp_path, prefect_home):
+def test_pipeline_flow_registers_into_a_new_tracking_store(finished_project, tmp_path, prefect_server):
     """Outputs up to date, registry empty: register runs again instead of the flow reporting the
     old registration.json."""
     proj = finished_project
     store = f"sqlite:///{tmp_path / 'new-store.db'}"
     old = json.loads((proj / "reports" / "registration.json").read_text())
-    result = run_flow(proj, tmp_path, MLFLOW_TRACKING_URI=store)
+    result = run_flow(proj, tmp_path, prefect_server, MLFLOW_TRACKING_URI=store)
     assert result.returncode == 0, result.stderr[-3000:]
     registration = json.loads((proj / "reports" / "registration.json").read_text())
     assert registration["tracking_uri"] == store and registration["pipeline_run_id"] != old["pipeline_run_id"]
@@ -139,22 +143,29 @@ def test_pipeline_flow_registers_into_a_new_tracking_store(finished_project, tmp
     assert [str(v.version) for v in versions] == ["1"]
     assert "Registered models:/tiny-model/1" in result.stdout
     # And again: the store now holds these outputs, so nothing is registered twice.
-    assert run_flow(proj, tmp_path, MLFLOW_TRACKING_URI=store).returncode == 0
+    assert run_flow(proj, tmp_path, prefect_server, MLFLOW_TRACKING_URI=store).returncode == 0
     assert len(mlflow.MlflowClient(store).search_model_versions("name = 'tiny-model'")) == 1
 
 
-def test_credentials_in_the_tracking_uri_never_reach_output_or_prefect(finished_project, tmp_path, prefect_home):
+def test_credentials_in_the_tracking_uri_never_reach_output_or_prefect(finished_project, tmp_path, prefect_server):
     proj = finished_project
     uri = f"http://alice:{SECRET}@127.0.0.1:9/?token={TOKEN}"
     started = time.monotonic()
-    result = run_flow(proj, tmp_path, MLFLOW_TRACKING_URI=uri)
+    result = run_flow(proj, tmp_path, prefect_server, MLFLOW_TRACKING_URI=uri)
     assert time.monotonic() - started < 240  # bounded MLflow retries, no retry of register by the flow
     assert result.returncode != 0
     printed = result.stdout + result.stderr
     assert SECRET not in printed and TOKEN not in printed
     assert "127.0.0.1:9" in error_lines(result.stderr)[-1]
-    stored = [p for p in (tmp_path / "prefect-home").rglob("*") if p.is_file()]
-    assert stored and not any(SECRET.encode() in p.read_bytes() or TOKEN.encode() in p.read_bytes() for p in stored)
+    assert_no_secret_stored(tmp_path / "prefect-home", prefect_server.home)
+
+
+def assert_no_secret_stored(*homes: Path) -> None:
+    """Neither secret in any file of the Prefect homes: the flow's own and the server's (whose
+    database holds every test's runs on this test process, this one's included)."""
+    stored = prefect_files(*homes)
+    assert any(p.name == "prefect.db" for p in stored)
+    assert not any(SECRET.encode() in p.read_bytes() or TOKEN.encode() in p.read_bytes() for p in stored)
 
 
 def descendants(pid: int) -> list:
@@ -294,14 +305,14 @@ def test_a_signal_during_the_final_renames_waits_for_them(tmp_path, monkeypatch)
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
-def test_credentials_never_reach_the_retraining_flows_output_or_prefect(finished_project, tmp_path, prefect_home):
+def test_credentials_never_reach_the_retraining_flows_output_or_prefect(finished_project, tmp_path, prefect_server):
     """The same through `flows.retrain`, whose registry read Prefect retries (and logs) as
     params.yaml retrain.registry_retry_delays_s says."""
     proj = finished_project
     set_param(proj, "retrain", "registry_retry_delays_s", [0.5, 1])  # two retries, no long waits
     uri = f"http://alice:{SECRET}@127.0.0.1:9/?token={TOKEN}"
     result = subprocess.run([sys.executable, "-m", "flows.retrain", "--project-dir", str(proj)], cwd=proj,
-                            env=flow_env(tmp_path, MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
+                            env=flow_env(tmp_path, prefect_server, MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
     printed = result.stdout + result.stderr
@@ -312,5 +323,4 @@ def test_credentials_never_reach_the_retraining_flows_output_or_prefect(finished
     assert 0.3 < float(retries[0][1]) < 0.7 and 0.7 < float(retries[1][1]) < 1.3  # the delays, give or take jitter
     assert re.fullmatch(r"error: MLflow tracking server http://\*\*\*@127\.0\.0\.1:9/\?token=\*\*\* .*",
                         error_lines(result.stderr)[-1])
-    stored = [p for p in (tmp_path / "prefect-home").rglob("*") if p.is_file()]
-    assert stored and not any(SECRET.encode() in p.read_bytes() or TOKEN.encode() in p.read_bytes() for p in stored)
+    assert_no_secret_stored(tmp_path / "prefect-home", prefect_server.home)

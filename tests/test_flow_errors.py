@@ -50,21 +50,6 @@ def flow_run_states(prefect_home: Path) -> list[str]:
         return [row[0] for row in db.execute("SELECT state_type FROM flow_run")]
 
 
-def test_a_bad_base_model_through_the_flow_is_one_line_and_a_failed_run(project, tmp_path, tiny_model_dir,
-                                                                          prefect_home):
-    folder = truncated_base_model(project, tmp_path, tiny_model_dir)
-    flow = start_flow(project, tmp_path)
-    output = flow.communicate(timeout=600)[0]
-    assert flow.returncode == 2, output[-3000:]
-    assert "Traceback" not in output, output
-    assert re.fullmatch(rf"error: stage 'prepare_base' failed \(exit 2\): {re.escape(str(folder))}: "
-                        r"safetensors weights truncated or corrupt \(.+\)", lines(output)[-1]), output[-3000:]
-    # Prefect still logs and records what happened: the engine's line, without its traceback, and a
-    # Failed flow run.
-    assert "Encountered exception during execution: StageFailed(\"stage 'prepare_base' failed (exit 2)" in output
-    assert flow_run_states(prefect_home) == ["FAILED"]
-
-
 def test_the_engine_log_of_a_user_error_has_no_traceback_and_a_crash_keeps_it():
     """What Prefect's engine logs when a task or the flow raises (`exc_info`): the traceback goes for
     a user error (a stage's exit 2, bad input, the project busy), the message stays; a crash (a stage
@@ -95,11 +80,13 @@ def busy_line(project: Path, who: str, pid: int | None = None) -> str:
             r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\); nothing was touched, try again when it ends")
 
 
-def test_a_second_flow_started_meanwhile_is_turned_away_with_one_line(project, tmp_path, tiny_model_dir,
-                                                                       prefect_home):
-    """Two `python -m flows.pipeline` on one project: the second exits 75 naming the first, and
-    touches nothing (DVC's own lock, and its advice to delete it, are never reached)."""
-    truncated_base_model(project, tmp_path, tiny_model_dir)  # the first run then ends soon, by itself
+def test_a_bad_base_model_through_the_flow_is_one_line_and_a_failed_run_and_a_second_flow_is_turned_away(
+        project, tmp_path, tiny_model_dir, prefect_home):
+    """One flow run with a bad base model (it ends in prepare_base by itself): its error is one line
+    and a Failed flow run. While it runs, a second `python -m flows.pipeline` on the project exits 75
+    naming the first, and touches nothing (DVC's own lock, and its advice to delete it, are never
+    reached). One run serves both: each costs a flow process and Prefect's temporary server."""
+    folder = truncated_base_model(project, tmp_path, tiny_model_dir)
     first = start_flow(project, tmp_path)
     try:
         deadline = time.monotonic() + 120
@@ -114,9 +101,18 @@ def test_a_second_flow_started_meanwhile_is_turned_away_with_one_line(project, t
         assert first.poll() is None, "the first run ended before the second met it: nothing was tested"
     finally:
         first_output = first.communicate(timeout=600)[0]
-    assert first.returncode == 2, first_output[-3000:]  # the first run was not disturbed
+    # The first run was not disturbed: it stopped at the bad model, with one line.
+    assert first.returncode == 2, first_output[-3000:]
     assert "rwlock" not in first_output
     assert _read(project / LOCK_FILE) == ""  # released, holder cleared
+    assert "Traceback" not in first_output, first_output
+    assert re.fullmatch(rf"error: stage 'prepare_base' failed \(exit 2\): {re.escape(str(folder))}: "
+                        r"safetensors weights truncated or corrupt \(.+\)", lines(first_output)[-1]), first_output[-3000:]
+    # Prefect still logs and records what happened: the engine's line, without its traceback, and a
+    # Failed flow run (the one run: the second never reached Prefect).
+    assert ("Encountered exception during execution: StageFailed(\"stage 'prepare_base' failed (exit 2)"
+            in first_output)
+    assert flow_run_states(prefect_home) == ["FAILED"]
 
 
 def _read(path: Path) -> str:

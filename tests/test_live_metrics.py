@@ -18,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import make_project, qa_rows, set_param, stage, stage_env
+from conftest import make_project, once_per_run, qa_rows, set_param, stage, stage_env
 
 from ftpipe.errors import PipelineError
 from ftpipe.schemas import TrainReport
@@ -30,15 +30,18 @@ STEPS = 6  # tiny_params' train.max_steps, logged at every step (logging_steps 1
 LONG_STEPS, LONG_EVAL = 60, 30
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prepared(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
-    """A tiny project with prepare_base and prepare_data run and live metrics turned on."""
-    proj = make_project(tmp_path_factory.mktemp("live") / "project", tiny_model_dir, tiny_data)
-    for name in ("prepare_base", "prepare_data"):
-        result = stage(proj, name)
-        assert result.returncode == 0, result.stderr[-3000:]
-    set_param(proj, "train", "live_metrics", True)
-    return proj
+    """A tiny project with prepare_base and prepare_data run and live metrics turned on: made once
+    per run (once_per_run), as this module's tests may run on either test process."""
+    def build(folder: Path) -> None:
+        proj = make_project(folder / "project", tiny_model_dir, tiny_data)
+        for name in ("prepare_base", "prepare_data"):
+            result = stage(proj, name)
+            assert result.returncode == 0, result.stderr[-3000:]
+        set_param(proj, "train", "live_metrics", True)
+
+    return once_per_run(tmp_path_factory, "live", build) / "project"
 
 
 @pytest.fixture

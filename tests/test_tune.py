@@ -22,10 +22,10 @@ from ftpipe.params import load_section
 SPACE = {"train.learning_rate": {"low": 1e-3, "high": 2e-2, "log": True}, "train.lora_r": {"choices": [8, 16]}}
 
 
-def tune_env(prefect_home: Path) -> dict[str, str]:
-    env = {**stage_env(), "PREFECT_HOME": str(prefect_home)}
-    env.pop("PREFECT_API_URL", None)
-    return env
+def tune_env(prefect_home: Path, server) -> dict[str, str]:
+    """The search's processes talk to the session's Prefect server (conftest's prefect_server): each
+    would otherwise start a temporary one (~6 s), and this test is not about that."""
+    return {**stage_env(), "PREFECT_HOME": str(prefect_home), "PREFECT_API_URL": server.url}
 
 
 def tune(proj: Path, env: dict[str, str], trials: int) -> subprocess.CompletedProcess:
@@ -49,8 +49,9 @@ def finished(proj: Path) -> list:
 
 
 @pytest.mark.slow
-def test_a_search_runs_trials_as_experiments_registers_the_best_and_resumes(finished_project, prefect_home):
-    proj, env = finished_project, tune_env(prefect_home)
+def test_a_search_runs_trials_as_experiments_registers_the_best_and_resumes(finished_project, tmp_path,
+                                                                           prefect_server):
+    proj, env = finished_project, tune_env(tmp_path / "prefect-home", prefect_server)
     params = yaml.safe_load((proj / "params.yaml").read_text())
     set_param(proj, "tune", "space", SPACE)
 
