@@ -40,6 +40,12 @@ def run_cli(main: Callable[[], None]) -> None:
         message = " ".join(redact(str(exc)).split())  # one line, whatever the cause embedded
         print(f"error: {message}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except ModuleNotFoundError as exc:
+        # Mostly `dvc` started outside the environment: DVC runs each stage with the `python` first on
+        # PATH, which then lacks the project's packages.
+        print(f"error: {sys.executable} cannot import {exc.name}: run the stages in the project's environment "
+              "(`. .venv/bin/activate` before `dvc`, or `make run`)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     except Terminated:
         print("error: terminated by SIGTERM; previous outputs kept", file=sys.stderr)
         raise

@@ -59,3 +59,23 @@ def test_dpo_on_a_broken_preference_file(finished_project):
         (prefs / f"{split}.jsonl").write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "id": "p-1"}) + "\n")
     broken_line(prefs / "train.jsonl", 2)
     fails_cleanly(proj, "dpo", r"error: data/preferences/train\.jsonl:2: invalid JSON \(.+\)")
+
+
+def test_a_python_without_the_projects_packages_is_one_line_naming_the_interpreter(finished_project):
+    """`dvc exp run` started outside the environment runs the stages with another `python`: here one
+    whose transformers cannot be imported."""
+    import subprocess
+    import sys
+
+    from conftest import stage_env
+
+    before = outputs(finished_project)
+    blocked = ("import runpy, sys; sys.modules['transformers'] = None; "
+               "runpy.run_module('stages.train', run_name='__main__', alter_sys=True)")
+    result = subprocess.run([sys.executable, "-c", blocked], cwd=finished_project, env=stage_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert error_lines(result.stderr) == [
+        f"error: {sys.executable} cannot import transformers: run the stages in the project's environment "
+        "(`. .venv/bin/activate` before `dvc`, or `make run`)"]
+    assert outputs(finished_project) == before
