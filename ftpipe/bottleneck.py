@@ -83,6 +83,8 @@ def add(model, config: Config):
     """Freeze every weight of `model` and add trainable adapters in place; returns the model."""
     if config.placement not in PLACEMENTS or config.activation not in ACTIVATIONS or config.size < 1:
         raise PipelineError(f"bottleneck: unknown adapter config {asdict(config)}")
+    if is_adapted(model):  # a second set of hooks would apply both
+        raise PipelineError("bottleneck: the model already has adapters; load a fresh base")
     model.requires_grad_(False)
     hidden = model.config.hidden_size
     for block in _blocks(model):

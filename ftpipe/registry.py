@@ -171,7 +171,7 @@ def load_model(client, model_name: str, version: str, purpose: str = "score it a
     where = f"MLflow registry {redact(client.tracking_uri)}: {model_name} {CHAMPION} v{version}"
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            if "transformers" in mlflow.models.get_model_info(uri).flavors:
+            if "transformers" in _flavors(uri):
                 components = mlflow.transformers.load_model(uri, dst_path=tmp, return_type="components")
             else:  # a bottleneck-adapter version (ftpipe.bottleneck_model): its pyfunc loads both parts
                 loaded = mlflow.pyfunc.load_model(uri, dst_path=tmp).unwrap_python_model()
@@ -189,6 +189,18 @@ def load_model(client, model_name: str, version: str, purpose: str = "score it a
     if tokenizer.pad_token is None:  # as ftpipe.models.load_tokenizer: batched generation pads
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def _flavors(uri: str) -> set[str]:
+    """The flavours a version was logged with; where its MLmodel cannot be read, the transformers
+    loader is tried and says what is wrong (a missing model file, an unreachable store)."""
+    import mlflow.models
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return set(mlflow.models.get_model_info(uri).flavors)
+    except (MlflowException, OSError):
+        return {"transformers"}
 
 
 def latest_version(client, model_name: str, tag_keys: Iterable[str]) -> dict[str, Any] | None:

@@ -43,7 +43,18 @@ def pytest_xdist_make_scheduler(config, log):
             module = nodeid.split("::", 1)[0]
             return module if Path(module).name in SHARED_FIXTURE_MODULES else nodeid
 
+    config.option.loadscopereorder = False  # units in collection order: LONGEST_FIRST's (below)
     return SharedFixtureScheduling(config, log)
+
+
+# Modules whose tests take a minute or more, longest first (measured), dealt out before the rest so
+# that no worker starts one near the end while the other idles; the first two go one to each worker:
+# test_register's fixture builds the session's finished project (`built_project`, about 75 s) while
+# test_flow_run and test_bench_scale, which need none of it, run their own pipelines on the other.
+LONGEST_FIRST = ("test_flow_run.py", "test_register.py", "test_bench_scale.py", "test_retrain.py",
+                 "test_project_store.py", "test_pipeline.py", "test_tune.py", "test_live_metrics.py",
+                 "test_train.py", "test_stack.py", "test_distributed.py", "test_dpo.py", "test_faults.py",
+                 "test_continual.py", "test_custom_metrics.py", "test_serve.py")
 
 
 # Session fixtures that are a whole pipeline run of the tiny project (about a minute each).
@@ -53,10 +64,12 @@ PIPELINE_RUNS = {"built_project", "flow_run"}
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
 def pytest_collection_modifyitems(config, items) -> None:
     """A test that starts from a whole pipeline run counts as slow too, so that `make test-fast`
-    makes no such run (`make test` runs every test)."""
+    makes no such run (`make test` runs every test); the longest modules go first."""
     for item in items:
         if PIPELINE_RUNS & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: files keep their order
 
 
 CHATML = (

@@ -180,3 +180,14 @@ def test_the_registered_version_answers_in_a_fresh_process_and_is_scored_again_a
     second = register_in_process(proj)
     assert second["version"] == "3"
     assert second["champion"]["scored"].startswith("generated again on this test split")
+
+    # Continual fine-tuning cannot start from such a champion: it is no set of plain weights.
+    from stages import prepare_parent
+
+    try:
+        with pytest.raises(PipelineError, match=r"tiny-model v[23] \(champion\) is bottleneck adapters, not merged"):
+            prepare_parent.run(init_from="champion", model_name="tiny-model",
+                               tracking_uri=f"sqlite:///{proj / 'mlruns.db'}", out_dir=tmp_path / "parent")
+    finally:
+        mlflow.set_tracking_uri(None)  # the stage set its store as the global one
+    assert not (tmp_path / "parent").exists()
