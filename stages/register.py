@@ -53,7 +53,7 @@ SAME_MODEL_TAGS = ("adapter_md5", "base_model_md5", "dpo_md5")
 MODEL_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
 
 
-def _requirements(model) -> list[str]:
+def _requirements(model=None) -> list[str]:
     """Pinned packages the logged model needs; peft too when it is a PeftModel (prompt-learning
     methods, whose virtual tokens cannot be merged into the weights)."""
     names = MODEL_REQUIREMENTS + (("peft",) if hasattr(model, "peft_config") else ())
@@ -535,8 +535,7 @@ def log_model(model_name: str, base_dir: Path, adapter_dir: Path, *, tags: dict[
     if bottleneck.saved_in(adapter_dir):  # adapter layers: a pyfunc that puts them on the base (safetensors both)
         from ftpipe import bottleneck_model
 
-        info = bottleneck_model.log(base_dir, adapter_dir, requirements=[
-            f"{name}=={importlib.metadata.version(name)}" for name in MODEL_REQUIREMENTS])
+        info = bottleneck_model.log(base_dir, adapter_dir, requirements=_requirements())
         return str(mlflow.register_model(info.model_uri, model_name, tags=tags).version)
     # As stored (bf16 for a bf16 base): MLflow keeps one copy of the merged weights, in their own dtype.
     model, tokenizer = models.load_finetuned(base_dir, adapter_dir, as_stored=True), models.load_tokenizer(base_dir)

@@ -186,6 +186,21 @@ def _train_talking(tiny_model_dir: Path, folder: Path) -> None:
     tokenizer.save_pretrained(adapter_dir / "merged")
 
 
+@pytest.fixture(scope="module")
+def train_inputs(tmp_path_factory, tiny_model_dir, tiny_data):
+    """(tiny params, models/base, data/prepared) made by the prepare stages' run(): what the train
+    stage's run() reads, for the modules that train in-process (test_train, test_bottleneck)."""
+    from ftpipe.params import PrepareDataParams
+    from stages import prepare_base, prepare_data
+
+    tmp = tmp_path_factory.mktemp("train-inputs")
+    cfg = tiny_params(tiny_model_dir, tiny_data)
+    base, data = tmp / "base", tmp / "prepared"
+    prepare_base.run(params=prepare_base.PrepareBaseParams(**cfg["prepare_base"]), out_dir=base)
+    prepare_data.run(params=PrepareDataParams(**cfg["prepare_data"]), out_dir=data, reports_dir=tmp / "r0")
+    return cfg, base, data
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-data")

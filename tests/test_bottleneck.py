@@ -1,7 +1,7 @@
 """train.method bottleneck (ftpipe/bottleneck.py): only the adapters train and the base stays bit for bit,
 each placement starts as the base and learns, the saved adapters load back with identical logits, the
 registered version (a pyfunc) answers in a fresh process and is scored again as a champion, and the
-steps that need plain weights refuse it at params time."""
+export and DPO steps that need plain weights refuse it at params time (train's own keys: test_train)."""
 
 from __future__ import annotations
 
@@ -15,20 +15,9 @@ from test_train import assert_learns, run_train
 
 from ftpipe import bottleneck
 from ftpipe.errors import PipelineError
-from ftpipe.params import PrepareDataParams, TrainParams, load_section, validate_all
-from stages import prepare_base, prepare_data
+from ftpipe.params import TrainParams, validate_all
 
 OPTIONS = {"method": "bottleneck", "merge": False, "learning_rate": 0.02, "bottleneck_reduction": 4}
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tiny_model_dir, tiny_data):
-    tmp = tmp_path_factory.mktemp("bottleneck-inputs")
-    cfg = tiny_params(tiny_model_dir, tiny_data)
-    base, data = tmp / "base", tmp / "prepared"
-    prepare_base.run(params=prepare_base.PrepareBaseParams(**cfg["prepare_base"]), out_dir=base)
-    prepare_data.run(params=PrepareDataParams(**cfg["prepare_data"]), out_dir=data, reports_dir=tmp / "r0")
-    return cfg, base, data
 
 
 def logits(model, ids):
@@ -39,12 +28,12 @@ def logits(model, ids):
 
 
 @pytest.mark.parametrize("placement", bottleneck.PLACEMENTS)
-def test_an_untrained_adapter_is_the_base_and_only_its_weights_train(inputs, placement):
+def test_an_untrained_adapter_is_the_base_and_only_its_weights_train(train_inputs, placement):
     import torch
 
     from ftpipe import methods, models
 
-    _, base, _ = inputs
+    _, base, _ = train_inputs
     params = TrainParams(**{**OPTIONS, "bottleneck_placement": placement})
     model = methods.build(params, base, bf16=False)
     plain = models.load_model(base)
@@ -63,16 +52,16 @@ def test_an_untrained_adapter_is_the_base_and_only_its_weights_train(inputs, pla
 
 
 @pytest.mark.parametrize("placement", bottleneck.PLACEMENTS)
-def test_training_changes_only_the_adapters_learns_and_loads_back_with_identical_logits(tmp_path, inputs,
+def test_training_changes_only_the_adapters_learns_and_loads_back_with_identical_logits(tmp_path, train_inputs,
                                                                                         placement):
     import torch
     from safetensors.torch import load_file
 
     from ftpipe import metrics, models
 
-    _, base, _ = inputs
+    _, base, _ = train_inputs
     base_weights = {k: v.clone() for k, v in models.load_model(base).state_dict().items()}
-    params, out, _, summary = run_train(tmp_path, inputs, **OPTIONS, bottleneck_placement=placement)
+    params, out, _, summary = run_train(tmp_path, train_inputs, **OPTIONS, bottleneck_placement=placement)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("bottleneck")) == [
         bottleneck.CONFIG_NAME, bottleneck.WEIGHTS_NAME]
     assert not (out / "merged").exists() and not (out / "adapter_config.json").exists()
@@ -80,7 +69,7 @@ def test_training_changes_only_the_adapters_learns_and_loads_back_with_identical
     assert summary.trainable_parameters == sum(w.numel() for w in saved.values())
     assert summary.trainable_parameters < 0.1 * summary.parameters
     assert any(torch.count_nonzero(w) for k, w in saved.items() if k.endswith("2.weight"))  # up-projections moved
-    assert_learns(inputs, out, f"bottleneck {placement}")
+    assert_learns(train_inputs, out, f"bottleneck {placement}")
 
     finetuned = models.load_finetuned(base, out)
     # The base under the adapters is bit for bit the base on disk.
@@ -94,10 +83,10 @@ def test_training_changes_only_the_adapters_learns_and_loads_back_with_identical
                                 max_new_tokens=3, batch_size=1)) == 1
 
 
-def test_adapters_of_another_shape_are_one_line(tmp_path, inputs):
+def test_adapters_of_another_shape_are_one_line(tmp_path, train_inputs):
     from ftpipe import methods, models
 
-    _, base, _ = inputs
+    _, base, _ = train_inputs
     model = methods.build(TrainParams(**OPTIONS), base, bf16=False)
     bottleneck.save(model, tmp_path / "a")
     config = json.loads((tmp_path / "a" / bottleneck.CONFIG_NAME).read_text())
@@ -110,22 +99,6 @@ def test_adapters_of_another_shape_are_one_line(tmp_path, inputs):
     (tmp_path / "a" / bottleneck.WEIGHTS_NAME).write_bytes(b"not safetensors")
     with pytest.raises(PipelineError, match=r"bottleneck adapter unreadable"):
         models.load_finetuned(base, tmp_path / "a")
-
-
-@pytest.mark.parametrize(("overrides", "key"), [
-    ({"method": "bottleneck"}, "merge"),  # merge: true is the default
-    ({"method": "lora", "bottleneck_reduction": 8}, "bottleneck_reduction"),
-    ({"method": "bottleneck", "merge": False, "bottleneck_placement": "sideways"}, "bottleneck_placement"),
-    ({"method": "bottleneck", "merge": False, "fused_lora": True}, "fused_lora"),
-    ({"method": "bottleneck", "merge": False, "init_from": "champion"}, "init_from"),
-])
-def test_combinations_that_need_plain_weights_fail_at_params_time(tmp_path, overrides, key):
-    import yaml
-
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"train": overrides}))
-    with pytest.raises(PipelineError, match=rf"params.yaml:\d+: train\.{key}: "):
-        load_section("train", TrainParams, path)
 
 
 @pytest.mark.parametrize(("section", "key", "value", "message"), [

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import killed_at_first_checkpoint, set_param, stage, tiny_params
+from conftest import killed_at_first_checkpoint, set_param, stage
 
 from ftpipe import trainer
 from ftpipe.errors import PipelineError
-from ftpipe.params import PrepareDataParams, TrainParams, load_section
+from ftpipe.params import TrainParams, load_section
 from ftpipe.schemas import TrainReport
-from stages import prepare_base, prepare_data, train
+from stages import train
 
 # IA3's scales and the virtual tokens learn at far higher rates than LoRA's (prompt tuning's paper
 # uses 0.3); at the suite's 5e-3 six steps move them by under 1 % (measured on the tiny model).
@@ -30,18 +30,8 @@ METHOD_OPTIONS = {
 }
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tiny_model_dir, tiny_data):
-    tmp = tmp_path_factory.mktemp("train-inputs")
-    cfg = tiny_params(tiny_model_dir, tiny_data)
-    base, data = tmp / "base", tmp / "prepared"
-    prepare_base.run(params=prepare_base.PrepareBaseParams(**cfg["prepare_base"]), out_dir=base)
-    prepare_data.run(params=PrepareDataParams(**cfg["prepare_data"]), out_dir=data, reports_dir=tmp / "r0")
-    return cfg, base, data
-
-
-def run_train(tmp_path, inputs, **overrides):
-    cfg, base, data = inputs
+def run_train(tmp_path, train_inputs, **overrides):
+    cfg, base, data = train_inputs
     params = TrainParams(**{**cfg["train"], "save_steps": 0, **overrides})
     out, reports = tmp_path / "adapter", tmp_path / "reports"
     summary = train.run(params=params, base_dir=base, data_dir=data, out_dir=out, reports_dir=reports,
@@ -49,8 +39,8 @@ def run_train(tmp_path, inputs, **overrides):
     return params, out, reports, summary
 
 
-def test_lora_training_writes_every_declared_output(tmp_path, inputs):
-    params, out, reports, summary = run_train(tmp_path, inputs)
+def test_lora_training_writes_every_declared_output(tmp_path, train_inputs):
+    params, out, reports, summary = run_train(tmp_path, train_inputs)
     assert summary.steps == 6 and 0 < summary.trainable_parameters < summary.parameters
     config = json.loads((out / "train_config.json").read_text())
     assert config["params"] == params.model_dump() and config["base_model"]["source"]["kind"] == "local"
@@ -67,8 +57,8 @@ def test_lora_training_writes_every_declared_output(tmp_path, inputs):
     assert 0 < summary.train_s <= summary.runtime_s  # evaluation time is not training time
 
 
-def test_a_run_shorter_than_its_logging_and_eval_steps_reports_its_final_losses(tmp_path, inputs):
-    _, _, reports, summary = run_train(tmp_path, inputs, max_steps=2, logging_steps=5, eval_steps=25)
+def test_a_run_shorter_than_its_logging_and_eval_steps_reports_its_final_losses(tmp_path, train_inputs):
+    _, _, reports, summary = run_train(tmp_path, train_inputs, max_steps=2, logging_steps=5, eval_steps=25)
     assert summary.steps == 2
     assert summary.train_loss_final is not None and summary.val_loss_final is not None
     assert summary.train_val_gap == pytest.approx(summary.val_loss_final - summary.train_loss_final)
@@ -76,7 +66,7 @@ def test_a_run_shorter_than_its_logging_and_eval_steps_reports_its_final_losses(
     assert [line.split(",")[0] for line in (reports / "val_loss.csv").read_text().splitlines()[1:]] == ["2"]
 
 
-def test_attention_kernel_choice_and_same_loss(tiny_model_dir, inputs):
+def test_attention_kernel_choice_and_same_loss(tiny_model_dir, train_inputs):
     """auto: packed_rows on CPU where batches are packed, eager where not, sdpa on CUDA; the kernels
     give the model the same training loss on padded rows."""
     import torch
@@ -84,7 +74,7 @@ def test_attention_kernel_choice_and_same_loss(tiny_model_dir, inputs):
     from ftpipe import methods, models
     from ftpipe.chat import encode
 
-    cfg = inputs[0]["train"]
+    cfg = train_inputs[0]["train"]
     assert methods.attention_kernel(TrainParams(**cfg), cuda=False) == "packed_rows"
     assert methods.attention_kernel(TrainParams(**{**cfg, "packing": False}), cuda=False) == "eager"
     assert methods.attention_kernel(TrainParams(**cfg), cuda=True) == "sdpa"
@@ -119,17 +109,17 @@ def validation_perplexity(model_dir, adapter_dir, data_dir) -> float:
     return metrics.response_perplexity(model.eval(), models.load_tokenizer(model_dir), chats, batch_size=8)
 
 
-def assert_learns(inputs, out, method):
+def assert_learns(train_inputs, out, method):
     """The run lowered the validation replies' perplexity: weights that changed in the wrong direction
     (a loss with its sign flipped, an optimizer that ascends) raise it."""
-    _, base, data = inputs
+    _, base, data = train_inputs
     before, after = validation_perplexity(base, None, data), validation_perplexity(base, out, data)
     # Six steps lower it by 4-25 % depending on the method; a wrong sign raises it.
     assert after < 0.98 * before, f"{method}: validation perplexity {before:.2f} -> {after:.2f}"
 
 
 @pytest.mark.parametrize("method", [m for m in METHOD_OPTIONS if m != "full"])
-def test_peft_method_trains_its_adapter_and_loads_for_inference(tmp_path, inputs, method):
+def test_peft_method_trains_its_adapter_and_loads_for_inference(tmp_path, train_inputs, method):
     import torch
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
@@ -138,8 +128,8 @@ def test_peft_method_trains_its_adapter_and_loads_for_inference(tmp_path, inputs
     from ftpipe import methods, metrics, models
     from ftpipe.chat import encode
 
-    _, base, _ = inputs
-    params, out, _, summary = run_train(tmp_path, inputs, method=method, **METHOD_OPTIONS[method])
+    _, base, _ = train_inputs
+    params, out, _, summary = run_train(tmp_path, train_inputs, method=method, **METHOD_OPTIONS[method])
     set_seed(params.seed)  # the same seed as train.run: the adapter as it was before training
     initial = get_peft_model_state_dict(methods.build(params, base, bf16=False))
     trained = load_file(out / "adapter_model.safetensors")
@@ -147,7 +137,7 @@ def test_peft_method_trains_its_adapter_and_loads_for_inference(tmp_path, inputs
     assert summary.packing == methods.response_only_ok(method)  # packing: auto
     unchanged = [k for k, w in trained.items() if torch.equal(w, initial[k].to(w.dtype))]
     assert not unchanged, f"{method}: trainable weights did not change: {unchanged}"
-    assert_learns(inputs, out, method)
+    assert_learns(train_inputs, out, method)
 
     tokenizer = models.load_tokenizer(base)
     finetuned = models.load_finetuned(base, out)
@@ -174,12 +164,12 @@ def test_peft_method_trains_its_adapter_and_loads_for_inference(tmp_path, inputs
                                 max_new_tokens=3, batch_size=1)) == 1
 
 
-def test_full_with_frozen_embeddings_and_first_block(tmp_path, inputs):
+def test_full_with_frozen_embeddings_and_first_block(tmp_path, train_inputs):
     from safetensors.torch import load_file
 
-    _, base, _ = inputs
+    _, base, _ = train_inputs
     # With gradient checkpointing too: frozen embeddings must not cut the gradient to block 1.
-    params, out, _, summary = run_train(tmp_path, inputs, method="full", freeze_embeddings=True, freeze_layers=1,
+    params, out, _, summary = run_train(tmp_path, train_inputs, method="full", freeze_embeddings=True, freeze_layers=1,
                                         layer_lr_divisor=2.6, gradient_checkpointing=True)
     before, after = load_file(base / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
     frozen = [k for k in before if k.startswith(("model.embed_tokens", "model.layers.0."))]
@@ -187,27 +177,27 @@ def test_full_with_frozen_embeddings_and_first_block(tmp_path, inputs):
     assert frozen and all(before[k].equal(after[k]) for k in frozen)
     assert trained and not any(before[k].equal(after[k]) for k in trained)
     assert summary.trainable_parameters == sum(before[k].numel() for k in before if k not in frozen)
-    assert_learns(inputs, out, "full")
+    assert_learns(train_inputs, out, "full")
 
 
-def test_gradual_unfreezing_opens_the_lower_block_only_later(tmp_path, inputs):
+def test_gradual_unfreezing_opens_the_lower_block_only_later(tmp_path, train_inputs):
     from safetensors.torch import load_file
 
-    _, base, _ = inputs
+    _, base, _ = train_inputs
     # 2 blocks, one more unfrozen every 4 steps: block 1 trains from step 0, block 0 from step 4 on.
-    _, out, _, _ = run_train(tmp_path, inputs, method="full", gradual_unfreezing=True, unfreeze_every_steps=4,
+    _, out, _, _ = run_train(tmp_path, train_inputs, method="full", gradual_unfreezing=True, unfreeze_every_steps=4,
                              max_steps=3)
     before, after = load_file(base / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
     assert all(before[k].equal(after[k]) for k in before if k.startswith(("model.layers.0.", "model.embed")))
     assert not any(before[k].equal(after[k]) for k in before if k.startswith("model.layers.1."))
 
 
-def packed_and_unpacked(tmp_path, inputs, method, precision):
+def packed_and_unpacked(tmp_path, train_inputs, method, precision):
     """The same training run with packed and with padded batches: {packing: (out, curves)}."""
     options = {"learning_rate": 1e-3} if method == "full" else METHOD_OPTIONS[method]
     runs = {}
     for packs in (False, True):
-        _, out, reports, summary = run_train(tmp_path / str(packs), inputs, method=method, packing=packs,
+        _, out, reports, summary = run_train(tmp_path / str(packs), train_inputs, method=method, packing=packs,
                                              precision=precision, **options)
         assert summary.packing == packs and summary.precision == precision and summary.steps == 6
         curves = {name: [tuple(map(float, row.split(","))) for row in (reports / name).read_text().splitlines()[1:]]
@@ -218,20 +208,20 @@ def packed_and_unpacked(tmp_path, inputs, method, precision):
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
-def test_packed_training_follows_the_unpacked_run(tmp_path, inputs, method):
+def test_packed_training_follows_the_unpacked_run(tmp_path, train_inputs, method):
     """Packing changes the speed only: the same batches, steps, losses and weights as padded rows.
 
     In fp32, pinned: exact agreement is an fp32 property (see the bf16 test below for auto on bf16 CPUs)."""
     import torch
     from safetensors.torch import load_file
 
-    runs = packed_and_unpacked(tmp_path, inputs, method, "fp32")
+    runs = packed_and_unpacked(tmp_path, train_inputs, method, "fp32")
     for name, apart in runs[False][1].items():
         packed = runs[True][1][name]
         assert [step for step, _ in packed] == [step for step, _ in apart], name
         assert [loss for _, loss in packed] == pytest.approx([loss for _, loss in apart], rel=1e-3), name
     out, unpacked_out = runs[True][0], runs[False][0]
-    before, after = load_file(inputs[1] / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
+    before, after = load_file(train_inputs[1] / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
     assert any(not before[k].equal(after[k].to(before[k].dtype)) for k in before if ".layers." in k)
     unpacked = load_file(unpacked_out / "merged" / "model.safetensors")
     for name, weight in after.items():
@@ -239,7 +229,7 @@ def test_packed_training_follows_the_unpacked_run(tmp_path, inputs, method):
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
-def test_packed_training_follows_the_unpacked_run_in_bf16(tmp_path, inputs, method):
+def test_packed_training_follows_the_unpacked_run_in_bf16(tmp_path, train_inputs, method):
     """bf16 (forced; autocast runs on any x86 CPU, slowly where not native): packed and padded batches
     add up in different orders and shapes, so they round differently and match only to bf16 precision.
 
@@ -253,12 +243,12 @@ def test_packed_training_follows_the_unpacked_run_in_bf16(tmp_path, inputs, meth
     """
     from safetensors.torch import load_file
 
-    runs = packed_and_unpacked(tmp_path, inputs, method, "bf16")
+    runs = packed_and_unpacked(tmp_path, train_inputs, method, "bf16")
     for name, apart in runs[False][1].items():
         packed = runs[True][1][name]
         assert [step for step, _ in packed] == [step for step, _ in apart], name
         assert [loss for _, loss in packed] == pytest.approx([loss for _, loss in apart], rel=2e-2), name
-    before = load_file(inputs[1] / "model.safetensors")
+    before = load_file(train_inputs[1] / "model.safetensors")
     after, unpacked = (load_file(runs[packs][0] / "merged" / "model.safetensors") for packs in (True, False))
     updated = 0
     for name, weight in unpacked.items():
@@ -270,12 +260,12 @@ def test_packed_training_follows_the_unpacked_run_in_bf16(tmp_path, inputs, meth
     assert updated
 
 
-def test_unfreezing_schedule_and_layer_learning_rates(inputs):
+def test_unfreezing_schedule_and_layer_learning_rates(train_inputs):
     from types import SimpleNamespace
 
     from ftpipe import methods, models
 
-    cfg, base, _ = inputs
+    cfg, base, _ = train_inputs
     params = TrainParams(**{**cfg["train"], "method": "full", "gradual_unfreezing": True, "unfreeze_every_steps": 2,
                             "layer_lr_divisor": 2.0, "learning_rate": 0.1})
     model = models.load_model(base)
@@ -314,6 +304,12 @@ def test_unfreezing_schedule_and_layer_learning_rates(inputs):
     ({"attention": "packed_rows", "packing": False}, "attention"),
     ({"method": "p_tuning", "merge": False, "attention": "packed_rows"}, "attention"),
     ({"attention": "flash"}, "attention"),
+    # Bottleneck adapters cannot become plain weights (merge: true is the default).
+    ({"method": "bottleneck"}, "merge"),
+    ({"method": "lora", "bottleneck_reduction": 8}, "bottleneck_reduction"),
+    ({"method": "bottleneck", "merge": False, "bottleneck_placement": "sideways"}, "bottleneck_placement"),
+    ({"method": "bottleneck", "merge": False, "fused_lora": True}, "fused_lora"),
+    ({"method": "bottleneck", "merge": False, "init_from": "champion"}, "init_from"),
 ])
 def test_invalid_combination_fails_at_params_time_naming_the_key(tmp_path, overrides, key):
     import yaml
@@ -324,9 +320,9 @@ def test_invalid_combination_fails_at_params_time_naming_the_key(tmp_path, overr
         load_section("train", TrainParams, path)
 
 
-def test_early_stopping_keeps_the_best_checkpoint(tmp_path, inputs):
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path, train_inputs):
     # A huge learning rate makes validation loss worse after the first evaluation.
-    _, out, _, summary = run_train(tmp_path, inputs, early_stopping_patience=1, eval_steps=1, save_steps=1,
+    _, out, _, summary = run_train(tmp_path, train_inputs, early_stopping_patience=1, eval_steps=1, save_steps=1,
                                    learning_rate=5.0, max_steps=20, warmup_ratio=0.0)
     assert summary.early_stopped and summary.steps < 20
     # The written model is the best checkpoint, so its loss is the best one, not the last evaluation's.
@@ -370,9 +366,9 @@ def test_the_shipped_model_class_takes_a_mask_of_positions(tiny_model_dir):
     assert not trainer.takes_position_mask(torch.nn.Linear(2, 2))  # a module from elsewhere
 
 
-def test_unknown_target_module_fails_naming_the_key(tmp_path, inputs):
+def test_unknown_target_module_fails_naming_the_key(tmp_path, train_inputs):
     with pytest.raises(PipelineError, match=r"train.target_modules: "):
-        run_train(tmp_path, inputs, target_modules=["no_such_proj"])
+        run_train(tmp_path, train_inputs, target_modules=["no_such_proj"])
     assert not (tmp_path / "adapter").exists()
 
 
@@ -402,7 +398,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(finished_project):
 
 
 @pytest.mark.parametrize(("method", "what"), [("lora", "loss"), ("full", "gradient norm")])
-def test_diverging_run_stops_and_keeps_the_previous_model(tmp_path, inputs, method, what):
+def test_diverging_run_stops_and_keeps_the_previous_model(tmp_path, train_inputs, method, what):
     """A non-finite loss or gradient norm stops the stage at that step; the last good output stays.
 
     On the tiny model 1e20 overflows within a step (smaller rates saturate RMSNorm instead: a finite,
@@ -412,7 +408,7 @@ def test_diverging_run_stops_and_keeps_the_previous_model(tmp_path, inputs, meth
     (out / "marker").write_text("previous model")
     with pytest.raises(PipelineError, match=rf"^train: {what} is nan at step 2 \(learning_rate 1e\+20\): "
                                             r"training diverged; lower train\.learning_rate$"):
-        run_train(tmp_path, inputs, method=method, learning_rate=1e20, warmup_ratio=0.0, max_steps=4, save_steps=1)
+        run_train(tmp_path, train_inputs, method=method, learning_rate=1e20, warmup_ratio=0.0, max_steps=4, save_steps=1)
     assert [p.name for p in out.iterdir()] == ["marker"] and (out / "marker").read_text() == "previous model"
     assert not list(tmp_path.glob(".adapter.tmp-*")) and not (tmp_path / "reports" / "train.json").exists()
     assert not list((tmp_path / "checkpoints").glob("*"))  # a rerun would diverge again: nothing to resume
