@@ -19,7 +19,7 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 # The MLflow screenshot test drives Debian's chromium through playwright, which must not download a browser.
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test test-fast setup lock lock-cuda
+.PHONY: run test test-fast test-fp32-cpu setup lock lock-cuda
 
 setup: $(STAMP)
 
@@ -56,6 +56,10 @@ test: $(STAMP) $(CHROMIUM)
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -ra -m "not slow" -n 2
+
+# `make test` as on a CPU without bf16 (AVX2 only), on any x86 machine (scripts/fp32_cpu.sh; needs root).
+test-fp32-cpu: $(STAMP) $(CHROMIUM)
+	scripts/fp32_cpu.sh $(MAKE) test
 
 $(CHROMIUM):
 	$(SUDO) apt-get update -qq

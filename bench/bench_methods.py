@@ -24,8 +24,14 @@ ceiling.
 `--footprint` adds the 4-bit (NF4, double quantization) base weight footprint against fp32
 (target <= 35 %).
 Needs `python -m stages.prepare_base` and `python -m stages.prepare_data` first.
+`--dpo` adds the dpo stage (ftpipe.dpo_trainer, from the base on data/preferences) and TRL's
+DPOTrainer at its defaults on the same pairs, LoRA adapter and schedule, in a table of their own: real
+tokens/s counting each pair's prompt once and both replies (TRL's batches counted the same way), the
+paired ratio to TRL and to the SFT lora row of the same run, matmul GFLOP/s with the reference forward
+counted, and the validation reward accuracy after the same steps. Targets: at least half the SFT lora
+row's tokens/s and 4x TRL's.
 Run: .venv/bin/python -m bench.bench_methods [--steps 30] [--methods lora,qlora] [--baselines baseline]
-     [--repeat 3] [--footprint] [--write bench/results_methods.md]
+     [--repeat 3] [--footprint] [--dpo] [--write bench/results_methods.md]
 """
 
 from __future__ import annotations
@@ -40,14 +46,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftpipe.paths import BASE_DIR
+from ftpipe.paths import ADAPTER_DIR, BASE_DIR, PREFS_DIR
 from ftpipe.paths import PREPARED_DIR as DATA_DIR
 
 METHODS = ("full", "lora", "lora_unpacked", "qlora", "dora", "ia3", "bottleneck", "prefix_tuning", "prompt_tuning",
            "p_tuning")
 BASELINE, BF16_BASELINE, TRAINER_BASELINE = "baseline", "baseline-bf16", "baseline-trainer"
 BASELINES = (BASELINE, BF16_BASELINE, TRAINER_BASELINE)
+DPO, DPO_BASELINE = "dpo", "dpo-baseline"  # --dpo: the dpo stage against TRL's DPOTrainer defaults
 WARMUP_STEPS = 3  # untimed steps at the start of every run
+IGNORE = -100  # labels without a loss
 RESULT = "BENCH_RESULT "  # prefix of the child's one result line on stdout
 FOOTPRINT = "footprint:"  # child name prefix: load the base weights as this variant and report their bytes
 
@@ -77,7 +85,7 @@ class StepMeter:
     every optimizer step, whatever Trainer subclass runs it (Trainer, TRL's SFTTrainer,
     stages.train's), so all rows are timed and counted alike."""
 
-    def __init__(self, *, full: bool = False) -> None:
+    def __init__(self, *, full: bool = False, reference: bool = False) -> None:
         from transformers import AutoConfig, Trainer
         from transformers.trainer_callback import CallbackHandler
 
@@ -89,12 +97,13 @@ class StepMeter:
         meter = self
 
         def counting_step(trainer, model, inputs, *args, **kwargs):
-            mask = inputs.get("attention_mask")
-            if "real_tokens" in inputs:  # packed rows: their own tokens (ftpipe.packing.PackedCollator)
-                meter.tokens += int(inputs["real_tokens"])
+            counted = as_packed_pairs(inputs) if "completion_mask" in inputs else inputs  # TRL's DPO batch
+            mask = counted.get("attention_mask")
+            if "real_tokens" in counted:  # packed rows: their own tokens (ftpipe.packing.PackedCollator)
+                meter.tokens += int(counted["real_tokens"])
             else:
-                meter.tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-            meter.flops += step_flops(shapes, inputs, full=full)
+                meter.tokens += int(mask.sum()) if mask is not None else counted["input_ids"].numel()
+            meter.flops += step_flops(shapes, counted, full=full, reference=reference)
             return training_step(trainer, model, inputs, *args, **kwargs)
 
         def marking_step_end(handler, *args, **kwargs):
@@ -111,6 +120,81 @@ class StepMeter:
         (t0, n0, f0), (t1, n1, f1) = self.marks[WARMUP_STEPS - 1], self.marks[-1]
         return {"tokens": n1 - n0, "gflop": (f1 - f0) / 1e9, "train_s": round(t1 - t0, 2),
                 "timed_steps": len(self.marks) - WARMUP_STEPS}
+
+
+def as_packed_pairs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """TRL's DPO batch (chosen rows, then rejected rows, each prompt + reply) counted as the work the
+    pairs need, the way ftpipe.dpo_trainer lays them out: segments with each prompt once (its last
+    token with each reply), labels on the reply tokens, real_tokens those sequences' lengths."""
+    import torch
+
+    mask, completion = inputs["attention_mask"].bool(), inputs["completion_mask"].bool()
+    pairs = mask.shape[0] // 2
+    rows, labels, real = [], [], 0
+    for i in range(pairs):
+        prompt = int((mask[i] & ~completion[i]).sum())
+        chosen, rejected = int(completion[i].sum()), int(completion[pairs + i].sum())
+        rows.append([0] * (prompt - 1) + [1] * (chosen + 1) + [2] * (rejected + 1))
+        labels.append([IGNORE] * prompt + [1] * chosen + [IGNORE] + [1] * rejected)
+        real += len(rows[-1])  # as PairCollator counts: the packed sequence's length
+    width = max(map(len, rows))
+    return {"segments": torch.tensor([r + [-1] * (width - len(r)) for r in rows]),
+            "labels": torch.tensor([r + [IGNORE] * (width - len(r)) for r in labels]),
+            "real_tokens": torch.tensor(real)}
+
+
+def dpo_params(steps: int):
+    """params.yaml's dpo section, on, from the base, stopping after `steps` and evaluating then."""
+    from ftpipe.params import DpoParams, load_section
+
+    base = load_section("dpo", DpoParams).model_dump()
+    return DpoParams(**{**base, "enabled": True, "init_from": "base", "max_steps": steps, "eval_steps": steps,
+                        "save_steps": 0, "live_metrics": False})
+
+
+def run_dpo(steps: int) -> dict[str, Any]:
+    """The dpo stage (ftpipe.dpo_trainer) from the base on data/preferences."""
+    from stages import dpo
+
+    meter = StepMeter(reference=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = dpo.run(params=dpo_params(steps), base_dir=BASE_DIR, adapter_dir=ADAPTER_DIR, prefs_dir=PREFS_DIR,
+                         out_dir=Path(tmp) / "dpo", report_path=Path(tmp) / "dpo.json",
+                         checkpoint_root=Path(tmp) / "checkpoints")
+    last = report.val_curve[-1]
+    return {"trainable": report.trainable_parameters, **meter.result(), "val_loss": last["loss"],
+            "val_reward_accuracy": last["reward_accuracy"], "steps": report.steps, "precision": report.precision}
+
+
+def run_dpo_baseline(steps: int) -> dict[str, Any]:
+    """TRL's DPOTrainer at its defaults (its precision, activation checkpointing, the reference model
+    run every step, chosen and rejected as padded rows) with the same LoRA adapter, pairs and schedule."""
+    from transformers import set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    from ftpipe import models
+    from ftpipe.dpo import fitting, lora_config, to_dataset
+    from ftpipe.io import read_jsonl
+
+    params = dpo_params(steps)
+    set_seed(params.seed)
+    tokenizer = models.load_tokenizer(BASE_DIR)
+    train, val = (fitting(read_jsonl(PREFS_DIR / f"{split}.jsonl"), tokenizer, params.max_length)[0]
+                  for split in ("train", "val"))
+    meter = StepMeter(reference=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = DPOConfig(output_dir=tmp, per_device_train_batch_size=params.batch_size,
+                         per_device_eval_batch_size=params.batch_size, learning_rate=params.learning_rate,
+                         max_steps=steps, lr_scheduler_type=params.lr_scheduler, warmup_steps=params.warmup_ratio,
+                         save_strategy="no", report_to="none", seed=params.seed, data_seed=params.seed, use_cpu=True,
+                         beta=params.beta, loss_type=[params.loss_type], max_length=params.max_length)
+        trainer = DPOTrainer(model=models.load_model(BASE_DIR), args=args, train_dataset=to_dataset(train),
+                             processing_class=tokenizer, peft_config=lora_config(params))
+        trainer.train()
+        found = trainer.evaluate(to_dataset(val))
+    return {"trainable": models.count_parameters(trainer.model)[1], **meter.result(), "val_loss": found["eval_loss"],
+            "val_reward_accuracy": found["eval_rewards/accuracies"], "steps": trainer.state.global_step,
+            "precision": "bf16" if args.bf16 else "fp32"}
 
 
 def run_method(method: str, steps: int) -> dict[str, Any]:
@@ -195,7 +279,9 @@ def child(name: str, steps: int) -> None:
         model = models.load_model(BASE_DIR) if variant == "fp32" else quantization.load_quantized(BASE_DIR, variant)
         print(RESULT + json.dumps(model.get_memory_footprint()), flush=True)
         return
-    result = run_baseline(name, steps) if name in BASELINES else run_method(name, steps)
+    runs = {**dict.fromkeys(BASELINES, run_baseline), DPO: lambda _, n: run_dpo(n),
+            DPO_BASELINE: lambda _, n: run_dpo_baseline(n)}
+    result = runs.get(name, run_method)(name, steps)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(RESULT + json.dumps(result), flush=True)
 
@@ -269,6 +355,29 @@ def table(results: dict[str, dict[str, Any] | str], steps: int, ceiling: dict[st
     return "\n".join(lines) + "\n"
 
 
+def dpo_table(rows: dict[str, dict[str, Any] | str], lora: dict[str, Any] | str | None, steps: int,
+              ceiling: dict[str, float]) -> str:
+    """Markdown: the dpo stage against TRL's DPOTrainer defaults, real tokens/s counting each prompt once
+    and both replies, with the paired ratios to TRL and to the SFT lora row of the same run."""
+    lines = [f"| DPO ({steps} steps, pairs of params.yaml dpo) | real tokens/s | x TRL DPOTrainer defaults | "
+             "x SFT lora | GFLOP/s | % of ceiling | peak RSS MB | val reward accuracy | val DPO loss |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    labels = {DPO_BASELINE: "TRL DPOTrainer defaults", DPO: "dpo stage (ftpipe.dpo_trainer)"}
+    for name, r in rows.items():
+        if isinstance(r, str):
+            lines.append(f"| {labels[name]} | {r} |" + "|" * 7)
+            continue
+        paired = [1.0 if name == DPO_BASELINE else r["paired"].get(DPO_BASELINE), r["paired"].get("lora")]
+        ratios = " | ".join("-" if x is None else f"{x:.2f}" for x in paired)
+        gflops = r["gflop"] / r["train_s"]
+        lines.append(f"| {labels[name]} ({r['precision']}) | {r['tokens_per_s']:.1f} | {ratios} | {gflops:.0f} | "
+                     f"{gflops / ceiling[r['precision']]:.0%} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['val_reward_accuracy']:.3f} | {r['val_loss']:.4f} |")
+    if isinstance(lora, dict):
+        lines.append(f"\nSFT lora in the same run: {lora['tokens_per_s']:.1f} real tokens/s ({lora['precision']}).")
+    return "\n".join(lines) + "\n"
+
+
 def footprint() -> str:
     """4-bit (NF4 + double quantization) base weights against fp32, each loaded in a fresh process."""
     sizes = {}
@@ -287,6 +396,9 @@ def main() -> None:
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help="comma-separated baselines to measure first (empty: none); ratios are against the first")
     parser.add_argument("--footprint", action="store_true", help="also measure the 4-bit weight footprint")
+    parser.add_argument("--dpo", action="store_true",
+                        help="also the dpo stage and TRL's DPOTrainer defaults, in a table of their own (needs "
+                             "data/preferences: `python -m stages.prepare_prefs` with dpo.enabled)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of one run per row; the table shows the median, the range and the median "
                              "paired ratio to the baseline's run of the same round")
@@ -301,6 +413,8 @@ def main() -> None:
         return child(args.child, args.steps)
     if not (BASE_DIR / "config.json").is_file() or not (DATA_DIR / "train.jsonl").is_file():
         sys.exit("run `python -m stages.prepare_base` and `python -m stages.prepare_data` first")
+    if args.dpo and not (PREFS_DIR / "train.jsonl").is_file():
+        sys.exit("--dpo: run `python -m stages.prepare_prefs` with dpo.enabled: true first")
 
     from transformers import AutoConfig
 
@@ -324,6 +438,8 @@ def main() -> None:
             results[name] = f"skipped: not accepted by TrainParams ({why})"
         else:
             names.append(name)
+    if args.dpo:
+        names += [DPO_BASELINE, DPO]
     # Rounds of one run per row (not all runs of one row, then the next): a slow spell of the
     # machine then lands on every row of a round, and the paired ratios cancel it.
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
@@ -340,10 +456,15 @@ def main() -> None:
                   f"{result['peak_rss_mb']:.0f} MB peak, "
                   f"val loss {result['val_loss']:.4f}", flush=True)
     trl = {n: runs[n] for n in (BASELINE, BF16_BASELINE) if n in names and n not in results and runs[n]}
+    dpo = {DPO_BASELINE: runs.get(DPO_BASELINE), "lora": runs.get("lora")}  # a DPO row's references
     for name in names:
         if name not in results:
-            results[name] = summarize(runs[name], {b: r for b, r in trl.items() if b != name})
+            against = {b: r for b, r in (dpo if name in (DPO, DPO_BASELINE) else trl).items() if r and b != name}
+            results[name] = summarize(runs[name], against)
+    dpo_rows = {name: results.pop(name) for name in (DPO_BASELINE, DPO) if name in results}
     report = machine_line + "\n\n" + table(results, args.steps, info["gflops"])
+    if dpo_rows:
+        report += "\n" + dpo_table(dpo_rows, results.get("lora"), args.steps, info["gflops"])
     if args.footprint:
         report += "\n" + footprint()
     print("\n" + report)

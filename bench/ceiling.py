@@ -53,14 +53,19 @@ class Shapes:
         return [(tokens, d, d), (tokens, d, self.kv_dim), (tokens, d, i), (tokens, i, d), (tokens // 2, d, self.vocab)]
 
 
-def step_flops(shapes: Shapes, inputs: dict[str, Any], *, full: bool) -> float:
-    """Matmul FLOPs of one training batch (see the module docstring)."""
+def step_flops(shapes: Shapes, inputs: dict[str, Any], *, full: bool, reference: bool = False) -> float:
+    """Matmul FLOPs of one training batch (see the module docstring); reference: plus one forward pass
+    of the same positions (DPO's reference log-probabilities, the adapter off)."""
     positions, pairs = _positions_and_pairs(inputs)
     labels = inputs["labels"][:, 1:]
     loss_positions = int((labels != IGNORE).sum())
     linear = (6 if full else 4) * shapes.linear_params * positions
     attention = 3 * 4 * shapes.hidden * shapes.layers * pairs
     logits = (6 if full else 4) * shapes.vocab * shapes.hidden * loss_positions
+    if reference:
+        linear += 2 * shapes.linear_params * positions
+        attention += 4 * shapes.hidden * shapes.layers * pairs
+        logits += 2 * shapes.vocab * shapes.hidden * loss_positions
     return float(linear + attention + logits)
 
 

@@ -264,7 +264,8 @@ def _retrain_locked(project_dir: Path, data_path: str | None) -> dict[str, Any]:
                              markdown=(project_dir / paths.DATA_REPORT_MD).read_text(encoding="utf-8"))
     status = "promoted" if registration.promotion.promote else "challenger"
     logger.info("%s: %s", registration.model_uri, status)
-    return {"status": status, "report": markdown, "registration": registration.model_dump(mode="json"), "timings_s": timings}
+    return {"status": status, "report": markdown, "registration": registration.model_dump(mode="json"), "timings_s": timings,
+            "dvc_push": pushed}
 
 
 def schedule(project_dir: Path, cron: str | None) -> str:

@@ -1,12 +1,12 @@
-"""The training library of the dpo stage: TRL's DPOTrainer (or KTOTrainer) arguments, the pairs (or
-rated replies) as a dataset, curves from its log history, and the policy's log-probability margin of
-chosen over rejected (KTO: of the good replies over the bad ones).
+"""The training library of the dpo stage: the DPO loop's and TRL's KTOTrainer's arguments, the rated
+replies as a dataset, curves from the log history, and the policy's log-probability margin of chosen
+over rejected (KTO: of the good replies over the bad ones).
 
-TRL's conversational format is used as is: `prompt` is the list of messages before the reply and
-`chosen` / `rejected` are one assistant message each, so the chat template (and its end-of-turn
-token) is applied by TRL exactly as the SFT rows were encoded. TRL wraps the start weights in the
-LoRA adapter (`peft_config`) and computes the reference log-probabilities with the adapter switched
-off, so no second copy of the model is held.
+For KTO, TRL's conversational format is used as is: `prompt` is the list of messages before the reply
+and `completion` one assistant message, so the chat template (and its end-of-turn token) is applied
+by TRL as the SFT rows were encoded. TRL wraps the start weights in the LoRA adapter (`peft_config`)
+and computes the reference log-probabilities with the adapter switched off, as the DPO loop
+(ftpipe/dpo_trainer.py) does.
 """
 
 from __future__ import annotations
@@ -28,32 +28,29 @@ def lora_config(params: DpoParams):
 
 
 def arguments(params: DpoParams, *, output_dir: Path, bf16: bool, cuda: bool):
-    """TRL's DPOConfig: the schedule shared with train (ftpipe.schedule), then DPO's own arguments."""
-    from trl import DPOConfig
+    """The DPO loop's (ftpipe.dpo_trainer) TrainingArguments: the schedule shared with train
+    (ftpipe.schedule), then DPO's own choices."""
+    from transformers import TrainingArguments
 
     from ftpipe.schedule import trainer_arguments
 
     return trainer_arguments(
-        params, DPOConfig, output_dir=output_dir, cuda=cuda,
-        bf16=bf16,  # the Trainer autocasts TRL's loss (train's response-only loss autocasts itself instead)
-        # TRL's default optimizer (the fused AdamW with torch >= 2.8, on CPU and CUDA alike), as the
-        # stage has always used; train picks its own per method and device (trainer.optimizer_name).
+        params, TrainingArguments, output_dir=output_dir, cuda=cuda,
+        bf16=bf16,  # the Trainer's autocast around the forward (train's response-only loss autocasts itself)
+        # transformers' default optimizer (the fused AdamW with torch >= 2.8, on CPU and CUDA alike),
+        # TRL's too, which the stage used before; train picks its own per method and device.
         optim=None,
-        # TRL's default recomputes activations (less memory, about a third more compute): a 135M
-        # model's activations fit, and the train stage's default is off too.
+        # Recomputing activations costs about a third more compute: a 135M model's activations fit,
+        # and the train stage's default is off too (TRL's is on).
         activation_checkpointing=False,
         save_steps=params.save_steps,  # checkpoints/dpo/<key>/, so an interrupted run resumes
         save_total_limit=1,  # the newest checkpoint is all a resume reads
-        beta=params.beta,
-        loss_type=[params.loss_type],
-        label_smoothing=params.label_smoothing,
-        max_length=params.max_length,
-        truncation_mode="keep_start",  # rows over max_length were left out before (dataset)
+        remove_unused_columns=False,  # the pairs' uids key their kept reference log-probabilities
     )
 
 
 def kto_arguments(params: DpoParams, *, output_dir: Path, bf16: bool, cuda: bool):
-    """TRL's KTOConfig: the same schedule and choices as DPOConfig's (arguments), then KTO's own arguments.
+    """TRL's KTOConfig: the same schedule and choices as DPO's (arguments), then KTO's own arguments.
     KTOConfig's default sequential sampling stays (its KL estimate pairs neighbouring rows), so the
     rows are shuffled before (unpaired)."""
     from trl import KTOConfig

@@ -108,17 +108,28 @@ class PackedCollator:
         self.pad_id, self.pack_length = tokenizer.pad_token_id, pack_length
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
+        return padded(tightest_packing(features, self.pack_length, shared_prefix(features)), self.pad_id)
 
-        sequences = tightest_packing(features, self.pack_length, shared_prefix(features))
-        width = max(len(s["input_ids"]) for s in sequences)
-        fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX, "segments": PADDING}
-        batch = {key: torch.tensor([s[key] + [value] * (width - len(s[key])) for s in sequences])
-                 for key, value in fill.items()}
-        batch["position_ids"] = torch.tensor([s["position_ids"] + list(range(width - len(s["position_ids"])))
-                                              for s in sequences])
-        batch["real_tokens"] = torch.tensor(sum(s["real_tokens"] for s in sequences))
-        return batch
+
+def packed_group(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """`rows` as one packed sequence behind the prefix they share (a preference pair: its prompt
+    once, then each reply seeing the prompt and itself)."""
+    return _packed(shared_prefix(rows), rows)
+
+
+def padded(sequences: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Packed sequences as one batch of tensors, padded to the longest (padding: a segment of its own,
+    no labels); real_tokens: the rows' own tokens, all sequences together."""
+    import torch
+
+    width = max(len(s["input_ids"]) for s in sequences)
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "segments": PADDING}
+    batch = {key: torch.tensor([s[key] + [value] * (width - len(s[key])) for s in sequences])
+             for key, value in fill.items()}
+    batch["position_ids"] = torch.tensor([s["position_ids"] + list(range(width - len(s["position_ids"])))
+                                          for s in sequences])
+    batch["real_tokens"] = torch.tensor(sum(s["real_tokens"] for s in sequences))
+    return batch
 
 
 def attention_mask(segments: torch.Tensor, *, kernel: str) -> torch.Tensor:

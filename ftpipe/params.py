@@ -471,24 +471,26 @@ class PreparePrefsParams(_Section):
 
 
 class DpoParams(_Schedule):
-    """Preference tuning of a LoRA adapter (TRL's DPOTrainer on pairs, or KTOTrainer on rated replies),
-    after SFT or on the base; the result is evaluated and, when enabled, registered instead of the
+    """Preference tuning of a LoRA adapter (DPO on pairs, the project's loop with TRL's losses; or
+    TRL's KTOTrainer on rated replies), after SFT or on the base; the result is evaluated and, when enabled, registered instead of the
     SFT model. The keys from seed to live_metrics mean the same as in train; learning_rate,
     warmup_ratio and eval_steps have defaults of their own."""
 
     enabled: bool = False
     """Off by default: it adds the preference generation and a second training run."""
     method: Literal["dpo", "kto"] = "dpo"
-    """dpo: DPOTrainer on preference pairs; kto: KTOTrainer (Kahneman-Tversky optimization) on single
+    """dpo: DPO on preference pairs (ftpipe.dpo_trainer); kto: TRL's KTOTrainer (Kahneman-Tversky optimization) on single
     replies labelled good or bad (prepare_prefs.kind thumbs), or on pairs split into a good and a bad reply."""
     init_from: Literal["sft", "base"] = "sft"
     """sft: the train stage's model (merged into the weights DPO starts from, which are also its
     reference model); base: the base model (DPO without SFT)."""
     beta: float = Field(0.1, gt=0)
     """Strength of the pull towards the reference model (the KL penalty's inverse temperature)."""
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "sppo_hard"] = "sigmoid"
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "apo_zero", "sppo_hard", "orpo"] = "sigmoid"
     """sigmoid: the DPO paper's loss; ipo: identity preference optimization (beta is its
-    regularization); hinge: SLiC; robust: label-noise robust DPO; apo_zero, sppo_hard: TRL's."""
+    regularization); hinge: SLiC; robust: label-noise robust DPO; apo_zero, sppo_hard: TRL's; orpo:
+    odds ratio preference optimization, reference-free (the chosen replies' NLL plus beta times the
+    odds-ratio term; no reference forward), usually from the base (init_from base)."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """robust only: the assumed share of pairs whose preference is wrong."""
     desirable_weight: float = Field(1.0, gt=0)

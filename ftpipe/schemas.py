@@ -129,7 +129,7 @@ class DpoReport(_Report):
 
     enabled: bool  # false: dpo is off and no model was written
     start: str | None = None  # what DPO started from (also its reference model)
-    method: str = "dpo"  # dpo (DPOTrainer on pairs) | kto (KTOTrainer on good and bad replies)
+    method: str = "dpo"  # dpo (DPO on pairs) | kto (KTOTrainer on good and bad replies)
     loss_type: str | None = None  # dpo: dpo.loss_type; kto: "kto"
     beta: float | None = None
     steps: int = 0

@@ -64,19 +64,11 @@ def response_only_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
     """
     import torch
 
-    from ftpipe import kernels, packing
+    from ftpipe import kernels
     from ftpipe.chat import IGNORE_INDEX
 
     inner = getattr(model, "module", model)  # the model inside a DistributedDataParallel wrapper
-    if "segments" in inputs:  # packed rows (ftpipe.packing): each sees its own tokens and the shared prefix
-        kernel = inner.config._attn_implementation
-        mask = {"attention_mask": packing.attention_mask(inputs["segments"], kernel=kernel),
-                "position_ids": inputs["position_ids"]}
-        blocks = packing.row_blocks(inputs["segments"]) if kernel == kernels.PACKED_ATTENTION else None
-        if blocks is not None:  # attention per row (ftpipe.kernels); the mask serves any other path
-            mask["row_blocks"] = blocks
-    else:
-        mask = {"attention_mask": inputs["attention_mask"]}
+    mask = attention_inputs(inner, inputs)
     targets = inputs["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     positions = torch.zeros_like(inputs["labels"], dtype=torch.bool)
@@ -97,6 +89,23 @@ def response_only_loss(model, inputs: dict[str, Any], num_items_in_batch=None):
         loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
     return loss / count
+
+
+def attention_inputs(model, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The mask arguments of the model's forward for a padded or a packed batch (ftpipe.packing: each
+    row sees its own tokens and the shared prefix; per-row attention blocks where the model runs
+    ftpipe.kernels' packed_rows)."""
+    from ftpipe import kernels, packing
+
+    if "segments" not in inputs:
+        return {"attention_mask": inputs["attention_mask"]}
+    kernel = model.config._attn_implementation
+    mask = {"attention_mask": packing.attention_mask(inputs["segments"], kernel=kernel),
+            "position_ids": inputs["position_ids"]}
+    blocks = packing.row_blocks(inputs["segments"]) if kernel == kernels.PACKED_ATTENTION else None
+    if blocks is not None:  # attention per row (ftpipe.kernels); the mask serves any other path
+        mask["row_blocks"] = blocks
+    return mask
 
 
 def takes_position_mask(model) -> bool:

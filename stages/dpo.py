@@ -1,4 +1,4 @@
-"""Preference tuning of a LoRA adapter: direct preference optimization (TRL's DPOTrainer) on the
+"""Preference tuning of a LoRA adapter: direct preference optimization (ftpipe.dpo_trainer) on the
 preference pairs, or with dpo.method kto TRL's KTOTrainer on rated replies (a pair: a good and a bad one).
 
 Starts from the SFT model (`init_from: sft`, merged) or the base; those weights with the adapter off
@@ -71,14 +71,16 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         runtime = time.perf_counter() - started
-    test = _test_metrics(trainer, pairs["test"], params)
-    model = trainer.model  # the start weights inside TRL's LoRA wrapper
-    report = _report(params, trainer, model, pairs, test, start=described, before=before,
-                     after=_margin(model, tokenizer, pairs["test"], params), runtime=runtime, bf16=bf16,
-                     too_long=too_long, live_run_id=live_run and live_run.run_id,
-                     resumed_from_step=int(resume.name.split("-")[1]) if resume else 0)
+    test = _test_metrics(trainer, pairs, params, tokenizer)
     with all_or_nothing(), atomic_dir(out_dir) as tmp:  # the model and its report go in place together
-        _save(params, model, tokenizer, report, tmp)
+        trainer.model.save_pretrained(tmp)  # the adapter
+        report = _report(params, trainer, pairs, test, trainer.model, start=described, before=before, runtime=runtime,
+                         bf16=bf16, too_long=too_long, live_run_id=live_run and live_run.run_id,
+                         resumed_from_step=int(resume.name.split("-")[1]) if resume else 0)
+        del trainer, start  # the training copy (frozen weights in bf16 where training was): merged from the start's own
+        merged = _merged(params, base_dir, adapter_dir, tmp)
+        report.test_logp_margin_after = _margin(merged, tokenizer, pairs["test"], params)
+        _save(params, merged, tokenizer, report, tmp)
         report.write(report_path)
     remove_path(checkpoint_root)  # the run is complete: nothing left to resume (older keys' leftovers too)
     return report
@@ -90,7 +92,7 @@ def _checkpoint_key(params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_
     import transformers
     import trl
 
-    from ftpipe import dpo, schedule
+    from ftpipe import dpo, dpo_trainer, kernels, packing, schedule, trainer
     from ftpipe.models import sha256_of
 
     start = adapter_dir / TRAIN_CONFIG_NAME
@@ -101,7 +103,8 @@ def _checkpoint_key(params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_
         else sha256_of(base_dir / "config.json"),
         "start": sha256_of(start) if params.init_from == "sft" and start.is_file() else None,
         "pairs": {split: sha256_of(prefs_dir / split_file(split)) for split in ("train", "val")},
-        "code": [sha256_of(Path(module.__file__)) for module in (dpo, schedule)] + [sha256_of(Path(__file__))],
+        "code": [sha256_of(Path(module.__file__)) for module in (dpo, dpo_trainer, kernels, packing, schedule, trainer)]
+        + [sha256_of(Path(__file__))],
         "libraries": [trl.__version__, transformers.__version__],
     }
     return checkpoint_folder_key(inputs)
@@ -164,33 +167,58 @@ def _margin(model, tokenizer, pairs, params: DpoParams) -> float:
 
 def _setup_trainer(params: DpoParams, start, tokenizer, pairs, checkpoints: Path, bf16: bool,
                    live_run: live.LiveRun | None):
-    """TRL's DPOTrainer (method kto: KTOTrainer) with the LoRA adapter as `peft_config`: it wraps the
-    start weights and uses them with the adapter off as the reference model."""
+    """dpo: the project's DPO trainer (ftpipe.dpo_trainer) on the start weights in a LoRA adapter, which
+    with the adapter off are the reference; kto: TRL's KTOTrainer with the adapter as `peft_config`."""
     import torch
-    from trl import DPOTrainer, KTOTrainer
+    from trl import KTOTrainer
 
+    from ftpipe import dpo_trainer
     from ftpipe.callbacks import DPO_KEYS, final_step_callback, live_metrics_callback
-    from ftpipe.dpo import arguments, kto_arguments, lora_config, to_dataset, to_kto_dataset
+    from ftpipe.dpo import arguments, kto_arguments, lora_config, to_kto_dataset
 
-    kto = params.method == "kto"
-    args = (kto_arguments if kto else arguments)(params, output_dir=checkpoints, bf16=bf16,
-                                                 cuda=torch.cuda.is_available())
     callbacks = [final_step_callback()]
-    if live_run:  # tokens/s from TRL's own count of the batches' tokens
+    if live_run:  # tokens/s from the trainer's own count of the batches' tokens
         callbacks.append(live_metrics_callback(live_run, keys=DPO_KEYS))
-    trainer, dataset = (KTOTrainer, to_kto_dataset) if kto else (DPOTrainer, to_dataset)
-    return trainer(model=start, args=args, train_dataset=dataset(pairs["train"]), eval_dataset=dataset(pairs["val"]),
-                   processing_class=tokenizer, peft_config=lora_config(params), callbacks=callbacks)
+    cuda = torch.cuda.is_available()
+    if params.method == "kto":
+        return KTOTrainer(model=start, args=kto_arguments(params, output_dir=checkpoints, bf16=bf16, cuda=cuda),
+                          train_dataset=to_kto_dataset(pairs["train"]), eval_dataset=to_kto_dataset(pairs["val"]),
+                          processing_class=tokenizer, peft_config=lora_config(params), callbacks=callbacks)
+    encoded = _encoded(tokenizer, pairs)
+    return dpo_trainer.trainer_class(params)(
+        model=dpo_trainer.policy_model(params, start, bf16=bf16), train_dataset=encoded["train"],
+        args=arguments(params, output_dir=checkpoints, bf16=bf16, cuda=cuda),
+        eval_dataset=encoded["val"], data_collator=dpo_trainer.PairCollator(tokenizer), callbacks=callbacks)
 
 
-def _test_metrics(trainer, pairs, params: DpoParams) -> dict[str, float | None]:
-    """DPO loss and TRL's reward accuracy and margin on the held-out pairs (TRL names its own
-    metrics eval_* whatever the prefix); kto: KTO loss and reward margin (no accuracy: its replies
-    are not paired; no margin when no batch held good and bad replies)."""
-    from ftpipe.dpo import REWARD_ACCURACY, REWARD_MARGIN, to_dataset, to_kto_dataset
+def _encoded(tokenizer, pairs) -> dict[str, list[dict[str, Any]]]:
+    """Each split's pairs encoded for ftpipe.dpo_trainer, with uids unique across the splits."""
+    from ftpipe.dpo_trainer import encode_pairs
+
+    encoded, first = {}, 0
+    for split in SPLITS:
+        encoded[split] = encode_pairs(tokenizer, pairs[split], first_uid=first)
+        first += len(pairs[split])
+    return encoded
+
+
+def _merged(params: DpoParams, base_dir: Path, adapter_dir: Path, adapter: Path):
+    """The start weights as the stage loads them with the trained adapter merged in."""
+    from peft import PeftModel
+
+    start, _ = _start_model(params, base_dir, adapter_dir)
+    return PeftModel.from_pretrained(start, adapter.resolve()).merge_and_unload()
+
+
+def _test_metrics(trainer, pairs, params: DpoParams, tokenizer) -> dict[str, float | None]:
+    """DPO loss, reward accuracy and margin on the held-out pairs (named eval_* whatever the prefix, as
+    TRL names them); kto: KTO loss and reward margin (no accuracy: its replies are not paired; no
+    margin when no batch held good and bad replies)."""
+    from ftpipe.dpo import REWARD_ACCURACY, REWARD_MARGIN, to_kto_dataset
 
     kto = params.method == "kto"
-    found = trainer.evaluate((to_kto_dataset if kto else to_dataset)(pairs), metric_key_prefix="test")
+    found = trainer.evaluate(to_kto_dataset(pairs["test"]) if kto else _encoded(tokenizer, pairs)["test"],
+                             metric_key_prefix="test")
     wanted = {"loss": "test_loss", "accuracy": f"eval_{REWARD_ACCURACY}", "margin": f"eval_{REWARD_MARGIN}"}
     required = ["test_loss"] if kto else list(wanted.values())
     missing = [key for key in required if key not in found]
@@ -199,9 +227,8 @@ def _test_metrics(trainer, pairs, params: DpoParams) -> dict[str, float | None]:
     return {name: found.get(key) for name, key in wanted.items()}
 
 
-def _report(params: DpoParams, trainer, model, pairs, test: dict[str, float], *, start: str, before: float,
-            after: float, runtime: float, bf16: bool, too_long: int, live_run_id: str | None,
-            resumed_from_step: int) -> DpoReport:
+def _report(params: DpoParams, trainer, pairs, test: dict[str, float], model, *, start: str, before: float,
+            runtime: float, bf16: bool, too_long: int, live_run_id: str | None, resumed_from_step: int) -> DpoReport:
     from ftpipe import models
     from ftpipe.dpo import curves
 
@@ -216,20 +243,18 @@ def _report(params: DpoParams, trainer, model, pairs, test: dict[str, float], *,
         val_loss_final=val_curve[-1]["loss"] if val_curve else None,
         test_loss=test["loss"], test_reward_accuracy=test["accuracy"], test_reward_margin=test["margin"],
         train_curve=[{"step": step, "loss": loss} for step, loss in train_curve], val_curve=val_curve,
-        test_logp_margin_before=before, test_logp_margin_after=after,
+        test_logp_margin_before=before,  # and after: set once the merged model is built
         runtime_s=round(runtime, 1), precision="bf16" if bf16 else "fp32", parameters=total,
         trainable_parameters=trainable, live_run_id=live_run_id, resumed_from_step=resumed_from_step,
     )
 
 
-def _save(params: DpoParams, model, tokenizer, report: DpoReport, out_dir: Path) -> None:
-    """The adapter (safetensors, on the start weights), the merged model evaluate and register load,
-    the report's loss curves as a PNG, and what produced them."""
+def _save(params: DpoParams, merged, tokenizer, report: DpoReport, out_dir: Path) -> None:
+    """Beside the adapter: the merged model evaluate and register load, the report's loss curves as a
+    PNG, and what produced them."""
     from ftpipe import models
     from ftpipe.plots import plot_losses
 
-    model.save_pretrained(out_dir)
-    merged = model.merge_and_unload()
     merged.save_pretrained(out_dir / models.MERGED, safe_serialization=True)
     tokenizer.save_pretrained(out_dir / models.MERGED)
     plot_losses([(p["step"], p["loss"]) for p in report.train_curve], [(v["step"], v["loss"]) for v in report.val_curve],

@@ -4,10 +4,13 @@ running it there: forced to the CPU in bf16 here, whatever the machine would pic
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import qa_rows
+from conftest import ROOT, qa_rows, stage_env
 
 from ftpipe import models, scoring
 from ftpipe.device import Placement, bf16_supported, check_placed, decide, place
@@ -27,6 +30,24 @@ def test_auto_follows_the_machine_and_explicit_choices_win():
     if not cuda:
         with pytest.raises(PipelineError, match=r"^inference.device: cuda, but torch sees no CUDA device"):
             decide(device="cuda")
+
+
+def test_the_fp32_cpu_script_hides_bf16_from_torch_and_the_decision():
+    """scripts/fp32_cpu.sh (`make test-fp32-cpu`): the suite as on a CPU without bf16, on any x86 CPU."""
+    probe = ("import torch; from ftpipe import device; "
+             "print(torch.backends.cpu.get_cpu_capability(), device.bf16_supported(), device.decide())")
+    done = subprocess.run([str(ROOT / "scripts" / "fp32_cpu.sh"), sys.executable, "-c", probe], cwd=ROOT,
+                          env=stage_env(), capture_output=True, text=True, timeout=120)
+    if os.geteuid() != 0:  # no mount namespace without root: one line saying so
+        assert done.returncode == 2 and "needs root" in done.stderr
+        return
+    assert done.returncode == 0, done.stderr[-2000:]
+    capability, bf16, placement = done.stdout.split(maxsplit=2)
+    assert capability in {"DEFAULT", "AVX2"} and bf16 == "False" and placement.strip() == "cpu fp32"
+    assert "avx512" not in subprocess.run(
+        [str(ROOT / "scripts" / "fp32_cpu.sh"), "cat", "/proc/cpuinfo"], capture_output=True, text=True).stdout
+    if not torch.cuda.is_available():  # the machine itself is unchanged outside the script
+        assert decide().precision == ("bf16" if bf16_supported() else "fp32")
 
 
 def test_placing_moves_every_weight_and_keeps_the_rotary_frequencies_in_fp32(tiny_model_dir):

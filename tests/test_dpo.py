@@ -167,8 +167,9 @@ def test_with_dpo_off_both_stages_write_only_a_manifest_saying_so(tmp_path):
         dpo_result(tmp_path / "dpo", enabled=True)
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "orpo"])
 def test_dpo_after_sft_raises_the_chosen_margin_and_changes_only_the_adapted_weights(tmp_path, tiny_model_dir,
-                                                                                    talking_model):
+                                                                                    talking_model, loss_type):
     from ftpipe import models
     from ftpipe.dpo import logp_margin
     from stages import dpo, prepare_prefs
@@ -181,7 +182,8 @@ def test_dpo_after_sft_raises_the_chosen_margin_and_changes_only_the_adapted_wei
                       prepared_dir=prepared(tmp_path / "prepared", offset=200), out_dir=tmp_path / "prefs",
                       report_path=tmp_path / "preferences.json", project_dir=tmp_path)
     params = DpoParams(enabled=True, init_from="sft", max_steps=24, batch_size=8, learning_rate=1e-2, beta=0.5,
-                       eval_steps=12, logging_steps=1, precision="fp32", max_length=64, warmup_ratio=0.0)
+                       eval_steps=12, logging_steps=1, precision="fp32", max_length=64, warmup_ratio=0.0,
+                       loss_type=loss_type)
     # talking_model: the tiny model fully fine-tuned to answer (the train stage's merged/ layout).
     report = dpo.run(params=params, base_dir=tiny_model_dir, adapter_dir=talking_model, prefs_dir=tmp_path / "prefs",
                      out_dir=tmp_path / "dpo", report_path=tmp_path / "dpo.json",
@@ -391,9 +393,8 @@ def test_dpo_shares_the_train_schedule_keys_and_restates_only_its_own_defaults()
 
 def test_train_and_dpo_trainers_get_the_schedule_the_same_way(tmp_path):
     """Both stages' arguments come from ftpipe.schedule: the shared keys land on the same arguments, and
-    what differs is each trainer's own (DPO: its loss, no checkpoints, no recomputation, TRL's optimizer)."""
+    what differs is each trainer's own (DPO: no recomputation, the default optimizer, its pairs' uids kept)."""
     from transformers import TrainingArguments
-    from trl import DPOConfig
 
     from ftpipe import dpo, trainer
     from ftpipe.params import TrainParams
@@ -404,7 +405,7 @@ def test_train_and_dpo_trainers_get_the_schedule_the_same_way(tmp_path):
                                      cuda=False)
     pref = dpo.arguments(DpoParams(enabled=True, loss_type="robust", label_smoothing=0.1, beta=0.3, **shared),
                          output_dir=tmp_path, bf16=True, cuda=False)
-    assert type(sft) is TrainingArguments and type(pref) is DPOConfig
+    assert type(sft) is TrainingArguments and type(pref) is TrainingArguments
     schedule = {"output_dir": str(tmp_path), "per_device_train_batch_size": 3, "per_device_eval_batch_size": 3,
                 "gradient_accumulation_steps": 2, "learning_rate": 3e-4, "num_train_epochs": 2.5, "max_steps": 9,
                 "lr_scheduler_type": "linear", "warmup_steps": 0.2, "logging_steps": 2, "eval_strategy": "steps",
@@ -417,12 +418,11 @@ def test_train_and_dpo_trainers_get_the_schedule_the_same_way(tmp_path):
         ("adamw_torch", "steps", 50, 1, False)
     assert trainer.training_arguments(TrainParams(method="prefix_tuning", merge=False), output_dir=tmp_path,
                                       bf16=True, optim="adamw_torch", cuda=False).bf16  # the model's own loss
-    # dpo: TRL's default optimizer, checkpoints as train, no recomputation (TRL's default is on), bf16 as asked.
-    assert (pref.optim, pref.save_strategy, pref.activation_checkpointing, pref.bf16) == \
-        (DPOConfig.__dataclass_fields__["optim"].default, "steps", False, True)
-    assert (pref.beta, pref.loss_type, pref.label_smoothing, pref.max_length, pref.truncation_mode) == \
-        (0.3, ["robust"], 0.1, 128, "keep_start")
-    assert not dpo.arguments(DpoParams(), output_dir=tmp_path, bf16=False, cuda=False).bf16  # not TRL's default (on)
+    # dpo: the default optimizer, checkpoints as train, no recomputation (TRL's default is on), bf16 as
+    # asked, and the columns the model does not take (the pairs' uids) kept for the loss.
+    assert (pref.optim, pref.save_strategy, pref.activation_checkpointing, pref.bf16, pref.remove_unused_columns) == \
+        (TrainingArguments.__dataclass_fields__["optim"].default, "steps", False, True, False)
+    assert not dpo.arguments(DpoParams(), output_dir=tmp_path, bf16=False, cuda=False).bf16
 
 
 def test_precision_decides_bf16_the_same_way_for_both_stages(monkeypatch):

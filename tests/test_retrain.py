@@ -71,7 +71,7 @@ def latest_artifact(key: str) -> str:
     return asyncio.run(read())
 
 
-def test_three_triggers_no_change_better_data_worse_model(finished_project, harness):
+def test_three_triggers_no_change_better_data_worse_model(finished_project, harness, tmp_path):
     import mlflow
 
     from flows.retrain import retrain
@@ -98,20 +98,39 @@ def test_three_triggers_no_change_better_data_worse_model(finished_project, harn
     assert "| metric | base | champion (none) | challenger v2 |" in report
     assert set(better["timings_s"]) == set(STAGES)
 
-    # 3. A learning rate too small to move the adapter: the model stays the base model, so it cannot
-    #    beat the base or the champion, and stays challenger.
+    # 3. Continual fine-tuning from the champion (the flow fetches v2 as the parent) with a learning
+    #    rate too small to move the adapter: the model stays v2, so it cannot beat the champion, and
+    #    stays challenger. The project now has a default DVC remote: the flow pushes what it made.
+    remote = tmp_path / "dvc-remote"
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "shared", str(remote)], cwd=project,
+                   env=stage_env(), check=True, capture_output=True)
+    set_param(project, "train", "init_from", "champion")
     set_param(project, "train", "learning_rate", 1e-9)
+    commit(project, "continue from the champion; a DVC remote")
     worse = retrain(project_dir=project)
     report = latest_artifact("retrain-report")
     assert worse["status"] == "challenger", report
-    assert "params.yaml train.learning_rate modified" in report
+    assert "params.yaml train.init_from modified, train.learning_rate modified" in report
     assert "# Retraining: tiny-model v3 kept as challenger" in report
     assert "champion v2 (before)" in report and ": fail" in report
+    assert "Trained from: tiny-model v2 (champion) (`train.init_from`)" in report
 
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlruns.db'}")
     assert client.get_model_version_by_alias("tiny-model", "champion").version == 2
     assert client.get_model_version_by_alias("tiny-model", "challenger").version == 3
     assert client.get_model_version("tiny-model", "3").tags["param.train.learning_rate"] == "1e-09"
+    assert client.get_model_version("tiny-model", "3").tags["parent"] == "tiny-model v2 (champion)"
+    assert json.loads((project / "models/parent/manifest.json").read_text())["version"] == "2"
+    # Every output the lock names is in the remote, for another clone to `dvc pull`.
+    declared = yaml.safe_load((project / "dvc.yaml").read_text())["stages"].values()
+    uncached = {path for stage in declared for key in ("outs", "metrics", "plots") for out in stage.get(key, [])
+                if isinstance(out, dict) for path, options in out.items() if options.get("cache") is False}
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    outputs = {out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])
+               if out["path"] not in uncached}
+    pushed = {f"{entry.parent.name}{entry.name}" for entry in (remote / "files" / "md5").glob("*/*")}
+    assert outputs and outputs <= pushed, sorted(outputs - pushed)
+    assert worse["dvc_push"].startswith("'shared': ")
 
 
 def test_second_trigger_while_one_runs_exits_and_touches_nothing(project, harness):
