@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftpipe.paths import ADAPTER_DIR, BASE_DIR, PREFS_DIR
+from ftpipe.paths import ADAPTER_DIR, BASE_DIR, DPO_DIR, DPO_REPORT, PREFS_DIR
 from ftpipe.paths import PREPARED_DIR as DATA_DIR
 
 METHODS = ("full", "lora", "lora_unpacked", "qlora", "dora", "ia3", "bottleneck", "prefix_tuning", "prompt_tuning",
@@ -159,7 +159,7 @@ def run_dpo(steps: int) -> dict[str, Any]:
     meter = StepMeter(reference=True)
     with tempfile.TemporaryDirectory() as tmp:
         report = dpo.run(params=dpo_params(steps), base_dir=BASE_DIR, adapter_dir=ADAPTER_DIR, prefs_dir=PREFS_DIR,
-                         out_dir=Path(tmp) / "dpo", report_path=Path(tmp) / "dpo.json",
+                         out_dir=Path(tmp) / DPO_DIR.name, report_path=Path(tmp) / DPO_REPORT.name,
                          checkpoint_root=Path(tmp) / "checkpoints")
     last = report.val_curve[-1]
     return {"trainable": report.trainable_parameters, **meter.result(), "val_loss": last["loss"],

@@ -16,7 +16,7 @@ from typing import Any
 
 from ftpipe.params import DpoParams
 
-REWARD_ACCURACY = "rewards/accuracies"  # TRL's metric names (prefixed with eval_ / test_)
+REWARD_ACCURACY = "rewards/accuracies"  # TRL's metric names (prefixed with eval_, the test pairs' too)
 REWARD_MARGIN = "rewards/margins"
 
 
@@ -90,7 +90,7 @@ def to_kto_dataset(rows: list[dict[str, Any]]):
 
 
 def to_dataset(pairs: list[dict[str, Any]]):
-    """The pairs in TRL's conversational preference format."""
+    """The pairs in TRL's conversational preference format (its DPOTrainer: bench_methods' baseline, tests)."""
     from datasets import Dataset
 
     return Dataset.from_list([{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
@@ -99,7 +99,7 @@ def to_dataset(pairs: list[dict[str, Any]]):
 
 def fitting(pairs: list[dict[str, Any]], tokenizer, max_length: int) -> tuple[list[dict[str, Any]], int]:
     """(pairs whose prompt + longer reply, or rated replies whose prompt + reply, fit in max_length
-    tokens, those left out): TRL would cut the others, and a cut reply's log-probability is not the reply's."""
+    tokens, those left out): a reply cut to fit would be scored as if it were the reply."""
     from ftpipe.chat import encode
 
     kept = []

@@ -33,7 +33,7 @@ def encode_pairs(tokenizer, pairs: list[dict[str, Any]], *, first_uid: int = 0) 
 
 class PairCollator:
     """Pads a batch of encoded pairs (ftpipe.packing.padded) and keeps their uids; real_tokens counts
-    each prompt once and both replies."""
+    the packed sequences' lengths: each prompt once (its last token once per reply) and both replies."""
 
     def __init__(self, tokenizer) -> None:
         self.pad_id = tokenizer.pad_token_id
@@ -117,12 +117,14 @@ def preference_loss(params: DpoParams, policy, reference, counts):
 
 
 def _log1mexp(x):
-    """log(1 - exp(x)) for x < 0, stable at both ends (as TRL's ORPO computes it)."""
+    """log(1 - exp(x)) for x < 0, as TRL's ORPO computes it (each form where it is exact); each branch's
+    input is clamped to its side, so the branch not taken has no infinite gradient (0 x inf = NaN)."""
     import math
 
     import torch
 
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    cut = -math.log(2)
+    return torch.where(x > cut, torch.log(-torch.expm1(x.clamp(min=cut))), torch.log1p(-torch.exp(x.clamp(max=cut))))
 
 
 def trainer_class(params: DpoParams):
@@ -140,7 +142,7 @@ def trainer_class(params: DpoParams):
             self.model_accepts_loss_kwargs = False  # the loss is a mean over pairs: the Trainer scales for grad_accum
             self.reference: dict[int, torch.Tensor] = {}  # uid -> (chosen, rejected) of the start weights
             self.metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-            self.num_tokens = 0  # each prompt once and both replies, as the bench counts them
+            self.num_tokens = 0  # the packed pairs' positions (PairCollator's real_tokens)
 
         # Pairs of like length in a batch, as train's rows: padding to the longest pair of a random
         # batch was a quarter of the positions computed on the default pairs.
@@ -160,8 +162,8 @@ def trainer_class(params: DpoParams):
             loss = losses.mean()
             if not torch.isfinite(loss.detach()):
                 what, step = ("loss", self.state.global_step + 1) if mode == "train" else \
-                    ("validation loss", self.state.global_step)
-                raise Diverged(what, loss.item(), step, params.learning_rate)
+                    ("evaluation loss", self.state.global_step)
+                raise Diverged(what, loss.item(), step, params.learning_rate, stage="dpo")
             margins = rewards[:, 0] - rewards[:, 1]
             for name, value in (("rewards/chosen", rewards[:, 0]), ("rewards/rejected", rewards[:, 1]),
                                 ("rewards/accuracies", (margins > 0).float()), ("rewards/margins", margins),
@@ -178,8 +180,11 @@ def trainer_class(params: DpoParams):
             if missing:
                 rows = torch.tensor(missing, device=inputs["uid"].device)
                 subset = {k: inputs[k].index_select(0, rows) for k in ("input_ids", "labels", "segments", "position_ids")}
-                with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
-                    logps, _ = reply_logps(model, subset)
+                # The bare model, not a data-parallel wrapper: processes may need different numbers of
+                # reference passes, and a wrapper's forward would wait for the others' (buffer broadcast).
+                bare = self.accelerator.unwrap_model(model)
+                with torch.no_grad(), bare.disable_adapter():
+                    logps, _ = reply_logps(bare, subset)
                 for row, logp in zip(missing, logps):
                     self.reference[uids[row]] = logp
             return torch.stack([self.reference[uid] for uid in uids])
@@ -199,7 +204,7 @@ def trainer_class(params: DpoParams):
             self.metrics[mode].clear()
             for key, what in (("grad_norm", "gradient norm"), ("eval_loss", "validation loss")):
                 if key in logs and not math.isfinite(logs[key]):
-                    raise Diverged(what, logs[key], self.state.global_step, params.learning_rate)
+                    raise Diverged(what, logs[key], self.state.global_step, params.learning_rate, stage="dpo")
             return super().log(logs, *args, **kwargs)
 
     return PairTrainer

@@ -18,6 +18,8 @@ from ftpipe.significance import Interval, columns, paired_gain
 if TYPE_CHECKING:
     from ftpipe.schemas import OldTask, RegistrationReport
 
+ROUNDING = 1e-6  # a gain whose lower bound is within this share of the metric's size is not counted
+
 
 @dataclass(frozen=True)
 class Scores:
@@ -102,8 +104,14 @@ def _beats(metric: str, min_improvement: float, challenger: Scores, name: str, o
     if interval is None:
         return False, f"{metric} over {name}: one test example gives no interval: cannot compare", None
     passed = interval.low > min_improvement and interval.low > 0
+    # A gain within rounding of the metric's own size is no gain: the champion fine-tuned at a learning
+    # rate too small to move it scores a few fp32 ulps better on every example, an interval above 0.
+    size = max(abs(other.metrics.get(metric) or 0.0), abs(challenger.metrics.get(metric) or 0.0))
+    rounding = passed and interval.low <= ROUNDING * size
+    note = f" (a gain within {ROUNDING:g} of the metric's size is rounding)" if rounding else ""
+    passed = passed and not rounding
     return passed, (f"{interval.describe()} over {name} (paired bootstrap, {interval.examples} examples; "
-                    f"lower bound must be > {min_improvement:g}): {'pass' if passed else 'fail'}"), interval
+                    f"lower bound must be > {min_improvement:g}): {'pass' if passed else 'fail'}{note}"), interval
 
 
 def _forgetting(reasons: list[str], challenger: dict[str, float], base: dict[str, float],

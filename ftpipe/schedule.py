@@ -1,7 +1,8 @@
 """The Trainer arguments of both training stages, and whether they compute in bf16, from the keys train
-and dpo share (ftpipe.params._Schedule): transformers' TrainingArguments for train (ftpipe/trainer.py),
-TRL's DPOConfig for dpo (ftpipe/dpo.py). One builder, so a shared key reaches both trainers the same way;
-what differs between them on purpose is a parameter here, and each caller says why it passes what it does.
+and dpo share (ftpipe.params._Schedule): transformers' TrainingArguments for train (ftpipe/trainer.py)
+and dpo's DPO loop, TRL's KTOConfig for kto (ftpipe/dpo.py). One builder, so a shared key reaches every
+trainer the same way; what differs between them on purpose is a parameter here, and each caller says
+why it passes what it does.
 """
 
 from __future__ import annotations

@@ -142,9 +142,9 @@ def frozen_weights_to_bf16(model) -> None:
 class Diverged(PipelineError):
     """A non-finite loss or gradient norm: nothing after it is worth training, resuming or writing."""
 
-    def __init__(self, what: str, value: float, step: int, learning_rate: float):
-        super().__init__(f"train: {what} is {value} at step {step} (learning_rate {learning_rate:g}): "
-                         "training diverged; lower train.learning_rate")
+    def __init__(self, what: str, value: float, step: int, learning_rate: float, stage: str = "train"):
+        super().__init__(f"{stage}: {what} is {value} at step {step} (learning_rate {learning_rate:g}): "
+                         f"training diverged; lower {stage}.learning_rate")
 
 
 def trainer_class(params: TrainParams, bf16: bool):

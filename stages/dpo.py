@@ -11,6 +11,7 @@ Run: python -m stages.dpo
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,12 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
 
     from ftpipe import models
     from ftpipe.schedule import use_bf16
+    from ftpipe.trainer import Diverged
 
     models.set_threads(params.threads)
     set_seed(params.seed)
-    # The run is created while the model loads, and ended before the test pairs are scored (TRL
-    # names their rewards eval_* too, which would land on the validation curves).
+    # The run is created while the model loads, and ended before the test pairs are scored (their
+    # rewards are named eval_* too, as TRL names them, which would land on the validation curves).
     with live.session(live_to, run_name="dpo") as live_run:
         tokenizer = models.load_tokenizer(base_dir)
         pairs, too_long = _setup_pairs(params, prefs_dir, tokenizer)  # kto: rated replies
@@ -69,7 +71,11 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
         if resume:
             print(f"dpo: resuming from {resume}", flush=True)
         started = time.perf_counter()
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except Diverged:
+            remove_path(checkpoints)  # a resumed rerun would diverge the same way (same seed and params)
+            raise
         runtime = time.perf_counter() - started
     test = _test_metrics(trainer, pairs, params, tokenizer)
     with all_or_nothing(), atomic_dir(out_dir) as tmp:  # the model and its report go in place together
@@ -78,6 +84,7 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
                          bf16=bf16, too_long=too_long, live_run_id=live_run and live_run.run_id,
                          resumed_from_step=int(resume.name.split("-")[1]) if resume else 0)
         del trainer, start  # the training copy (frozen weights in bf16 where training was): merged from the start's own
+        gc.collect()  # the fused LoRA forwards refer back to their modules: a cycle that only the collector frees
         merged = _merged(params, base_dir, adapter_dir, tmp)
         report.test_logp_margin_after = _margin(merged, tokenizer, pairs["test"], params)
         _save(params, merged, tokenizer, report, tmp)
@@ -192,14 +199,12 @@ def _setup_trainer(params: DpoParams, start, tokenizer, pairs, checkpoints: Path
 
 
 def _encoded(tokenizer, pairs) -> dict[str, list[dict[str, Any]]]:
-    """Each split's pairs encoded for ftpipe.dpo_trainer, with uids unique across the splits."""
+    """The train and val pairs encoded for ftpipe.dpo_trainer, with uids unique across the splits (the
+    test pairs' follow: _test_metrics)."""
     from ftpipe.dpo_trainer import encode_pairs
 
-    encoded, first = {}, 0
-    for split in SPLITS:
-        encoded[split] = encode_pairs(tokenizer, pairs[split], first_uid=first)
-        first += len(pairs[split])
-    return encoded
+    return {"train": encode_pairs(tokenizer, pairs["train"]),
+            "val": encode_pairs(tokenizer, pairs["val"], first_uid=len(pairs["train"]))}
 
 
 def _merged(params: DpoParams, base_dir: Path, adapter_dir: Path, adapter: Path):
@@ -215,15 +220,18 @@ def _test_metrics(trainer, pairs, params: DpoParams, tokenizer) -> dict[str, flo
     TRL names them); kto: KTO loss and reward margin (no accuracy: its replies are not paired; no
     margin when no batch held good and bad replies)."""
     from ftpipe.dpo import REWARD_ACCURACY, REWARD_MARGIN, to_kto_dataset
+    from ftpipe.dpo_trainer import encode_pairs
 
     kto = params.method == "kto"
-    found = trainer.evaluate(to_kto_dataset(pairs["test"]) if kto else _encoded(tokenizer, pairs)["test"],
-                             metric_key_prefix="test")
+    # The test pairs' uids follow the train and val pairs' (their kept reference log-probabilities).
+    test = to_kto_dataset(pairs["test"]) if kto else \
+        encode_pairs(tokenizer, pairs["test"], first_uid=len(pairs["train"]) + len(pairs["val"]))
+    found = trainer.evaluate(test, metric_key_prefix="test")
     wanted = {"loss": "test_loss", "accuracy": f"eval_{REWARD_ACCURACY}", "margin": f"eval_{REWARD_MARGIN}"}
     required = ["test_loss"] if kto else list(wanted.values())
     missing = [key for key in required if key not in found]
     if missing:
-        raise PipelineError(f"dpo: TRL's evaluation returned no {missing[0]} (keys: {', '.join(sorted(found))})")
+        raise PipelineError(f"dpo: the evaluation returned no {missing[0]} (keys: {', '.join(sorted(found))})")
     return {name: found.get(key) for name, key in wanted.items()}
 
 

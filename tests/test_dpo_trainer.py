@@ -68,9 +68,13 @@ def test_loss_rewards_and_gradients_equal_trls(tmp_path, tiny_model_dir, loss_ty
     rows = pairs()
     encoded = dpo_trainer.encode_pairs(tokenizer, rows)
     batch = dpo_trainer.PairCollator(tokenizer)(encoded)
-    # One packed row per pair: each prompt once, so fewer positions than TRL's two padded rows hold.
+    # One packed row per pair: the prompt once (its last token once per reply), then both replies.
     reference = trl_batch(tokenizer, rows)
-    assert batch["real_tokens"] < reference["attention_mask"].sum()
+    half = len(rows)
+    prompts = (reference["attention_mask"][:half] - reference["completion_mask"][:half]).sum(dim=1)
+    assert [len(e["input_ids"]) for e in encoded] == \
+        (reference["attention_mask"][:half].sum(dim=1) + reference["completion_mask"][half:].sum(dim=1) + 1).tolist()
+    assert (batch["segments"] == 0).sum(dim=1).tolist() == (prompts - 1).tolist()
 
     from transformers import TrainingArguments
 
@@ -165,13 +169,20 @@ def test_orpo_is_trls_odds_ratio_loss_with_no_reference_pass(tmp_path, tiny_mode
     ours.train()
     loss = trainer.compute_loss(ours, batch)
     assert len(forwards) == 1 and trainer.reference == {}
+    loss.backward()
+    trainable = [p for p in ours.parameters() if p.requires_grad]
+    grads = [p.grad.clone() for p in trainable]
+    ours.zero_grad()
 
-    with torch.no_grad():
-        logps, counts = dpo_trainer.reply_logps(ours, batch)
+    logps, counts = dpo_trainer.reply_logps(ours, batch)
     average = logps / counts
     fake = SimpleNamespace(beta=params.beta, accelerator=SimpleNamespace(device="cpu"))
     odds, chosen_rewards, rejected_rewards, _, _ = ORPOTrainer.odds_ratio_loss(fake, average[:, 0], average[:, 1])
-    expected = -logps[:, 0].sum() / counts[:, 0].sum() - odds.mean()
-    assert torch.allclose(loss.detach(), expected, rtol=1e-5, atol=1e-6), (loss.item(), expected.item())
+    expected = -logps[:, 0].sum() / counts[:, 0].sum() - odds.mean()  # ORPOTrainer: NLL over the chosen tokens
+    assert torch.allclose(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6), (loss.item(), expected.item())
+    expected.backward()
+    for param, grad in zip(trainable, grads):
+        torch.testing.assert_close(grad, param.grad, rtol=1e-4, atol=1e-5 * param.grad.abs().max().item())
+    assert any(grad.abs().sum() > 0 for grad in grads)
     assert trainer.metrics["train"]["rewards/chosen"][-1] == pytest.approx(chosen_rewards.mean().item(), rel=1e-5)
     assert trainer.metrics["train"]["rewards/rejected"][-1] == pytest.approx(rejected_rewards.mean().item(), rel=1e-5)

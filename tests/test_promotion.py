@@ -79,6 +79,23 @@ def test_the_same_model_scored_twice_is_not_promoted_over_itself():
             "(paired bootstrap, 117 examples; lower bound must be > 0): fail") in decision.reasons
 
 
+def test_a_gain_of_a_few_rounding_errors_on_every_example_is_not_promoted():
+    """The champion fine-tuned at a learning rate too small to move it: every example's perplexity
+    lower by a few fp32 ulps, an interval above 0 that is rounding, not a better model."""
+    champion = [{"nll": 20.0 + i % 7, "tokens": 4.0} for i in range(N)]
+    nudged = [{"nll": row["nll"] * (1 - 3e-8), "tokens": 4.0} for row in champion]
+    base = Scores([{"nll": row["nll"] * 1.2, "tokens": 4.0} for row in champion], {"perplexity": 1100.0})
+    kwargs = {"metric": "perplexity", "min_improvement": 0.0, "base": base, "champion_version": "2", "leaks": 0}
+    decision = decide(challenger=Scores(nudged, {"perplexity": 346.0}),
+                      champion=Scores(champion, {"perplexity": 346.00002}), **kwargs)
+    interval = decision.intervals["champion"]
+    assert 0 < interval.low and not decision.promote
+    assert decision.reasons[1].endswith("): fail (a gain within 1e-06 of the metric's size is rounding)")
+    clear = [{"nll": row["nll"] * 0.999, "tokens": 4.0} for row in champion]  # 0.1 % lower NLL: a gain
+    assert decide(challenger=Scores(clear, {"perplexity": 344.0}), champion=Scores(champion, {"perplexity": 346.0}),
+                  **kwargs).promote
+
+
 def test_the_lower_bound_must_clear_min_improvement_strictly():
     challenger = scores([v + 0.05 for v in spread(seed=1)])  # every row +0.05: [0.05, 0.05]
     kwargs = {"metric": "rougeL", "challenger": challenger, "base": BASE, "champion": None,
