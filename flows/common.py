@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import re
@@ -88,12 +89,27 @@ def project_lock(project_dir: Path, wait_s: float = 0, *, who: str | None = None
         handle.write(f"{who or _program()} pid {os.getpid()} since {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC\n")
         handle.flush()
         _held.add(path)
+        _drop_torn_rwlock(Path(project_dir))
         try:
             yield
         finally:
             _held.discard(path)
             handle.truncate(0)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _drop_torn_rwlock(project_dir: Path) -> None:
+    """DVC rewrites its stage lock table (.dvc/tmp/rwlock) in place: a DVC killed while writing it (a
+    stopped flow's trial) leaves it empty or cut, and every later `dvc` command fails on it. A table
+    that is no JSON names no holder, and the project lock is held: it is removed (DVC starts anew)."""
+    rwlock = project_dir / ".dvc" / "tmp" / "rwlock"
+    try:
+        json.loads(rwlock.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        logging.getLogger(__name__).warning("%s was cut off by a stopped DVC command: removed", rwlock)
+        rwlock.unlink(missing_ok=True)
 
 
 def _program() -> str:

@@ -147,3 +147,19 @@ def test_wait_gives_up_after_its_seconds_or_runs_once_the_lock_is_free(project, 
     assert re.fullmatch(r"error: .*params\.yaml:\d+: train\.learning_rate: Input should be greater than 0",
                         lines(output)[-1]), output
     assert "Traceback" not in output and "temporary server" not in output
+
+
+def test_a_torn_dvc_rwlock_is_removed_when_a_flow_takes_the_project(tmp_path):
+    """A DVC killed while rewriting .dvc/tmp/rwlock (a trial stopped mid-write) leaves it empty, and
+    every later dvc command fails on it; a flow taking the project removes it, and keeps a whole one."""
+    from flows.common import project_lock
+
+    rwlock = tmp_path / ".dvc" / "tmp" / "rwlock"
+    rwlock.parent.mkdir(parents=True)
+    for torn in ("", '{"read": {"validate": '):
+        rwlock.write_text(torn)
+        with project_lock(tmp_path):
+            assert not rwlock.exists()
+    rwlock.write_text('{"read": {}, "write": {}}')
+    with project_lock(tmp_path):
+        assert rwlock.read_text() == '{"read": {}, "write": {}}'
