@@ -2,9 +2,10 @@
 
 Both score the base model's zero-shot and few-shot candidates on the test split (greedy replies and
 the references' NLL, as evaluate.max_new_tokens and batch_size say):
-- `one-pass` (ftpipe.scoring, today's): one forward over [prompt | reference] scores the reference
-  and leaves the prompt's KV cache, decoding goes on from it, the vocabulary projection runs only
-  where a prediction is read, and rows that ended leave the batch;
+- `one-pass` (ftpipe.scoring, today's): the shared prompt prefix once, then forwards over
+  [rest of prompt | reference] score the reference and leave the prompt's KV cache, decoding goes on
+  from it in place, the vocabulary projection runs only where a prediction is read, and rows that
+  ended leave the batch;
 - `two-pass` (before): transformers' generate, then a forward over prompt + reference that projects
   every position onto the vocabulary.
 Work is counted in matmul FLOPs from the model's shapes, the same for both: every prompt, reference
@@ -12,7 +13,9 @@ and generated token through the decoder's linear layers (2 x P_linear), attentio
 causal mask allows (2 x 2 x d per pair and layer), and the vocabulary projection where a prediction
 is read (each reference token and each generated one). Prints per path and batch size: seconds,
 tokens/s, GFLOP/s, % of the machine's matmul ceiling at the model's shapes (bench/ceiling.py) in the
-precision used, and how many replies equal the two-pass path's.
+precision used, the same for the FLOPs computed (one-pass runs a batch's shared prompt prefix, the
+system prompt and few-shot examples, once: counted once there), and how many replies equal the
+two-pass path's.
 Needs models/base and data/prepared (`dvc repro prepare_data`).
 Run: .venv/bin/python -m bench.bench_generate [--batch-sizes 16,64] [--precision auto|fp32|bf16] [--rows 0]
 """
@@ -37,6 +40,21 @@ def work_flops(shapes, items: list[tuple[list[int], list[int]]], new_tokens: lis
         pairs = (p + r) * (p + r + 1) // 2 + sum(p + i + 1 for i in range(max(generated - 1, 0)))
         flops += 2 * shapes.linear_params * tokens + 4 * d * shapes.layers * pairs + 2 * shapes.vocab * d * (r + generated)
     return flops
+
+
+def shared_prefix_flops(shapes, items: list[tuple[list[int], list[int]]], batch_size: int) -> float:
+    """FLOPs the one-pass path leaves out of work_flops by running each decoding batch's shared prompt
+    prefix once (ftpipe.scoring batches rows by prompt length)."""
+    from ftpipe import scoring
+
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    saved = 0.0
+    for start in range(0, len(order), batch_size):
+        batch = [items[i][0] for i in order[start:start + batch_size]]
+        length = scoring._shared_prefix(batch)
+        once = 2 * shapes.linear_params * length + 4 * shapes.hidden * shapes.layers * length * (length + 1) // 2
+        saved += (len(batch) - 1) * once
+    return saved
 
 
 def timed_path(path: str, model, tokenizer, conversations, *, batch_size: int, max_new_tokens: int):
@@ -91,8 +109,8 @@ def main() -> None:
     ceiling = info["gflops"][placement.precision]
     print(f"model {args.model} ({placement}), {len(rows)} test rows, max_new_tokens {args.max_new_tokens}")
     print(f"| path | batch | candidate | s | tokens/s | GFLOP/s | % of {placement.precision} ceiling | "
-          "replies as two-pass |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+          "computed GFLOP/s | computed % | replies as two-pass |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     totals: dict[tuple[str, int], float] = {}
     reference: dict[tuple[int, str], list[str]] = {}
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
@@ -104,12 +122,14 @@ def main() -> None:
                 generated = [min(len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1, args.max_new_tokens)
                              for r in replies]
                 flops = work_flops(shapes, items, generated)
+                computed = flops - (shared_prefix_flops(shapes, items, batch_size) if path == "one-pass" else 0.0)
                 tokens = sum(len(p) + len(r) for p, r in items) + sum(generated)
                 reference.setdefault((batch_size, name), replies)
                 same = sum(a == b for a, b in zip(reference[(batch_size, name)], replies))
                 totals[(path, batch_size)] = totals.get((path, batch_size), 0.0) + seconds
                 print(f"| {path} | {batch_size} | {name} | {seconds:.1f} | {tokens / seconds:.0f} | "
                       f"{flops / seconds / 1e9:.0f} | {100 * flops / seconds / 1e9 / ceiling:.0f} % | "
+                      f"{computed / seconds / 1e9:.0f} | {100 * computed / seconds / 1e9 / ceiling:.0f} % | "
                       f"{same}/{len(replies)} |", flush=True)
     base = totals.get(("two-pass", int(args.batch_sizes.split(",")[0])))
     for (path, batch_size), seconds in totals.items():

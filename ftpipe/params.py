@@ -538,9 +538,10 @@ class EvaluateParams(_Section):
     """0: the whole test split; otherwise its first N rows (the split is already shuffled)."""
     max_new_tokens: int = Field(48, ge=1)
     """Longest greedy reply of each candidate, in tokens."""
-    batch_size: int = Field(64, ge=1)
-    """Test rows scored together: each decoding step reads the weights once for all of them, so
-    larger batches are faster until memory runs short (the logits of a batch's references are held)."""
+    batch_size: int = Field(128, ge=1)
+    """Test rows decoded together: each decoding step reads the weights once for all of them, so
+    larger batches are faster until their KV cache (rows x (prompt + max_new_tokens) positions) fills
+    memory. Prompts and references are encoded in forwards of at most 4,096 positions whatever this is."""
     rouge_stemmer: bool = True
     """Porter-stem words before ROUGE matching (rouge-score's use_stemmer)."""
     few_shot_k: int = Field(3, ge=1)

@@ -1,9 +1,11 @@
 """One pass per batch for a candidate's greedy replies and its references' NLL.
 
-Each batch runs one forward over [left-padded prompt | right-padded reference], which scores the reference and
-leaves the prompt's KV cache; cut back to the prompt, the cache seeds greedy decoding, and finished rows leave
-the batch. Replies equal `model.generate(do_sample=False)`'s (tests compare them in fp32). Models this loop
-cannot drive (peft prompt learning, caches that are not plain per-layer KV) take generate, then a forward.
+The prompts' shared prefix (system prompt, few-shot examples) runs once; then forwards over each row's [rest
+of prompt | reference], rows of like length together, score the references and leave each prompt's KV cache.
+Gathered behind the prefix into buffers with room for the replies (ftpipe.kvcache), those caches seed greedy
+decoding, which writes each step in place; rows that ended leave the batch. Replies equal
+`model.generate(do_sample=False)`'s (tests compare them in fp32). Models this loop cannot drive (peft prompt
+learning, caches that are not plain per-layer KV) take generate, then a forward.
 """
 
 from __future__ import annotations
@@ -13,6 +15,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ftpipe.choices import BUILTIN_METRICS
+
+# Positions (rows x width) per prompt-and-reference forward: wide enough for the matmuls to run near
+# their peak, narrow enough that its logits (positions x vocabulary) stay a few hundred MB. Below
+# SMALL_FORWARD positions a forward's fixed cost outweighs its padding.
+PREFILL_POSITIONS = 4096
+SMALL_FORWARD = 1024
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -28,8 +36,10 @@ class Scored:
 
 
 def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, str]]], *,
-          max_new_tokens: int, batch_size: int, progress: str | None = None) -> Scored:
-    """Greedy replies and reference NLLs of `conversations` (each ending in its reference reply)."""
+          max_new_tokens: int, batch_size: int, progress: str | None = None,
+          prefill_positions: int = PREFILL_POSITIONS) -> Scored:
+    """Greedy replies and reference NLLs of `conversations` (each ending in its reference reply), in
+    decoding batches of `batch_size` rows."""
     from tqdm import tqdm
 
     items = [prompt_and_reference(tokenizer, c) for c in conversations]
@@ -39,8 +49,10 @@ def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversati
     result = Scored([""] * len(items), [(0.0, 0)] * len(items), [False] * len(items), 0, 0)
     for batch in tqdm(batches, desc=progress, disable=progress is None):
         chosen = [items[i] for i in batch]
-        run = _one_pass if one_pass else two_pass
-        tokens, nll = run(model, tokenizer, chosen, max_new_tokens)
+        if one_pass:
+            tokens, nll = _one_pass(model, tokenizer, chosen, max_new_tokens, prefill_positions)
+        else:
+            tokens, nll = two_pass(model, tokenizer, chosen, max_new_tokens)
         texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
         for i, ids, text, row_nll in zip(batch, tokens, texts, nll):
             result.outputs[i] = text.strip()
@@ -106,38 +118,122 @@ def _one_pass_ok(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def _one_pass(model, tokenizer, items: list[tuple[list[int], list[int]]], max_new_tokens: int):
-    """(generated ids per row, (NLL, tokens) per row) from one prompt+reference forward and a decode
-    loop on the prompt's cache."""
+def _one_pass(model, tokenizer, items: list[tuple[list[int], list[int]]], max_new_tokens: int,
+              positions: int = PREFILL_POSITIONS):
+    """(generated ids per row, (NLL, tokens) per row): the prompts' shared prefix once, then each row's
+    [rest of prompt | reference] in forwards of rows of like length, whose prompt caches, gathered
+    left-padded behind the prefix, seed greedy decoding."""
+    import torch
+
+    device = model.device
+    shared = _shared_prefix([p for p, _ in items])
+    with torch.inference_mode():
+        prefix = None
+        if shared:
+            prefix = model(input_ids=torch.tensor([items[0][0][:shared]], device=device), use_cache=True,
+                           logits_to_keep=1).past_key_values
+            if not _plain_cache(prefix):  # a sliding-window or recurrent cache cannot be cut or joined
+                return two_pass(model, tokenizer, items, max_new_tokens)
+        end = max(len(p) for p, _ in items)  # the decode cache: [prefix | left-padded rest of prompt]
+        cache: list[list] = []
+        first = torch.zeros(len(items), dtype=torch.long)
+        nll: list[tuple[float, int]] = [(0.0, 0)] * len(items)
+        for rows in _chunks(items, shared, positions):
+            chunk = [items[i] for i in rows]
+            out, labels = _prefill(model, tokenizer, chunk, shared, prefix)
+            if not _plain_cache(out.past_key_values):
+                return two_pass(model, tokenizer, items, max_new_tokens)
+            for i, row_nll in zip(rows, _reference_nll_rows(out.logits, labels, chunk)):
+                nll[i] = row_nll
+            # Right-aligned rows: logits[:, j] predicts labels[:, j]; a reference of r tokens starts at
+            # j = width - r, where the prediction is also the reply's first token.
+            width = labels.shape[1]
+            starts = torch.tensor([width - len(r) for _, r in chunk], device=out.logits.device)
+            first[rows] = out.logits[torch.arange(len(rows), device=starts.device), starts].max(-1).indices.cpu()
+            filled = out.past_key_values.get_seq_length()
+            for layer, found in enumerate(out.past_key_values.layers):
+                if len(cache) <= layer:  # zeros where a row's prompt is shorter (masked), room for the reply
+                    shape = (len(items), found.keys.shape[1], end + max_new_tokens, found.keys.shape[3])
+                    cache.append([found.keys.new_zeros(shape), found.values.new_zeros(shape)])
+                    if prefix is not None:
+                        cache[layer][0][:, :, :shared] = prefix.layers[layer].keys
+                        cache[layer][1][:, :, :shared] = prefix.layers[layer].values
+                for k, (i, (prompt, reference)) in enumerate(zip(rows, chunk)):
+                    rest, stop = len(prompt) - shared, filled - len(reference)
+                    cache[layer][0][i, :, end - rest:end] = found.keys[k, :, stop - rest:stop]
+                    cache[layer][1][i, :, end - rest:end] = found.values[k, :, stop - rest:stop]
+            del out
+        mask = torch.zeros((len(items), end), dtype=torch.long)
+        mask[:, :shared] = 1
+        for row, (prompt, _) in enumerate(items):
+            mask[row, end - (len(prompt) - shared):] = 1
+        from ftpipe.kvcache import roomy_cache
+
+        tokens = _decode(model, roomy_cache(cache, end), first.to(device), mask.to(device),
+                         tokenizer.eos_token_id, max_new_tokens)
+        return tokens, nll
+
+
+def _shared_prefix(prompts: list[list[int]]) -> int:
+    """Tokens every prompt starts with (a system prompt, few-shot examples), leaving each prompt one
+    of its own: its last position predicts the reply's first token."""
+    shared = min(len(p) for p in prompts) - 1
+    for i in range(shared):
+        if any(p[i] != prompts[0][i] for p in prompts):
+            return i
+    return max(shared, 0)
+
+
+def _chunks(items, shared: int, positions: int) -> list[list[int]]:
+    """Row indices in groups of like length (rest of prompt + reference): rows x longest at most
+    `positions`, and padding at most a quarter of the real tokens once a group is past SMALL_FORWARD
+    positions (below it a forward's fixed cost outweighs the padding)."""
+    sizes = [len(p) - shared + len(r) for p, r in items]
+    chunks: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(items)), key=sizes.__getitem__):
+        area = (len(chunks[-1]) + 1) * sizes[i] if chunks else 0  # ascending: row i is the group's longest
+        if chunks and area <= positions and (area <= SMALL_FORWARD or area <= 1.25 * (real + sizes[i])):
+            chunks[-1].append(i)
+            real += sizes[i]
+        else:
+            chunks.append([i])
+            real = sizes[i]
+    return chunks
+
+
+def _prefill(model, tokenizer, items, shared: int, prefix):
+    """One forward over each row's [rest of prompt | reference], left-padded to the longest, behind the
+    shared prefix's cache: (output with logits for the last reference width + 1 positions, the
+    references as labels there, right-aligned)."""
     import torch
 
     from ftpipe.chat import IGNORE_INDEX
 
-    device, pad, eos = model.device, tokenizer.pad_token_id, tokenizer.eos_token_id
-    width = max(len(p) for p, _ in items)
+    width = max(len(p) - shared + len(r) for p, r in items)
     ref_width = max(len(r) for _, r in items)
-    ids = torch.full((len(items), width + ref_width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
+    ids = torch.full((len(items), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(items), shared + width), dtype=torch.long)
+    mask[:, :shared] = 1
     labels = torch.full((len(items), ref_width), IGNORE_INDEX, dtype=torch.long)
     for row, (prompt, reference) in enumerate(items):
-        ids[row, width - len(prompt):width], mask[row, width - len(prompt):width] = torch.tensor(prompt), 1
-        ids[row, width:width + len(reference)], mask[row, width:width + len(reference)] = torch.tensor(reference), 1
-        labels[row, :len(reference)] = torch.tensor(reference)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.inference_mode():
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                    use_cache=True, logits_to_keep=ref_width + 1)
-        # logits[:, j] predicts position width + j: j < ref_width scores the reference, j = 0 is also
-        # the first generated token.
-        logits = out.logits
-        rows_nll = _reference_nll_rows(logits, labels.to(device), items)
-        cache = out.past_key_values
-        if not _plain_cache(cache):  # a sliding-window or recurrent cache cannot be cut back: generate apart
-            return _generate(model, tokenizer, items, max_new_tokens), rows_nll
-        cache.crop(-ref_width)
-        first = logits[:, 0].float().argmax(-1)
-        del out, logits
-        return _decode(model, cache, first, mask[:, :width].to(device), eos, max_new_tokens), rows_nll
+        tokens = prompt[shared:] + reference
+        ids[row, width - len(tokens):] = torch.tensor(tokens)
+        mask[row, shared + width - len(tokens):] = 1
+        labels[row, ref_width - len(reference):] = torch.tensor(reference)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    cache = None
+    if prefix is not None:  # every row reads the one prefix: views, not copies
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in prefix.layers])
+        for layer in cache.layers:
+            layer.keys = layer.keys.expand(len(items), -1, -1, -1)
+            layer.values = layer.values.expand(len(items), -1, -1, -1)
+    device = model.device
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                past_key_values=cache, use_cache=True, logits_to_keep=ref_width + 1)
+    return out, labels.to(device)
 
 
 def _reference_nll_rows(logits, labels, items) -> list[tuple[float, int]]:
@@ -167,26 +263,32 @@ def _plain_cache(cache) -> bool:
 
 
 def _decode(model, cache, current, mask, eos: int, max_new_tokens: int) -> list[list[int]]:
-    """Greedy tokens per row from the prompt's cache; a row that emits `eos` leaves the batch."""
+    """Greedy tokens per row from the prompt's cache. Rows that emitted `eos` leave the batch once they
+    are an eighth of it: each leaving copies the whole cache, more than a few ended rows cost."""
     import torch
 
     tokens: list[list[int]] = [[] for _ in range(len(current))]
-    alive = torch.arange(len(current))
+    alive = list(range(len(current)))  # the row of each batch position
+    ended = [False] * len(current)
     position = mask.sum(dim=1)  # the next position of each row: its real prompt tokens
     for step in range(max_new_tokens):
-        for row, token in zip(alive.tolist(), current.tolist()):
-            tokens[row].append(token)
-        going = current != eos
-        if step == max_new_tokens - 1 or not going.any():
+        for k, token in enumerate(current.tolist()):
+            if not ended[k]:
+                tokens[alive[k]].append(token)
+                ended[k] = token == eos
+        if step == max_new_tokens - 1 or all(ended):
             break
-        if not going.all():
-            keep = going.nonzero().squeeze(1)
+        if 8 * sum(ended) >= len(ended):
+            kept = [k for k, done in enumerate(ended) if not done]
+            keep = torch.tensor(kept, device=current.device)
             cache.batch_select_indices(keep)
-            alive, mask, position, current = alive[keep.cpu()], mask[keep], position[keep], current[keep]
+            alive, ended = [alive[k] for k in kept], [False] * len(kept)
+            mask, position, current = mask[keep], position[keep], current[keep]
         mask = torch.cat([mask, mask.new_ones((len(mask), 1))], dim=1)
         out = model(input_ids=current[:, None], attention_mask=mask, position_ids=position[:, None],
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache, current, position = out.past_key_values, out.logits[:, -1].float().argmax(-1), position + 1
+        # max's indices are argmax's (the first of equal values), and several times faster on bf16 CPU logits.
+        cache, current, position = out.past_key_values, out.logits[:, -1].max(-1).indices, position + 1
     return tokens
 
 

@@ -61,3 +61,52 @@ def test_batch_size_does_not_change_the_scores(talking):
     many = scoring.score(model, tokenizer, convs, max_new_tokens=12, batch_size=6)
     assert one.outputs == many.outputs
     assert [n for n, _ in one.nll] == pytest.approx([n for n, _ in many.nll], rel=1e-4, abs=1e-4)  # fp32 sums in another order
+
+
+@pytest.mark.parametrize("prefill_positions", [1, 60, 4096])
+def test_a_shared_prefix_and_prefill_groups_change_no_score(talking, prefill_positions):
+    """Prompts that share their start (a system prompt and few-shot turns) run it once, and the rest of
+    each prompt with its reference in groups of like length (one row each, a few, all): the replies
+    are generate's and the NLLs a separate forward's."""
+    from ftpipe.evaluation import with_shots
+
+    model, tokenizer = talking
+    shots = [{"id": f"s{i}", "messages": c} for i, c in enumerate(conversations(3, offset=20))]
+    convs = [with_shots(c, shots) for c in conversations(8)]
+    items = [scoring.prompt_and_reference(tokenizer, c) for c in convs]
+    assert scoring._shared_prefix([p for p, _ in items]) > 20  # the shots' turns: a real shared prefix
+    groups = scoring._chunks(items, scoring._shared_prefix([p for p, _ in items]), prefill_positions)
+    if prefill_positions == 60:  # some rows share a forward, not all
+        assert 1 < len(groups) < len(items)
+    scored = scoring.score(model, tokenizer, convs, max_new_tokens=16, batch_size=len(convs),
+                           prefill_positions=prefill_positions)
+    expected = metrics.generate(model, tokenizer, [prompt_text(tokenizer, c) for c in convs], max_new_tokens=16,
+                                batch_size=4)
+    assert scored.outputs == expected and any(expected)
+    nll = metrics.response_nll(model, tokenizer, convs, batch_size=4)
+    assert [t for _, t in scored.nll] == [t for _, t in nll]
+    assert [n for n, _ in scored.nll] == pytest.approx([n for n, _ in nll], rel=1e-4, abs=1e-4)  # fp32 sums in another order
+
+
+def test_the_decode_cache_writes_in_place_and_grows_past_its_room():
+    """ftpipe.kvcache: steps that fit the buffer's room are written into it (no copy of the cache);
+    past the room it concatenates; either way it holds what transformers' DynamicLayer holds."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from ftpipe.kvcache import roomy_cache
+
+    keys, values = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    room_keys, room_values = torch.zeros(2, 3, 6, 5), torch.zeros(2, 3, 6, 5)
+    room_keys[:, :, :4], room_values[:, :, :4] = keys, values
+    cache = roomy_cache([(room_keys, room_values)], 4)
+    plain = DynamicLayer()
+    plain.update(keys, values)
+    for step in range(4):  # two steps fit the room, two grow it
+        new_keys, new_values = torch.randn(2, 3, 1, 5), torch.randn(2, 3, 1, 5)
+        got, want = cache.layers[0].update(new_keys, new_values), plain.update(new_keys, new_values)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert (got[0].data_ptr() == room_keys.data_ptr()) == (step < 2)
+    assert cache.get_seq_length() == 8
+    cache.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(cache.layers[0].keys, plain.keys[1:]) and torch.equal(cache.layers[0].values, plain.values[1:])
