@@ -50,6 +50,13 @@ class RoomyLayer(DynamicLayer):
         self._keys, self._values = self._keys[indices], self._values[indices]
         self._expose()
 
+    def _unsupported(self, *args, **kwargs):
+        # The inherited versions change only the exposed views: the next update would write into the
+        # stale buffers. Greedy decoding calls none of them.
+        raise NotImplementedError("RoomyLayer serves greedy decoding: update, crop and batch_select_indices only")
+
+    reset = reorder_cache = batch_repeat_interleave = offload = prefetch = _unsupported
+
 
 def roomy_cache(buffers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> DynamicCache:
     """A DynamicCache whose layers hold `buffers` (keys, values per layer), `length` positions filled."""

@@ -18,9 +18,12 @@ from ftpipe.choices import BUILTIN_METRICS
 
 # Positions (rows x width) per prompt-and-reference forward: wide enough for the matmuls to run near
 # their peak, narrow enough that its logits (positions x vocabulary) stay a few hundred MB. Below
-# SMALL_FORWARD positions a forward's fixed cost outweighs its padding.
+# SMALL_FORWARD positions a forward's fixed cost outweighs its padding. PREFILL_CACHE caps the
+# forward's KV cache, where each row holds its own copy of the shared prefix (a long few-shot prefix
+# and short rows would otherwise put the whole batch in one forward, a second decode cache's worth).
 PREFILL_POSITIONS = 4096
 SMALL_FORWARD = 1024
+PREFILL_CACHE = 4 * PREFILL_POSITIONS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -186,14 +189,16 @@ def _shared_prefix(prompts: list[list[int]]) -> int:
 
 def _chunks(items, shared: int, positions: int) -> list[list[int]]:
     """Row indices in groups of like length (rest of prompt + reference): rows x longest at most
-    `positions`, and padding at most a quarter of the real tokens once a group is past SMALL_FORWARD
-    positions (below it a forward's fixed cost outweighs the padding)."""
+    `positions` (with the shared prefix, PREFILL_CACHE), and padding at most a quarter of the real
+    tokens once a group is past SMALL_FORWARD positions."""
     sizes = [len(p) - shared + len(r) for p, r in items]
     chunks: list[list[int]] = []
     real = 0
     for i in sorted(range(len(items)), key=sizes.__getitem__):
-        area = (len(chunks[-1]) + 1) * sizes[i] if chunks else 0  # ascending: row i is the group's longest
-        if chunks and area <= positions and (area <= SMALL_FORWARD or area <= 1.25 * (real + sizes[i])):
+        rows = len(chunks[-1]) + 1 if chunks else 1
+        area = rows * sizes[i]  # ascending: row i is the group's longest
+        if (chunks and area <= positions and rows * (shared + sizes[i]) <= PREFILL_CACHE
+                and (area <= SMALL_FORWARD or area <= 1.25 * (real + sizes[i]))):
             chunks[-1].append(i)
             real += sizes[i]
         else:
@@ -223,7 +228,7 @@ def _prefill(model, tokenizer, items, shared: int, prefix):
         labels[row, ref_width - len(reference):] = torch.tensor(reference)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
     cache = None
-    if prefix is not None:  # every row reads the one prefix: views, not copies
+    if prefix is not None:  # every row reads the one prefix: views, copied once by the forward's cache update
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in prefix.layers])

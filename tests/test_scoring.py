@@ -110,3 +110,19 @@ def test_the_decode_cache_writes_in_place_and_grows_past_its_room():
     assert cache.get_seq_length() == 8
     cache.batch_select_indices(torch.tensor([1]))
     assert torch.equal(cache.layers[0].keys, plain.keys[1:]) and torch.equal(cache.layers[0].values, plain.values[1:])
+
+
+def test_prefill_groups_bound_their_width_padding_and_cache():
+    """Every row in one group; a group's positions, its padding past SMALL_FORWARD, and its KV cache
+    (each row's copy of a long shared prefix counted) stay within their bounds."""
+    shared = 500
+    items = [([0] * (shared + 1 + n % 7), [1] * (1 + n % 40)) for n in range(200)]
+    groups = scoring._chunks(items, shared, 4096)
+    assert sorted(i for group in groups for i in group) == list(range(200))
+    for group in groups:
+        sizes = [len(items[i][0]) - shared + len(items[i][1]) for i in group]
+        area = len(group) * max(sizes)
+        assert len(group) == 1 or area <= 4096
+        assert len(group) == 1 or len(group) * (shared + max(sizes)) <= scoring.PREFILL_CACHE
+        assert area <= max(scoring.SMALL_FORWARD, 1.25 * sum(sizes))
+    assert len(groups) < len(items)  # rows do share forwards
