@@ -182,7 +182,7 @@ def disk(proj: Path) -> dict[str, int]:
 
 
 def run(*, model: str, device: str, work: Path) -> dict[str, Any]:
-    from bench.ceiling import cpu_model
+    from ftpipe.device import cpu_model
 
     if work.exists():
         shutil.rmtree(work)

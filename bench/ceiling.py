@@ -17,11 +17,11 @@ matmul rate; elementwise work, RMSNorm, RoPE and softmax, is not counted and is 
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from ftpipe import device
 
 IGNORE = -100
 
@@ -86,23 +86,8 @@ def _positions_and_pairs(inputs: dict[str, Any]) -> tuple[int, int]:
     return int(sum(lengths)), int(sum(n * (n + 1) // 2 for n in lengths))
 
 
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 def cpu_flags() -> dict[str, bool]:
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set()
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+    flags = device.cpu_flags()
     return {"avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
 
 
@@ -132,7 +117,7 @@ def machine(shapes: Shapes) -> dict[str, Any]:
 
     from ftpipe.device import bf16_supported
 
-    return {"cpu": cpu_model(), **cpu_flags(), "bf16_used": bf16_supported(), "threads": torch.get_num_threads(),
+    return {"cpu": device.cpu_model(), **cpu_flags(), "bf16_used": bf16_supported(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "gflops": {name: round(matmul_gflops(shapes, name), 1) for name in ("fp32", "bf16")}}
 
 

@@ -109,7 +109,28 @@ def bf16_supported(device: str | None = None) -> bool:
 
 
 def _cpu_flag(flag: str) -> bool:
+    return flag in cpu_flags()
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it, else as platform does."""
+    import platform
+
+    return _cpuinfo_field("model name") or platform.processor() or "unknown CPU"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags (/proc/cpuinfo; empty where there is none)."""
+    return set(_cpuinfo_field("flags").split())
+
+
+def _cpuinfo_field(name: str) -> str:
     try:
-        return flag in Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return ""

@@ -129,12 +129,11 @@ def _log1mexp(x):
 
 def trainer_class(params: DpoParams):
     """The Trainer subclass for `params` (method dpo)."""
-    import math
 
     import torch
     from transformers import Trainer
 
-    from ftpipe.trainer import Diverged, global_length_grouped_sampler
+    from ftpipe.trainer import global_length_grouped_sampler, stop_if_diverged, stop_if_logged_diverged
 
     class PairTrainer(Trainer):
         def __init__(self, *args, **kwargs) -> None:
@@ -160,10 +159,7 @@ def trainer_class(params: DpoParams):
             reference = torch.zeros_like(policy) if params.loss_type == "orpo" else self._reference(model, inputs)
             losses, rewards = preference_loss(params, policy, reference, counts)
             loss = losses.mean()
-            if not torch.isfinite(loss.detach()):
-                what, step = ("loss", self.state.global_step + 1) if mode == "train" else \
-                    ("evaluation loss", self.state.global_step)
-                raise Diverged(what, loss.item(), step, params.learning_rate, stage="dpo")
+            stop_if_diverged(self, loss, params.learning_rate, "dpo")
             margins = rewards[:, 0] - rewards[:, 1]
             for name, value in (("rewards/chosen", rewards[:, 0]), ("rewards/rejected", rewards[:, 1]),
                                 ("rewards/accuracies", (margins > 0).float()), ("rewards/margins", margins),
@@ -202,9 +198,7 @@ def trainer_class(params: DpoParams):
             logs.update({f"eval_{key}": value for key, value in means.items()} if mode == "eval" else
                         {**means, "num_tokens": float(self.num_tokens)})
             self.metrics[mode].clear()
-            for key, what in (("grad_norm", "gradient norm"), ("eval_loss", "validation loss")):
-                if key in logs and not math.isfinite(logs[key]):
-                    raise Diverged(what, logs[key], self.state.global_step, params.learning_rate, stage="dpo")
+            stop_if_logged_diverged(self, logs, params.learning_rate, "dpo")
             return super().log(logs, *args, **kwargs)
 
     return PairTrainer

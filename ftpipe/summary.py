@@ -7,7 +7,6 @@ quote a run's results as the run wrote them. Not a DVC output: its times and dat
 from __future__ import annotations
 
 import os
-import platform
 from datetime import datetime
 from pathlib import Path
 
@@ -19,16 +18,9 @@ def machine() -> str:
     """The CPU (and GPU, if any) this process ran on, e.g. `Intel Xeon (2 cores, bf16), no GPU`."""
     import torch
 
-    from ftpipe.device import bf16_supported
+    from ftpipe.device import bf16_supported, cpu_model
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu} ({cores} cores{', bf16' if bf16_supported('cpu') else ', no bf16'}), {gpu}; torch {torch.__version__}"

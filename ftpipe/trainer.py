@@ -147,6 +147,27 @@ class Diverged(PipelineError):
                          f"training diverged; lower {stage}.learning_rate")
 
 
+def stop_if_diverged(trainer, loss, learning_rate: float, stage: str) -> None:
+    """Diverged on a batch loss that is not finite (train's and dpo's Trainers check every batch: the
+    logged loss hides a non-finite one, logging_nan_inf_filter). A training batch belongs to the step
+    being taken, an evaluation batch to the last one."""
+    import torch
+
+    if not torch.isfinite(loss.detach()).all():
+        what, step = ("loss", trainer.state.global_step + 1) if trainer.model.training else \
+            ("validation loss", trainer.state.global_step)
+        raise Diverged(what, loss.item(), step, learning_rate, stage)
+
+
+def stop_if_logged_diverged(trainer, logs: dict, learning_rate: float, stage: str) -> None:
+    """Diverged on a logged gradient norm or validation loss that is not finite. The gradient norm is
+    seen only here (every logging_steps); a non-finite one also turns the weights non-finite, so the
+    next batch's loss check stops the run in any case."""
+    for key, what in (("grad_norm", "gradient norm"), ("eval_loss", "validation loss")):
+        if key in logs and not math.isfinite(logs[key]):
+            raise Diverged(what, logs[key], trainer.state.global_step, learning_rate, stage)
+
+
 def trainer_class(params: TrainParams, bf16: bool):
     import torch
     from transformers import Trainer
@@ -207,22 +228,13 @@ def trainer_class(params: TrainParams, bf16: bool):
                     # mean, as Trainer.compute_loss does for the model's own loss.
                     loss = loss * self.accelerator.num_processes
                 result = (loss, {"loss": loss}) if return_outputs else loss
-            # Every batch: the logged loss hides a non-finite one (logging_nan_inf_filter), whose own
-            # check already syncs on each training batch's loss, so this adds no sync in training.
-            # A training batch belongs to the step being taken, an evaluation batch to the last one.
-            loss = result[0] if return_outputs else result
-            if not torch.isfinite(loss.detach()).all():
-                what, step = ("loss", self.state.global_step + 1) if model.training else \
-                    ("validation loss", self.state.global_step)
-                raise Diverged(what, loss.item(), step, params.learning_rate)
+            # logging_nan_inf_filter's own check already syncs on each training batch's loss, so
+            # this adds no sync in training.
+            stop_if_diverged(self, result[0] if return_outputs else result, params.learning_rate, "train")
             return result
 
         def log(self, logs, *args, **kwargs):
-            # The gradient norm is seen only here (every logging_steps); a non-finite one also turns
-            # the weights non-finite, so the next batch's loss check stops the run in any case.
-            for key, what in (("grad_norm", "gradient norm"), ("eval_loss", "validation loss")):
-                if key in logs and not math.isfinite(logs[key]):
-                    raise Diverged(what, logs[key], self.state.global_step, params.learning_rate)
+            stop_if_logged_diverged(self, logs, params.learning_rate, "train")
             return super().log(logs, *args, **kwargs)
 
         def create_optimizer(self, model=None):
@@ -266,13 +278,20 @@ def global_length_grouped_sampler(dataset, args, rows: int):
 
 
 def checkpoint_key(params: TrainParams, base_dir: Path, data_dir: Path) -> str:
-    """Hash of everything a checkpoint depends on, so a stale one is never resumed."""
+    """Hash of everything a checkpoint depends on (params, base, data, the training code and its
+    libraries), so a stale one is never resumed."""
+    from importlib.metadata import version  # not `import peft`: about a second, and full fine-tuning needs none
+
+    from ftpipe import bottleneck, kernels, methods, packing, schedule
     from ftpipe.models import sha256_of
 
     inputs = {
         "params": params.model_dump(),
         "base": read_json(base_dir / MANIFEST_NAME),
         "data": {name: sha256_of(data_dir / name) for name in (split_file("train"), split_file("val"))},
+        "code": [sha256_of(Path(module.__file__)) for module in (bottleneck, kernels, methods, packing, schedule)]
+        + [sha256_of(Path(__file__))],
+        "libraries": [version("torch"), version("transformers"), version("peft")],
     }
     return checkpoint_folder_key(inputs)
 

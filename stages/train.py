@@ -84,7 +84,7 @@ def run(*, params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path, r
         with all_or_nothing(), atomic_dir(out_dir) as tmp:
             _save_model(params, setup, base_dir=base_dir, out_dir=tmp, report=report)
             _write_reports(trainer, report, reports_dir)
-        remove_path(checkpoints)  # the run is complete: nothing left to resume
+        remove_path(checkpoint_root)  # the run is complete: nothing left to resume (older keys' leftovers too)
     return report
 
 

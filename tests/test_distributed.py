@@ -166,7 +166,7 @@ def test_a_killed_process_fails_the_stage_quickly_and_a_rerun_resumes(ready):
     logged = [int(line.split(",")[0]) for line in (project / TRAIN_LOSS).read_text().splitlines()[1:]]
     assert logged == list(range(5, steps + 1, 5))
     assert (project / ADAPTER_DIR / "merged" / "model.safetensors").is_file()
-    assert not any((project / "checkpoints" / "train").iterdir())
+    assert not (project / "checkpoints" / "train").exists()  # removed with any stale key
 
 
 @cpu_only

@@ -40,6 +40,8 @@ def run_train(tmp_path, train_inputs, **overrides):
 
 
 def test_lora_training_writes_every_declared_output(tmp_path, train_inputs):
+    stale = tmp_path / "checkpoints" / "0123456789abcdef" / "checkpoint-3"  # another key's, e.g. a stopped trial's
+    stale.mkdir(parents=True)
     params, out, reports, summary = run_train(tmp_path, train_inputs)
     assert summary.steps == 6 and 0 < summary.trainable_parameters < summary.parameters
     config = json.loads((out / "train_config.json").read_text())
@@ -48,7 +50,7 @@ def test_lora_training_writes_every_declared_output(tmp_path, train_inputs):
     assert len((reports / "val_loss.csv").read_text().splitlines()) == 3  # header + steps 3 and 6
     assert (reports / "loss.png").stat().st_size > 1000
     assert json.loads((reports / "train.json").read_text()) == summary.model_dump(mode="json")
-    assert not list((tmp_path / "checkpoints").glob("*"))  # removed once the run succeeded
+    assert not list((tmp_path / "checkpoints").glob("*"))  # removed once the run succeeded, stale keys' too
     import torch
 
     # auto: the CPU's kernels, or the GPU's where one is present (ftpipe.methods, trainer.optimizer_name).
@@ -331,7 +333,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, train_inputs):
     curve = (tmp_path / "reports" / "val_loss.csv").read_text().splitlines()[1:]
     val_steps = [int(line.split(",")[0]) for line in curve]
     assert len(val_steps) == len(set(val_steps))  # every step evaluated once
-    assert not list((tmp_path / "checkpoints").glob("*"))  # removed once the run succeeded
+    assert not list((tmp_path / "checkpoints").glob("*"))  # removed once the run succeeded, stale keys' too
 
 
 @pytest.mark.parametrize("position_mask", [True, False], ids=["model-picks-positions", "hidden-states-projected"])
@@ -392,7 +394,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(finished_project):
     logged = [int(line.split(",")[0]) for line in (project / "reports" / "train_loss.csv").read_text().splitlines()[1:]]
     assert logged == list(range(5, steps + 1, 5))
     assert (project / "models" / "adapter" / "merged" / "model.safetensors").is_file()
-    assert not any((project / "checkpoints" / "train").iterdir())
+    assert not (project / "checkpoints" / "train").exists()  # removed with any stale key
 
 
 
@@ -412,3 +414,33 @@ def test_diverging_run_stops_and_keeps_the_previous_model(tmp_path, train_inputs
     assert [p.name for p in out.iterdir()] == ["marker"] and (out / "marker").read_text() == "previous model"
     assert not list(tmp_path.glob(".adapter.tmp-*")) and not (tmp_path / "reports" / "train.json").exists()
     assert not list((tmp_path / "checkpoints").glob("*"))  # a rerun would diverge again: nothing to resume
+
+
+def test_a_checkpoint_is_resumed_only_under_the_same_code_and_libraries(tmp_path, monkeypatch):
+    """The checkpoint folder's key changes with the training code and the library versions, not only
+    the params and inputs: a checkpoint written by other code is never resumed."""
+    import importlib.metadata
+    from pathlib import Path
+
+    from ftpipe import packing
+    from ftpipe.paths import MANIFEST_NAME, split_file
+
+    base, data = tmp_path / "base", tmp_path / "data"
+    base.mkdir()
+    data.mkdir()
+    (base / MANIFEST_NAME).write_text(json.dumps({"source": "tiny"}))
+    for split in ("train", "val"):
+        (data / split_file(split)).write_text('{"id": "a"}\n')
+    params = TrainParams()
+    key = trainer.checkpoint_key(params, base, data)
+    assert trainer.checkpoint_key(params, base, data) == key
+    edited = tmp_path / "packing.py"
+    edited.write_text(Path(packing.__file__).read_text() + "\n# edited\n")
+    with monkeypatch.context() as patch:
+        patch.setattr(packing, "__file__", str(edited))
+        assert trainer.checkpoint_key(params, base, data) != key
+    with monkeypatch.context() as patch:
+        real = importlib.metadata.version
+        patch.setattr(importlib.metadata, "version", lambda name: "0.0.1" if name == "transformers" else real(name))
+        assert trainer.checkpoint_key(params, base, data) != key
+    assert trainer.checkpoint_key(params, base, data) == key
