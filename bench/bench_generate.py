@@ -17,7 +17,7 @@ precision used, the same for the FLOPs computed (one-pass runs a batch's shared 
 system prompt and few-shot examples, once: counted once there), and how many replies equal the
 two-pass path's.
 Needs models/base and data/prepared (`dvc repro prepare_data`).
-Run: .venv/bin/python -m bench.bench_generate [--batch-sizes 16,64] [--precision auto|fp32|bf16] [--rows 0]
+Run: .venv/bin/python -m bench.bench_generate [--batch-sizes 16,128] [--precision auto|fp32|bf16] [--rows 0]
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=BASE_DIR)
     parser.add_argument("--data", type=Path, default=PREPARED_DIR)
     parser.add_argument("--rows", type=int, default=0, help="test rows; 0: all (evaluate.max_examples: 0)")
-    parser.add_argument("--batch-sizes", default="16,64")
+    parser.add_argument("--batch-sizes", default="16,128")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="evaluate.max_new_tokens")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--paths", default="two-pass,one-pass")
