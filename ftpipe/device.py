@@ -105,11 +105,7 @@ def bf16_supported(device: str | None = None) -> bool:
     if device == "cuda" or (device is None and torch.cuda.is_available()):
         return torch.cuda.is_bf16_supported()
     capability = torch.backends.cpu.get_cpu_capability()
-    return capability in {"AVX512_BF16", "AMX"} or _cpu_flag("avx512_bf16") or _cpu_flag("amx_bf16")
-
-
-def _cpu_flag(flag: str) -> bool:
-    return flag in cpu_flags()
+    return capability in {"AVX512_BF16", "AMX"} or bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def cpu_model() -> str:

@@ -67,9 +67,16 @@ def trainer_arguments(params: TrainParams | DpoParams, args_class: type[Args], *
     return args_class(**args, **extra)
 
 
-def checkpoint_folder_key(inputs: dict[str, Any]) -> str:
+def checkpoint_folder_key(inputs: dict[str, Any], *, code: list[Path], libraries: tuple[str, ...]) -> str:
     """The name of a run's checkpoint folder: a hash of everything its checkpoints depend on (train's
-    and dpo's lists differ), so a checkpoint of other inputs is never resumed."""
+    and dpo's inputs differ), the training code's files and the libraries' installed versions
+    included, so a checkpoint of other inputs or other code is never resumed."""
+    from importlib.metadata import version  # not the packages' imports: peft's costs about a second
+
+    from ftpipe.models import sha256_of
+
+    inputs = {**inputs, "code": [sha256_of(Path(file)) for file in code],
+              "libraries": [version(name) for name in libraries]}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -280,8 +280,6 @@ def global_length_grouped_sampler(dataset, args, rows: int):
 def checkpoint_key(params: TrainParams, base_dir: Path, data_dir: Path) -> str:
     """Hash of everything a checkpoint depends on (params, base, data, the training code and its
     libraries), so a stale one is never resumed."""
-    from importlib.metadata import version  # not `import peft`: about a second, and full fine-tuning needs none
-
     from ftpipe import bottleneck, kernels, methods, packing, schedule
     from ftpipe.models import sha256_of
 
@@ -289,11 +287,9 @@ def checkpoint_key(params: TrainParams, base_dir: Path, data_dir: Path) -> str:
         "params": params.model_dump(),
         "base": read_json(base_dir / MANIFEST_NAME),
         "data": {name: sha256_of(data_dir / name) for name in (split_file("train"), split_file("val"))},
-        "code": [sha256_of(Path(module.__file__)) for module in (bottleneck, kernels, methods, packing, schedule)]
-        + [sha256_of(Path(__file__))],
-        "libraries": [version("torch"), version("transformers"), version("peft")],
     }
-    return checkpoint_folder_key(inputs)
+    code = [Path(module.__file__) for module in (bottleneck, kernels, methods, packing, schedule)] + [Path(__file__)]
+    return checkpoint_folder_key(inputs, code=code, libraries=("torch", "transformers", "peft"))
 
 
 def optimizer_name(params: TrainParams, *, cuda: bool) -> str:

@@ -96,9 +96,6 @@ def run(*, params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path
 def _checkpoint_key(params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_dir: Path) -> str:
     """Hash of everything a checkpoint depends on (params, base, SFT start, pairs, the training code and
     its libraries): a stale one is never resumed."""
-    import transformers
-    import trl
-
     from ftpipe import dpo, dpo_trainer, kernels, packing, schedule, trainer
     from ftpipe.models import sha256_of
 
@@ -110,11 +107,9 @@ def _checkpoint_key(params: DpoParams, base_dir: Path, adapter_dir: Path, prefs_
         else sha256_of(base_dir / "config.json"),
         "start": sha256_of(start) if params.init_from == "sft" and start.is_file() else None,
         "pairs": {split: sha256_of(prefs_dir / split_file(split)) for split in ("train", "val")},
-        "code": [sha256_of(Path(module.__file__)) for module in (dpo, dpo_trainer, kernels, packing, schedule, trainer)]
-        + [sha256_of(Path(__file__))],
-        "libraries": [trl.__version__, transformers.__version__],
     }
-    return checkpoint_folder_key(inputs)
+    code = [Path(module.__file__) for module in (dpo, dpo_trainer, kernels, packing, schedule, trainer)] + [Path(__file__)]
+    return checkpoint_folder_key(inputs, code=code, libraries=("torch", "trl", "transformers"))
 
 
 def _setup_pairs(params: DpoParams, prefs_dir: Path, tokenizer) -> tuple[dict[str, list[dict[str, Any]]], int]:
@@ -203,8 +198,13 @@ def _encoded(tokenizer, pairs) -> dict[str, list[dict[str, Any]]]:
     test pairs' follow: _test_metrics)."""
     from ftpipe.dpo_trainer import encode_pairs
 
-    return {"train": encode_pairs(tokenizer, pairs["train"]),
-            "val": encode_pairs(tokenizer, pairs["val"], first_uid=len(pairs["train"]))}
+    return {split: encode_pairs(tokenizer, pairs[split], first_uid=_first_uid(pairs, split)) for split in ("train", "val")}
+
+
+def _first_uid(pairs, split: str) -> int:
+    """Where a split's pair uids start: after the splits before it (SPLITS order), so that the trainer's
+    kept reference log-probabilities, keyed by uid, never mix two splits' pairs."""
+    return sum(len(pairs[s]) for s in SPLITS[:SPLITS.index(split)])
 
 
 def _merged(params: DpoParams, base_dir: Path, adapter_dir: Path, adapter: Path):
@@ -223,9 +223,8 @@ def _test_metrics(trainer, pairs, params: DpoParams, tokenizer) -> dict[str, flo
     from ftpipe.dpo_trainer import encode_pairs
 
     kto = params.method == "kto"
-    # The test pairs' uids follow the train and val pairs' (their kept reference log-probabilities).
     test = to_kto_dataset(pairs["test"]) if kto else \
-        encode_pairs(tokenizer, pairs["test"], first_uid=len(pairs["train"]) + len(pairs["val"]))
+        encode_pairs(tokenizer, pairs["test"], first_uid=_first_uid(pairs, "test"))
     found = trainer.evaluate(test, metric_key_prefix="test")
     wanted = {"loss": "test_loss", "accuracy": f"eval_{REWARD_ACCURACY}", "margin": f"eval_{REWARD_MARGIN}"}
     required = ["test_loss"] if kto else list(wanted.values())
