@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -54,10 +55,14 @@ def mlflow_server(tracking_uri: str, artifacts_uri: str) -> Iterator[str]:
            "--backend-store-uri", tracking_uri, "--default-artifact-root", artifacts_uri,
            "--artifacts-destination", artifacts_uri]
     url = f"http://127.0.0.1:{port}"
+    # MLflow's job runner (GenAI judges, prompt optimization: unused here) would fork eight more
+    # processes, about 1 GB and a share of the CPU together: off unless the environment turns it on.
+    jobs = os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": jobs}
     # The log goes to a file, not a pipe: nobody reads it while the page runs, and a full pipe would
     # block the server. Own process group: the server forks uvicorn workers, and all must go at the end.
     with tempfile.TemporaryFile("w+") as log:
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         try:
             _wait_healthy(server, url, log)
             yield url

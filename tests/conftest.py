@@ -26,10 +26,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 # Modules whose tests must share one xdist worker, as one unit of work: each has a module-scoped
-# fixture that is expensive (a server stack, a Prefect test server, a copy of the finished pipeline)
-# or reads the session's one flow run.
+# fixture that is expensive (a server stack, an MLflow server, a copy of the finished pipeline) or
+# reads the session's one flow run.
 SHARED_FIXTURE_MODULES = ("test_stack.py", "test_retrain.py", "test_register.py", "test_distributed.py",
-                          "test_train.py", "test_export.py", "test_quantize.py", "test_flow_run.py")
+                          "test_train.py", "test_export.py", "test_quantize.py", "test_flow_run.py",
+                          "test_live_metrics.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -48,16 +49,16 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 # Modules whose tests take a minute or more, longest first (measured), dealt out before the rest so
-# that no worker starts one near the end while the other idles; the first two go one to each worker:
-# test_register's fixture builds the session's finished project (`built_project`, about 75 s) while
-# test_flow_run and test_bench_scale, which need none of it, run their own pipelines on the other.
-LONGEST_FIRST = ("test_flow_run.py", "test_register.py", "test_bench_scale.py", "test_retrain.py",
-                 "test_project_store.py", "test_pipeline.py", "test_tune.py", "test_live_metrics.py",
+# that no worker starts one near the end while the other idles. The first goes to one worker, which
+# makes the session's pipeline run (`flow_run`, about 85 s) while the other runs test_bench_scale and
+# test_live_metrics, which need none of it, so neither waits for it.
+LONGEST_FIRST = ("test_flow_run.py", "test_bench_scale.py", "test_live_metrics.py", "test_register.py",
+                 "test_retrain.py", "test_project_store.py", "test_pipeline.py", "test_tune.py",
                  "test_train.py", "test_stack.py", "test_distributed.py", "test_dpo.py", "test_faults.py",
                  "test_continual.py", "test_custom_metrics.py", "test_serve.py")
 
 
-# Session fixtures that are a whole pipeline run of the tiny project (about a minute each).
+# Session fixtures that are (or read) the session's whole pipeline run of the tiny project (about a minute).
 PIPELINE_RUNS = {"built_project", "flow_run"}
 
 
@@ -76,7 +77,7 @@ CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-FIRST_REPRO_OUTPUT = "first-repro.stdout"
+FLOW_OUTPUT = "flow.log"
 WORDS = "red green blue cat dog bird one two three four five hello world what is the colour of sky grass".split()
 
 
@@ -270,9 +271,7 @@ def project(tmp_path, project_template, monkeypatch) -> Path:
 
 
 class Background:
-    """A command started now whose result a fixture collects later: in one test process the session's
-    two whole pipeline runs (one thread each) overlap on the two cores. Under xdist the worker given
-    test_flow_run.py makes the flow run, and the workers share one `built_project` (once_per_run)."""
+    """A command started now whose result a fixture or test collects later (a server, migrations)."""
 
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str], log: Path) -> None:
         self.log = log
@@ -293,50 +292,49 @@ class Background:
         stop_group(self.proc, signal.SIGTERM, timeout=30)
 
 
-@pytest.fixture(scope="session")
-def flow_run_started(tmp_path_factory, tiny_model_dir, tiny_data):
-    """`flow_run`'s pipeline, started in the background (by `built_project` too, so both overlap)."""
-    proj = make_project(tmp_path_factory.mktemp("flow") / "project", tiny_model_dir, tiny_data)
-    env = {**stage_env(), "PREFECT_HOME": str(proj.parent / "prefect-home")}
+def _flow_run(folder: Path, model_dir: Path, data_file: Path) -> None:
+    """`python -m flows.pipeline` on a new tiny project in folder/project, as `make run` starts it: no
+    Prefect server configured (the flow starts its temporary one), no internet, Python's default
+    warnings and no telemetry opt-outs. What it printed (stdout + stderr) goes beside the project."""
+    proj = make_project(folder / "project", model_dir, data_file)
+    env = {**stage_env(), "PREFECT_HOME": str(folder / "prefect-home")}
     for name in ("PREFECT_API_URL", "PYTHONWARNINGS", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK",
                  "DVC_NO_ANALYTICS", "MLFLOW_DISABLE_TELEMETRY", "HF_HUB_DISABLE_TELEMETRY"):
         env.pop(name, None)
-    run = Background([sys.executable, "-m", "flows.pipeline", "--project-dir", str(proj)], proj, env,
-                     proj.parent / "flow.log")
-    yield proj, run
-    run.stop()
+    with (folder / FLOW_OUTPUT).open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--project-dir", str(proj)], cwd=proj,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=1200)
+        finally:
+            if proc.poll() is None:
+                from ftpipe.processes import stop_group
+
+                stop_group(proc, signal.SIGTERM, timeout=30)
+    assert returncode == 0, (folder / FLOW_OUTPUT).read_text()[-3000:]
 
 
 @pytest.fixture(scope="session")
-def built_project(request, tmp_path_factory, tiny_model_dir, tiny_data, prefect_home_started) -> Path:
-    """The tiny project after one whole `dvc repro`, shared by the tests that start from a finished
-    run (each works on its own copy: see `finished_project`)."""
-    if "PYTEST_XDIST_WORKER" not in os.environ:  # one test process: the flow run overlaps this one
-        request.getfixturevalue("flow_run_started")
-
-    def build(folder: Path) -> None:
-        proj = make_project(folder / "project", tiny_model_dir, tiny_data)
-        result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=proj, env=stage_env(),
-                                capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-3000:]
-        (folder / FIRST_REPRO_OUTPUT).write_text(result.stdout)  # beside the project, not in it
-
-    return once_per_run(tmp_path_factory, "built", build) / "project"
+def flow_run(tmp_path_factory, tiny_model_dir, tiny_data, prefect_home_started) -> tuple[Path, str]:
+    """The session's one whole pipeline run (conftest's _flow_run): the tiny project after it and what
+    the run printed. Made once per test run (once_per_run), shared read-only by every test that reads
+    it; a test that changes a project works on a copy (`finished_project`). `prefect_home_started`:
+    that Prefect home's migrations run beside it."""
+    build = lambda folder: _flow_run(folder, tiny_model_dir, tiny_data)  # noqa: E731
+    folder = once_per_run(tmp_path_factory, "flow", build)
+    return folder / "project", (folder / FLOW_OUTPUT).read_text()
 
 
 @pytest.fixture(scope="session")
-def flow_run(flow_run_started) -> tuple[Path, str]:
-    """A new tiny project after one whole `python -m flows.pipeline` run as `make run` starts it: no
-    Prefect server configured (the flow starts its temporary one), no internet, Python's default
-    warnings and no telemetry opt-outs. The project and what the run printed (stdout + stderr),
-    shared by the tests that read them; they must not change the project."""
-    proj, run = flow_run_started
-    return proj, run.result()
+def built_project(flow_run) -> Path:
+    """The tiny project after one whole pipeline run: the flow's, which runs each stage through
+    `dvc repro` (test_flow_run: a `dvc repro` afterwards finds nothing to do and keeps the lock)."""
+    return flow_run[0]
 
 
 @pytest.fixture(scope="session")
 def prefect_home_started(tmp_path_factory):
-    """`prefect_home_template`'s migrations, started in the background (by `built_project` too)."""
+    """`prefect_home_template`'s migrations, started in the background (by `flow_run` too)."""
     home = tmp_path_factory.mktemp("prefect-home-template")
     env = {**stage_env(), "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
@@ -415,11 +413,6 @@ def prefect_server(prefect_home_template, tmp_path_factory):
 def prefect_files(*homes: Path) -> list[Path]:
     """Every file under the Prefect homes given (database, its journal, result storage, logs)."""
     return [p for home in homes for p in home.rglob("*") if p.is_file()]
-
-
-def first_repro_output(built: Path) -> str:
-    """What `dvc repro` printed when it built `built_project` (which stages ran)."""
-    return (built.parent / FIRST_REPRO_OUTPUT).read_text()
 
 
 @pytest.fixture

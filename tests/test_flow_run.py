@@ -1,11 +1,13 @@
-"""The tests that read the session's one `python -m flows.pipeline` run (conftest's `flow_run`), in one
-module so that xdist gives them one worker and one run."""
+"""The tests that read the session's one `python -m flows.pipeline` run (conftest's `flow_run`, which
+`built_project` is too): what it printed and the project it left, read-only."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
+from pathlib import Path
 
 from conftest import dvc, ran
 
@@ -16,7 +18,7 @@ from flows.common import STAGES
 NOISE = ("ERROR", "FutureWarning", "gemm_4bit_forward")
 
 
-def test_prefect_flow_leaves_the_same_lock_as_dvc_repro(flow_run):
+def test_prefect_flow_leaves_the_same_lock_as_dvc_repro(flow_run, tmp_path):
     project, printed = flow_run
     assert set(re.findall(r"stage ([a-z_]+) done in", printed)) == set(STAGES)
     assert "| rougeL |" in printed and "perplexity (lower is better)" in printed
@@ -25,11 +27,12 @@ def test_prefect_flow_leaves_the_same_lock_as_dvc_repro(flow_run):
                      r"over base; no champion yet: kept as challenger", printed), printed
     assert f"--backend-store-uri sqlite:///{project / 'mlruns.db'} --host 127.0.0.1" in printed
     lock = (project / "dvc.lock").read_text()
-    status = dvc(project, "status")
+    copy = Path(shutil.copytree(project, tmp_path / "project", symlinks=True))  # DVC writes its state: the run is shared
+    status = dvc(copy, "status")
     assert status.returncode == 0 and "up to date" in status.stdout
-    again = dvc(project, "repro")
+    again = dvc(copy, "repro")
     assert again.returncode == 0 and ran(again.stdout) == set()
-    assert (project / "dvc.lock").read_text() == lock
+    assert (copy / "dvc.lock").read_text() == lock
 
 
 def test_offline_pipeline_run_prints_no_false_alarms(flow_run):
@@ -46,7 +49,8 @@ def test_a_run_leaves_git_clean_registers_a_clean_commit_and_writes_its_summary(
     import mlflow
 
     project, printed = flow_run
-    porcelain = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True,
+    # No optional locks: git would refresh the index of the shared run while another test copies it.
+    porcelain = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain"], cwd=project, capture_output=True, text=True,
                                check=True).stdout.splitlines()
     # What the run adds: the lock to commit, and the reports (DVC outs with cache: false).
     assert set(porcelain) <= {"?? dvc.lock", "?? reports/"}, porcelain

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import make_project, once_per_run, qa_rows, set_param, stage, stage_env
+from conftest import make_project, once_per_run, qa_rows, set_param, stage_env
 
 from ftpipe.errors import PipelineError
 from ftpipe.schemas import TrainReport
@@ -34,11 +34,14 @@ LONG_STEPS, LONG_EVAL = 100, 50  # long enough for a flush (ftpipe.live.FLUSH_S)
 def prepared(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
     """A tiny project with prepare_base and prepare_data run and live metrics turned on: made once
     per run (once_per_run), as this module's tests may run on either test process."""
+    from stages import prepare_base, prepare_data
+
     def build(folder: Path) -> None:
         proj = make_project(folder / "project", tiny_model_dir, tiny_data)
-        for name in ("prepare_base", "prepare_data"):
-            result = stage(proj, name)
-            assert result.returncode == 0, result.stderr[-3000:]
+        with pytest.MonkeyPatch.context() as patch:  # in this process: they only make this module's inputs
+            patch.chdir(proj)
+            prepare_base.main()
+            prepare_data.main()
         set_param(proj, "train", "live_metrics", True)
 
     return once_per_run(tmp_path_factory, "live", build) / "project"
@@ -55,12 +58,8 @@ def server(tmp_path_factory) -> str:
     from scripts.mlflow_screenshot import mlflow_server
 
     folder = tmp_path_factory.mktemp("mlflow-server")
-    with pytest.MonkeyPatch.context() as patch:
-        # MLflow's job runner (GenAI jobs, unused here) would fork eight more processes.
-        patch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-        with mlflow_server(f"sqlite:///{folder / 'server.db'}", str(folder / "artifacts")) as url:
-            patch.undo()
-            yield url
+    with mlflow_server(f"sqlite:///{folder / 'server.db'}", str(folder / "artifacts")) as url:
+        yield url
 
 
 def run_stage(proj: Path, name: str, tracking_uri: str, log: Path, **env: str) -> subprocess.Popen:
@@ -95,7 +94,7 @@ def watch_train_loss(client, proc: subprocess.Popen) -> tuple[str, list[int]]:
             points = len(client.get_metric_history(run_id, "train_loss"))
             if proc.poll() is None:  # still training or writing its outputs when this was read
                 seen.append(points)
-        time.sleep(0.1)
+        time.sleep(0.5)  # the stage sends every ftpipe.live.FLUSH_S (5 s)
     return run_id, seen
 
 

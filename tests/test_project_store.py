@@ -69,7 +69,8 @@ def test_a_store_copied_without_its_artifacts_is_refused_naming_both_folders(fin
 
 def test_queued_experiments_register_in_the_project_store(finished_project):
     """The README's sweep: experiments queued, then run one after another in DVC's temporary
-    workspaces; their runs and versions land in the project's store, tagged with their names."""
+    workspaces; their runs and versions land in the project's store, tagged with their names. A
+    training param reruns training and the tuned model's scoring, never the base model's."""
     proj = finished_project
     set_param(proj, "train", "max_steps", 2)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
@@ -78,7 +79,10 @@ def test_queued_experiments_register_in_the_project_store(finished_project):
     before = {v.version for v in client(proj).search_model_versions(f"name = '{MODEL}'")}
     for lr in ("1e-3", "2e-3"):
         dvc(proj, "exp", "run", "--queue", "--name", f"lr-{lr}", "-S", f"train.learning_rate={lr}")
-    dvc(proj, "exp", "run", "--run-all")
+    swept = dvc(proj, "exp", "run", "--run-all").stdout  # each experiment's `dvc repro` output
+    assert swept.count("Running stage 'train'") == swept.count("Running stage 'evaluate'") == 2, swept[-3000:]
+    assert "Running stage 'score_base'" not in swept
+    assert swept.count("Stage 'score_base' didn't change, skipping") == 2
     versions = [v for v in client(proj).search_model_versions(f"name = '{MODEL}'") if v.version not in before]
     assert sorted(v.tags.get("dvc_experiment") for v in versions) == ["lr-1e-3", "lr-2e-3"]
     for version in versions:

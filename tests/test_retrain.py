@@ -23,10 +23,12 @@ DATA = "data/raw/train.jsonl"
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
+def harness(prefect_server):
+    """This module's flows, called in this process, against the test process's Prefect server
+    (conftest's, on a migrated database: prefect_test_harness would migrate a new one, about 10 s)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=180):  # a loaded CI machine needs more than 30 s
+    with temporary_settings({PREFECT_API_URL: prefect_server.url}):
         yield
 
 
@@ -218,7 +220,8 @@ def test_unreachable_mlflow_server_is_retried_with_backoff(finished_project, har
                 servers.append(subprocess.Popen(
                     [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                      "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1"],
-                    env=stage_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                    env={**stage_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # its 8 job processes: unused
+                    start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             raise
 
     monkeypatch.setattr(retrain_module, "registry_state", registry_state)
