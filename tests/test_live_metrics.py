@@ -18,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import make_project, once_per_run, qa_rows, set_param, stage_env
+from conftest import make_project, qa_rows, set_param, stage_env
 
 from ftpipe.errors import PipelineError
 from ftpipe.schemas import TrainReport
@@ -30,21 +30,19 @@ STEPS = 6  # tiny_params' train.max_steps, logged at every step (logging_steps 1
 LONG_STEPS, LONG_EVAL = 100, 50  # long enough for a flush (ftpipe.live.FLUSH_S) before the last step
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_model_dir, tiny_data) -> Path:
-    """A tiny project with prepare_base and prepare_data run and live metrics turned on: made once
-    per run (once_per_run), as this module's tests may run on either test process."""
+    """A tiny project with prepare_base and prepare_data run (their main(), in this process: here they
+    only make the inputs) and live metrics turned on."""
     from stages import prepare_base, prepare_data
 
-    def build(folder: Path) -> None:
-        proj = make_project(folder / "project", tiny_model_dir, tiny_data)
-        with pytest.MonkeyPatch.context() as patch:  # in this process: they only make this module's inputs
-            patch.chdir(proj)
-            prepare_base.main()
-            prepare_data.main()
-        set_param(proj, "train", "live_metrics", True)
-
-    return once_per_run(tmp_path_factory, "live", build) / "project"
+    proj = make_project(tmp_path_factory.mktemp("live") / "project", tiny_model_dir, tiny_data)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(proj)
+        prepare_base.main()
+        prepare_data.main()
+    set_param(proj, "train", "live_metrics", True)
+    return proj
 
 
 @pytest.fixture
