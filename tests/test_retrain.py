@@ -78,7 +78,7 @@ def test_three_triggers_no_change_better_data_worse_model(finished_project, harn
 
     from flows.retrain import retrain
 
-    project = finished_project  # the session's `dvc repro`: v1 registered (a challenger: ROUGE 0 ties the base)
+    project = finished_project  # the session's pipeline run: v1 registered (a challenger: ROUGE 0 ties the base)
 
     # 1. Nothing changed: no stage runs, the report says why.
     lock = (project / "dvc.lock").read_text()
