@@ -271,7 +271,8 @@ def project(tmp_path, project_template, monkeypatch) -> Path:
 
 
 class Background:
-    """A command started now whose result a fixture or test collects later (a server, migrations)."""
+    """A command started now whose output (into `log`) a fixture or test collects later: a server,
+    migrations, the session's flow run."""
 
     def __init__(self, args: list[str], cwd: Path, env: dict[str, str], log: Path) -> None:
         self.log = log
@@ -301,17 +302,12 @@ def _flow_run(folder: Path, model_dir: Path, data_file: Path) -> None:
     for name in ("PREFECT_API_URL", "PYTHONWARNINGS", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK",
                  "DVC_NO_ANALYTICS", "MLFLOW_DISABLE_TELEMETRY", "HF_HUB_DISABLE_TELEMETRY"):
         env.pop(name, None)
-    with (folder / FLOW_OUTPUT).open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--project-dir", str(proj)], cwd=proj,
-                                env=env, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            returncode = proc.wait(timeout=1200)
-        finally:
-            if proc.poll() is None:
-                from ftpipe.processes import stop_group
-
-                stop_group(proc, signal.SIGTERM, timeout=30)
-    assert returncode == 0, (folder / FLOW_OUTPUT).read_text()[-3000:]
+    run = Background([sys.executable, "-m", "flows.pipeline", "--project-dir", str(proj)], proj, env,
+                     folder / FLOW_OUTPUT)
+    try:
+        run.result()
+    finally:
+        run.stop()
 
 
 @pytest.fixture(scope="session")
