@@ -5,7 +5,10 @@ the references' NLL, as evaluate.max_new_tokens and batch_size say):
 - `one-pass` (ftpipe.scoring, today's): the shared prompt prefix once, then forwards over
   [rest of prompt | reference] score the reference and leave the prompt's KV cache, decoding goes on
   from it in place, the vocabulary projection runs only where a prediction is read, and rows that
-  ended leave the batch;
+  ended leave the batch; the prefix's keys and values are read once per layer for all rows
+  (ftpipe.kvcache's prefix attention, llama and qwen architectures on the CPU);
+- `one-pass-joined`: the same with the prefix copied into each row's cache, as other architectures
+  and CUDA run it;
 - `two-pass` (before): transformers' generate, then a forward over prompt + reference that projects
   every position onto the vocabulary.
 Work is counted in matmul FLOPs from the model's shapes, the same for both: every prompt, reference
@@ -13,9 +16,10 @@ and generated token through the decoder's linear layers (2 x P_linear), attentio
 causal mask allows (2 x 2 x d per pair and layer), and the vocabulary projection where a prediction
 is read (each reference token and each generated one). Prints per path and batch size: seconds,
 tokens/s, GFLOP/s, % of the machine's matmul ceiling at the model's shapes (bench/ceiling.py) in the
-precision used, the same for the FLOPs computed (one-pass runs a batch's shared prompt prefix, the
-system prompt and few-shot examples, once: counted once there), and how many replies equal the
-two-pass path's.
+precision used (measured just before and just after each timed run, the higher of the two: a shared
+machine's speed drifts by a fifth within minutes), the same for the FLOPs computed (one-pass runs a
+batch's shared prompt prefix, the system prompt and few-shot examples, once: counted once there), and
+how many replies equal the two-pass path's.
 Needs models/base and data/prepared (`dvc repro prepare_data`).
 Run: .venv/bin/python -m bench.bench_generate [--batch-sizes 16,128] [--precision auto|fp32|bf16] [--rows 0]
 """
@@ -59,13 +63,19 @@ def shared_prefix_flops(shapes, items: list[tuple[list[int], list[int]]], batch_
 
 def timed_path(path: str, model, tokenizer, conversations, *, batch_size: int, max_new_tokens: int):
     """(seconds, replies, generated tokens per row) of one path."""
-    from ftpipe import metrics, scoring
+    from ftpipe import kvcache, metrics, scoring
     from ftpipe.chat import prompt_text
 
     start = time.perf_counter()
-    if path == "one-pass":
-        scored = scoring.score(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        replies = scored.outputs
+    if path.startswith("one-pass"):
+        apart = kvcache.reads_prefix_apart
+        if path == "one-pass-joined":
+            kvcache.reads_prefix_apart = lambda model: False
+        try:
+            replies = scoring.score(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size).outputs
+        finally:
+            kvcache.reads_prefix_apart = apart
     else:
         replies = metrics.generate(model, tokenizer, [prompt_text(tokenizer, c) for c in conversations],
                                    max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -82,11 +92,11 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="16,128")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="evaluate.max_new_tokens")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
-    parser.add_argument("--paths", default="two-pass,one-pass")
+    parser.add_argument("--paths", default="two-pass,one-pass-joined,one-pass")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: one per physical core")
     args = parser.parse_args()
 
-    from bench.ceiling import Shapes, describe, machine
+    from bench.ceiling import Shapes, describe, machine, matmul_gflops
     from ftpipe import device, models, scoring
     from ftpipe.evaluation import pick_shots, with_shots
     from ftpipe.io import read_jsonl
@@ -106,29 +116,30 @@ def main() -> None:
     candidates = {"zero-shot": [r["messages"] for r in rows],
                   "few-shot": [with_shots(r["messages"], shots) for r in rows]}
     timed_path("one-pass", model, tokenizer, candidates["zero-shot"][:2], batch_size=2, max_new_tokens=4)  # warm-up
-    ceiling = info["gflops"][placement.precision]
     print(f"model {args.model} ({placement}), {len(rows)} test rows, max_new_tokens {args.max_new_tokens}")
-    print(f"| path | batch | candidate | s | tokens/s | GFLOP/s | % of {placement.precision} ceiling | "
+    print(f"| path | batch | candidate | s | tokens/s | GFLOP/s | {placement.precision} ceiling GFLOP/s | % of ceiling | "
           "computed GFLOP/s | computed % | replies as two-pass |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     totals: dict[tuple[str, int], float] = {}
     reference: dict[tuple[int, str], list[str]] = {}
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         for path in args.paths.split(","):
             for name, conversations in candidates.items():
+                before = matmul_gflops(shapes, placement.precision)
                 seconds, replies = timed_path(path, model, tokenizer, conversations, batch_size=batch_size,
                                               max_new_tokens=args.max_new_tokens)
+                ceiling = max(before, matmul_gflops(shapes, placement.precision))
                 items = [scoring.prompt_and_reference(tokenizer, c) for c in conversations]
                 generated = [min(len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1, args.max_new_tokens)
                              for r in replies]
                 flops = work_flops(shapes, items, generated)
-                computed = flops - (shared_prefix_flops(shapes, items, batch_size) if path == "one-pass" else 0.0)
+                computed = flops - (shared_prefix_flops(shapes, items, batch_size) if path.startswith("one-pass") else 0.0)
                 tokens = sum(len(p) + len(r) for p, r in items) + sum(generated)
                 reference.setdefault((batch_size, name), replies)
                 same = sum(a == b for a, b in zip(reference[(batch_size, name)], replies))
                 totals[(path, batch_size)] = totals.get((path, batch_size), 0.0) + seconds
                 print(f"| {path} | {batch_size} | {name} | {seconds:.1f} | {tokens / seconds:.0f} | "
-                      f"{flops / seconds / 1e9:.0f} | {100 * flops / seconds / 1e9 / ceiling:.0f} % | "
+                      f"{flops / seconds / 1e9:.0f} | {ceiling:.0f} | {100 * flops / seconds / 1e9 / ceiling:.0f} % | "
                       f"{computed / seconds / 1e9:.0f} | {100 * computed / seconds / 1e9 / ceiling:.0f} % | "
                       f"{same}/{len(replies)} |", flush=True)
     base = totals.get(("two-pass", int(args.batch_sizes.split(",")[0])))

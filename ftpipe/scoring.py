@@ -3,13 +3,16 @@
 The prompts' shared prefix (system prompt, few-shot examples) runs once; then forwards over each row's [rest
 of prompt | reference], rows of like length together, score the references and leave each prompt's KV cache.
 Gathered behind the prefix into buffers with room for the replies (ftpipe.kvcache), those caches seed greedy
-decoding, which writes each step in place; rows that ended leave the batch. Replies equal
+decoding, which writes each step in place; rows that ended leave the batch. On the CPU, for llama and qwen
+architectures, the prefix stays out of the rows' caches: its keys and values are read once per layer for the
+whole batch (kvcache.prefix_attention), in the forwards and each decoding step. Replies equal
 `model.generate(do_sample=False)`'s (tests compare them in fp32). Models this loop cannot drive (peft prompt
 learning, caches that are not plain per-layer KV) take generate, then a forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -17,12 +20,17 @@ from typing import TYPE_CHECKING
 from ftpipe.choices import BUILTIN_METRICS
 
 # Positions (rows x width) per prompt-and-reference forward: wide enough for the matmuls to run near
-# their peak, narrow enough that its logits (positions x vocabulary) stay a few hundred MB. Below
-# SMALL_FORWARD positions a forward's fixed cost outweighs its padding. PREFILL_CACHE caps the
-# forward's KV cache, where each row holds its own copy of the shared prefix (a long few-shot prefix
-# and short rows would otherwise put the whole batch in one forward, a second decode cache's worth).
+# their peak, narrow enough that its logits (positions x vocabulary) stay a few hundred MB. Past
+# SMALL_FORWARD positions a group's padding is at most PADDING of its real tokens: padding costs a
+# forward's work at every position, and the references' vocabulary projection over the group's widest
+# (a looser 1,024 and a quarter computed a third more positions than real on the default test split,
+# and the projection three quarters more). Below SMALL_FORWARD a forward's fixed cost outweighs its
+# padding. PREFILL_CACHE caps the forward's KV cache, where each row holds its own copy of the shared
+# prefix (a long few-shot prefix and short rows would otherwise put the whole batch in one forward, a
+# second decode cache's worth).
 PREFILL_POSITIONS = 4096
-SMALL_FORWARD = 1024
+SMALL_FORWARD = 256
+PADDING = 1.1
 PREFILL_CACHE = 4 * PREFILL_POSITIONS
 
 if TYPE_CHECKING:
@@ -128,6 +136,8 @@ def _one_pass(model, tokenizer, items: list[tuple[list[int], list[int]]], max_ne
     left-padded behind the prefix, seed greedy decoding."""
     import torch
 
+    from ftpipe import kvcache
+
     device = model.device
     shared = _shared_prefix([p for p, _ in items])
     with torch.inference_mode():
@@ -137,43 +147,48 @@ def _one_pass(model, tokenizer, items: list[tuple[list[int], list[int]]], max_ne
                            logits_to_keep=1).past_key_values
             if not _plain_cache(prefix):  # a sliding-window or recurrent cache cannot be cut or joined
                 return two_pass(model, tokenizer, items, max_new_tokens)
-        end = max(len(p) for p, _ in items)  # the decode cache: [prefix | left-padded rest of prompt]
-        cache: list[list] = []
-        first = torch.zeros(len(items), dtype=torch.long)
-        nll: list[tuple[float, int]] = [(0.0, 0)] * len(items)
-        for rows in _chunks(items, shared, positions):
-            chunk = [items[i] for i in rows]
-            out, labels = _prefill(model, tokenizer, chunk, shared, prefix)
-            if not _plain_cache(out.past_key_values):
-                return two_pass(model, tokenizer, items, max_new_tokens)
-            for i, row_nll in zip(rows, _reference_nll_rows(out.logits, labels, chunk)):
-                nll[i] = row_nll
-            # Right-aligned rows: logits[:, j] predicts labels[:, j]; a reference of r tokens starts at
-            # j = width - r, where the prediction is also the reply's first token.
-            width = labels.shape[1]
-            starts = torch.tensor([width - len(r) for _, r in chunk], device=out.logits.device)
-            first[rows] = out.logits[torch.arange(len(rows), device=starts.device), starts].max(-1).indices.cpu()
-            filled = out.past_key_values.get_seq_length()
-            for layer, found in enumerate(out.past_key_values.layers):
-                if len(cache) <= layer:  # zeros where a row's prompt is shorter (masked), room for the reply
-                    shape = (len(items), found.keys.shape[1], end + max_new_tokens, found.keys.shape[3])
-                    cache.append([found.keys.new_zeros(shape), found.values.new_zeros(shape)])
-                    if prefix is not None:
-                        cache[layer][0][:, :, :shared] = prefix.layers[layer].keys
-                        cache[layer][1][:, :, :shared] = prefix.layers[layer].values
-                for k, (i, (prompt, reference)) in enumerate(zip(rows, chunk)):
-                    rest, stop = len(prompt) - shared, filled - len(reference)
-                    cache[layer][0][i, :, end - rest:end] = found.keys[k, :, stop - rest:stop]
-                    cache[layer][1][i, :, end - rest:end] = found.values[k, :, stop - rest:stop]
-            del out
-        mask = torch.zeros((len(items), end), dtype=torch.long)
-        mask[:, :shared] = 1
-        for row, (prompt, _) in enumerate(items):
-            mask[row, end - (len(prompt) - shared):] = 1
-        from ftpipe.kvcache import roomy_cache
-
-        tokens = _decode(model, roomy_cache(cache, end), first.to(device), mask.to(device),
-                         tokenizer.eos_token_id, max_new_tokens)
+        # The decode cache: [prefix | left-padded rest of prompt], or the rest alone where the prefix is
+        # read apart (one copy for all rows, not one per row: most of a few-shot row's cache).
+        apart = prefix is not None and kvcache.reads_prefix_apart(model)
+        start, end = (shared if apart else 0), max(len(p) for p, _ in items)
+        with (kvcache.prefix_attention(model, [(layer.keys, layer.values) for layer in prefix.layers]) if apart
+              else contextlib.nullcontext()):
+            cache: list[list] = []
+            first = torch.zeros(len(items), dtype=torch.long)
+            nll: list[tuple[float, int]] = [(0.0, 0)] * len(items)
+            for rows in _chunks(items, shared, positions):
+                chunk = [items[i] for i in rows]
+                out, labels = _prefill(model, tokenizer, chunk, shared, None if apart else prefix)
+                if not _plain_cache(out.past_key_values):
+                    return two_pass(model, tokenizer, items, max_new_tokens)
+                for i, row_nll in zip(rows, _reference_nll_rows(out.logits, labels, chunk)):
+                    nll[i] = row_nll
+                # Right-aligned rows: logits[:, j] predicts labels[:, j]; a reference of r tokens starts at
+                # j = width - r, where the prediction is also the reply's first token.
+                width = labels.shape[1]
+                starts = torch.tensor([width - len(r) for _, r in chunk], device=out.logits.device)
+                first[rows] = out.logits[torch.arange(len(rows), device=starts.device), starts].max(-1).indices.cpu()
+                filled = out.past_key_values.get_seq_length()
+                for layer, found in enumerate(out.past_key_values.layers):
+                    if len(cache) <= layer:  # zeros where a row's prompt is shorter (masked), room for the reply
+                        shape = (len(items), found.keys.shape[1], end - start + max_new_tokens, found.keys.shape[3])
+                        cache.append([found.keys.new_empty(shape), found.values.new_empty(shape)])
+                        for buffer in cache[layer]:  # the reply's room is written before it is read
+                            buffer[:, :, :end - start].zero_()
+                        if prefix is not None and not apart:
+                            cache[layer][0][:, :, :shared] = prefix.layers[layer].keys
+                            cache[layer][1][:, :, :shared] = prefix.layers[layer].values
+                    for k, (i, (prompt, reference)) in enumerate(zip(rows, chunk)):
+                        rest, stop = len(prompt) - shared, filled - len(reference)
+                        cache[layer][0][i, :, end - start - rest:end - start] = found.keys[k, :, stop - rest:stop]
+                        cache[layer][1][i, :, end - start - rest:end - start] = found.values[k, :, stop - rest:stop]
+                del out
+            mask = torch.zeros((len(items), end - start), dtype=torch.long)
+            mask[:, :shared - start] = 1
+            for row, (prompt, _) in enumerate(items):
+                mask[row, end - start - (len(prompt) - shared):] = 1
+            tokens = _decode(model, kvcache.roomy_cache(cache, end - start), first.to(device), mask.to(device),
+                             tokenizer.eos_token_id, max_new_tokens, offset=start)
         return tokens, nll
 
 
@@ -189,7 +204,7 @@ def _shared_prefix(prompts: list[list[int]]) -> int:
 
 def _chunks(items, shared: int, positions: int) -> list[list[int]]:
     """Row indices in groups of like length (rest of prompt + reference): rows x longest at most
-    `positions` (with the shared prefix, PREFILL_CACHE), and padding at most a quarter of the real
+    `positions` (with the shared prefix, PREFILL_CACHE), and padding at most PADDING times the real
     tokens once a group is past SMALL_FORWARD positions."""
     sizes = [len(p) - shared + len(r) for p, r in items]
     chunks: list[list[int]] = []
@@ -198,7 +213,7 @@ def _chunks(items, shared: int, positions: int) -> list[list[int]]:
         rows = len(chunks[-1]) + 1 if chunks else 1
         area = rows * sizes[i]  # ascending: row i is the group's longest
         if (chunks and area <= positions and rows * (shared + sizes[i]) <= PREFILL_CACHE
-                and (area <= SMALL_FORWARD or area <= 1.25 * (real + sizes[i]))):
+                and (area <= SMALL_FORWARD or area <= PADDING * (real + sizes[i]))):
             chunks[-1].append(i)
             real += sizes[i]
         else:
@@ -209,24 +224,26 @@ def _chunks(items, shared: int, positions: int) -> list[list[int]]:
 
 def _prefill(model, tokenizer, items, shared: int, prefix):
     """One forward over each row's [rest of prompt | reference], left-padded to the longest, behind the
-    shared prefix's cache: (output with logits for the last reference width + 1 positions, the
-    references as labels there, right-aligned)."""
+    shared prefix's cache, or with no prefix where it is read apart (prefix None: positions still count
+    from `shared`): (output with logits for the last reference width + 1 positions, the references as
+    labels there, right-aligned)."""
     import torch
 
     from ftpipe.chat import IGNORE_INDEX
 
+    held = shared if prefix is not None else 0  # prefix positions in the forward's cache and mask
     width = max(len(p) - shared + len(r) for p, r in items)
     ref_width = max(len(r) for _, r in items)
     ids = torch.full((len(items), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(items), shared + width), dtype=torch.long)
-    mask[:, :shared] = 1
+    mask = torch.zeros((len(items), held + width), dtype=torch.long)
+    mask[:, :held] = 1
     labels = torch.full((len(items), ref_width), IGNORE_INDEX, dtype=torch.long)
     for row, (prompt, reference) in enumerate(items):
         tokens = prompt[shared:] + reference
         ids[row, width - len(tokens):] = torch.tensor(tokens)
-        mask[row, shared + width - len(tokens):] = 1
+        mask[row, held + width - len(tokens):] = 1
         labels[row, ref_width - len(reference):] = torch.tensor(reference)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, held:] + (shared - held)
     cache = None
     if prefix is not None:  # every row reads the one prefix: views, copied once by the forward's cache update
         from transformers import DynamicCache
@@ -267,15 +284,16 @@ def _plain_cache(cache) -> bool:
     return cache is not None and all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
 
 
-def _decode(model, cache, current, mask, eos: int, max_new_tokens: int) -> list[list[int]]:
-    """Greedy tokens per row from the prompt's cache. Rows that emitted `eos` leave the batch once they
-    are an eighth of it: each leaving copies the whole cache, more than a few ended rows cost."""
+def _decode(model, cache, current, mask, eos: int, max_new_tokens: int, offset: int = 0) -> list[list[int]]:
+    """Greedy tokens per row from the prompt's cache, which `mask` covers from position `offset` on (a
+    prefix read apart comes before it). Rows that emitted `eos` leave the batch once they are an eighth
+    of it: each leaving copies the whole cache, more than a few ended rows cost."""
     import torch
 
     tokens: list[list[int]] = [[] for _ in range(len(current))]
     alive = list(range(len(current)))  # the row of each batch position
     ended = [False] * len(current)
-    position = mask.sum(dim=1)  # the next position of each row: its real prompt tokens
+    position = mask.sum(dim=1) + offset  # the next position of each row: its real prompt tokens
     for step in range(max_new_tokens):
         for k, token in enumerate(current.tolist()):
             if not ended[k]:

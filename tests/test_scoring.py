@@ -124,5 +124,84 @@ def test_prefill_groups_bound_their_width_padding_and_cache():
         area = len(group) * max(sizes)
         assert len(group) == 1 or area <= 4096
         assert len(group) == 1 or len(group) * (shared + max(sizes)) <= scoring.PREFILL_CACHE
-        assert area <= max(scoring.SMALL_FORWARD, 1.25 * sum(sizes))
+        assert area <= max(scoring.SMALL_FORWARD, scoring.PADDING * sum(sizes))
     assert len(groups) < len(items)  # rows do share forwards
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("length", [1, 5])
+@pytest.mark.parametrize("padded", [True, False])
+def test_shared_prefix_attention_equals_attention_over_the_joined_cache(dtype, length, padded):
+    """ftpipe.kvcache's prefix attention (the prefix once for all rows, each row's own keys apart, joined
+    by their log-sum-exps) gives what one attention over [prefix | row] gives, for a decoding step
+    (length 1) and a prefill (length 5, causal), with left padding or none (no mask)."""
+    import types
+
+    import torch
+
+    from ftpipe import kvcache
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype)
+    batch, heads, kv, dim, own, shared = 3, 6, 2, 16, 7, 11
+    query = torch.randn(batch, heads, length, dim, dtype=dtype)
+    keys, values = torch.randn(batch, kv, own, dim, dtype=dtype), torch.randn(batch, kv, own, dim, dtype=dtype)
+    prefix = (torch.randn(1, kv, shared, dim, dtype=dtype), torch.randn(1, kv, shared, dim, dtype=dtype))
+    lengths = torch.tensor([own, own - 2, own - 4] if padded else [own] * batch)
+    visible = torch.arange(own)[None, :] >= (own - lengths)[:, None]  # left padding
+    causal = torch.ones(length, own, dtype=torch.bool).tril(own - length)
+    mask = (visible[:, None, None, :] & causal[None, None]) if padded else None
+    model = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation="sdpa"))
+    with kvcache.prefix_attention(model, [prefix]):
+        assert model.config._attn_implementation == kvcache.PREFIX_ATTENTION
+        got, _ = kvcache._prefix_and_rows_attention(types.SimpleNamespace(layer_idx=0), query, keys, values, mask,
+                                                    scaling=dim**-0.5)
+    assert model.config._attn_implementation == "sdpa"
+    joined_keys = torch.cat([prefix[0].expand(batch, -1, -1, -1), keys], dim=2)
+    joined_values = torch.cat([prefix[1].expand(batch, -1, -1, -1), values], dim=2)
+    joined_mask = torch.cat([torch.ones(batch, 1, length, shared, dtype=torch.bool),
+                             visible[:, None, None, :] & causal[None, None]], dim=-1)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), joined_keys.float(), joined_values.float(), attn_mask=joined_mask, scale=dim**-0.5,
+        enable_gqa=True).transpose(1, 2)
+    # Query positions that see keys of their own (a left-padded position sees none and is never read).
+    real = (own - length + torch.arange(length))[None, :] >= (own - lengths)[:, None]
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 inputs and output: 8 bits of mantissa
+    torch.testing.assert_close(got.float()[real], want[real], atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3"])
+def test_each_prefix_attention_architecture_scores_as_generate(tiny_model_dir, monkeypatch, architecture):
+    """The architectures that read a shared prefix apart: their replies and NLLs are generate's and a
+    separate forward's, and the prefix attention did run (prefill and decoding steps)."""
+    import torch
+    import transformers
+
+    from ftpipe import kvcache
+    from ftpipe.evaluation import with_shots
+
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                    "qwen3": transformers.Qwen3Config}[architecture]
+    model_class = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+                   "qwen3": transformers.Qwen3ForCausalLM}[architecture]
+    torch.manual_seed(0)
+    config = config_class(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+    model = model_class(config).eval()
+    assert kvcache.reads_prefix_apart(model)
+    lengths: list[int] = []
+    attention = kvcache._prefix_and_rows_attention
+    monkeypatch.setattr(kvcache, "_prefix_and_rows_attention",
+                        lambda module, query, *a, **k: (lengths.append(query.shape[2]), attention(module, query, *a, **k))[1])
+    shots = [{"id": f"s{i}", "messages": c} for i, c in enumerate(conversations(2, offset=20))]
+    convs = [with_shots(c, shots) for c in conversations(6)]
+    scored = scoring.score(model, tokenizer, convs, max_new_tokens=8, batch_size=len(convs), prefill_positions=40)
+    assert 1 in lengths and max(lengths) > 1
+    expected = metrics.generate(model, tokenizer, [prompt_text(tokenizer, c) for c in convs], max_new_tokens=8,
+                                batch_size=3)
+    assert scored.outputs == expected
+    nll = metrics.response_nll(model, tokenizer, convs, batch_size=3)
+    assert [n for n, _ in scored.nll] == pytest.approx([n for n, _ in nll], rel=1e-4, abs=1e-4)  # fp32 sums in another order
