@@ -1,15 +1,11 @@
 """A KV cache for greedy decoding that writes each step in place, and attention that reads a shared prefix once.
 
-transformers' DynamicCache concatenates each step's keys and values onto the cache, copying every layer's whole
-cache once per step: at batch 100 and 100 cached positions a third of a decoding step on the CPU. Here each
-layer's keys and values live in a buffer with room for the tokens to come; a step writes into that room, and
-attention reads a view of the filled part.
-The prompts of a batch share their start (system prompt, few-shot examples: 118 of a few-shot prompt's 131
-tokens on the default data). prefix_attention keeps that start out of the rows' caches and reads it once per
-layer for all rows, so a step reads a third of the keys and values, and the prompts' forwards copy no prefix
-into each row. Imported by ftpipe.scoring when it decodes (it imports transformers).
+transformers' DynamicCache copies every layer's whole cache once per step (a third of a decoding step at batch
+100 on the CPU); here each layer's keys and values live in a buffer with room for the tokens to come, and a step
+writes into that room. The prompts of a batch share their start (118 of a few-shot prompt's 131 tokens on the
+default data): prefix_attention keeps it out of the rows' caches and reads it once per layer for all rows, so a
+step reads a third of the keys and values. Imported by ftpipe.scoring when it decodes (it imports transformers).
 """
-
 from __future__ import annotations
 
 import contextlib

@@ -1,15 +1,12 @@
 """One pass per batch for a candidate's greedy replies and its references' NLL.
 
 The prompts' shared prefix (system prompt, few-shot examples) runs once; then forwards over each row's [rest
-of prompt | reference], rows of like length together, score the references and leave each prompt's KV cache.
-Gathered behind the prefix into buffers with room for the replies (ftpipe.kvcache), those caches seed greedy
-decoding, which writes each step in place; rows that ended leave the batch. On the CPU, for llama and qwen
-architectures, the prefix stays out of the rows' caches: its keys and values are read once per layer for the
-whole batch (kvcache.prefix_attention), in the forwards and each decoding step. Replies equal
-`model.generate(do_sample=False)`'s (tests compare them in fp32). Models this loop cannot drive (peft prompt
-learning, caches that are not plain per-layer KV) take generate, then a forward.
+of prompt | reference], rows of like length together, score the references and leave each prompt's KV cache,
+which seeds greedy decoding in buffers with room for the replies (ftpipe.kvcache); rows that ended leave the
+batch. On the CPU (llama, qwen) the prefix stays out of the rows' caches, read once per layer for all rows.
+Replies equal `model.generate(do_sample=False)`'s (tests compare them in fp32). Models this loop cannot drive
+(peft prompt learning, caches that are not plain per-layer KV) take generate, then a forward.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -21,13 +18,13 @@ from ftpipe.choices import BUILTIN_METRICS
 
 # Positions (rows x width) per prompt-and-reference forward: wide enough for the matmuls to run near
 # their peak, narrow enough that its logits (positions x vocabulary) stay a few hundred MB. Past
-# SMALL_FORWARD positions a group's padding is at most PADDING of its real tokens: padding costs a
-# forward's work at every position, and the references' vocabulary projection over the group's widest
-# (a looser 1,024 and a quarter computed a third more positions than real on the default test split,
-# and the projection three quarters more). Below SMALL_FORWARD a forward's fixed cost outweighs its
-# padding. PREFILL_CACHE caps the forward's KV cache, where each row holds its own copy of the shared
-# prefix (a long few-shot prefix and short rows would otherwise put the whole batch in one forward, a
-# second decode cache's worth).
+# SMALL_FORWARD positions a group's positions are at most PADDING times its real tokens: padding costs
+# a forward's work at every position, and the references' vocabulary projection runs to the group's
+# widest (1,024 and a quarter computed a third more positions than real on the default test split,
+# and projected three quarters more). Below SMALL_FORWARD a forward's fixed cost outweighs its
+# padding. PREFILL_CACHE caps the forward's KV cache, where (unless the prefix is read apart) each row
+# holds its own copy of the shared prefix: a long few-shot prefix and short rows would otherwise put
+# the whole batch in one forward, a second decode cache's worth.
 PREFILL_POSITIONS = 4096
 SMALL_FORWARD = 256
 PADDING = 1.1
@@ -160,7 +157,7 @@ def _one_pass(model, tokenizer, items: list[tuple[list[int], list[int]]], max_ne
                 chunk = [items[i] for i in rows]
                 out, labels = _prefill(model, tokenizer, chunk, shared, None if apart else prefix)
                 if not _plain_cache(out.past_key_values):
-                    return two_pass(model, tokenizer, items, max_new_tokens)
+                    break  # two_pass below, outside prefix_attention
                 for i, row_nll in zip(rows, _reference_nll_rows(out.logits, labels, chunk)):
                     nll[i] = row_nll
                 # Right-aligned rows: logits[:, j] predicts labels[:, j]; a reference of r tokens starts at
@@ -183,13 +180,15 @@ def _one_pass(model, tokenizer, items: list[tuple[list[int], list[int]]], max_ne
                         cache[layer][0][i, :, end - start - rest:end - start] = found.keys[k, :, stop - rest:stop]
                         cache[layer][1][i, :, end - start - rest:end - start] = found.values[k, :, stop - rest:stop]
                 del out
-            mask = torch.zeros((len(items), end - start), dtype=torch.long)
-            mask[:, :shared - start] = 1
-            for row, (prompt, _) in enumerate(items):
-                mask[row, end - start - (len(prompt) - shared):] = 1
-            tokens = _decode(model, kvcache.roomy_cache(cache, end - start), first.to(device), mask.to(device),
-                             tokenizer.eos_token_id, max_new_tokens, offset=start)
-        return tokens, nll
+            else:
+                mask = torch.zeros((len(items), end - start), dtype=torch.long)
+                mask[:, :shared - start] = 1
+                for row, (prompt, _) in enumerate(items):
+                    mask[row, end - start - (len(prompt) - shared):] = 1
+                tokens = _decode(model, kvcache.roomy_cache(cache, end - start), first.to(device), mask.to(device),
+                                 tokenizer.eos_token_id, max_new_tokens, offset=start)
+                return tokens, nll
+    return two_pass(model, tokenizer, items, max_new_tokens)
 
 
 def _shared_prefix(prompts: list[list[int]]) -> int:

@@ -205,3 +205,28 @@ def test_each_prefix_attention_architecture_scores_as_generate(tiny_model_dir, m
     assert scored.outputs == expected
     nll = metrics.response_nll(model, tokenizer, convs, batch_size=3)
     assert [n for n, _ in scored.nll] == pytest.approx([n for n, _ in nll], rel=1e-4, abs=1e-4)  # fp32 sums in another order
+
+
+def test_a_sliding_window_model_scores_by_generate_then_a_forward(tiny_model_dir):
+    """A cache the loop cannot cut and join (mistral with a sliding window of 4) takes the two-pass
+    way: the same replies as generate, and no shared-prefix attention for an architecture it is not
+    made for."""
+    import torch
+    import transformers
+
+    from ftpipe import kvcache
+
+    tokenizer = models.load_tokenizer(tiny_model_dir)
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=8, sliding_window=4, max_position_embeddings=256,
+                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                        pad_token_id=tokenizer.pad_token_id)
+    model = transformers.MistralForCausalLM(config).eval()
+    assert not kvcache.reads_prefix_apart(model)
+    convs = conversations(5)
+    scored = scoring.score(model, tokenizer, convs, max_new_tokens=6, batch_size=len(convs))
+    expected = metrics.generate(model, tokenizer, [prompt_text(tokenizer, c) for c in convs], max_new_tokens=6,
+                                batch_size=len(convs))
+    assert scored.outputs == expected
