@@ -6,6 +6,7 @@ writes into that room. The prompts of a batch share their start (118 of a few-sh
 default data): prefix_attention keeps it out of the rows' caches and reads it once per layer for all rows, so a
 step reads a third of the keys and values. Imported by ftpipe.scoring when it decodes (it imports transformers).
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -7,6 +7,7 @@ batch. On the CPU (llama, qwen) the prefix stays out of the rows' caches, read o
 Replies equal `model.generate(do_sample=False)`'s (tests compare them in fp32). Models this loop cannot drive
 (peft prompt learning, caches that are not plain per-layer KV) take generate, then a forward.
 """
+
 from __future__ import annotations
 
 import contextlib
