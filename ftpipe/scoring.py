@@ -136,60 +136,71 @@ def _one_pass(model, tokenizer, items: list[tuple[list[int], list[int]]], max_ne
 
     from ftpipe import kvcache
 
-    device = model.device
     shared = _shared_prefix([p for p, _ in items])
     with torch.inference_mode():
         prefix = None
         if shared:
-            prefix = model(input_ids=torch.tensor([items[0][0][:shared]], device=device), use_cache=True,
+            prefix = model(input_ids=torch.tensor([items[0][0][:shared]], device=model.device), use_cache=True,
                            logits_to_keep=1).past_key_values
             if not _plain_cache(prefix):  # a sliding-window or recurrent cache cannot be cut or joined
                 return two_pass(model, tokenizer, items, max_new_tokens)
-        # The decode cache: [prefix | left-padded rest of prompt], or the rest alone where the prefix is
-        # read apart (one copy for all rows, not one per row: most of a few-shot row's cache).
+        # Each row's cache holds a copy of the prefix, or, where it is read apart, only what follows it
+        # (one copy for all rows: most of a few-shot row's cache).
         apart = prefix is not None and kvcache.reads_prefix_apart(model)
-        start, end = (shared if apart else 0), max(len(p) for p, _ in items)
         with (kvcache.prefix_attention(model, [(layer.keys, layer.values) for layer in prefix.layers]) if apart
               else contextlib.nullcontext()):
-            cache: list[list] = []
-            first = torch.zeros(len(items), dtype=torch.long)
-            nll: list[tuple[float, int]] = [(0.0, 0)] * len(items)
-            for rows in _chunks(items, shared, positions):
-                chunk = [items[i] for i in rows]
-                out, labels = _prefill(model, tokenizer, chunk, shared, None if apart else prefix)
-                if not _plain_cache(out.past_key_values):
-                    break  # two_pass below, outside prefix_attention
-                for i, row_nll in zip(rows, _reference_nll_rows(out.logits, labels, chunk)):
-                    nll[i] = row_nll
-                # Right-aligned rows: logits[:, j] predicts labels[:, j]; a reference of r tokens starts at
-                # j = width - r, where the prediction is also the reply's first token.
-                width = labels.shape[1]
-                starts = torch.tensor([width - len(r) for _, r in chunk], device=out.logits.device)
-                first[rows] = out.logits[torch.arange(len(rows), device=starts.device), starts].max(-1).indices.cpu()
-                filled = out.past_key_values.get_seq_length()
-                for layer, found in enumerate(out.past_key_values.layers):
-                    if len(cache) <= layer:  # zeros where a row's prompt is shorter (masked), room for the reply
-                        shape = (len(items), found.keys.shape[1], end - start + max_new_tokens, found.keys.shape[3])
-                        cache.append([found.keys.new_empty(shape), found.values.new_empty(shape)])
-                        for buffer in cache[layer]:  # the reply's room is written before it is read
-                            buffer[:, :, :end - start].zero_()
-                        if prefix is not None and not apart:
-                            cache[layer][0][:, :, :shared] = prefix.layers[layer].keys
-                            cache[layer][1][:, :, :shared] = prefix.layers[layer].values
-                    for k, (i, (prompt, reference)) in enumerate(zip(rows, chunk)):
-                        rest, stop = len(prompt) - shared, filled - len(reference)
-                        cache[layer][0][i, :, end - start - rest:end - start] = found.keys[k, :, stop - rest:stop]
-                        cache[layer][1][i, :, end - start - rest:end - start] = found.values[k, :, stop - rest:stop]
-                del out
-            else:
-                mask = torch.zeros((len(items), end - start), dtype=torch.long)
-                mask[:, :shared - start] = 1
-                for row, (prompt, _) in enumerate(items):
-                    mask[row, end - start - (len(prompt) - shared):] = 1
-                tokens = _decode(model, kvcache.roomy_cache(cache, end - start), first.to(device), mask.to(device),
-                                 tokenizer.eos_token_id, max_new_tokens, offset=start)
-                return tokens, nll
-    return two_pass(model, tokenizer, items, max_new_tokens)
+            scored = _prefill_and_decode(model, tokenizer, items, max_new_tokens, positions, shared,
+                                         None if apart else prefix)
+    return scored if scored is not None else two_pass(model, tokenizer, items, max_new_tokens)
+
+
+def _prefill_and_decode(model, tokenizer, items, max_new_tokens: int, positions: int, shared: int, joined):
+    """_one_pass's forwards and decoding after the prefix; `joined`: the prefix's cache where the rows'
+    caches hold a copy of it, None where there is none or it is read apart (then the decode cache
+    starts at position `shared`). None where a forward's cache is not plain."""
+    import torch
+
+    from ftpipe import kvcache
+
+    start, end = (0 if joined is not None else shared), max(len(p) for p, _ in items)  # the decode cache's span
+    cache: list[list] = []
+    first = torch.zeros(len(items), dtype=torch.long)
+    nll: list[tuple[float, int]] = [(0.0, 0)] * len(items)
+    for rows in _chunks(items, shared, positions):
+        chunk = [items[i] for i in rows]
+        out, labels = _prefill(model, tokenizer, chunk, shared, joined)
+        if not _plain_cache(out.past_key_values):
+            return None
+        for i, row_nll in zip(rows, _reference_nll_rows(out.logits, labels, chunk)):
+            nll[i] = row_nll
+        # Right-aligned rows: logits[:, j] predicts labels[:, j]; a reference of r tokens starts at
+        # j = width - r, where the prediction is also the reply's first token.
+        width = labels.shape[1]
+        starts = torch.tensor([width - len(r) for _, r in chunk], device=out.logits.device)
+        first[rows] = out.logits[torch.arange(len(rows), device=starts.device), starts].max(-1).indices.cpu()
+        filled = out.past_key_values.get_seq_length()
+        for layer, found in enumerate(out.past_key_values.layers):
+            if len(cache) <= layer:  # zeros where a row's prompt is shorter (masked), room for the reply
+                shape = (len(items), found.keys.shape[1], end - start + max_new_tokens, found.keys.shape[3])
+                cache.append([found.keys.new_empty(shape), found.values.new_empty(shape)])
+                for buffer in cache[layer]:  # the reply's room is written before it is read
+                    buffer[:, :, :end - start].zero_()
+                if joined is not None:
+                    cache[layer][0][:, :, :shared] = joined.layers[layer].keys
+                    cache[layer][1][:, :, :shared] = joined.layers[layer].values
+            for k, (i, (prompt, reference)) in enumerate(zip(rows, chunk)):
+                rest, stop = len(prompt) - shared, filled - len(reference)
+                cache[layer][0][i, :, end - start - rest:end - start] = found.keys[k, :, stop - rest:stop]
+                cache[layer][1][i, :, end - start - rest:end - start] = found.values[k, :, stop - rest:stop]
+        del out
+    mask = torch.zeros((len(items), end - start), dtype=torch.long)
+    mask[:, :shared - start] = 1
+    for row, (prompt, _) in enumerate(items):
+        mask[row, end - start - (len(prompt) - shared):] = 1
+    device = model.device
+    tokens = _decode(model, kvcache.roomy_cache(cache, end - start), first.to(device), mask.to(device),
+                     tokenizer.eos_token_id, max_new_tokens, offset=start)
+    return tokens, nll
 
 
 def _shared_prefix(prompts: list[list[int]]) -> int:
