@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-from pathlib import Path
 
 from conftest import dvc, ran
 
@@ -18,7 +16,7 @@ from flows.common import STAGES
 NOISE = ("ERROR", "FutureWarning", "gemm_4bit_forward")
 
 
-def test_prefect_flow_leaves_the_same_lock_as_dvc_repro(flow_run, tmp_path):
+def test_prefect_flow_leaves_the_same_lock_as_dvc_repro(flow_run, finished_project):
     project, printed = flow_run
     assert set(re.findall(r"stage ([a-z_]+) done in", printed)) == set(STAGES)
     assert "| rougeL |" in printed and "perplexity (lower is better)" in printed
@@ -27,7 +25,7 @@ def test_prefect_flow_leaves_the_same_lock_as_dvc_repro(flow_run, tmp_path):
                      r"over base; no champion yet: kept as challenger", printed), printed
     assert f"--backend-store-uri sqlite:///{project / 'mlruns.db'} --host 127.0.0.1" in printed
     lock = (project / "dvc.lock").read_text()
-    copy = Path(shutil.copytree(project, tmp_path / "project", symlinks=True))  # DVC writes its state: the run is shared
+    copy = finished_project  # DVC writes its state: the run is shared
     status = dvc(copy, "status")
     assert status.returncode == 0 and "up to date" in status.stdout
     again = dvc(copy, "repro")
