@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, stage_env
 
 
@@ -43,6 +44,20 @@ def test_flows_package_sets_defaults_before_prefect():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          check=True)
     assert out.stdout.split() == ["false", "False"]
+
+
+@pytest.mark.parametrize("user_value", [None, "45"])
+def test_flows_wait_for_a_migrating_temporary_server(user_value):
+    """Prefect's own 20 s is too short for a new home's migrations on a loaded machine; a user's value
+    is kept. What Prefect itself reads after `import flows`."""
+    code = ("import flows; from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as s; "
+            "print(s.value())")
+    env = {k: v for k, v in stage_env().items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    if user_value:
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = user_value
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split()[-1] == (user_value or "180")
 
 
 def test_bnb_kernel_notice_filtered_narrowly(caplog):
