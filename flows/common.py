@@ -6,7 +6,8 @@ A stage runs as `dvc repro --single-item <stage>` in a session of its own, so th
 the stage's own SIGTERM handler then removes its temporary outputs and keeps the previous ones.
 One flow run at a time per project (project_lock): two would meet inside DVC, whose busy error is a
 traceback and advice to delete the lock the other run holds.
-A user error ends a flow in one line: Prefect's engine logs its message without the traceback.
+A user error ends a flow in one line: Prefect's engine logs its message without the traceback. So
+does a Prefect API that is not there (prefect_api).
 """
 
 from __future__ import annotations
@@ -52,6 +53,32 @@ class ProjectBusy(RuntimeError):
     """Another run (a flow, a search) holds the project's lock."""
 
     returncode = BUSY_EXIT
+
+
+# The first lines of the RuntimeErrors Prefect's client raises when it starts without an API to talk to.
+_NO_API = "Failed to reach API at "
+_NO_TEMPORARY_SERVER = "Timed out while attempting to connect to ephemeral Prefect API server"
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[None]:
+    """Prefect's start-up failures (no API at PREFECT_API_URL, a temporary server that did not start)
+    as one line (PipelineError, exit 2 like the other faults) rather than its traceback: they come
+    before the flow's first task, so no stage has run."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    try:
+        yield
+    except RuntimeError as exc:
+        if str(exc).startswith(_NO_API):
+            raise PipelineError(f"PREFECT_API_URL={PREFECT_API_URL.value()}: the Prefect API does not answer; "
+                                "start that server, or unset PREFECT_API_URL to run on a temporary one") from None
+        if str(exc).startswith(_NO_TEMPORARY_SERVER):
+            waited = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+            raise PipelineError(f"Prefect's temporary server did not answer within {waited} s "
+                                "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); raise it, or set "
+                                "PREFECT_API_URL to a running server") from None
+        raise
 
 
 _held: set[Path] = set()  # the lock files this process holds

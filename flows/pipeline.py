@@ -25,6 +25,7 @@ from flows.common import (
     StageFailed,
     error_exit,
     install_sigterm,
+    prefect_api,
     project_lock,
     registry_behind,
     say,
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         # Busy or a bad params.yaml: one line, no Prefect start-up.
         with project_lock(project_dir, args.wait, who="flows.pipeline", on_wait=say):
             validate_project(project_dir)
-            result = pipeline(project_dir=project_dir)
+            with prefect_api():
+                result = pipeline(project_dir=project_dir)
             print_summary(result, project_dir)
     except (PipelineError, StageFailed, ProjectBusy) as exc:
         return error_exit(exc)

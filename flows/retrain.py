@@ -32,6 +32,7 @@ from flows.common import (
     error_exit,
     install_sigterm,
     lineage_differences,
+    prefect_api,
     project_lock,
     refresh_parent,
     retry_unless,
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     scheduling = args.serve or args.deploy
     lock = contextlib.nullcontext() if scheduling else project_lock(project_dir, args.wait, who="flows.retrain", on_wait=say)
     try:
-        with lock:
+        with lock, prefect_api():
             if not args.data_path:  # with one, the flow points params.yaml at it first, then checks
                 validate_project(project_dir)
             if args.serve:

@@ -25,6 +25,7 @@ from flows.common import (
     StageFailed,
     error_exit,
     install_sigterm,
+    prefect_api,
     project_lock,
     registry_behind,
     run_dvc,
@@ -322,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with project_lock(project_dir, args.wait, who="flows.tune", on_wait=say):
             validate_project(project_dir)
-            result = tune(project_dir=project_dir, trials=args.trials)
+            with prefect_api():
+                result = tune(project_dir=project_dir, trials=args.trials)
             print(result["table"])
             registration = RegistrationReport.model_validate(result["registration"])
             print(f"Registered {registration.model_uri} ({', '.join(registration.aliases)}) from trial "

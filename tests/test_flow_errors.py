@@ -1,5 +1,6 @@
 """How a flow ends when it cannot do its work: a user error is its one line (no Prefect traceback),
-and a second run of the same project is turned away, or waits, with one line naming the run it met."""
+so is a Prefect API that is not there, and a second run of the same project is turned away, or
+waits, with one line naming the run it met."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import set_param, stage_env
+from test_retrain import free_port
+from test_worker import prefect_processes
 
 from flows.common import BUSY_EXIT, LOCK_FILE, project_lock
 
@@ -113,6 +117,33 @@ def test_a_bad_base_model_through_the_flow_is_one_line_and_a_failed_run_and_a_se
     assert ("Encountered exception during execution: StageFailed(\"stage 'prepare_base' failed (exit 2)"
             in first_output)
     assert flow_run_states(prefect_home) == ["FAILED"]
+
+
+@pytest.mark.parametrize(("flow", "fault"), [("pipeline", "api down"), ("pipeline", "temporary server slow"),
+                                           ("retrain", "api down"), ("tune", "api down")])
+def test_no_prefect_api_is_one_line_before_any_stage(project, tmp_path, flow, fault):
+    """PREFECT_API_URL where nothing listens, or a temporary server given 1 s on a new home (its
+    migrations alone take seconds): one `error:` line naming what to set, exit 2, no stage run, and
+    no server left behind, from each flow's command line."""
+    env = flow_env(tmp_path)
+    if fault == "api down":
+        api = f"http://127.0.0.1:{free_port()}/api"
+        env["PREFECT_API_URL"] = api
+        expected = (f"error: PREFECT_API_URL={api}: the Prefect API does not answer; start that server, "
+                    "or unset PREFECT_API_URL to run on a temporary one")
+    else:
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "1"
+        expected = ("error: Prefect's temporary server did not answer within 1 s "
+                    "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); raise it, or set PREFECT_API_URL to a "
+                    "running server")
+    run = subprocess.run([sys.executable, "-m", f"flows.{flow}", "--project-dir", str(project)], cwd=project,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and lines(run.stderr)[-1] == expected, run.stderr[-3000:]
+    assert [line for line in lines(run.stderr) if line.startswith("error:")] == [expected]
+    assert not (project / "dvc.lock").exists() and not (project / "models" / "base").exists()
+    assert _read(project / LOCK_FILE) == ""  # the project's run lock released
+    assert prefect_processes(tmp_path / "prefect-home") == []
 
 
 def _read(path: Path) -> str:
