@@ -6,8 +6,7 @@ A stage runs as `dvc repro --single-item <stage>` in a session of its own, so th
 the stage's own SIGTERM handler then removes its temporary outputs and keeps the previous ones.
 One flow run at a time per project (project_lock): two would meet inside DVC, whose busy error is a
 traceback and advice to delete the lock the other run holds.
-A user error ends a flow in one line: Prefect's engine logs its message without the traceback. So
-does a Prefect API that is not there (prefect_api).
+A user error, or no Prefect API (prefect_api), ends a flow in one line, without Prefect's traceback.
 """
 
 from __future__ import annotations
@@ -63,8 +62,8 @@ _NO_TEMPORARY_SERVER = "Timed out while attempting to connect to ephemeral Prefe
 @contextlib.contextmanager
 def prefect_api() -> Iterator[None]:
     """Prefect's start-up failures (no API at PREFECT_API_URL, a temporary server that did not start)
-    as one line (PipelineError, exit 2 like the other faults) rather than its traceback: they come
-    before the flow's first task, so no stage has run."""
+    as one line (PipelineError, exit 2 like the other faults) rather than its traceback. At start they
+    come before the flow's first task, so no stage has run."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     try:
